@@ -1,0 +1,1 @@
+"""Evaluation: gold-judge scores, reward, KL, win rates, reports."""

@@ -1,0 +1,1 @@
+"""Models and tokenizers: build from presets, load from HF directories, LoRA, saving."""

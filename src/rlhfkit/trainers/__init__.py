@@ -1,0 +1,1 @@
+"""Trainers: thin loops that compose the algorithms with models and data."""

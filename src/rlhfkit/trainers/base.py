@@ -1,0 +1,291 @@
+"""The optimisation loop every trainer shares, on accelerate.
+
+A stage supplies the model, tokenized examples and a loss; this loop supplies the rest: micro-batches
+in a seeded order, gradient accumulation, AdamW with warmup + cosine/linear decay, gradient clipping,
+mixed precision where the device has it, evaluation, a progress bar, ``metrics.jsonl``, crash-safe
+checkpoints with optimizer/scheduler/RNG state, exact resume, and a plain HF ``final/`` model.
+
+Data order is a pure function of (seed, micro-batch index): micro-batch ``i`` is slice
+``i % n_batches`` of the permutation drawn for epoch ``i // n_batches``. Resuming at optimizer step
+``s`` therefore continues at micro-batch ``s * grad_accum`` with nothing but ``s`` saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from pydantic import BaseModel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from rlhfkit.config import TrainConfig, save_config
+from rlhfkit.data.collators import Example
+from rlhfkit.models.load import save_model
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.pt"
+
+# (model, batch) -> (loss to minimise, number of target tokens it averages over)
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is left intact."""
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` in the run directory."""
+
+    def __init__(self, run_dir: Path, stage: str):
+        self.path = run_dir / "metrics.jsonl"
+        self.stage = stage
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (written by a run that died after its last checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **metrics}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a partial one has no state file)."""
+    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _load_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load weights written by :func:`save_model` with ``merge_lora=False`` back into ``model``."""
+    from safetensors.torch import load_file
+
+    if (directory / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        return
+    if (directory / "model.safetensors.index.json").exists():
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        load_sharded_checkpoint(model, str(directory), strict=False)
+        return
+    missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise TrainingError(f"{directory}: checkpoint does not match the model "
+                            f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto``: bf16 on a GPU that supports it, else full precision (fp32 is fastest on CPU)."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+class Trainer:
+    """Runs the loop for one stage. Subclasses (or callers) give the loss through ``loss_fn``."""
+
+    def __init__(self, *, stage: str, config: BaseModel, train: TrainConfig, model: torch.nn.Module,
+                 tokenizer: PreTrainedTokenizerBase, train_examples: Sequence[Example],
+                 eval_examples: Sequence[Example] = (), collator: Callable, loss_fn: LossFn):
+        if not train_examples:
+            raise TrainingError(f"{stage}: no training examples")
+        self.stage, self.config, self.cfg = stage, config, train
+        self.tokenizer, self.collator, self.loss_fn = tokenizer, collator, loss_fn
+        self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
+        self.run_dir = Path(train.output_dir)
+        self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(train.mixed_precision))
+        if train.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        self.n_batches = math.ceil(len(self.train_examples) / train.batch_size)
+        self.total_steps = train.max_steps or math.ceil(train.epochs * self.n_batches / train.grad_accum)
+        optimizer = self._optimizer(model)
+        scheduler = get_scheduler("constant_with_warmup" if train.scheduler == "constant" else train.scheduler,
+                                  optimizer, num_warmup_steps=train.warmup_steps,
+                                  num_training_steps=self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.metrics = MetricsLog(self.run_dir, stage)
+        self.step = 0
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW; matrices decay, biases and norm gains do not (the GPT-2/nanoGPT convention)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError(f"{self.stage}: the model has no trainable parameters")
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.adam_betas, foreach=True)
+
+    # ---- data order -------------------------------------------------------------------------
+    def _micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from index ``start`` on, in the seeded order (see the module docstring)."""
+        index = start
+        while True:
+            epoch, position = divmod(index, self.n_batches)
+            order = torch.randperm(len(self.train_examples),
+                                   generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
+            chunk = order[position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size].tolist()
+            batch = self.collator([self.train_examples[i] for i in chunk])
+            yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            index += 1
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>`` atomically (temp dir, then rename); keep the newest N."""
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = self.run_dir / f".tmp-{final.name}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(tmp), merge_lora=False)
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}, tmp / STATE_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in checkpoints(self.run_dir)[:-self.cfg.save_total_limit]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _resume(self) -> None:
+        found = checkpoints(self.run_dir)
+        if not (self.cfg.resume and found):
+            return
+        latest = found[-1]
+        state = torch.load(latest / STATE_FILE, weights_only=False)
+        _load_weights(self.accelerator.unwrap_model(self.model), latest)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.metrics.truncate_after(self.step)
+        self.accelerator.print(f"[{self.stage}] resumed from {latest} at step {self.step}")
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted loss over the eval set, and its perplexity."""
+        if not self.eval_examples:
+            return {}
+        self.model.eval()
+        size = self.cfg.eval_batch_size or self.cfg.batch_size
+        total, count = 0.0, 0.0
+        for start in range(0, len(self.eval_examples), size):
+            batch = self.collator(self.eval_examples[start:start + size])
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            loss, n_tokens = self.loss_fn(self.model, batch)
+            total += loss.item() * n_tokens.item()
+            count += n_tokens.item()
+        self.model.train()
+        loss = total / count
+        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        """Run to ``total_steps`` (resuming if a checkpoint exists); return the last metrics."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            save_config(self.config, self.run_dir)
+        self._resume()
+        if self.step == 0 and self.eval_examples:
+            self._log(self.evaluate())  # the starting point of the eval curve
+        self.model.train()
+        batches = self._micro_batches(self.step * self.cfg.grad_accum)
+        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        last: dict[str, float] = {}
+        with self._progress() as progress:
+            task = progress.add_task(self.stage, total=self.total_steps, completed=self.step, status="")
+            while self.step < self.total_steps:
+                step_loss = self._optimizer_step(batches)
+                self.step += 1
+                window_loss, window_steps = window_loss + step_loss, window_steps + 1
+                window_tokens += self._tokens_in_step
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    loss = window_loss / window_steps
+                    last = {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
+                            "lr": self.scheduler.get_last_lr()[0], "grad_norm": self._grad_norm,
+                            "tokens_per_s": window_tokens / elapsed, "s_per_step": elapsed / window_steps}
+                    if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                        last.update(self.evaluate())
+                    self._log(last)
+                    progress.update(task, status=f"loss {loss:.3f}")
+                    window_loss, window_steps, window_tokens = 0.0, 0, 0
+                    window_start = time.perf_counter()
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save_checkpoint()
+                progress.update(task, completed=self.step)
+        final_eval = self.evaluate()
+        if final_eval:
+            self._log(final_eval)
+            last.update(final_eval)
+        self.save_checkpoint()
+        if self.accelerator.is_main_process:
+            save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(self.run_dir / "final"))
+        self.accelerator.wait_for_everyone()
+        return last
+
+    def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean micro-batch loss."""
+        total, self._tokens_in_step = 0.0, 0
+        for micro in range(self.cfg.grad_accum):
+            batch = next(batches)
+            last_micro = micro == self.cfg.grad_accum - 1
+            with self.accelerator.no_sync(self.model) if not last_micro else nullcontext():
+                loss, _ = self.loss_fn(self.model, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"[{self.stage}] non-finite loss ({loss.item()}) at step "
+                                        f"{self.step + 1}; the last good checkpoint is kept in {self.run_dir}")
+                self.accelerator.backward(loss / self.cfg.grad_accum)
+            total += loss.item()
+            self._tokens_in_step += int(batch["attention_mask"].sum())
+        grad_norm = float("nan")
+        if self.cfg.max_grad_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+        self._grad_norm = grad_norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / self.cfg.grad_accum
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            self.metrics.write(self.step, metrics)
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                        disable=not (self.cfg.progress and self.accelerator.is_main_process))

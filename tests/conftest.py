@@ -1,0 +1,38 @@
+"""Shared fixtures: a tokenizer trained on the built-in task's text and tiny models built from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.models.build import build_causal_lm
+from rlhfkit.models.tokenizer import train_bpe_tokenizer
+from rlhfkit.tasks import get_task
+
+
+@pytest.fixture(scope="session")
+def task():
+    return get_task("tinyworld")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, task):
+    """A 512-token BPE tokenizer trained on the task's corpus and demonstrations (saved in HF format)."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    demos = task.demonstrations(task.prompts(300, seed=0), seed=0)
+    texts = task.pretraining_corpus(300, seed=0) + [d["prompt"] for d in demos] + [d["completion"] for d in demos]
+    train_bpe_tokenizer(texts, vocab_size=512, save_dir=directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from rlhfkit.models.load import load_tokenizer
+
+    return load_tokenizer(str(tokenizer_dir))
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    return build_causal_lm(tokenizer, "tiny", seed=0)

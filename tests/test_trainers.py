@@ -1,0 +1,97 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.config import SFTConfig, load_config
+from rlhfkit.data.readers import write_jsonl
+from rlhfkit.trainers.base import TrainingError, checkpoints, read_metrics
+from rlhfkit.trainers.sft import build_sft_trainer
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory, task):
+    directory = tmp_path_factory.mktemp("sft-data")
+    write_jsonl(directory / "train.jsonl", task.demonstrations(task.prompts(64, seed=1), seed=1))
+    write_jsonl(directory / "eval.jsonl", task.demonstrations(task.prompts(16, split="test", seed=1), seed=1))
+    return directory
+
+
+def sft_config(tmp_path, tokenizer_dir, demo_files, name, **train):
+    return load_config(SFTConfig, base={
+        "model": {"preset": "tiny", "tokenizer": str(tokenizer_dir)},
+        "data": {"train": str(demo_files / "train.jsonl"), "eval": str(demo_files / "eval.jsonl"),
+                 "max_length": 96},
+        "train": {"output_dir": str(tmp_path / name), "batch_size": 8, "lr": 3e-3, "warmup_steps": 2,
+                  "max_steps": 8, "log_every": 2, "progress": False, **train}})
+
+
+def final_weights(run_dir):
+    return AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+
+
+def test_run_directory_layout(tmp_path, tokenizer_dir, demo_files):
+    config = sft_config(tmp_path, tokenizer_dir, demo_files, "run", save_every=4, save_total_limit=1)
+    metrics = build_sft_trainer(config).train()
+    run = tmp_path / "run"
+    assert (run / "config.yaml").exists() and (run / "final" / "model.safetensors").exists()
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-8"]  # only the newest kept
+    records = read_metrics(run)
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
+    assert records[0]["step"] == 0 and "eval/loss" in records[0]
+    assert {"loss", "ppl", "lr", "grad_norm", "tokens_per_s"} <= set(records[1])
+    assert records[-1]["eval/ppl"] == pytest.approx(torch.tensor(records[-1]["eval/loss"]).exp().item())
+    assert metrics["eval/loss"] == records[-1]["eval/loss"]
+
+
+def test_training_lowers_held_out_loss(tmp_path, tokenizer_dir, demo_files):
+    trainer = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "run", max_steps=30))
+    before = trainer.evaluate()["eval/loss"]
+    after = trainer.train()["eval/loss"]
+    assert after < before - 1.0, (before, after)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir, demo_files):
+    straight = sft_config(tmp_path, tokenizer_dir, demo_files, "straight", grad_accum=2, save_every=4)
+    build_sft_trainer(straight).train()
+
+    resumed = sft_config(tmp_path, tokenizer_dir, demo_files, "resumed", grad_accum=2, save_every=4)
+    trainer = build_sft_trainer(resumed)
+    calls = {"n": 0}
+    real_loss = trainer.loss_fn
+
+    def dies_in_step_six(model, batch):  # 2 micro-batches per step: call 11 is in step 6
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise Interrupt
+        return real_loss(model, batch)
+
+    trainer.loss_fn = dies_in_step_six
+    with pytest.raises(Interrupt):
+        trainer.train()
+    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["checkpoint-4"]
+
+    build_sft_trainer(resumed).train()  # a fresh process would do exactly this
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if "loss" in r]
+    assert steps == [2, 4, 6, 8]  # the dead run's records past the checkpoint were dropped
+
+
+def test_non_finite_loss_stops_with_step_and_stage(tmp_path, tokenizer_dir, demo_files):
+    trainer = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "nan", save_every=2))
+    real_loss, calls = trainer.loss_fn, {"n": 0}
+
+    def nan_at_step_three(model, batch):
+        calls["n"] += 1
+        loss, n = real_loss(model, batch)
+        return (loss * float("nan") if calls["n"] == 3 else loss), n
+
+    trainer.loss_fn = nan_at_step_three
+    with pytest.raises(TrainingError, match=r"\[sft\] non-finite loss .* at step 3"):
+        trainer.train()
+    assert [p.name for p in checkpoints(tmp_path / "nan")] == ["checkpoint-2"]
