@@ -1,0 +1,368 @@
+"""Record types for every kind of training data, and their validation.
+
+Four kinds of record flow through rlhfkit (the JSON forms are the project's data formats):
+
+* ``prompt``: ``{"prompt": str}`` or ``{"prompt": [{"role": ..., "content": ...}, ...]}``
+* ``demonstration`` (SFT): ``{"prompt", "completion"}`` or ``{"messages": [...]}``, where the last
+  message is the assistant's reply and the messages before it are the prompt
+* ``ranking``: ``{"prompt", "completions": [str, ...], "ranking": [...]}``, best first; ties are
+  groups, e.g. ``[[0, 2], [1], [3]]``
+* ``preference``: ``{"prompt", "chosen", "rejected"}``, a ranking of two completions
+
+Every record may also carry ``id`` (str or int, kept as str), ``labeler`` (str) and ``meta``
+(dict); other keys are ignored. :func:`parse_record` validates a decoded JSON object and raises a
+:class:`DataError` that names the source, line and field of the first problem it finds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Message = dict[str, str]
+Prompt = str | list[Message]
+
+RECORD_KINDS = ("prompt", "demonstration", "ranking", "preference")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A bad record or data source, located by source, line (or row/record) and field.
+
+    ``str(error)`` reads like ``"data/train.jsonl, line 12, field 'ranking': index 5 is out of
+    range for 4 completions"``; the parts that are unknown are left out. ``unit`` names what
+    ``line`` counts: ``"line"`` for text files, ``"record"`` for the items of a JSON list,
+    ``"row"`` for dataset rows.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        unit: str = "line",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.source = source
+        self.line = line
+        self.field = field
+        self.unit = unit
+
+    def __str__(self) -> str:
+        parts = []
+        if self.source is not None:
+            parts.append(self.source)
+        if self.line is not None:
+            parts.append(f"{self.unit} {self.line}")
+        if self.field is not None:
+            parts.append(f"field {self.field!r}")
+        where = ", ".join(parts)
+        return f"{where}: {self.message}" if where else self.message
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A prompt to generate from (PPO rollouts, evaluation)."""
+
+    prompt: Prompt
+    id: str | None = None
+    labeler: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DemonstrationRecord:
+    """A prompt with a human-written completion, for supervised fine-tuning."""
+
+    prompt: Prompt
+    completion: str
+    id: str | None = None
+    labeler: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """A prompt with two completions, ``chosen`` preferred over ``rejected``."""
+
+    prompt: Prompt
+    chosen: str
+    rejected: str
+    id: str | None = None
+    labeler: str | None = None
+    meta: dict[str, Any] | None = None
+
+    def as_ranking(self) -> RankingRecord:
+        """The same judgement as a ranking of K = 2 completions: ``(chosen, rejected)``."""
+        return RankingRecord(
+            prompt=self.prompt,
+            completions=(self.chosen, self.rejected),
+            ranking=((0,), (1,)),
+            id=self.id,
+            labeler=self.labeler,
+            meta=self.meta,
+        )
+
+
+@dataclass(frozen=True)
+class RankingRecord:
+    """A prompt with K >= 2 completions ranked best first.
+
+    ``ranking`` is always a tuple of tie groups, best group first, each group's indices sorted;
+    together the groups cover every completion index exactly once. A ranking without ties has
+    one index per group.
+    """
+
+    prompt: Prompt
+    completions: tuple[str, ...]
+    ranking: tuple[tuple[int, ...], ...]
+    id: str | None = None
+    labeler: str | None = None
+    meta: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        indices = sorted(i for group in self.ranking for i in group)
+        if len(self.completions) < 2 or indices != list(range(len(self.completions))):
+            raise ValueError(
+                f"ranking {self.ranking!r} does not cover {len(self.completions)} completions "
+                "exactly once (K must be at least 2)"
+            )
+        if any(not group for group in self.ranking):
+            raise ValueError(f"ranking {self.ranking!r} has an empty group")
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every ``(winner, loser)`` pair of indices where the winner's group ranks strictly higher.
+
+        Tied completions make no pair. The order is deterministic: by the winner's group, then the
+        winner's index, then the loser's group, then the loser's index. Without ties there are
+        K(K-1)/2 pairs.
+        """
+        return [
+            (winner, loser)
+            for position, group in enumerate(self.ranking)
+            for winner in group
+            for worse_group in self.ranking[position + 1 :]
+            for loser in worse_group
+        ]
+
+    def to_preferences(self) -> list[PreferenceRecord]:
+        """One :class:`PreferenceRecord` per pair from :meth:`pairs`, sharing this record's id,
+        labeler and meta."""
+        return [
+            PreferenceRecord(
+                prompt=self.prompt,
+                chosen=self.completions[winner],
+                rejected=self.completions[loser],
+                id=self.id,
+                labeler=self.labeler,
+                meta=self.meta,
+            )
+            for winner, loser in self.pairs()
+        ]
+
+
+Record = PromptRecord | DemonstrationRecord | RankingRecord | PreferenceRecord
+
+
+class _Checker:
+    """Validates the fields of one raw object, raising :class:`DataError` at its location."""
+
+    def __init__(self, obj: dict, source: str | None, line: int | None, unit: str) -> None:
+        self.obj = obj
+        self.source = source
+        self.line = line
+        self.unit = unit
+
+    def error(self, field: str | None, message: str) -> DataError:
+        return DataError(message, source=self.source, line=self.line, field=field, unit=self.unit)
+
+    def require(self, key: str) -> Any:
+        """The value of a required key; a missing key or a null value is an error."""
+        value = self.obj.get(key)
+        if value is None:
+            raise self.error(key, "is missing" if key not in self.obj else "is null")
+        return value
+
+    def text(self, value: Any, field: str) -> str:
+        """A string with some non-whitespace content."""
+        if not isinstance(value, str):
+            raise self.error(field, f"expected a string, got {_type_name(value)}")
+        if not value.strip():
+            raise self.error(field, "is empty")
+        return value
+
+    def prompt(self) -> Prompt:
+        """The required ``prompt``: non-empty text or a non-empty list of chat messages."""
+        value = self.require("prompt")
+        if isinstance(value, list):
+            if not value:
+                raise self.error("prompt", "has no messages")
+            return self.messages(value, "prompt")
+        if not isinstance(value, str):
+            raise self.error("prompt", f"expected a string or a list of messages, got {_type_name(value)}")
+        return self.text(value, "prompt")
+
+    def messages(self, value: Any, field: str) -> list[Message]:
+        """A list of chat messages, each reduced to its ``role`` and ``content``."""
+        if not isinstance(value, list):
+            raise self.error(field, f"expected a list of messages, got {_type_name(value)}")
+        messages = []
+        for position, message in enumerate(value):
+            where = f"{field}[{position}]"
+            if not isinstance(message, dict):
+                raise self.error(where, f"expected a message object, got {_type_name(message)}")
+            for key in ("role", "content"):
+                if message.get(key) is None:
+                    raise self.error(f"{where}.{key}", "is missing")
+            role = message["role"]
+            if role not in CHAT_ROLES:
+                raise self.error(f"{where}.role", f"unknown role {role!r}; expected one of {CHAT_ROLES}")
+            messages.append({"role": role, "content": self.text(message["content"], f"{where}.content")})
+        return messages
+
+    def common(self) -> dict[str, Any]:
+        """The optional ``id``, ``labeler`` and ``meta`` fields (null counts as absent)."""
+        record_id = self.obj.get("id")
+        if record_id is not None:
+            if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+                raise self.error("id", f"expected a string or an integer, got {_type_name(record_id)}")
+            record_id = str(record_id)
+        labeler = self.obj.get("labeler")
+        if labeler is not None and not isinstance(labeler, str):
+            raise self.error("labeler", f"expected a string, got {_type_name(labeler)}")
+        meta = self.obj.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise self.error("meta", f"expected an object, got {_type_name(meta)}")
+        return {"id": record_id, "labeler": labeler, "meta": meta}
+
+    def ranking(self, value: Any, k: int) -> tuple[tuple[int, ...], ...]:
+        """Tie groups, best first, each sorted, covering ``range(k)`` exactly once.
+
+        A flat list of indices is a ranking without ties; a bare index among groups is a group
+        of one.
+        """
+        if not isinstance(value, list):
+            raise self.error("ranking", f"expected a list, got {_type_name(value)}")
+        groups = [item if isinstance(item, list) else [item] for item in value]
+        for group in groups:
+            if not group:
+                raise self.error("ranking", "has an empty tie group")
+            for index in group:
+                if isinstance(index, bool) or not isinstance(index, int):
+                    raise self.error("ranking", f"index {index!r} is not an integer")
+        count = sum(len(group) for group in groups)
+        if count != k:
+            raise self.error("ranking", f"ranks {count} indices but there are {k} completions")
+        seen: set[int] = set()
+        for index in (index for group in groups for index in group):
+            if not 0 <= index < k:
+                raise self.error("ranking", f"index {index} is out of range for {k} completions")
+            if index in seen:
+                raise self.error("ranking", f"index {index} appears more than once")
+            seen.add(index)
+        if len(groups) < 2:
+            raise self.error("ranking", "ties every completion, so it prefers none")
+        return tuple(tuple(sorted(group)) for group in groups)
+
+    def pairwise(self) -> tuple[Prompt, str, str]:
+        """The prompt, chosen and rejected completions of a pairwise object."""
+        prompt = self.prompt()
+        chosen = self.text(self.require("chosen"), "chosen")
+        rejected = self.text(self.require("rejected"), "rejected")
+        if chosen == rejected:
+            raise self.error("rejected", "is identical to 'chosen'")
+        return prompt, chosen, rejected
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def parse_record(
+    obj: object,
+    kind: str,
+    *,
+    source: str | None = None,
+    line: int | None = None,
+    unit: str = "line",
+) -> Record:
+    """Validate one decoded JSON object and build the record of the given ``kind``.
+
+    Kind ``"ranking"`` also accepts a pairwise object (``chosen``/``rejected``) and turns it into a
+    K = 2 ranking; kind ``"preference"`` accepts only pairwise objects. ``source``, ``line`` and
+    ``unit`` locate the object in error messages (see :class:`DataError`).
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`RECORD_KINDS`.
+        DataError: the object is not a valid record of that kind.
+    """
+    if kind not in RECORD_KINDS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {RECORD_KINDS}")
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {_type_name(obj)}", source=source, line=line, unit=unit)
+    check = _Checker(obj, source, line, unit)
+
+    if kind == "prompt":
+        return PromptRecord(check.prompt(), **check.common())
+
+    if kind == "demonstration":
+        if "completion" not in obj and "messages" in obj:
+            messages = check.messages(obj["messages"], "messages")
+            if not messages:
+                raise check.error("messages", "has no messages")
+            if messages[-1]["role"] != "assistant":
+                raise check.error("messages", "the last message must be the assistant's reply")
+            if len(messages) < 2:
+                raise check.error("messages", "needs at least one message before the assistant's reply")
+            return DemonstrationRecord(messages[:-1], messages[-1]["content"], **check.common())
+        prompt = check.prompt()
+        completion = check.text(check.require("completion"), "completion")
+        return DemonstrationRecord(prompt, completion, **check.common())
+
+    if kind == "preference":
+        if "chosen" not in obj and "completions" in obj:
+            raise check.error("chosen", "is missing (a K-way ranking needs kind 'ranking')")
+        return PreferenceRecord(*check.pairwise(), **check.common())
+
+    if "completions" not in obj and ("chosen" in obj or "rejected" in obj):
+        return PreferenceRecord(*check.pairwise(), **check.common()).as_ranking()
+    prompt = check.prompt()
+    completions = check.require("completions")
+    if not isinstance(completions, list):
+        raise check.error("completions", f"expected a list of strings, got {_type_name(completions)}")
+    if len(completions) < 2:
+        raise check.error("completions", f"needs at least 2 completions, got {len(completions)}")
+    texts = tuple(check.text(text, f"completions[{i}]") for i, text in enumerate(completions))
+    ranking = check.ranking(check.require("ranking"), len(texts))
+    return RankingRecord(prompt, texts, ranking, **check.common())
+
+
+def record_to_dict(record: Record) -> dict[str, Any]:
+    """The JSON form of a record, as :func:`parse_record` reads it back.
+
+    A ranking is written as a flat list of indices when it has no ties, as groups otherwise;
+    ``id``, ``labeler`` and ``meta`` are left out when they are None.
+    """
+    if not isinstance(record, Record):
+        raise TypeError(f"not a record: {type(record).__name__}")
+    prompt = record.prompt if isinstance(record.prompt, str) else [dict(m) for m in record.prompt]
+    row: dict[str, Any] = {"prompt": prompt}
+    if isinstance(record, DemonstrationRecord):
+        row["completion"] = record.completion
+    elif isinstance(record, PreferenceRecord):
+        row["chosen"] = record.chosen
+        row["rejected"] = record.rejected
+    elif isinstance(record, RankingRecord):
+        row["completions"] = list(record.completions)
+        if all(len(group) == 1 for group in record.ranking):
+            row["ranking"] = [group[0] for group in record.ranking]
+        else:
+            row["ranking"] = [list(group) for group in record.ranking]
+    for key in ("id", "labeler", "meta"):
+        value = getattr(record, key)
+        if value is not None:
+            row[key] = value
+    return row
