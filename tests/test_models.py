@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhfkit.config import LoraConfig, ModelConfig
 from rlhfkit.data.collators import encode_demonstration, render_prompt
 from rlhfkit.models.build import build_causal_lm
-from rlhfkit.models.load import apply_lora, load_causal_lm, save_model
+from rlhfkit.models.load import load_causal_lm, save_model
 
 UNICODE = "Otters 🦦 swim in the río; naïve café — 水獭 «ça va?»\n\ttabs and  double  spaces"
 

@@ -17,9 +17,10 @@ import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,13 +30,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from rlhfkit.config import TrainConfig, save_config
-from rlhfkit.data.collators import Example
 from rlhfkit.models.load import save_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
 
-# (model, batch) -> (loss to minimise, number of target tokens it averages over)
+# (model, batch) -> (loss to minimise, number of units it averages over)
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -116,11 +116,17 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 class Trainer:
-    """Runs the loop for one stage. Subclasses (or callers) give the loss through ``loss_fn``."""
+    """Runs the loop for one stage; the stage gives its examples, collator and loss.
+
+    Examples are any objects the ``collator`` turns into a batch of tensors holding at least an
+    ``attention_mask`` (for token counts); ``loss_fn(model, batch)`` returns the loss and the number
+    of units it averages over (tokens for language modelling, pairs for a reward model), which
+    weighs batches in :meth:`evaluate`.
+    """
 
     def __init__(self, *, stage: str, config: BaseModel, train: TrainConfig, model: torch.nn.Module,
-                 tokenizer: PreTrainedTokenizerBase, train_examples: Sequence[Example],
-                 eval_examples: Sequence[Example] = (), collator: Callable, loss_fn: LossFn):
+                 tokenizer: PreTrainedTokenizerBase, train_examples: Sequence[Any],
+                 eval_examples: Sequence[Any] = (), collator: Callable, loss_fn: LossFn):
         if not train_examples:
             raise TrainingError(f"{stage}: no training examples")
         self.stage, self.config, self.cfg = stage, config, train
