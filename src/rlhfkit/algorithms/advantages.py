@@ -1,0 +1,77 @@
+"""Advantage estimators: GAE with a value model, and the group baselines RLOO and GRPO.
+
+Token tensors are ``[B, T]`` over response tokens with ``mask = 1`` on real tokens (responses are
+right-padded). Group estimators take one score per sample, laid out prompt-major: the ``k``
+samples of prompt ``i`` are ``scores[i * k:(i + 1) * k]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (over all entries, or along ``dim``)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise to unit variance over masked entries (and zero mean unless ``shift_mean`` is off)."""
+    mean = masked_mean(values, mask)
+    centered = values - mean
+    variance = masked_mean(centered.square(), mask)
+    n = mask.sum()
+    if n > 1:  # unbiased, as the usual whitening of PPO implementations
+        variance = variance * n / (n - 1)
+    whitened = centered * torch.rsqrt(variance + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16): advantages and returns.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lambda * A_{t+1}``, with
+    ``V`` and ``A`` zero past the last response token. Returns are ``A_t + V_t`` (the value target).
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def _groups(scores: torch.Tensor, k: int) -> torch.Tensor:
+    if k < 2 or scores.numel() % k:
+        raise ValueError(f"group advantages need k >= 2 samples per prompt and a multiple of k scores; "
+                         f"got k={k} for {scores.numel()} scores")
+    return scores.view(-1, k)
+
+
+def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): ``A_i = r_i - mean_{j != i} r_j``."""
+    grouped = _groups(scores, k)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).view(-1)
+
+
+def grpo_advantages(scores: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath): ``(r_i - mean) / (std + eps)``.
+
+    ``std`` is the unbiased standard deviation of the group, as in TRL's GRPOTrainer.
+    """
+    grouped = _groups(scores, k)
+    mean, std = grouped.mean(-1, keepdim=True), grouped.std(-1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).view(-1)
