@@ -20,7 +20,7 @@ def sft_config(tmp_path, tokenizer_dir, demo_files, name, **train):
     return load_config(SFTConfig, base={
         "model": {"preset": "tiny", "tokenizer": str(tokenizer_dir)},
         "data": {"train": str(demo_files / "train.jsonl"), "eval": str(demo_files / "eval.jsonl"),
-                 "max_length": 96},
+                 "max_length": 96, "max_prompt_length": 48},
         "train": {"output_dir": str(tmp_path / name), "batch_size": 8, "lr": 3e-3, "warmup_steps": 2,
                   "max_steps": 8, "log_every": 2, "progress": False, **train}})
 
@@ -64,7 +64,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir, demo_files):
     real_loss = trainer.loss_fn
 
     def dies_in_step_six(model, batch):  # 2 micro-batches per step: call 11 is in step 6
-        calls["n"] += 1
+        calls["n"] += model.training  # evaluation batches do not count
         if calls["n"] == 11:
             raise Interrupt
         return real_loss(model, batch)
@@ -87,7 +87,7 @@ def test_non_finite_loss_stops_with_step_and_stage(tmp_path, tokenizer_dir, demo
     real_loss, calls = trainer.loss_fn, {"n": 0}
 
     def nan_at_step_three(model, batch):
-        calls["n"] += 1
+        calls["n"] += model.training  # evaluation batches do not count
         loss, n = real_loss(model, batch)
         return (loss * float("nan") if calls["n"] == 3 else loss), n
 

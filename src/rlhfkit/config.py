@@ -74,6 +74,13 @@ class DataConfig(Section):
     max_length: int = Field(256, gt=1)
     max_prompt_length: int = Field(128, gt=0)
 
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be below "
+                             f"data.max_length ({self.max_length}) to leave room for the response")
+        return self
+
 
 class TrainConfig(Section):
     """The optimisation loop shared by every trainer."""

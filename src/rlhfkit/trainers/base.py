@@ -77,17 +77,17 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
 
 
-def _load_weights(model: torch.nn.Module, directory: Path) -> None:
+def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load weights written by :func:`save_model` with ``merge_lora=False`` back into ``model``."""
     from safetensors.torch import load_file
 
@@ -106,6 +106,42 @@ def _load_weights(model: torch.nn.Module, directory: Path) -> None:
     if unexpected or set(missing) - tied:
         raise TrainingError(f"{directory}: checkpoint does not match the model "
                             f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+
+
+def write_checkpoint(directory: Path, write: Callable[[Path], None], *, keep: int) -> None:
+    """Crash-safe checkpoint: ``write`` fills a temporary directory that is then renamed to
+    ``directory``, so a crash leaves either the old checkpoints or the complete new one; then only
+    the newest ``keep`` checkpoints of the run are kept."""
+    tmp = directory.parent / f".tmp-{directory.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    for old in checkpoints(directory.parent)[:-keep]:
+        shutil.rmtree(old)
+
+
+def build_optimizer(models: Sequence[torch.nn.Module], train: TrainConfig, stage: str,
+                    lr_scales: Sequence[float] | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of ``models`` (each with its own lr scale); matrices
+    decay, biases and norm gains do not (the GPT-2/nanoGPT convention)."""
+    groups = []
+    for model, scale in zip(models, lr_scales or [1.0] * len(models), strict=True):
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay,
+                    "lr": train.lr * scale},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": train.lr * scale}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise TrainingError(f"{stage}: the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, foreach=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
+    """Warmup, then cosine or linear decay to zero (or a constant rate) over ``total_steps``."""
+    name = "constant_with_warmup" if train.scheduler == "constant" else train.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=total_steps)
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -139,22 +175,11 @@ class Trainer:
             model.config.use_cache = False
         self.n_batches = math.ceil(len(self.train_examples) / train.batch_size)
         self.total_steps = train.max_steps or math.ceil(train.epochs * self.n_batches / train.grad_accum)
-        optimizer = self._optimizer(model)
-        scheduler = get_scheduler("constant_with_warmup" if train.scheduler == "constant" else train.scheduler,
-                                  optimizer, num_warmup_steps=train.warmup_steps,
-                                  num_training_steps=self.total_steps)
+        optimizer = build_optimizer([model], train, stage)
+        scheduler = build_scheduler(optimizer, train, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.metrics = MetricsLog(self.run_dir, stage)
         self.step = 0
-
-    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """AdamW; matrices decay, biases and norm gains do not (the GPT-2/nanoGPT convention)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise TrainingError(f"{self.stage}: the model has no trainable parameters")
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.adam_betas, foreach=True)
 
     # ---- data order -------------------------------------------------------------------------
     def _micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -172,17 +197,14 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` atomically (temp dir, then rename); keep the newest N."""
-        final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step}"
-        tmp = self.run_dir / f".tmp-{final.name}"
-        if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(tmp), merge_lora=False)
+        def write(directory: Path) -> None:
+            save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(directory), merge_lora=False)
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}, tmp / STATE_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in checkpoints(self.run_dir)[:-self.cfg.save_total_limit]:
-                shutil.rmtree(old)
+                        "scheduler": self.scheduler.state_dict(), "rng": rng_state()}, directory / STATE_FILE)
+
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        if self.accelerator.is_main_process:
+            write_checkpoint(final, write, keep=self.cfg.save_total_limit)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -192,10 +214,10 @@ class Trainer:
             return
         latest = found[-1]
         state = torch.load(latest / STATE_FILE, weights_only=False)
-        _load_weights(self.accelerator.unwrap_model(self.model), latest)
+        load_weights(self.accelerator.unwrap_model(self.model), latest)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step = state["step"]
         self.metrics.truncate_after(self.step)
         self.accelerator.print(f"[{self.stage}] resumed from {latest} at step {self.step}")
