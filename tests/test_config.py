@@ -73,3 +73,11 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(SFTConfig, path)
     assert again == config
     assert yaml.safe_load(path.read_text())["train"]["seed"] == 7
+
+
+def test_override_updates_a_nested_default_section():
+    from rlhfkit.pipeline import DemoConfig
+
+    config = load_config(DemoConfig, None, ["sft.max_steps=7"])
+    assert config.sft.max_steps == 7
+    assert config.sft.lr == DemoConfig().sft.lr

@@ -377,4 +377,4 @@ def test_record_to_dict_parses_back_to_the_same_record(kind, record):
 
 
 def test_record_kinds():
-    assert RECORD_KINDS == ("prompt", "demonstration", "ranking", "preference")
+    assert RECORD_KINDS == ("prompt", "demonstration", "ranking", "preference", "labeled")

@@ -9,13 +9,22 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from rlhfkit.config import ConfigError, ModelConfig, PretrainConfig, SFTConfig, load_config
+from rlhfkit.config import ConfigError, ModelConfig, PretrainConfig, RewardConfig, SFTConfig, load_config
 from rlhfkit.data.records import DataError
 from rlhfkit.trainers.base import TrainingError
 
 app = typer.Typer(help="Align language models with human feedback: SFT, reward models, PPO, DPO.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console(stderr=True)
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """rlhfkit shows its own progress; transformers' per-file loading and saving bars are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: a.b=value (repeatable).")]
@@ -53,6 +62,17 @@ def sft(config: ConfigOption = None, set_: SetOption = None) -> None:
     from rlhfkit.trainers.sft import run_sft
 
     metrics = run_sft(load_config(SFTConfig, config, set_ or []), console)
+    console.print_json(json.dumps(metrics))
+
+
+@app.command()
+@_fail_cleanly
+def dpo(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Train a policy from preferences: DPO, IPO, robust DPO, hinge, ORPO or KTO (dpo.loss)."""
+    from rlhfkit.config import DPOConfig
+    from rlhfkit.trainers.dpo import run_dpo
+
+    metrics = run_dpo(load_config(DPOConfig, config, set_ or []), console)
     console.print_json(json.dumps(metrics))
 
 
@@ -99,6 +119,160 @@ def generate(
              **({"id": r.id} if r.id is not None else {})} for r, g in zip(records, generations, strict=True)]
     count = write_jsonl(out, rows)
     console.print(f"{count} completions written to {out}")
+
+
+@app.command()
+@_fail_cleanly
+def sample(
+    model: Annotated[str, typer.Option(help="Policy directory (HF format), e.g. runs/sft/final.")],
+    prompts: Annotated[Path, typer.Option(help="Prompt records: JSONL, JSON, parquet, CSV or dataset dir.")],
+    out: Annotated[Path, typer.Option(help="Output JSONL: {prompt, completions: [K texts]} per prompt.")],
+    k: Annotated[int, typer.Option("--k", min=2, help="Completions per prompt (for labelers to rank).")] = 4,
+    max_new_tokens: int = 64,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding (all K would be equal).")] = 1.0,
+    top_p: float = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per generate() call.")] = 32,
+    seed: int = 0,
+) -> None:
+    """Sample K completions per prompt from a checkpoint, to be ranked (step 2 of InstructGPT)."""
+    from rlhfkit.data.readers import read_records, write_jsonl
+    from rlhfkit.models.load import load_causal_lm
+    from rlhfkit.rollout.generate import SamplingConfig, generate_k
+
+    records = read_records(prompts, "prompt")
+    policy, tok = load_causal_lm(ModelConfig(name_or_path=model))
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, batch_size=batch_size)
+    groups = generate_k(policy, tok, [r.prompt for r in records], k, sampling, seed=seed)
+    rows = [{"prompt": r.prompt, "completions": [g.text for g in group],
+             **({"id": r.id} if r.id is not None else {})} for r, group in zip(records, groups, strict=True)]
+    count = write_jsonl(out, rows)
+    console.print(f"{count} prompts x {k} completions written to {out}")
+
+
+@app.command()
+@_fail_cleanly
+def rank(
+    task: Annotated[str, typer.Option(help="Built-in task whose simulated labeler ranks (e.g. tinyworld).")],
+    samples: Annotated[Path, typer.Option(help="JSONL from `rlhfkit sample`: {prompt, completions}.")],
+    out: Annotated[Path, typer.Option(help="Output JSONL of ranking records.")],
+    seed: int = 0,
+    temperature: Annotated[float | None, typer.Option(help="Labeler noise (default: the task's).")] = None,
+) -> None:
+    """Rank sampled completions with a built-in task's simulated labeler (noisy, ties for equal texts)."""
+    import random
+
+    from rlhfkit.data.readers import iter_jsonl, write_jsonl
+    from rlhfkit.data.records import DataError, RankingRecord
+    from rlhfkit.tasks import get_task
+
+    try:
+        judge = get_task(task)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    rng = random.Random(seed)
+    records, skipped, dropped = [], 0, 0
+    for line, row in iter_jsonl(samples):
+        prompt, completions = row.get("prompt"), row.get("completions")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError("expected a non-empty string (the task's prompts are text)", source=str(samples),
+                            line=line, field="prompt")
+        if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+            raise DataError("expected a list of strings", source=str(samples), line=line, field="completions")
+        kept = [c for c in completions if c.strip()]  # an empty sample cannot be a ranking record
+        dropped += len(completions) - len(kept)
+        groups = judge.rank(prompt, kept, rng=rng, temperature=temperature) if len(kept) >= 2 else []
+        if len(groups) < 2:  # fewer than two distinct texts: nothing to prefer
+            skipped += 1
+            continue
+        records.append(RankingRecord(prompt, tuple(kept), tuple(tuple(sorted(g)) for g in groups),
+                                     id=None if row.get("id") is None else str(row["id"]),
+                                     labeler=f"{task}-simulated"))
+    count = write_jsonl(out, records)
+    console.print(f"{count} rankings written to {out}" + (f"; {dropped} empty completions dropped" if dropped else "")
+                  + (f"; {skipped} prompts skipped (fewer than 2 distinct non-empty completions)" if skipped else ""))
+
+
+@app.command()
+@_fail_cleanly
+def rm(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Train a reward model on K-way rankings or pairwise preferences (InstructGPT loss)."""
+    from rlhfkit.trainers.reward import run_reward
+
+    metrics = run_reward(load_config(RewardConfig, config, set_ or []), console)
+    console.print_json(json.dumps(metrics))
+
+
+@app.command()
+@_fail_cleanly
+def score(
+    model: Annotated[str, typer.Option(help="Reward model directory, e.g. runs/rm/final.")],
+    data: Annotated[Path, typer.Option(help="JSONL with prompt + completion, completions or chosen/rejected.")],
+    out: Annotated[Path, typer.Option(help="Output JSONL: the input rows plus reward(s).")],
+    raw: Annotated[bool, typer.Option(help="Skip the stored normalisation (raw model output).")] = False,
+    task: Annotated[str | None, typer.Option(help="Also report agreement with this built-in task's gold "
+                                                  "judge (pairs ordered by gold score).")] = None,
+    batch_size: int = 32,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+) -> None:
+    """Add a reward to each record: `reward` for a completion, `rewards` for a completions list,
+    `reward_chosen`/`reward_rejected` for a pair. Reports accuracy against the file's own rankings."""
+    from rlhfkit.data.readers import write_jsonl
+    from rlhfkit.data.records import parse_record
+    from rlhfkit.models.reward import load_for_scoring, score_texts
+    from rlhfkit.trainers.reward import iter_scorable
+
+    rows = list(iter_scorable(data))
+    reward_model, tok = load_for_scoring(model)
+    flat = [(prompt, text) for _, _, prompt, texts, _ in rows for text in texts]
+    rewards = score_texts(reward_model, tok, [p for p, _ in flat], [t for _, t in flat], batch_size=batch_size,
+                          max_length=max_length, max_prompt_length=max_prompt_length, normalize=not raw)
+    out_rows, per_row, agree, pairs, start = [], [], 0.0, 0, 0
+    for line, row, _, texts, field in rows:
+        values, start = rewards[start:start + len(texts)], start + len(texts)
+        per_row.append(values)
+        if field == "completion":
+            out_rows.append({**row, "reward": values[0]})
+        elif field == "chosen":
+            out_rows.append({**row, "reward_chosen": values[0], "reward_rejected": values[1]})
+        else:
+            out_rows.append({**row, "rewards": values})
+        if field == "chosen" or "ranking" in row:
+            for w, lo in parse_record(row, "ranking", source=str(data), line=line).pairs():
+                pairs += 1
+                agree += 1.0 if values[w] > values[lo] else 0.5 if values[w] == values[lo] else 0.0
+    write_jsonl(out, out_rows)
+    summary = {"records": len(out_rows), "completions": len(rewards),
+               "reward_mean": sum(rewards) / len(rewards), "normalized": not raw}
+    if pairs:
+        summary.update({"accuracy": agree / pairs, "pairs": pairs})
+    if task is not None:
+        from rlhfkit.data.records import DataError
+        from rlhfkit.evaluate.gold import gold_pairwise_accuracy
+        from rlhfkit.tasks import get_task
+
+        try:
+            judge = get_task(task)
+        except ValueError as error:
+            raise DataError(str(error)) from None
+        scored = [(r[2], r[3], v) for r, v in zip(rows, per_row, strict=True) if len(r[3]) >= 2]
+        summary.update(gold_pairwise_accuracy(judge, [s[0] for s in scored], [s[1] for s in scored],
+                                              [s[2] for s in scored]))
+    console.print(f"{len(out_rows)} records scored, written to {out}")
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
+@_fail_cleanly
+def ppo(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """PPO (or RLOO / GRPO) of a policy against a frozen reward model, with a KL penalty to the reference."""
+    from rlhfkit.config import PPOConfig
+    from rlhfkit.trainers.ppo import run_ppo
+
+    metrics = run_ppo(load_config(PPOConfig, config, set_ or []), console)
+    console.print_json(json.dumps(metrics))
 
 
 @app.command()

@@ -65,18 +65,24 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    """Training data: a file (JSONL, JSON, parquet, CSV), a saved HF dataset directory or ``hf:NAME``."""
+    """Training data: a file (JSONL, JSON, parquet, CSV), a saved HF dataset directory or ``hf:NAME``.
+
+    ``max_length`` bounds prompt + response (or a pretraining block); prompts keep at most
+    ``max_prompt_length`` tokens (default: half of ``max_length``).
+    """
 
     train: str
     eval: str | None = None
     split: str | None = None
     limit: int | None = Field(None, gt=0)
     max_length: int = Field(256, gt=1)
-    max_prompt_length: int = Field(128, gt=0)
+    max_prompt_length: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
-        if self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.max_length // 2
+        elif self.max_prompt_length >= self.max_length:
             raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be below "
                              f"data.max_length ({self.max_length}) to leave room for the response")
         return self
@@ -122,6 +128,158 @@ class SFTConfig(Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+
+
+class DPOSection(Section):
+    """The preference loss and its reference (see ``rlhfkit.algorithms.dpo`` for the equations).
+
+    ``loss``: ``dpo`` (sigmoid; cDPO with ``label_smoothing``), ``ipo``, ``robust`` (robust DPO with
+    flip rate ``label_smoothing``), ``hinge`` (SLiC), ``orpo`` (reference-free; ``beta`` is its lambda),
+    ``kto`` (unpaired; pairs and rankings are split into desirable and undesirable completions).
+    ``average_logps``: per-token mean instead of sum of response log-probs; default per loss (IPO and
+    ORPO average, the others sum). ``reference``: ``auto`` = ``reference_model`` if given, else the same
+    base with LoRA adapters disabled when ``model.lora`` is set, else a frozen copy of the initial
+    policy; ``none`` = reference-free. ``precompute_reference`` computes the reference log-probs once
+    before training (cached in the run directory) and frees the reference copy. ``share_prompt``: score
+    all responses to one prompt in one row after a single copy of the prompt (a block attention mask
+    keeps them apart), so the prompt is computed once per record, not once per response; default: on
+    where the attention implementation takes such a mask (sdpa, eager), else one row per response.
+    """
+
+    loss: Literal["dpo", "ipo", "robust", "hinge", "orpo", "kto"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    average_logps: bool | None = None
+    reference: Literal["auto", "copy", "adapters", "none"] = "auto"
+    reference_model: str | None = None
+    precompute_reference: bool = False
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    share_prompt: bool | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPOSection:
+        if self.label_smoothing and self.loss not in ("dpo", "robust"):
+            raise ValueError(f"dpo.label_smoothing applies to losses dpo and robust, not {self.loss}")
+        if self.loss == "orpo" and self.reference not in ("auto", "none"):
+            raise ValueError("dpo.loss orpo is reference-free: leave dpo.reference at auto or none")
+        if self.reference_model is not None and self.reference not in ("auto", "copy"):
+            raise ValueError(f"dpo.reference_model is a frozen model; it cannot go with dpo.reference {self.reference}")
+        if self.precompute_reference and (self.reference == "none" or self.loss == "orpo"):
+            raise ValueError("dpo.precompute_reference needs a reference model (not reference none or loss orpo)")
+        return self
+
+
+class DPOConfig(Section):
+    """Direct preference optimisation from pairwise preferences or rankings (their non-tied pairs)."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    dpo: DPOSection = Field(default_factory=DPOSection)
+
+    @model_validator(mode="after")
+    def _adapters_need_lora(self) -> DPOConfig:
+        if self.dpo.reference == "adapters" and self.model.lora is None:
+            raise ValueError("dpo.reference adapters needs model.lora (the reference is the base without adapters)")
+        return self
+
+
+class RewardSection(Section):
+    """The reward-model loss (InstructGPT eq. 1) and the normalisation applied after training.
+
+    ``pair_weighting``: ``per_prompt`` (InstructGPT: a prompt's K(K-1)/2 pairs form one batch element, so
+    their losses are averaged, then the prompts) or ``per_pair`` (every pair weighs the same).
+    ``margin``: the loss asks for ``r_w - r_l > margin``. ``center_coef``: adds ``center_coef * mean(r^2)``
+    (Eisenstein et al. 2023). ``normalize``: shift the reward so the reference outputs (the completions of
+    the training rankings, or the records of ``reference``) score mean 0; ``normalize_std``: also scale
+    them to std 1. ``calibration_bins``: bins of the calibration table written to ``calibration.json``.
+    """
+
+    margin: float = 0.0
+    center_coef: float = Field(0.0, ge=0)
+    pair_weighting: Literal["per_prompt", "per_pair"] = "per_prompt"
+    normalize: bool = True
+    normalize_std: bool = False
+    reference: str | None = None
+    calibration_bins: int = Field(10, gt=0)
+
+
+class RewardConfig(Section):
+    """Step 2 of InstructGPT: a reward model trained on K-way rankings (or pairwise preferences).
+
+    ``data.train`` / ``data.eval`` hold ranking records (K >= 2, ties allowed) or pairwise records;
+    ``train.batch_size`` counts prompts (each with its K completions).
+    """
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    reward: RewardSection = Field(default_factory=RewardSection)
+
+
+class PPOSection(Section):
+    """Step 3 of InstructGPT: PPO against a frozen reward model (and its group-baseline relatives).
+
+    One PPO *iteration* samples ``rollout_batch_size`` prompts x ``samples_per_prompt`` completions,
+    scores them, then makes ``ppo_epochs`` passes over them in minibatches of ``minibatch_size``
+    sequences (each one optimizer step; ``train.grad_accum`` splits it into micro-batches).
+    ``train.max_steps`` counts iterations.
+    """
+
+    reward_model: str
+    value_model: Literal["reward", "head"] = "reward"
+    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    rollout_batch_size: int = Field(16, gt=0)
+    samples_per_prompt: int = Field(1, gt=0)
+    minibatch_size: int = Field(8, gt=0)
+    ppo_epochs: int = Field(4, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop_strings: list[str] = Field(default_factory=list)
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10_000, gt=0)
+    whiten_rewards: bool = False
+    reward_clip: float | None = Field(None, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    value_lr_scale: float = Field(1.0, gt=0)
+    target_kl: float | None = Field(None, gt=0)
+    ptx_coef: float = Field(0.0, ge=0)
+    ptx_data: str | None = None
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    samples_to_log: int = Field(4, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOSection:
+        rollout = self.rollout_batch_size * self.samples_per_prompt
+        if rollout % self.minibatch_size:
+            raise ValueError(f"ppo.minibatch_size ({self.minibatch_size}) must divide the rollout of "
+                             f"rollout_batch_size x samples_per_prompt = {rollout} sequences")
+        if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"ppo.advantage={self.advantage} needs ppo.samples_per_prompt >= 2")
+        if self.ptx_coef > 0 and self.ptx_data is None:
+            raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data (pretraining text records)")
+        return self
+
+
+class PPOConfig(Section):
+    """PPO / RLOO / GRPO: ``model`` is the policy (initialised from SFT), ``data.train`` the prompts."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    ppo: PPOSection
 
 
 StageConfig = TypeVar("StageConfig", bound=BaseModel)
@@ -189,8 +347,16 @@ def _format_errors(error: ValidationError, source: str, lines: dict[tuple[str, .
 
 def load_config(cls: type[StageConfig], path: str | os.PathLike | None = None,
                 overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> StageConfig:
-    """Build a stage config from ``base`` (defaults of the caller), a YAML file and overrides."""
-    tree: dict = dict(base or {})
+    """Build a stage config from ``base`` (defaults of the caller), a YAML file and overrides.
+
+    When ``cls`` has a default for every field, its defaults are the starting point, so a partial
+    section (``--set sft.lr=1e-4``) updates a nested default instead of replacing it.
+    """
+    try:
+        defaults = cls().model_dump()
+    except ValidationError:
+        defaults = {}
+    tree: dict = _merge(defaults, base or {})
     lines: dict[tuple[str, ...], int] = {}
     source = "<overrides>"
     if path is not None:

@@ -48,3 +48,18 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: 
     target_mask = loss_mask[:, 1:].to(torch.float32)
     total = (token_logprobs(logits, input_ids, temperature) * target_mask).sum(-1)
     return total / target_mask.sum(-1).clamp(min=1) if average else total
+
+
+def gathered_logprobs(logits: torch.Tensor, rows: torch.Tensor, predictors: torch.Tensor, targets: torch.Tensor,
+                      *, temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets[i] | logits[rows[i], predictors[i]]) for a list of tokens: ``[N]``.
+
+    For layouts where a token's predictor is not simply the position before it, e.g. several responses
+    packed after one shared prompt (the first token of every response is predicted by the prompt's
+    last position). ``logits`` is ``[B, T, V]``; ``rows``, ``predictors`` and ``targets`` are ``[N]``.
+    Only the N selected rows of logits reach the softmax.
+    """
+    picked = logits[rows, predictors]
+    if temperature != 1.0:
+        picked = picked / temperature
+    return -F.cross_entropy(picked.float(), targets, reduction="none")

@@ -1,6 +1,6 @@
 """Record types for every kind of training data, and their validation.
 
-Four kinds of record flow through rlhfkit (the JSON forms are the project's data formats):
+Five kinds of record flow through rlhfkit (the JSON forms are the project's data formats):
 
 * ``prompt``: ``{"prompt": str}`` or ``{"prompt": [{"role": ..., "content": ...}, ...]}``
 * ``demonstration`` (SFT): ``{"prompt", "completion"}`` or ``{"messages": [...]}``, where the last
@@ -8,6 +8,9 @@ Four kinds of record flow through rlhfkit (the JSON forms are the project's data
 * ``ranking``: ``{"prompt", "completions": [str, ...], "ranking": [...]}``, best first; ties are
   groups, e.g. ``[[0, 2], [1], [3]]``
 * ``preference``: ``{"prompt", "chosen", "rejected"}``, a ranking of two completions
+* ``labeled`` (unpaired feedback, as KTO trains on): ``{"prompt", "completion", "label": bool}``, true
+  when the completion is desirable; this kind also reads pairwise and ranking objects (as
+  :class:`RankingRecord`), which a trainer can split into desirable and undesirable completions
 
 Every record may also carry ``id`` (str or int, kept as str), ``labeler`` (str) and ``meta``
 (dict); other keys are ignored. :func:`parse_record` validates a decoded JSON object and raises a
@@ -22,7 +25,7 @@ from typing import Any
 Message = dict[str, str]
 Prompt = str | list[Message]
 
-RECORD_KINDS = ("prompt", "demonstration", "ranking", "preference")
+RECORD_KINDS = ("prompt", "demonstration", "ranking", "preference", "labeled")
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -164,7 +167,19 @@ class RankingRecord:
         ]
 
 
-Record = PromptRecord | DemonstrationRecord | RankingRecord | PreferenceRecord
+@dataclass(frozen=True)
+class LabeledRecord:
+    """A prompt with one completion judged on its own: ``label`` is True when it is desirable (KTO)."""
+
+    prompt: Prompt
+    completion: str
+    label: bool
+    id: str | None = None
+    labeler: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+Record = PromptRecord | DemonstrationRecord | RankingRecord | PreferenceRecord | LabeledRecord
 
 
 class _Checker:
@@ -292,8 +307,9 @@ def parse_record(
     """Validate one decoded JSON object and build the record of the given ``kind``.
 
     Kind ``"ranking"`` also accepts a pairwise object (``chosen``/``rejected``) and turns it into a
-    K = 2 ranking; kind ``"preference"`` accepts only pairwise objects. ``source``, ``line`` and
-    ``unit`` locate the object in error messages (see :class:`DataError`).
+    K = 2 ranking; kind ``"preference"`` accepts only pairwise objects. Kind ``"labeled"`` reads an
+    object with a ``label`` as a :class:`LabeledRecord` and any other object as kind ``"ranking"`` does.
+    ``source``, ``line`` and ``unit`` locate the object in error messages (see :class:`DataError`).
 
     Raises:
         ValueError: ``kind`` is not one of :data:`RECORD_KINDS`.
@@ -322,6 +338,16 @@ def parse_record(
         completion = check.text(check.require("completion"), "completion")
         return DemonstrationRecord(prompt, completion, **check.common())
 
+    if kind == "labeled" and ("label" in obj or "completion" in obj):
+        prompt = check.prompt()
+        completion = check.text(check.require("completion"), "completion")
+        label = check.require("label")
+        if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV cells are text
+            label = label.strip().lower() == "true"
+        if not isinstance(label, bool):
+            raise check.error("label", f"expected true (desirable) or false (undesirable), got {label!r}")
+        return LabeledRecord(prompt, completion, label, **check.common())
+
     if kind == "preference":
         if "chosen" not in obj and "completions" in obj:
             raise check.error("chosen", "is missing (a K-way ranking needs kind 'ranking')")
@@ -337,6 +363,12 @@ def parse_record(
         raise check.error("completions", f"needs at least 2 completions, got {len(completions)}")
     texts = tuple(check.text(text, f"completions[{i}]") for i, text in enumerate(completions))
     ranking = check.ranking(check.require("ranking"), len(texts))
+    group_of = {i: g for g, group in enumerate(ranking) for i in group}
+    first_seen: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        j = first_seen.setdefault(text, i)
+        if group_of[j] != group_of[i]:
+            raise check.error("ranking", f"completions {j} and {i} are identical but ranked apart (tie them)")
     return RankingRecord(prompt, texts, ranking, **check.common())
 
 
@@ -352,6 +384,9 @@ def record_to_dict(record: Record) -> dict[str, Any]:
     row: dict[str, Any] = {"prompt": prompt}
     if isinstance(record, DemonstrationRecord):
         row["completion"] = record.completion
+    elif isinstance(record, LabeledRecord):
+        row["completion"] = record.completion
+        row["label"] = record.label
     elif isinstance(record, PreferenceRecord):
         row["chosen"] = record.chosen
         row["rejected"] = record.rejected

@@ -62,3 +62,15 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt
             results.append(Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished))
     model.train(was_training)
     return results
+
+
+def generate_k(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], k: int,
+               sampling: SamplingConfig = SamplingConfig(), *, seed: int | None = None) -> list[list[Generation]]:
+    """``k`` sampled completions per prompt (for labelers to rank), grouped by prompt, in prompt order.
+
+    Each prompt is repeated ``k`` times in the batches, so its samples are independent draws.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    flat = generate(model, tokenizer, [p for p in prompts for _ in range(k)], sampling, seed=seed)
+    return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]

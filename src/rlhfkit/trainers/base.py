@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from pydantic import BaseModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import PreTrainedTokenizerBase, get_scheduler
@@ -35,8 +36,10 @@ from rlhfkit.models.load import save_model
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
 
-# (model, batch) -> (loss to minimise, number of units it averages over)
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+# (model, batch) -> (loss to minimise, number of units it averages over[, {metric name: batch value}])
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple]
+# (model, eval examples) -> {metric name: value}; logged with an ``eval/`` prefix
+EvalFn = Callable[[torch.nn.Module, Sequence[Any]], dict[str, float]]
 
 
 class TrainingError(RuntimeError):
@@ -157,18 +160,25 @@ class Trainer:
     Examples are any objects the ``collator`` turns into a batch of tensors holding at least an
     ``attention_mask`` (for token counts); ``loss_fn(model, batch)`` returns the loss and the number
     of units it averages over (tokens for language modelling, pairs for a reward model), which
-    weighs batches in :meth:`evaluate`.
+    weighs batches in :meth:`evaluate`. It may return a third element, a dict of per-batch metrics
+    (e.g. a reward model's ``accuracy``), averaged over the logging window and logged with the loss.
+    ``eval_fn(model, eval_examples)``, when given, replaces the default evaluation (token-weighted loss
+    and perplexity) with the stage's own metrics; ``log_ppl=False`` leaves perplexity out of the logs
+    of stages whose loss is not a language-model loss.
     """
 
     def __init__(self, *, stage: str, config: BaseModel, train: TrainConfig, model: torch.nn.Module,
                  tokenizer: PreTrainedTokenizerBase, train_examples: Sequence[Any],
-                 eval_examples: Sequence[Any] = (), collator: Callable, loss_fn: LossFn):
+                 eval_examples: Sequence[Any] = (), collator: Callable, loss_fn: LossFn,
+                 eval_fn: EvalFn | None = None, log_ppl: bool = True):
         if not train_examples:
             raise TrainingError(f"{stage}: no training examples")
         self.stage, self.config, self.cfg = stage, config, train
         self.tokenizer, self.collator, self.loss_fn = tokenizer, collator, loss_fn
+        self.eval_fn, self.log_ppl = eval_fn, log_ppl
         self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
         self.run_dir = Path(train.output_dir)
+        set_seed(train.seed)  # dropout and any sampling draw from the global RNG (restored on resume)
         self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(train.mixed_precision))
         if train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -225,16 +235,20 @@ class Trainer:
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted loss over the eval set, and its perplexity."""
+        """Token-weighted loss over the eval set, and its perplexity (or the stage's ``eval_fn``)."""
         if not self.eval_examples:
             return {}
         self.model.eval()
+        if self.eval_fn is not None:
+            metrics = self.eval_fn(self.model, self.eval_examples)
+            self.model.train()
+            return {f"eval/{name}": value for name, value in metrics.items()}
         size = self.cfg.eval_batch_size or self.cfg.batch_size
         total, count = 0.0, 0.0
         for start in range(0, len(self.eval_examples), size):
             batch = self.collator(self.eval_examples[start:start + size])
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            loss, n_tokens = self.loss_fn(self.model, batch)
+            loss, n_tokens, *_ = self.loss_fn(self.model, batch)
             total += loss.item() * n_tokens.item()
             count += n_tokens.item()
         self.model.train()
@@ -253,6 +267,7 @@ class Trainer:
         self.model.train()
         batches = self._micro_batches(self.step * self.cfg.grad_accum)
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window_stats: dict[str, float] = {}
         last: dict[str, float] = {}
         with self._progress() as progress:
             task = progress.add_task(self.stage, total=self.total_steps, completed=self.step, status="")
@@ -261,17 +276,20 @@ class Trainer:
                 self.step += 1
                 window_loss, window_steps = window_loss + step_loss, window_steps + 1
                 window_tokens += self._tokens_in_step
+                for name, value in self._stats_in_step.items():
+                    window_stats[name] = window_stats.get(name, 0.0) + value
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     loss = window_loss / window_steps
-                    last = {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
+                    last = {"loss": loss, **({"ppl": math.exp(min(loss, 50.0))} if self.log_ppl else {}),
+                            **{name: total / window_steps for name, total in window_stats.items()},
                             "lr": self.scheduler.get_last_lr()[0], "grad_norm": self._grad_norm,
                             "tokens_per_s": window_tokens / elapsed, "s_per_step": elapsed / window_steps}
                     if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                         last.update(self.evaluate())
                     self._log(last)
                     progress.update(task, status=f"loss {loss:.3f}")
-                    window_loss, window_steps, window_tokens = 0.0, 0, 0
+                    window_loss, window_steps, window_tokens, window_stats = 0.0, 0, 0, {}
                     window_start = time.perf_counter()
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                     self.save_checkpoint()
@@ -288,18 +306,20 @@ class Trainer:
 
     def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean micro-batch loss."""
-        total, self._tokens_in_step = 0.0, 0
+        total, self._tokens_in_step, self._stats_in_step = 0.0, 0, {}
         for micro in range(self.cfg.grad_accum):
             batch = next(batches)
             last_micro = micro == self.cfg.grad_accum - 1
             with self.accelerator.no_sync(self.model) if not last_micro else nullcontext():
-                loss, _ = self.loss_fn(self.model, batch)
+                loss, _, *extra = self.loss_fn(self.model, batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"[{self.stage}] non-finite loss ({loss.item()}) at step "
                                         f"{self.step + 1}; the last good checkpoint is kept in {self.run_dir}")
                 self.accelerator.backward(loss / self.cfg.grad_accum)
             total += loss.item()
             self._tokens_in_step += int(batch["attention_mask"].sum())
+            for name, value in (extra[0] if extra else {}).items():
+                self._stats_in_step[name] = self._stats_in_step.get(name, 0.0) + float(value) / self.cfg.grad_accum
         grad_norm = float("nan")
         if self.cfg.max_grad_norm is not None:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))

@@ -1,0 +1,471 @@
+"""Step 3 of InstructGPT: optimise the policy against a frozen reward model with PPO.
+
+One iteration (Ouyang et al. 2022; Ziegler et al. 2019; the choices of Huang et al. 2024, "The N+
+implementation details of RLHF with PPO", noted where they apply):
+
+1. **Rollout.** Sample completions for a batch of prompts with the policy (left-padded prompts, KV
+   cache, temperature / top-k / top-p, stop at EOS or a stop string). The sampling log-probs come
+   from the logits ``generate`` already computed, divided by the temperature: no extra forward.
+2. **Score.** Reference log-probs (the frozen SFT model, or the LoRA policy with adapters disabled),
+   values (a value network initialised from the reward model, or a value head on the policy) and
+   the normalised reward-model score; a missing EOS can be penalised, scores clipped.
+3. **Rewards and advantages.** Per-token reward = -beta * KL_t, plus the score on the last token;
+   GAE with the values, or the group baselines RLOO / GRPO (no value model needed).
+4. **Update.** ``ppo_epochs`` passes in minibatches: clipped policy loss + ``vf_coef`` x clipped
+   value loss (+ ``ptx_coef`` x pretraining loss, PPO-ptx), early stop past ``1.5 x target_kl``.
+5. Adapt beta (Ziegler's controller), update the EMA of the weights, log, checkpoint.
+
+Everything that decides the next iteration (weights, optimizer, scheduler, KL coefficient, EMA, RNG
+state, iteration count) is in the checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from transformers import AutoModelForSequenceClassification
+
+from rlhfkit.algorithms.advantages import gae, grpo_advantages, masked_mean, masked_whiten, rloo_advantages
+from rlhfkit.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
+from rlhfkit.algorithms.logprobs import masked_lm_loss
+from rlhfkit.algorithms.ppo import entropy_from_logits, policy_loss, value_loss
+from rlhfkit.config import PPOConfig, save_config
+from rlhfkit.data.collators import Example, PadCollator, encode_prompt, pack_texts
+from rlhfkit.data.readers import read_records, read_texts
+from rlhfkit.models.load import load_causal_lm, position_ids_from_mask, save_model
+from rlhfkit.models.reward import load_for_scoring, score_texts
+from rlhfkit.trainers.base import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    MetricsLog,
+    TrainingError,
+    build_optimizer,
+    build_scheduler,
+    checkpoints,
+    load_weights,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+
+VALUE_DIR = "value_model"
+
+
+@dataclass
+class Rollout:
+    """One iteration's sampled sequences and everything computed from them (no gradients).
+
+    Token tensors are ``[N, R]`` over response tokens; ``queries`` is ``[N, Q]`` left-padded.
+    """
+
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    scores: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    prompts: list
+    texts: list[str]
+
+    def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = ("queries", "query_mask", "responses", "response_mask", "logprobs", "values", "advantages", "returns")
+        return {name: getattr(self, name)[index] for name in names if getattr(self, name) is not None}
+
+
+class ValueHead(torch.nn.Module):
+    """A linear value head on the policy's last hidden state (``value_model: head``)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1)
+
+
+def _sequence_inputs(queries, query_mask, responses, response_mask):
+    input_ids = torch.cat([queries, responses], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    return input_ids, attention_mask, position_ids_from_mask(attention_mask)
+
+
+def policy_forward(policy, batch: dict[str, torch.Tensor], temperature: float, *, hidden: bool = False):
+    """Log-probs ``[N, R]`` of the response tokens under ``policy`` (at the sampling temperature),
+    the logits that gave them, and the hidden states before each response token when asked.
+
+    Only the last ``R + 1`` positions are turned into logits (``logits_to_keep``): the prompt's
+    vocabulary projections are never computed.
+    """
+    input_ids, attention_mask, position_ids = _sequence_inputs(
+        batch["queries"], batch["query_mask"], batch["responses"], batch["response_mask"])
+    width = batch["responses"].size(1)
+    out = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                 logits_to_keep=width + 1, output_hidden_states=hidden)
+    logits = out.logits[:, :-1] / temperature
+    logprobs = -torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                  batch["responses"].reshape(-1), reduction="none")
+    states = out.hidden_states[-1][:, -width - 1:-1] if hidden else None
+    return logprobs.view_as(batch["responses"].float()), logits, states
+
+
+def value_forward(value_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token values ``[N, R]`` from a reward-model-shaped network: its score head applied to the
+    hidden state before each response token (InstructGPT initialises the value function from the RM)."""
+    input_ids, attention_mask, position_ids = _sequence_inputs(
+        batch["queries"], batch["query_mask"], batch["responses"], batch["response_mask"])
+    model = getattr(value_model, "module", value_model)  # DDP wrapper
+    trunk = getattr(model, model.base_model_prefix)
+    width = batch["responses"].size(1)
+    states = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).last_hidden_state[:, -width - 1:-1]
+    return model.score(states).squeeze(-1).float()
+
+
+def response_masks(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real response tokens (up to and including the first EOS) and whether each row ended.
+
+    Rows that stopped without EOS (length limit or stop string) end at their last non-pad token.
+    """
+    positions = torch.arange(responses.size(1)).expand_as(responses)
+    is_eos = responses == eos_token_id
+    finished = is_eos.any(-1)
+    first_eos = torch.where(finished, is_eos.float().argmax(-1), responses.size(1))
+    not_pad = (responses != pad_token_id).long()
+    last_real = torch.where(not_pad.any(-1), responses.size(1) - 1 - not_pad.flip(-1).argmax(-1), -1)
+    end = torch.where(finished, first_eos, last_real)
+    return (positions <= end.unsqueeze(-1)).long(), finished
+
+
+def truncate_at_stop(text: str, stop_strings: list[str]) -> str:
+    """Cut ``text`` right after the earliest stop string it contains."""
+    cuts = [text.index(s) + len(s) for s in stop_strings if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+class PPOTrainer:
+    """The PPO loop; see the module docstring. ``train()`` runs (or resumes) to ``train.max_steps``."""
+
+    def __init__(self, config: PPOConfig, console: Console | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from rlhfkit.trainers.base import resolve_mixed_precision
+
+        if config.train.max_steps is None:
+            raise TrainingError("ppo: set train.max_steps (the number of PPO iterations)")
+        self.config, self.cfg, self.ppo = config, config.train, config.ppo
+        self.console = console or Console(stderr=True)
+        self.run_dir = Path(config.train.output_dir)
+        set_seed(config.train.seed)  # sampling draws from the global RNG (restored on resume)
+        self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision))
+        policy, self.tokenizer = load_causal_lm(config.model, seed=config.train.seed)
+        self.prompts = [r.prompt for r in read_records(config.data.train, "prompt", split=config.data.split,
+                                                        limit=config.data.limit)]
+        self.reward_model, self.reward_tokenizer = load_for_scoring(self.ppo.reward_model)
+        # with LoRA the reference is the policy with its adapters disabled: no second copy in memory
+        lora = hasattr(policy, "disable_adapter")
+        self.reference = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
+        modules = [policy]
+        if self.ppo.advantage != "gae":
+            value = None
+        elif self.ppo.value_model == "reward":
+            value = AutoModelForSequenceClassification.from_pretrained(self.ppo.reward_model)
+            if not hasattr(value, "score"):
+                raise TrainingError("ppo.value_model=reward needs a decoder reward model with a `score` head; "
+                                    "use ppo.value_model=head")
+        else:
+            value = ValueHead(policy.config.hidden_size)
+        if value is not None:
+            modules.append(value)
+        self.ptx_blocks = (pack_texts(self.tokenizer, read_texts(self.ppo.ptx_data), self.config.data.max_length)
+                           if self.ppo.ptx_coef > 0 else [])
+        updates_per_epoch = self.ppo.rollout_batch_size * self.ppo.samples_per_prompt // self.ppo.minibatch_size
+        self.total_updates = self.cfg.max_steps * self.ppo.ppo_epochs * updates_per_epoch
+        optimizer = build_optimizer(modules, self.cfg, "ppo", lr_scales=[1.0, self.ppo.value_lr_scale][:len(modules)])
+        scheduler = build_scheduler(optimizer, self.cfg, self.total_updates)
+        prepared = self.accelerator.prepare(*modules, optimizer, scheduler)
+        self.policy, self.value = prepared[0], (prepared[1] if value is not None else None)
+        self.optimizer, self.scheduler = prepared[-2], prepared[-1]
+        self.kl_controller = (AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
+                              if self.ppo.adaptive_kl else FixedKLController(self.ppo.kl_coef))
+        self.ema = ({n: p.detach().clone() for n, p in self._unwrapped_policy().named_parameters() if p.requires_grad}
+                    if self.ppo.ema_decay else None)
+        self.metrics = MetricsLog(self.run_dir, "ppo")
+        self.step = 0
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _unwrapped_policy(self):
+        return self.accelerator.unwrap_model(self.policy)
+
+    def _prompt_batch(self, iteration: int) -> list:
+        """The prompts of an iteration: consecutive slices of per-epoch seeded permutations."""
+        size, n = self.ppo.rollout_batch_size, len(self.prompts)
+        picked = []
+        for index in range(iteration * size, (iteration + 1) * size):
+            epoch, position = divmod(index, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
+            picked.append(self.prompts[order[position]])
+        return picked
+
+    def _ptx_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        collate = PadCollator(self.tokenizer.pad_token_id)
+        size = self.ppo.minibatch_size // self.cfg.grad_accum
+        index = self.step * self.ppo.ppo_epochs * len(self.ptx_blocks)  # a deterministic place to resume
+        while True:
+            start = (index * size) % len(self.ptx_blocks)
+            yield collate([self.ptx_blocks[(start + i) % len(self.ptx_blocks)] for i in range(size)])
+            index += 1
+
+    # ---- 1-3: rollout, scores, advantages ------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: list) -> Rollout:
+        """Sample, score and compute advantages for ``prompts`` (each ``samples_per_prompt`` times)."""
+        ppo, tok = self.ppo, self.tokenizer
+        prompts = [p for p in prompts for _ in range(ppo.samples_per_prompt)]  # prompt-major groups
+        max_prompt = self.config.data.max_prompt_length
+        encoded = [encode_prompt(tok, p)[-max_prompt:] for p in prompts]
+        queries_batch = PadCollator(tok.pad_token_id, "left")([Example(ids, [0] * len(ids)) for ids in encoded])
+        queries, query_mask = queries_batch["input_ids"], queries_batch["attention_mask"]
+        policy = self._unwrapped_policy()
+        policy.eval()
+        sampling = {"do_sample": True, "temperature": ppo.temperature, "top_k": ppo.top_k or None, "top_p": ppo.top_p}
+        stop = {"stop_strings": ppo.stop_strings, "tokenizer": tok} if ppo.stop_strings else {}
+        out = policy.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=ppo.max_new_tokens,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                              return_dict_in_generate=True, output_logits=True, **sampling, **stop)
+        policy.train()
+        responses = out.sequences[:, queries.size(1):]
+        response_mask, finished = response_masks(responses, tok.eos_token_id, tok.pad_token_id)
+        raw_logits = torch.stack(out.logits, dim=1)[:, :responses.size(1)].float() / ppo.temperature
+        logprobs = torch.log_softmax(raw_logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1) * response_mask
+        batch = {"queries": queries, "query_mask": query_mask, "responses": responses, "response_mask": response_mask}
+        with policy.disable_adapter() if self.reference is None else nullcontext():
+            ref_logprobs = policy_forward(self.reference or policy, batch, ppo.temperature)[0] * response_mask
+        values = self._values(batch) * response_mask if self.value is not None else None
+
+        texts = []
+        for row, mask in zip(responses.tolist(), response_mask.tolist(), strict=True):
+            ids = [t for t, m in zip(row, mask, strict=True) if m]
+            texts.append(truncate_at_stop(tok.decode(ids, skip_special_tokens=True).strip(), ppo.stop_strings))
+        scores = torch.tensor(score_texts(self.reward_model, self.reward_tokenizer, prompts, texts,
+                                          max_length=self.config.data.max_length + ppo.max_new_tokens,
+                                          max_prompt_length=max_prompt))
+        if ppo.missing_eos_penalty is not None:
+            scores = scores - ppo.missing_eos_penalty * (~finished).float()
+        if ppo.reward_clip is not None:
+            scores = scores.clamp(-ppo.reward_clip, ppo.reward_clip)
+
+        kl = kl_estimate(logprobs, ref_logprobs, ppo.kl_estimator) * response_mask
+        if ppo.advantage == "gae":
+            rewards = kl_penalized_rewards(scores, kl, response_mask, self.kl_controller.value)
+            if ppo.whiten_rewards:
+                rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+            advantages, returns = gae(rewards, values, response_mask, ppo.gamma, ppo.lam)
+        else:  # group baselines on the sequence reward (score minus the summed KL penalty)
+            sequence_reward = scores - self.kl_controller.value * kl.sum(-1)
+            estimator = rloo_advantages if ppo.advantage == "rloo" else grpo_advantages
+            advantages = estimator(sequence_reward, ppo.samples_per_prompt).unsqueeze(-1) * response_mask
+            returns = None
+        if ppo.whiten_advantages and ppo.advantage == "gae":
+            advantages = masked_whiten(advantages, response_mask)
+        return Rollout(queries, query_mask, responses, response_mask, logprobs, ref_logprobs, values, scores,
+                       advantages, returns, prompts, texts)
+
+    def _values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.ppo.value_model == "reward":
+            return value_forward(self.value, batch)
+        _, _, states = policy_forward(self.policy, batch, self.ppo.temperature, hidden=True)
+        return self.value(states.float())
+
+    # ---- 4: update ---------------------------------------------------------------------------
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """``ppo_epochs`` passes of minibatch updates; returns averaged training statistics."""
+        ppo, n = self.ppo, rollout.responses.size(0)
+        micro = ppo.minibatch_size // self.cfg.grad_accum
+        stats: dict[str, list[float]] = {}
+        ptx = self._ptx_batches() if self.ptx_blocks else None
+        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
+        for _ in range(ppo.ppo_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, ppo.minibatch_size):
+                approxkls = []
+                for micro_start in range(start, start + ppo.minibatch_size, micro):
+                    batch = rollout.select(order[micro_start:micro_start + micro])
+                    last_micro = micro_start + micro >= start + ppo.minibatch_size
+                    with self.accelerator.no_sync(self.policy) if not last_micro else nullcontext():
+                        loss, step_stats = self._micro_loss(batch, next(ptx) if ptx else None)
+                        if not torch.isfinite(loss):
+                            raise TrainingError(f"[ppo] non-finite loss ({loss.item()}) at iteration {self.step + 1};"
+                                                f" the last good checkpoint is kept in {self.run_dir}")
+                        self.accelerator.backward(loss / self.cfg.grad_accum)
+                    for name, value in step_stats.items():
+                        stats.setdefault(name, []).append(value)
+                    approxkls.append(step_stats["policy/approxkl_avg"])
+                if self.cfg.max_grad_norm is not None:
+                    params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                    self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self._update_ema()
+                if ppo.target_kl is not None and sum(approxkls) / len(approxkls) > 1.5 * ppo.target_kl:
+                    stats.setdefault("policy/early_stop", []).append(1.0)
+                    return {name: sum(v) / len(v) for name, v in stats.items()}
+        return {name: sum(v) / len(v) for name, v in stats.items()}
+
+    def _micro_loss(self, batch: dict[str, torch.Tensor], ptx_batch: dict[str, torch.Tensor] | None):
+        ppo = self.ppo
+        mask = batch["response_mask"]
+        hidden = self.value is not None and ppo.value_model == "head"
+        logprobs, logits, states = policy_forward(self.policy, batch, ppo.temperature, hidden=hidden)
+        pg_loss, pg_stats = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, ppo.clip_range)
+        loss = pg_loss
+        stats = {"loss/policy_avg": pg_loss.item(), "policy/approxkl_avg": pg_stats["approxkl"].item(),
+                 "policy/clipfrac_avg": pg_stats["clipfrac"].item(), "val/ratio": pg_stats["ratio"].item()}
+        with torch.no_grad():
+            stats["objective/entropy"] = masked_mean(entropy_from_logits(logits), mask).item()
+        if self.value is not None:
+            values = self.value(states.float()) if hidden else value_forward(self.value, batch)
+            vf_loss, vf_stats = value_loss(values, batch["values"], batch["returns"], mask, ppo.clip_range_value)
+            loss = loss + ppo.vf_coef * vf_loss
+            stats.update({"loss/value_avg": vf_loss.item(), "val/clipfrac_avg": vf_stats["clipfrac"].item()})
+        if ptx_batch is not None:
+            ptx_logits = self.policy(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"],
+                                     use_cache=False).logits
+            ptx_loss = masked_lm_loss(ptx_logits, ptx_batch["input_ids"], ptx_batch["loss_mask"])
+            loss = loss + ppo.ptx_coef * ptx_loss
+            stats["loss/ptx_avg"] = ptx_loss.item()
+        return loss, stats
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        for name, param in self._unwrapped_policy().named_parameters():
+            if name in self.ema:
+                self.ema[name].lerp_(param.detach(), 1.0 - self.ppo.ema_decay)
+
+    # ---- 5: the loop, logging and checkpoints ---------------------------------------------------
+    def train(self) -> dict[str, float]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            save_config(self.config, self.run_dir)
+        self._resume()
+        last: dict[str, float] = {}
+        progress = Progress(TextColumn("[bold]ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.fields[status]}"),
+                            disable=not (self.cfg.progress and self.accelerator.is_main_process))
+        with progress:
+            task = progress.add_task("ppo", total=self.cfg.max_steps, completed=self.step, status="")
+            while self.step < self.cfg.max_steps:
+                started = time.perf_counter()
+                rollout = self.rollout(self._prompt_batch(self.step))
+                rollout_s = time.perf_counter() - started
+                train_stats = self.update(rollout)
+                train_s = time.perf_counter() - started - rollout_s
+                kl_sum = kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1").mul(rollout.response_mask).sum(-1)
+                coef = self.kl_controller.value
+                self.kl_controller.update(kl_sum.mean().item(), rollout.responses.size(0))
+                self.step += 1
+                n_tokens = int(rollout.response_mask.sum() + rollout.query_mask.sum())
+                last = {"objective/scores": rollout.scores.mean().item(), "objective/kl": kl_sum.mean().item(),
+                        "objective/rlhf_reward": (rollout.scores - coef * kl_sum).mean().item(),
+                        **train_stats, "kl_coef": coef,
+                        "response_length": rollout.response_mask.sum(-1).float().mean().item(),
+                        "lr": self.scheduler.get_last_lr()[0], "time/rollout_s": rollout_s, "time/train_s": train_s,
+                        "tokens_per_s": n_tokens * (1 + self.ppo.ppo_epochs) / (rollout_s + train_s)}
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
+                    self._log(last, rollout)
+                progress.update(task, completed=self.step,
+                                status=f"score {last['objective/scores']:.3f} kl {last['objective/kl']:.3f}")
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save_checkpoint()
+        self.save_checkpoint()
+        if self.accelerator.is_main_process:
+            policy = self._unwrapped_policy()
+            save_model(policy, self.tokenizer, str(self.run_dir / "final"))
+            if self.ema is not None:
+                ema_policy = copy.deepcopy(policy)
+                ema_policy.load_state_dict(self.ema, strict=False)
+                save_model(ema_policy, self.tokenizer, str(self.run_dir / "final-ema"))
+        self.accelerator.wait_for_everyone()
+        return last
+
+    def _log(self, metrics: dict[str, float], rollout: Rollout) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.metrics.write(self.step, metrics)
+        with (self.run_dir / "samples.jsonl").open("a", encoding="utf-8") as handle:
+            for i in range(min(self.ppo.samples_to_log, len(rollout.texts))):
+                sample = {"step": self.step, "prompt": rollout.prompts[i], "completion": rollout.texts[i],
+                          "score": rollout.scores[i].item()}
+                handle.write(json.dumps(sample) + "\n")
+
+    def save_checkpoint(self) -> Path:
+        directory = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+
+        def write(tmp: Path) -> None:
+            save_model(self._unwrapped_policy(), self.tokenizer, str(tmp), merge_lora=False)
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                     "kl_controller": self.kl_controller.state_dict(), "ema": self.ema}
+            value = self.accelerator.unwrap_model(self.value) if self.value is not None else None
+            if isinstance(value, ValueHead):
+                state["value_head"] = value.state_dict()
+            elif value is not None:
+                value.save_pretrained(tmp / VALUE_DIR)
+            torch.save(state, tmp / STATE_FILE)
+
+        if self.accelerator.is_main_process:
+            write_checkpoint(directory, write, keep=self.cfg.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        return directory
+
+    def _resume(self) -> None:
+        found = checkpoints(self.run_dir)
+        if not (self.cfg.resume and found):
+            return
+        latest = found[-1]
+        state = torch.load(latest / STATE_FILE, weights_only=False)
+        load_weights(self._unwrapped_policy(), latest)
+        value = self.accelerator.unwrap_model(self.value) if self.value is not None else None
+        if isinstance(value, ValueHead):
+            value.load_state_dict(state["value_head"])
+        elif value is not None:
+            load_weights(value, latest / VALUE_DIR)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.ema = state["ema"]
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.metrics.truncate_after(self.step)
+        samples = self.run_dir / "samples.jsonl"
+        if samples.exists():
+            kept = [line for line in samples.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            samples.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.console.print(f"[ppo] resumed from {latest} at iteration {self.step}")
+
+
+def run_ppo(config: PPOConfig, console: Console | None = None) -> dict[str, float]:
+    """Optimise the policy of ``config`` against its reward model; returns the last metrics."""
+    return PPOTrainer(config, console).train()
+

@@ -1,0 +1,430 @@
+"""Reward models: one forward per completion, padding, encoders, LoRA, bad data, normalisation, CLI, end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+from typer.testing import CliRunner
+
+from rlhfkit import cli
+from rlhfkit.algorithms.ranking import expand_pairs, ranking_loss
+from rlhfkit.config import RewardConfig, RewardSection, load_config
+from rlhfkit.data.readers import read_records, write_jsonl
+from rlhfkit.data.records import RankingRecord
+from rlhfkit.evaluate.gold import gold_pairwise_accuracy
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.models.reward import (
+    MEAN_KEY,
+    STD_KEY,
+    build_reward_model,
+    encode_for_reward,
+    is_decoder_only,
+    load_for_scoring,
+    normalized_rewards,
+    pad_rows,
+    score_texts,
+    sequence_rewards,
+)
+from rlhfkit.trainers.base import read_metrics
+from rlhfkit.trainers.reward import (
+    RankingCollator,
+    build_reward_trainer,
+    encode_rankings,
+    make_loss_fn,
+    normalize_reward_model,
+    reference_texts,
+)
+
+
+def invoke(*args):
+    """Run the CLI in-process."""
+    return CliRunner().invoke(cli.app, [str(a) for a in args])
+
+
+def task_rankings(task, n, *, split="train", seed=0, k=4, temperature=None):
+    """K demonstrations of mixed quality per prompt, ranked by the simulated labeler."""
+    rng = random.Random(seed)
+    records = []
+    for prompt in task.prompts(n, split=split, seed=seed):
+        completions = [d["completion"] for d in task.demonstrations([prompt] * k, seed=rng.randrange(2**31))]
+        groups = task.rank(prompt, completions, rng=rng, temperature=temperature)
+        if len(groups) >= 2:
+            records.append(RankingRecord(prompt, tuple(completions), tuple(tuple(sorted(g)) for g in groups)))
+    return records
+
+
+@pytest.fixture(scope="module")
+def ranking_files(tmp_path_factory, task):
+    directory = tmp_path_factory.mktemp("rm-data")
+    train = task_rankings(task, 96, seed=1, temperature=0)
+    evaluation = task_rankings(task, 32, split="test", seed=2, temperature=0)
+    write_jsonl(directory / "train.jsonl", train)
+    write_jsonl(directory / "eval.jsonl", evaluation)
+    return directory
+
+
+def rm_config(output_dir, tokenizer_dir, files, *, reward=None, model=None, **train):
+    return load_config(RewardConfig, base={
+        "model": model or {"preset": "tiny", "tokenizer": str(tokenizer_dir)},
+        "data": {"train": str(files / "train.jsonl"), "eval": str(files / "eval.jsonl"), "max_length": 160},
+        "train": {"output_dir": str(output_dir), "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "max_steps": 8,
+                  "log_every": 4, "eval_every": 4, "progress": False, **train},
+        "reward": reward or {}})
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tmp_path_factory, tokenizer_dir, ranking_files):
+    """A tiny reward model trained for a few steps with eval; returns its run directory and trainer."""
+    run = tmp_path_factory.mktemp("rm") / "run"
+    trainer = build_reward_trainer(rm_config(run, tokenizer_dir, ranking_files, max_steps=40, eval_every=20,
+                                             log_every=10))
+    metrics = trainer.train()
+    return run, trainer, metrics
+
+
+# ---- one forward per completion ---------------------------------------------------------------------------
+def test_k_completions_go_through_the_model_once(tokenizer, task):
+    model = build_reward_model(tokenizer, "tiny", seed=0)
+    records = task_rankings(task, 2, seed=3)  # two prompts, K = 4 each, 6 pairs each
+    examples = encode_rankings(tokenizer, records, decoder=True, max_length=160, max_prompt_length=80)
+    batch = RankingCollator(tokenizer.pad_token_id, "left")(examples)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    embedded = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: embedded.append(out.shape[0]))
+    loss, n_pairs, stats = make_loss_fn(RewardSection(), decoder=True)(model, batch)
+    assert calls == [8] and embedded == [8]  # K forwards in one call, not K(K-1) (= 2 x 12 rows per pair)
+    assert int(n_pairs) == sum(len(r.pairs()) for r in records) == 12
+    assert {"accuracy", "reward_margin"} <= set(stats)
+
+    # the gathered pair rewards are those of each completion scored on its own, unpadded
+    alone = torch.stack([sequence_rewards(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                                          decoder=True)[0] for e in examples for ids in e.sequences])
+    expected = ranking_loss(alone, expand_pairs([r.pairs() for r in records], [4, 4]))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- padding -----------------------------------------------------------------------------------------------
+def decoder_model(kind, tokenizer):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    if kind == "llama":
+        return build_reward_model(tokenizer, "tiny", seed=0).eval()
+    torch.manual_seed(0)  # GPT-2: absolute position embeddings, so left padding needs the right position ids
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256, num_labels=1,
+                        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    return GPT2ForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_decoder_reward_does_not_depend_on_padding(kind, tokenizer, task):
+    model = decoder_model(kind, tokenizer)
+    assert is_decoder_only(model.config)
+    prompts = task.prompts(3, seed=4)
+    completions = ["Yes.", "A fox is a small animal that lives in the woods and eats mice.", "No, it does not."]
+    rows = [encode_for_reward(tokenizer, p, [c], decoder=True, max_length=160, max_prompt_length=80)[0][0]
+            for p, c in zip(prompts, completions, strict=True)]
+    assert rows[0][-1] == tokenizer.eos_token_id  # read at the EOS token
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([r])).logits[:, 0] for r in rows])
+        for side in ("left", "right"):
+            ids, mask = pad_rows(rows, tokenizer.pad_token_id, side)
+            torch.testing.assert_close(sequence_rewards(model, ids, mask, decoder=True), alone, atol=1e-5, rtol=1e-5)
+        if kind == "gpt2":  # the test can fail: without mask-derived position ids left padding shifts GPT-2
+            ids, mask = pad_rows(rows, tokenizer.pad_token_id, "left")
+            assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits[:, 0], alone, atol=1e-3)
+
+
+def test_pad_token_equal_to_eos_reads_the_last_completion_token(tokenizer_dir, task):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    tokenizer.pad_token = tokenizer.eos_token  # a tokenizer without a pad token of its own
+    model = build_reward_model(tokenizer, "tiny", seed=0).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    prompt = task.prompts(1, seed=5)[0]
+    ids = encode_for_reward(tokenizer, prompt, ["Yes, it does."], decoder=True, max_length=160,
+                            max_prompt_length=80)[0][0]
+    assert ids[-1] != tokenizer.eos_token_id  # transformers would take an EOS == pad for padding
+    raw = score_texts(model, tokenizer, [prompt, prompt], ["Yes, it does.", "No."], normalize=False)
+    with torch.no_grad():
+        assert raw[0] == pytest.approx(model(input_ids=torch.tensor([ids])).logits.item(), abs=1e-5)
+
+
+# ---- encoders ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory, task):
+    """A tiny random BERT classifier with a WordPiece tokenizer trained here ([CLS] / [SEP] / [PAD])."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("bert")
+    demos = task.demonstrations(task.prompts(200, seed=0), seed=0)
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece.train_from_iterator([d["prompt"] + " " + d["completion"] for d in demos],
+                                  trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                        num_labels=1)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_bert_encoder_reward_model_trains_and_scores(tmp_path, bert_dir, ranking_files):
+    config = rm_config(tmp_path / "bert", None, ranking_files, model={"name_or_path": str(bert_dir)}, max_steps=6,
+                       eval_every=None)
+    trainer = build_reward_trainer(config)
+    assert not trainer.decoder and trainer.collator.side == "right"
+    tokenizer = trainer.tokenizer
+    first = trainer.trainer.train_examples[0].sequences[0]
+    assert first[0] == tokenizer.cls_token_id and first[-1] == tokenizer.sep_token_id
+    assert first.count(tokenizer.sep_token_id) == 2  # [CLS] prompt [SEP] completion [SEP]
+    metrics = trainer.train()
+    assert "eval/accuracy" in metrics and metrics["reward_mean"] == metrics["reward_mean"]
+
+    model, tok = load_for_scoring(str(tmp_path / "bert" / "final"))
+    assert type(model).__name__ == "BertForSequenceClassification" and not is_decoder_only(model.config)
+    records = read_records(ranking_files / "eval.jsonl", "ranking")[:3]
+    prompts = [r.prompt for r in records for _ in r.completions]
+    texts = [c for r in records for c in r.completions]
+    batched = score_texts(model, tok, prompts, texts, batch_size=16, normalize=False)
+    alone = [score_texts(model, tok, [p], [t], normalize=False)[0] for p, t in zip(prompts, texts, strict=True)]
+    assert batched == pytest.approx(alone, abs=1e-5)  # right padding leaves [CLS] pooling unchanged
+
+
+# ---- LoRA --------------------------------------------------------------------------------------------------
+def test_lora_trains_adapters_and_the_score_head(tmp_path, tokenizer_dir, ranking_files):
+    base = tmp_path / "base"
+    model = build_reward_model(load_tokenizer(str(tokenizer_dir)), "tiny", seed=0)
+    model.save_pretrained(base)
+    load_tokenizer(str(tokenizer_dir)).save_pretrained(base)
+    config = rm_config(tmp_path / "lora", tokenizer_dir, ranking_files, max_steps=4, eval_every=None,
+                       model={"name_or_path": str(base), "lora": {"r": 4}}, lr=1e-2)
+    trainer = build_reward_trainer(config)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("score" in n for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
+    trainer.train()
+    final = tmp_path / "lora" / "final"
+    assert not (final / "adapter_config.json").exists()  # merged: plain transformers loads it
+    merged = AutoModelForSequenceClassification.from_pretrained(final)
+    assert not torch.equal(merged.score.weight, model.score.weight)  # the head was trained
+    q_proj = merged.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q_proj, model.model.layers[0].self_attn.q_proj.weight)  # LoRA merged into it
+
+
+# ---- bad data reaches the user -----------------------------------------------------------------------------
+GOOD = {"prompt": "Is a fox red?", "completions": ["Yes.", "No."], "ranking": [0, 1]}
+
+
+@pytest.mark.parametrize("bad, field, message", [
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 0, 1]}, "ranking",
+     "index 0 appears more than once"),
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 1, 5]}, "ranking", "index 5 is out of range"),
+    ({"prompt": "p", "completions": ["a"], "ranking": [0]}, "completions", "needs at least 2 completions"),
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 1]}, "ranking",
+     "ranks 2 indices but there are 3 completions"),
+    ({"prompt": "p", "completions": ["a", "  "], "ranking": [1, 0]}, "completions[1]", "is empty"),
+    ({"prompt": "p", "chosen": "a", "rejected": ""}, "rejected", "is empty"),
+])
+def test_bad_records_stop_rm_with_file_line_and_field(tmp_path, tokenizer_dir, monkeypatch, bad, field, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    monkeypatch.setattr(cli.console, "width", 1000)  # one line per message
+    result = invoke("rm", "--set", "model.preset=tiny", "--set", f"model.tokenizer={tokenizer_dir}",
+                    "--set", f"data.train={path}", "--set", f"train.output_dir={tmp_path / 'run'}")
+    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 2, output
+    assert f"{path}, line 2, field '{field}': {message}" in output
+    assert not (tmp_path / "run").exists()  # stopped before any training
+
+
+# ---- a trained model: metrics, calibration, normalisation, reload, score ----------------------------------
+def test_metrics_and_calibration_are_written(trained_rm):
+    run, trainer, metrics = trained_rm
+    records = read_metrics(run)
+    train_steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_steps] == [10, 20, 30, 40]
+    assert {"loss", "accuracy", "reward_margin", "lr", "grad_norm"} <= set(train_steps[0])
+    assert "ppl" not in train_steps[0]  # not a language-model loss
+    evals = [r for r in records if "eval/accuracy" in r]
+    assert evals[0]["step"] == 0 and {"eval/loss", "eval/reward_margin", "eval/accuracy/k4"} <= set(evals[0])
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    assert evals[-1]["eval/accuracy"] > 0.6, evals  # gold-ordered rankings: learnable in 40 steps
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert calibration["accuracy"] == pytest.approx(metrics["eval/accuracy"])
+    assert calibration["pairs"] == evals[-1]["eval/pairs"]
+    assert sum(b["count"] for b in calibration["calibration"]["bins"]) == calibration["pairs"]
+
+
+def test_normalised_reference_outputs_score_zero_and_plain_transformers_agrees(trained_rm, ranking_files):
+    run, trainer, metrics = trained_rm
+    final = run / "final"
+    saved = json.loads((final / "config.json").read_text())
+    assert saved[MEAN_KEY] == pytest.approx(metrics["reward_mean"]) and STD_KEY not in saved
+    model, tokenizer = load_for_scoring(str(final))
+    prompts, completions = reference_texts(trainer.config, trainer.train_records)
+    assert len(completions) == sum(len(r.completions) for r in trainer.train_records)
+    normalized = torch.tensor(score_texts(model, tokenizer, prompts, completions, max_length=160, max_prompt_length=80))
+    assert abs(normalized.mean().item()) < 1e-4
+    raw = torch.tensor(score_texts(model, tokenizer, prompts, completions, max_length=160, max_prompt_length=80,
+                                   normalize=False))
+    assert raw.mean().item() == pytest.approx(saved[MEAN_KEY], abs=1e-4)
+    torch.testing.assert_close(normalized_rewards(raw, model.config), normalized, atol=1e-5, rtol=1e-5)
+
+    # plain transformers, one sequence, no rlhfkit helper: the raw reward
+    plain = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    ids = encode_for_reward(tokenizer, prompts[0], [completions[0]], decoder=True, max_length=160,
+                            max_prompt_length=80)[0][0]
+    with torch.no_grad():
+        assert plain(input_ids=torch.tensor([ids])).logits.item() == pytest.approx(raw[0].item(), abs=1e-5)
+
+    # normalize_std: the reference outputs get mean 0 and std 1
+    mean, std = normalize_reward_model(model, tokenizer, prompts, completions, with_std=True, batch_size=32,
+                                       max_length=160, max_prompt_length=80)
+    rescaled = torch.tensor(score_texts(model, tokenizer, prompts, completions, max_length=160, max_prompt_length=80))
+    assert std is not None and abs(rescaled.mean().item()) < 1e-4
+    assert rescaled.std().item() == pytest.approx(1, abs=1e-4)
+
+
+def test_reference_file_for_normalisation(tmp_path, trained_rm):
+    _, trainer, _ = trained_rm
+    path = tmp_path / "reference.jsonl"
+    write_jsonl(path, [{"prompt": "Is a fox red?", "completion": "Yes."},
+                       {"prompt": "Is a cat big?", "completions": ["No.", "Yes, very."]}])
+    config = trainer.config.model_copy(update={"reward": RewardSection(reference=str(path))})
+    prompts, completions = reference_texts(config, trainer.train_records)
+    assert completions == ["Yes.", "No.", "Yes, very."] and prompts[1] == "Is a cat big?"
+
+
+def test_score_cli_adds_normalised_rewards(tmp_path, trained_rm, monkeypatch):
+    run, trainer, _ = trained_rm
+    monkeypatch.setattr(cli.console, "width", 1000)
+    records = trainer.eval_records[:4]
+    rows = [{"prompt": records[0].prompt, "completion": records[0].completions[0], "id": 7},
+            {"prompt": records[1].prompt, "chosen": records[1].completions[0], "rejected": records[1].completions[1]},
+            *[{"prompt": r.prompt, "completions": list(r.completions),
+               "ranking": [list(g) for g in r.ranking]} for r in records[2:]]]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["score", "--model", str(run / "final"), "--data", str(tmp_path / "in.jsonl"), "--max-length", "160",
+            "--max-prompt-length", "80", "--task", "tinyworld"]
+    result = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 0, result.output
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert scored[0]["id"] == 7 and isinstance(scored[0]["reward"], float)
+    assert {"reward_chosen", "reward_rejected"} <= set(scored[1]) and len(scored[2]["rewards"]) == 4
+    model, tokenizer = load_for_scoring(str(run / "final"))
+    expected = score_texts(model, tokenizer, [records[2].prompt] * 4, list(records[2].completions), max_length=160,
+                           max_prompt_length=80)
+    assert scored[2]["rewards"] == pytest.approx(expected, abs=1e-5)
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["pairs"] == 1 + sum(len(r.pairs()) for r in records[2:]) and 0 <= summary["accuracy"] <= 1
+    assert summary["gold/pairs"] > 0
+
+    result = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "raw.jsonl"), "--raw"])
+    raw = [json.loads(line) for line in (tmp_path / "raw.jsonl").read_text().splitlines()]
+    mean = model.config.rlhfkit_reward_mean
+    assert raw[2]["rewards"] == pytest.approx([r + mean for r in scored[2]["rewards"]], abs=1e-5)
+
+
+def test_gold_pairwise_accuracy(task):
+    prompts = task.prompts(5, seed=6)
+    completions = [[d["completion"] for d in task.demonstrations([p] * 4, seed=i)] for i, p in enumerate(prompts)]
+    gold = [[task.gold_score(p, c) for c in cs] for p, cs in zip(prompts, completions, strict=True)]
+    assert gold_pairwise_accuracy(task, prompts, completions, gold)["gold/accuracy"] == 1.0
+    assert gold_pairwise_accuracy(task, prompts, completions, [[-g for g in gs] for gs in gold])["gold/accuracy"] == 0.0
+
+
+# ---- sampling and ranking commands -------------------------------------------------------------------------
+def test_sample_writes_k_completions_per_prompt(tmp_path, tokenizer, tiny_model, task, monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 1000)
+    tiny_model.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p, "id": i} for i, p in enumerate(task.prompts(3, seed=7))])
+    args = ["sample", "--model", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"),
+            "--k", "3", "--max-new-tokens", "6", "--seed", "1"]
+    result = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "a.jsonl")])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["0", "1", "2"] and all(len(r["completions"]) == 3 for r in rows)
+    assert len({c for r in rows for c in r["completions"]}) > 3  # sampled, not greedy copies
+    CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "b.jsonl")])
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()  # seeded
+
+
+def test_rank_writes_valid_ranking_records(tmp_path, task, monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 1000)
+    prompts = task.prompts(20, seed=8)
+    rows = [{"prompt": p, "completions": [d["completion"] for d in task.demonstrations([p] * 4, seed=i)], "id": i}
+            for i, p in enumerate(prompts)]
+    rows[0]["completions"][1] = rows[0]["completions"][0]  # identical texts are tied
+    rows[1]["completions"][2] = ""  # an empty sample is dropped
+    write_jsonl(tmp_path / "samples.jsonl", rows)
+    for name in ("a", "b"):
+        result = invoke("rank", "--task", "tinyworld", "--samples", tmp_path / "samples.jsonl",
+                        "--out", tmp_path / f"{name}.jsonl", "--seed", "3")
+        assert result.exit_code == 0, result.output
+    assert "1 empty completions dropped" in result.output
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()  # seeded
+    records = read_records(tmp_path / "a.jsonl", "ranking")
+    assert len(records) == 20 and records[0].id == "0" and records[0].labeler == "tinyworld-simulated"
+    assert any(set(group) == {0, 1} for group in records[0].ranking)
+    assert len(records[1].completions) == 3
+    # noisy but informative: the labeler agrees with the gold order more often than not
+    gold = [[task.gold_score(r.prompt, c) for c in r.completions] for r in records]
+    agree = [g[w] > g[lo] for r, g in zip(records, gold, strict=True) for w, lo in r.pairs() if g[w] != g[lo]]
+    assert sum(agree) / len(agree) > 0.55
+
+
+# ---- end to end on the built-in task ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_reward_model_from_sft_samples_agrees_with_the_gold_judge(demo_run, tmp_path, monkeypatch):
+    """sample K = 4 from the SFT model -> simulated labeler ranks -> RM from sft/final -> gold accuracy.
+
+    Measured on the demo_run fixture (its SFT model scores ~0.1 by the gold judge, so its samples differ
+    little and the default labeler agrees with gold on only ~55% of their pairs): 0.59-0.62 gold accuracy
+    over three prompt seeds, against 0.52-0.56 for the same model before training; the bound leaves room.
+    """
+    from rlhfkit.tasks import get_task
+
+    monkeypatch.setattr(cli.console, "width", 1000)
+    task = get_task("tinyworld")
+    write_jsonl(tmp_path / "train_prompts.jsonl", [{"prompt": p} for p in task.prompts(600, split="train", seed=11)])
+    write_jsonl(tmp_path / "test_prompts.jsonl", [{"prompt": p} for p in task.prompts(100, split="test", seed=12)])
+    sft = str(demo_run / "sft" / "final")
+    for split in ("train", "test"):
+        result = invoke("sample", "--model", sft, "--prompts", tmp_path / f"{split}_prompts.jsonl", "--k", "4",
+                        "--max-new-tokens", "48", "--temperature", "0.7", "--batch-size", "64",
+                        "--out", tmp_path / f"{split}_samples.jsonl")
+        assert result.exit_code == 0, result.output
+        result = invoke("rank", "--task", "tinyworld", "--samples", tmp_path / f"{split}_samples.jsonl",
+                        "--out", tmp_path / f"{split}_rankings.jsonl", "--seed", "0")
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli.app, [
+        "rm", "--set", f"model.name_or_path={sft}", "--set", f"data.train={tmp_path / 'train_rankings.jsonl'}",
+        "--set", f"data.eval={tmp_path / 'test_rankings.jsonl'}", "--set", "data.max_length=128",
+        "--set", f"train.output_dir={tmp_path / 'rm'}", "--set", "train.batch_size=8", "--set", "train.epochs=2",
+        "--set", "train.lr=5e-4", "--set", "train.warmup_steps=5", "--set", "train.progress=false"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rm" / "calibration.json").exists()
+    result = CliRunner().invoke(cli.app, ["score", "--model", str(tmp_path / "rm" / "final"), "--data",
+                                     str(tmp_path / "test_samples.jsonl"), "--out", str(tmp_path / "scored.jsonl"),
+                                     "--task", "tinyworld"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    print(summary)
+    assert summary["gold/pairs"] > 400
+    assert summary["gold/accuracy"] > 0.56, summary  # chance is 0.5; ~0.02 standard error
