@@ -34,7 +34,7 @@ def tokenizer(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """A small embedded-default run, shared by the end-to-end tests (about a minute, once).
+    """A small embedded-default run, shared by the end-to-end tests (about two minutes, once).
 
     The directory holds ``tokenizer/``, ``data/`` (task corpus, demonstrations, held-out prompts),
     ``pretrain/final`` (the base model), ``sft/final`` (the SFT policy), ``samples/`` and
@@ -43,9 +43,9 @@ def demo_run(tmp_path_factory):
     from rlhfkit.pipeline import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    config = DemoConfig(out_dir=str(out), hidden_size=64, num_hidden_layers=2, vocab_size=512,
-                        corpus_docs=800, sft_prompts=600, sft_eval_prompts=64, eval_prompts=80,
-                        pretrain={"max_steps": 150, "lr": 3e-3}, sft={"max_steps": 150, "lr": 2e-3})
+    config = DemoConfig(out_dir=str(out), corpus_docs=2000, sft_prompts=2000, sft_eval_prompts=64, eval_prompts=100,
+                        pretrain={"max_steps": 300, "lr": 3e-3, "batch_size": 32},
+                        sft={"max_steps": 300, "lr": 2e-3, "batch_size": 32})
     run_demo(config)
     return out
 

@@ -81,3 +81,15 @@ def test_override_updates_a_nested_default_section():
     config = load_config(DemoConfig, None, ["sft.max_steps=7"])
     assert config.sft.max_steps == 7
     assert config.sft.lr == DemoConfig().sft.lr
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sft", "rm", "ppo", "dpo"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    from rlhfkit.config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig
+
+    classes = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    config = load_config(classes[name], path)
+    assert config.train.output_dir == f"runs/{name}"

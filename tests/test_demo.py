@@ -16,4 +16,4 @@ def test_sft_beats_base_model_on_held_out_prompts(demo_run):
     assert sft["gold/score"] > base["gold/score"] + 0.2, summary
     assert sft["eos_rate"] > 0.8, summary  # it learned to end its answers
     samples = [json.loads(line) for line in (demo_run / "samples" / "sft.jsonl").read_text().splitlines()]
-    assert len(samples) == 80 and {"prompt", "completion", "gold"} <= set(samples[0])
+    assert len(samples) == 100 and {"prompt", "completion", "gold"} <= set(samples[0])

@@ -58,8 +58,10 @@ class DemoConfig(Section):
     eval_prompts: int = Field(200, gt=0)
     max_length: int = Field(128, gt=8)
     eval_temperature: float = Field(0.7, ge=0)
-    pretrain: StageSchedule = StageSchedule(max_steps=600, lr=3e-3)
-    sft: StageSchedule = StageSchedule(max_steps=300, lr=1e-3)
+    # SFT must run long enough for the policy to condition on the prompt's subject: at 200 steps of 16 the
+    # SFT model scored 0.20 by the gold judge, at 400 steps of 32 it scored 0.38 (demonstrations: ~0.69).
+    pretrain: StageSchedule = StageSchedule(max_steps=400, lr=3e-3, batch_size=32)
+    sft: StageSchedule = StageSchedule(max_steps=400, lr=2e-3, batch_size=32)
 
 
 def prepare_task_data(config: DemoConfig) -> dict[str, Path]:
