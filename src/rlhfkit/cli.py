@@ -45,14 +45,19 @@ def _fail_cleanly(function):
     return wrapper
 
 
+def _train(config_class, run, config: Path | None, overrides: list[str] | None) -> None:
+    """Load a stage config (file + ``--set`` overrides), run the stage, print its last metrics."""
+    metrics = run(load_config(config_class, config, overrides or []), console)
+    console.print_json(json.dumps(metrics))
+
+
 @app.command()
 @_fail_cleanly
 def pretrain(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Pretrain a causal LM on raw text (next-token prediction)."""
     from rlhfkit.trainers.pretrain import run_pretrain
 
-    metrics = run_pretrain(load_config(PretrainConfig, config, set_ or []))
-    console.print_json(json.dumps(metrics))
+    _train(PretrainConfig, run_pretrain, config, set_)
 
 
 @app.command()
@@ -61,8 +66,7 @@ def sft(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Supervised fine-tuning on demonstrations (loss on the response only)."""
     from rlhfkit.trainers.sft import run_sft
 
-    metrics = run_sft(load_config(SFTConfig, config, set_ or []), console)
-    console.print_json(json.dumps(metrics))
+    _train(SFTConfig, run_sft, config, set_)
 
 
 @app.command()
@@ -72,8 +76,7 @@ def dpo(config: ConfigOption = None, set_: SetOption = None) -> None:
     from rlhfkit.config import DPOConfig
     from rlhfkit.trainers.dpo import run_dpo
 
-    metrics = run_dpo(load_config(DPOConfig, config, set_ or []), console)
-    console.print_json(json.dumps(metrics))
+    _train(DPOConfig, run_dpo, config, set_)
 
 
 @app.command()
@@ -200,8 +203,7 @@ def rm(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Train a reward model on K-way rankings or pairwise preferences (InstructGPT loss)."""
     from rlhfkit.trainers.reward import run_reward
 
-    metrics = run_reward(load_config(RewardConfig, config, set_ or []), console)
-    console.print_json(json.dumps(metrics))
+    _train(RewardConfig, run_reward, config, set_)
 
 
 @app.command()
@@ -271,8 +273,7 @@ def ppo(config: ConfigOption = None, set_: SetOption = None) -> None:
     from rlhfkit.config import PPOConfig
     from rlhfkit.trainers.ppo import run_ppo
 
-    metrics = run_ppo(load_config(PPOConfig, config, set_ or []), console)
-    console.print_json(json.dumps(metrics))
+    _train(PPOConfig, run_ppo, config, set_)
 
 
 @app.command()

@@ -111,7 +111,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         "model": {"preset": config.preset, "tokenizer": str(tokenizer_dir), "architecture": architecture},
         "data": {"train": str(paths["corpus"]), "max_length": config.max_length},
         "train": _train_section(config, config.pretrain, out / "pretrain")})
-    run_pretrain(pretrain)
+    run_pretrain(pretrain, console)
 
     console.rule("sft")
     sft = load_config(SFTConfig, base={
