@@ -1,0 +1,214 @@
+"""Shared pieces of the benchmarks: deterministic synthetic data, a tokenizer, a saved random model,
+and peak-memory / timing helpers.
+
+Nothing here downloads anything: the tokenizer is trained on generated English-like text and the
+models are randomly initialised presets (``rlhfkit.models.build``) saved to a local directory, so
+that every library under comparison loads the very same weights from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# A small closed vocabulary: enough variety for a 512-token BPE to learn real merges.
+SUBJECTS = ("the fox", "a farmer", "the old boat", "my sister", "the river", "a small robot", "the teacher",
+            "our neighbour", "the green kite", "a tired dog", "the baker", "the captain", "a quiet child",
+            "the village", "the winter wind", "a lost letter", "the red train", "the garden")
+VERBS = ("found", "carried", "painted", "watched", "followed", "remembered", "opened", "built", "visited",
+         "cleaned", "forgot", "discovered", "repaired", "described", "counted", "shared", "planted", "sold")
+OBJECTS = ("a wooden box", "the bright lamp", "three apples", "the long road", "an empty cup", "the map",
+           "a heavy stone", "the morning light", "some warm bread", "the broken gate", "a blue feather",
+           "the last page", "two silver coins", "the tall tower", "a paper boat", "the quiet lake")
+ENDINGS = ("before dinner", "after the storm", "near the market", "in the evening", "with great care",
+           "without a word", "on a sunny day", "at the edge of town", "for the first time", "again and again",
+           "under the old bridge", "while it rained")
+QUESTIONS = ("Write a short story about {s}.", "Explain why {s} {v} {o}.", "Describe {o} in a few sentences.",
+             "Tell me what happened when {s} {v} {o}.", "Summarise the day {s} {v} {o} {e}.",
+             "Give an account of {s} and {o}.")
+
+PROMPT_TOKENS = (30, 38)      # rendered prompt (chat template included): ~34 on average
+COMPLETION_TOKENS = (32, 64)  # completion tokens including the EOS rlhfkit / TRL append
+
+
+def sentence(rng: random.Random) -> str:
+    text = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(ENDINGS)}."
+    return text[0].upper() + text[1:]
+
+
+def corpus(n: int, seed: int = 1) -> list[str]:
+    """``n`` short English-like paragraphs (tokenizer training text)."""
+    rng = random.Random(seed)
+    return [" ".join(sentence(rng) for _ in range(rng.randint(1, 4))) for _ in range(n)]
+
+
+def _grow(rng: random.Random, head: str, n_tokens, target: int) -> str:
+    """Append sentence fragments (word by word) to ``head`` until it is ``target`` tokens long."""
+    text = head
+    words: list[str] = []
+    while n_tokens(text) < target:
+        if not words:
+            words = sentence(rng).split(" ")
+        text = f"{text} {words.pop(0)}" if text else words.pop(0)
+    return text
+
+
+@dataclass(frozen=True)
+class BenchData:
+    tokenizer_dir: str
+    train_path: str
+    n_examples: int
+    prompt_tokens_mean: float
+    completion_tokens_mean: float
+
+
+def make_data(workdir: Path, n_examples: int = 512, seed: int = 0) -> BenchData:
+    """Train the tokenizer and write ``train.jsonl`` of ``{"prompt", "completion"}`` rows.
+
+    Lengths are drawn uniformly in :data:`PROMPT_TOKENS` (the prompt as rlhfkit renders it, i.e. with the
+    chat template) and :data:`COMPLETION_TOKENS` (with the EOS token), and checked with the tokenizer.
+    """
+    from rlhfkit.data.collators import encode_prompt
+    from rlhfkit.models.tokenizer import train_bpe_tokenizer
+
+    tok_dir = workdir / "tokenizer"
+    tokenizer = train_bpe_tokenizer(corpus(4000), vocab_size=512, save_dir=tok_dir)
+
+    def text_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_tokens(text: str) -> int:
+        return len(encode_prompt(tokenizer, text))
+
+    rng = random.Random(seed)
+    rows, p_lens, c_lens = [], [], []
+    while len(rows) < n_examples:
+        p_target = rng.randint(*PROMPT_TOKENS)
+        c_target = rng.randint(*COMPLETION_TOKENS) - 1  # the EOS is appended by the trainers
+        s, v, o, e = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(ENDINGS)
+        question = rng.choice(QUESTIONS).format(s=s, v=v, o=o, e=e)
+        prompt = _grow(rng, question, prompt_tokens, p_target)
+        completion = _grow(rng, "", text_tokens, c_target)
+        p_len, c_len = prompt_tokens(prompt), text_tokens(completion) + 1
+        lo_p, hi_p = PROMPT_TOKENS
+        lo_c, hi_c = COMPLETION_TOKENS
+        if not (lo_p <= p_len <= hi_p and lo_c <= c_len <= hi_c):
+            continue  # a long last word overshot the range: draw again
+        rows.append({"prompt": prompt, "completion": completion})
+        p_lens.append(p_len)
+        c_lens.append(c_len)
+    train_path = workdir / "train.jsonl"
+    with train_path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return BenchData(str(tok_dir), str(train_path), len(rows),
+                     sum(p_lens) / len(p_lens), sum(c_lens) / len(c_lens))
+
+
+def save_random_model(tokenizer_dir: str, preset: str, out_dir: Path, seed: int = 0) -> tuple[str, int]:
+    """Build the random-init preset Llama, save it (with the tokenizer) in HF format; return (dir, n_params)."""
+    from rlhfkit.models.build import build_causal_lm
+    from rlhfkit.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_causal_lm(tokenizer, preset, seed=seed)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir), sum(p.numel() for p in model.parameters())
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this program's address space.
+    Not ``ru_maxrss``: Linux carries it over ``execve``, so a child started from a big parent reports at
+    least the parent's RSS at the fork. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def cpu_snapshot() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, CPU seconds used by this process), for :func:`foreign_load`."""
+    import time
+
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    return busy, time.process_time()
+
+
+def foreign_load(before: tuple[float, float], after: tuple[float, float], wall: float) -> float:
+    """Share of the machine's CPU (0..1) that *other* processes used between two snapshots."""
+    import os
+
+    machine, own = after[0] - before[0], after[1] - before[1]
+    return max(0.0, machine - own) / (wall * (os.cpu_count() or 1))
+
+
+def wait_until_quiet(threshold: float, max_wait: float, sample: float = 1.0) -> float:
+    """Wait (up to ``max_wait`` s) until the machine is less than ``threshold`` (0..1) busy; return the last
+    measured load. The benchmark itself is idle while it waits, so what is measured is other processes."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + max_wait
+    while True:
+        load = psutil.cpu_percent(interval=sample) / 100
+        if load < threshold or time.monotonic() >= deadline:
+            return load
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions(*packages: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for name in packages:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
