@@ -297,7 +297,8 @@ def summarize(runs: list[dict]) -> dict:
     summary = {lib: {key: common.median([r[key] for r in rs])
                      for key in METRICS} for lib, rs in by_lib.items()}
     pairs = list(zip(by_lib["rlhfkit"], by_lib["trl"], strict=True))
-    summary["ratio"] = {key: common.median([a[key] / b[key] for a, b in pairs]) for key in METRICS}
+    summary["ratio"] = {key: common.median([a[key] / b[key] for a, b in pairs])
+                        for key in METRICS if key != "other_cpu"}
     summary["max_other_cpu"] = max(r["other_cpu"] for r in runs)
     return summary
 
