@@ -21,7 +21,8 @@ Variants (each library in its own equivalent setting):
 First a parity check on the ``ref`` setting: the token ids and completion masks of every pair agree,
 then the policy is perturbed away from the reference (the same seeded noise in both) and both libraries'
 loss paths score the same first batch: the loss, ``rewards/chosen``, ``rewards/rejected``,
-``rewards/margins`` and ``rewards/accuracies`` must agree to 1e-4.
+``rewards/margins`` and ``rewards/accuracies`` must agree to 1e-4, and the gradient norms to 1e-3
+(relative). The shared-prompt layout is rlhfkit's default; the check runs on it.
 
 Then runs alternate rlhfkit, TRL, rlhfkit, TRL, ... each in a fresh subprocess (so the peak RSS is
 that run's). Timing is as in ``bench_sft.py``: ``--warmup`` untimed steps, then the wall time from the
@@ -56,6 +57,7 @@ MAX_PROMPT_LENGTH = 64
 N_PAIRS = 256
 SEED = 0
 TOLERANCE = 1e-4
+GRAD_NORM_RTOL = 1e-3
 DEFAULT_STEPS = {"tiny": 20, "small": 8}
 VARIANTS = ("ref", "precompute", "lora")
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"}
@@ -182,15 +184,14 @@ def parity_check(size: str, model_dir: str, pairs_path: str, workdir: Path) -> d
     rk = build_rlhfkit(model_dir, pairs_path, str(workdir / f"parity-{size}-rlhfkit"), 1, "ref")
     tr = build_trl(model_dir, pairs_path, str(workdir / f"parity-{size}-trl"), 1, "ref")
 
-    # 1. every pair: same prompt+chosen and prompt+rejected token ids, same completion masks
+    # 1. every pair: same prompt, chosen and rejected token ids
     if len(rk.train_examples) != len(tr.train_dataset):
         raise ParityError(f"{size}: {len(rk.train_examples)} rlhfkit pairs vs {len(tr.train_dataset)} TRL rows")
     for i, (example, row) in enumerate(zip(rk.train_examples, tr.train_dataset, strict=True)):
-        for ours, key in ((example.first, "chosen_ids"), (example.second, "rejected_ids")):
-            theirs = row["prompt_ids"] + row[key]
-            mask = [0] * len(row["prompt_ids"]) + [1] * len(row[key])
-            if ours.input_ids != theirs or ours.loss_mask != mask:
-                raise ParityError(f"{size}: pair {i} {key} differs\n  rlhfkit {ours.input_ids}\n  TRL     {theirs}")
+        ours = (example.prompt, *example.responses, example.pairs)
+        theirs = (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], ((0, 1),))
+        if ours != theirs:
+            raise ParityError(f"{size}: pair {i} differs\n  rlhfkit {ours}\n  TRL     {theirs}")
 
     # 2. identical initial weights, then the same perturbation of both policies (references stay put)
     rk_state, tr_state = rk.model.state_dict(), tr.model.state_dict()
@@ -210,8 +211,19 @@ def parity_check(size: str, model_dir: str, pairs_path: str, workdir: Path) -> d
     tr_loss = tr.compute_loss(tr.model, inputs)
     theirs = {"loss": tr_loss.item(), **{k: v[-1] for k, v in tr._metrics["train"].items()
                                           if k.startswith(("rewards/", "logps/"))}}
-    diffs = {k: abs(ours[k] - theirs[k]) for k in (*METRICS, "logps/chosen", "logps/rejected")}
+    loss.backward()
+    tr_loss.backward()
+
+    def grad_norm(model) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
+                                                           if p.grad is not None])))
+
+    ours["grad_norm"], theirs["grad_norm"] = grad_norm(rk.model), grad_norm(tr.model)
+    diffs = {k: abs(ours[k] - theirs[k]) for k in (*METRICS, "logps/chosen", "logps/rejected", "grad_norm")}
     result = {"size": size, "rlhfkit": ours, "trl": theirs, "abs_diff": diffs, "n_pairs": len(rk.train_examples)}
+    if diffs["grad_norm"] > GRAD_NORM_RTOL * max(ours["grad_norm"], theirs["grad_norm"]):
+        raise ParityError(f"{size}: gradient norms differ: rlhfkit {ours['grad_norm']:.6f} vs "
+                          f"TRL {theirs['grad_norm']:.6f}")
     bad = {k: d for k, d in diffs.items() if k in METRICS and not d <= TOLERANCE}
     if bad:
         raise ParityError(f"{size}: rlhfkit and TRL disagree beyond {TOLERANCE}: {bad}\n"
@@ -369,7 +381,7 @@ def main() -> None:
                     raise SystemExit(2) from None
                 parity[size] = p
                 print(f"  {size:<5} token ids identical for all {p['n_pairs']} pairs")
-                for key in (*METRICS, "logps/chosen", "logps/rejected"):
+                for key in (*METRICS, "logps/chosen", "logps/rejected", "grad_norm"):
                     print(f"        {key:<19} rlhfkit {p['rlhfkit'][key]:>12.6f}  TRL {p['trl'][key]:>12.6f}  "
                           f"|diff| {p['abs_diff'][key]:.1e}")
 

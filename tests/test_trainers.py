@@ -95,3 +95,25 @@ def test_non_finite_loss_stops_with_step_and_stage(tmp_path, tokenizer_dir, demo
     with pytest.raises(TrainingError, match=r"\[sft\] non-finite loss .* at step 3"):
         trainer.train()
     assert [p.name for p in checkpoints(tmp_path / "nan")] == ["checkpoint-2"]
+
+
+def test_a_metric_is_averaged_over_the_micro_batches_that_report_it(tmp_path, tokenizer_dir, demo_files):
+    """KTO's rewards of desirable completions are absent from a batch without any: no zero may dilute them."""
+    trainer = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "stats", grad_accum=2, max_steps=2,
+                                           log_every=2))
+    real_loss, calls = trainer.loss_fn, {"n": 0}
+
+    def loss_with_sparse_metric(model, batch):
+        loss, n = real_loss(model, batch)
+        if not model.training:  # evaluation batches
+            return loss, n
+        calls["n"] += 1
+        # micro-batches 1..4 report 1, -, 5, 6: the window's mean is 4, not 12 / 4 = 3
+        reported = {1: 1.0, 3: 5.0, 4: 6.0}.get(calls["n"])
+        return loss, n, {"always": float(calls["n"]), **({"sometimes": reported} if reported is not None else {})}
+
+    trainer.loss_fn = loss_with_sparse_metric
+    trainer.train()
+    last = [row for row in read_metrics(tmp_path / "stats") if "loss" in row][-1]
+    assert last["sometimes"] == pytest.approx(4.0)
+    assert last["always"] == pytest.approx(2.5)

@@ -268,6 +268,7 @@ class Trainer:
         batches = self._micro_batches(self.step * self.cfg.grad_accum)
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         window_stats: dict[str, float] = {}
+        window_counts: dict[str, int] = {}
         last: dict[str, float] = {}
         with self._progress() as progress:
             task = progress.add_task(self.stage, total=self.total_steps, completed=self.step, status="")
@@ -278,18 +279,19 @@ class Trainer:
                 window_tokens += self._tokens_in_step
                 for name, value in self._stats_in_step.items():
                     window_stats[name] = window_stats.get(name, 0.0) + value
+                    window_counts[name] = window_counts.get(name, 0) + self._stat_counts[name]
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     loss = window_loss / window_steps
                     last = {"loss": loss, **({"ppl": math.exp(min(loss, 50.0))} if self.log_ppl else {}),
-                            **{name: total / window_steps for name, total in window_stats.items()},
+                            **{name: total / window_counts[name] for name, total in window_stats.items()},
                             "lr": self.scheduler.get_last_lr()[0], "grad_norm": self._grad_norm,
                             "tokens_per_s": window_tokens / elapsed, "s_per_step": elapsed / window_steps}
                     if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                         last.update(self.evaluate())
                     self._log(last)
                     progress.update(task, status=f"loss {loss:.3f}")
-                    window_loss, window_steps, window_tokens, window_stats = 0.0, 0, 0, {}
+                    window_loss, window_steps, window_tokens, window_stats, window_counts = 0.0, 0, 0, {}, {}
                     window_start = time.perf_counter()
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                     self.save_checkpoint()
@@ -306,7 +308,9 @@ class Trainer:
 
     def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean micro-batch loss."""
-        total, self._tokens_in_step, self._stats_in_step = 0.0, 0, {}
+        # a metric is averaged over the micro-batches that report it (e.g. KTO's rewards of desirable
+        # completions, absent from a batch without any)
+        total, self._tokens_in_step, self._stats_in_step, self._stat_counts = 0.0, 0, {}, {}
         for micro in range(self.cfg.grad_accum):
             batch = next(batches)
             last_micro = micro == self.cfg.grad_accum - 1
@@ -319,7 +323,8 @@ class Trainer:
             total += loss.item()
             self._tokens_in_step += int(batch["attention_mask"].sum())
             for name, value in (extra[0] if extra else {}).items():
-                self._stats_in_step[name] = self._stats_in_step.get(name, 0.0) + float(value) / self.cfg.grad_accum
+                self._stats_in_step[name] = self._stats_in_step.get(name, 0.0) + float(value)
+                self._stat_counts[name] = self._stat_counts.get(name, 0) + 1
         grad_norm = float("nan")
         if self.cfg.max_grad_norm is not None:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))

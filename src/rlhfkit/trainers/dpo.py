@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -521,7 +522,7 @@ def precompute_reference(config: DPOConfig, reference: Reference, policy: torch.
         for name, examples in splits.items():
             cached[name] = compute_reference_logps(reference, policy, examples, collator, batch_size, device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write the same file
         torch.save(cached, tmp)
         tmp.replace(path)
         if console is not None:
@@ -546,7 +547,9 @@ def build_dpo_trainer(config: DPOConfig, console: Console | None = None) -> Trai
     collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=share)
     reference = build_reference(config, model)
     if reference is not None and config.dpo.precompute_reference:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from accelerate import PartialState
+
+        device = PartialState().device  # this process's device (each process scores the data once)
         model.to(device)
         reference.to(device)
         splits = precompute_reference(config, reference, model, splits, collator, device, console)
