@@ -318,49 +318,16 @@ def test_bad_records_stop_dpo_with_file_line_and_field(tmp_path, tokenizer_dir, 
 
 
 @pytest.mark.slow
-def test_dpo_beats_sft_on_the_gold_judge(demo_run, tmp_path, task):
-    """SFT -> sample 4 completions per train prompt -> a simulated labeler ranks them -> DPO; better by gold.
+def test_dpo_beats_sft_on_the_gold_judge(demo_run):
+    """The demo's DPO stage: SFT -> 4 samples for 2000 train prompts -> the simulated labeler ranks -> DPO.
 
-    The labeler here is TinyWorld's in its noiseless limit (temperature 0, no length bias): it orders the
-    samples by gold score. With the default labeler (temperature 0.5, length bias 0.3) the preferences on
-    this small SFT model's samples agree with gold on only ~54% of pairs and mostly reward length, and
-    DPO from them does not beat SFT (measured: 0.06-0.07 vs 0.097 on the 80 eval prompts); see the issue
-    notes. Measured here: SFT 0.084/0.087, DPO 0.094-0.105 on 400 held-out prompts (two sampling seeds,
-    three training seeds).
+    The labeler is the task's default (noisy Plackett-Luce with a length bias; ~72% agreement with gold on
+    these samples). DPO must stay close to SFT here: at beta 0.1 and lr 1e-4 the policy drifts longer and
+    loses gold (0.360 -> 0.328 with 400 steps). Measured with the demo's settings (beta 0.3, lr 3e-5, 400
+    steps of 16 pairs): SFT 0.360, DPO 0.391 on 400 held-out prompts, two sampling seeds.
     """
-    from rlhfkit.config import ModelConfig
-    from rlhfkit.evaluate.gold import gold_evaluation
-    from rlhfkit.models.load import load_causal_lm
-    from rlhfkit.rollout.generate import SamplingConfig, generate
-    from rlhfkit.tasks.tinyworld import TinyWorld
-
-    sft = str(demo_run / "sft" / "final")
-    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=sft))
-    prompts = [json.loads(line)["prompt"] for line in (demo_run / "data" / "sft_train.jsonl").read_text().splitlines()]
-    k, sampling = 4, SamplingConfig(max_new_tokens=64, temperature=0.7, batch_size=128)
-    samples = generate(policy, tokenizer, [p for p in prompts for _ in range(k)], sampling, seed=0)
-    labeler, rng, rows = TinyWorld(labeler_bias=0.0), random.Random(0), []
-    for i, prompt in enumerate(prompts):
-        completions = [g.text for g in samples[i * k:(i + 1) * k] if g.finished and g.text.strip()]
-        groups = labeler.rank(prompt, completions, rng=rng, temperature=0) if len(completions) > 1 else []
-        if len(groups) > 1:
-            rows.append({"prompt": prompt, "completions": completions, "ranking": groups})
-    assert len(rows) > 400
-    write_jsonl(tmp_path / "rankings.jsonl", rows)
-
-    config = load_config(DPOConfig, base={
-        "model": {"name_or_path": sft}, "data": {"train": str(tmp_path / "rankings.jsonl"), "max_length": 128},
-        "train": {"output_dir": str(tmp_path / "dpo"), "batch_size": 16, "lr": 1e-4, "max_steps": 120,
-                  "warmup_steps": 5, "log_every": 20, "progress": False},
-        "dpo": {"beta": 0.1, "precompute_reference": True}})
-    build_dpo_trainer(config).train()
-    assert read_metrics(tmp_path / "dpo")[-1]["rewards/accuracies"] > 0.6
-
-    held_out = task.prompts(400, split="test", seed=7)
-    evaluation = SamplingConfig(max_new_tokens=64, temperature=0.7, batch_size=200)
-    scores = {}
-    for name, path in (("sft", sft), ("dpo", str(tmp_path / "dpo" / "final"))):
-        model, tok = load_causal_lm(ModelConfig(name_or_path=path))
-        scores[name] = sum(gold_evaluation(model, tok, task, held_out, evaluation, seed=seed)[0]["gold/score"]
-                           for seed in (0, 1)) / 2
-    assert scores["dpo"] > scores["sft"] + 0.005, scores
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert summary["eval_prompts"] == 400
+    sft, dpo = summary["models"]["sft"], summary["models"]["dpo"]
+    assert dpo["gold/score"] > sft["gold/score"] + 0.005, summary
+    assert read_metrics(demo_run / "dpo")[-1]["rewards/accuracies"] > 0.55

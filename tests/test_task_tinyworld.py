@@ -243,6 +243,18 @@ def test_rank_is_a_grouping_with_ties_for_identical_texts(task):
                 assert (group_of[i] == group_of[j]) == (texts[i] == texts[j])
 
 
+def test_rank_samples_makes_a_ranking_record_or_none(task):
+    prompt = STORY
+    bad, good = GOOD_STORY.removesuffix(" The end."), GOOD_STORY
+    record = task.rank_samples(prompt, [bad, "  ", good, bad], rng=random.Random(0), temperature=0, id="p7")
+    # the empty sample is left out; the indices are into the kept completions; identical texts tie
+    assert record.completions == (bad, good, bad)
+    assert record.ranking == ((1,), (0, 2))
+    assert (record.id, record.labeler) == ("p7", "tinyworld-simulated")
+    assert task.rank_samples(prompt, [good, " " + good + " ", ""], rng=random.Random(0)) is None  # one text
+    assert task.rank_samples(prompt, [good], rng=random.Random(0)) is None
+
+
 def test_rank_at_zero_temperature_follows_utility(task):
     prompt = STORY
     bad, good = GOOD_STORY.removesuffix(" The end."), GOOD_STORY

@@ -167,7 +167,7 @@ def rank(
     import random
 
     from rlhfkit.data.readers import iter_jsonl, write_jsonl
-    from rlhfkit.data.records import DataError, RankingRecord
+    from rlhfkit.data.records import DataError
     from rlhfkit.tasks import get_task
 
     try:
@@ -183,15 +183,13 @@ def rank(
                             line=line, field="prompt")
         if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
             raise DataError("expected a list of strings", source=str(samples), line=line, field="completions")
-        kept = [c for c in completions if c.strip()]  # an empty sample cannot be a ranking record
-        dropped += len(completions) - len(kept)
-        groups = judge.rank(prompt, kept, rng=rng, temperature=temperature) if len(kept) >= 2 else []
-        if len(groups) < 2:  # fewer than two distinct texts: nothing to prefer
+        record = judge.rank_samples(prompt, completions, rng=rng, temperature=temperature,
+                                    id=None if row.get("id") is None else str(row["id"]))
+        dropped += sum(not c.strip() for c in completions)
+        if record is None:
             skipped += 1
-            continue
-        records.append(RankingRecord(prompt, tuple(kept), tuple(tuple(sorted(g)) for g in groups),
-                                     id=None if row.get("id") is None else str(row["id"]),
-                                     labeler=f"{task}-simulated"))
+        else:
+            records.append(record)
     count = write_jsonl(out, records)
     console.print(f"{count} rankings written to {out}" + (f"; {dropped} empty completions dropped" if dropped else "")
                   + (f"; {skipped} prompts skipped (fewer than 2 distinct non-empty completions)" if skipped else ""))

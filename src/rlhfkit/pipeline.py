@@ -6,8 +6,13 @@
     tokenizer/    byte-level BPE trained on the task's text
     pretrain/     base model: next-token prediction on the corpus
     sft/          step 1: supervised fine-tuning on simulated labelers' demonstrations
-    samples/      base.jsonl, sft.jsonl: held-out prompts, completions and gold scores
-    summary.json  gold-judge scores of every model
+    data/samples.jsonl, data/rankings.jsonl
+                  step 2's input: K samples of the SFT policy per prompt, ranked by the simulated labeler
+    rm/           step 2: reward model trained on the rankings (InstructGPT loss)
+    ppo/          step 3: PPO from the SFT policy against the reward model, KL penalty to SFT
+    dpo/          the RL-free alternative: DPO from the SFT policy on the same rankings
+    samples/      <model>.jsonl: held-out prompts, completions and gold scores of every model
+    summary.json  gold-judge scores of every model, reward-model accuracy, PPO's last metrics
 
 Every stage's config is an ordinary stage config (validated, written to its run directory), so any
 stage can be re-run by hand with ``rlhfkit <stage> --config <run>/config.yaml``.
@@ -22,14 +27,29 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from rlhfkit.config import ModelConfig, PretrainConfig, Section, SFTConfig, load_config, save_config
+from rlhfkit.config import (
+    DPOConfig,
+    ModelConfig,
+    PPOConfig,
+    PretrainConfig,
+    RewardConfig,
+    Section,
+    SFTConfig,
+    load_config,
+    save_config,
+)
 from rlhfkit.data.readers import write_jsonl
-from rlhfkit.evaluate.gold import gold_evaluation
+from rlhfkit.evaluate.gold import gold_evaluation, gold_pairwise_accuracy
 from rlhfkit.models.load import load_causal_lm
+from rlhfkit.models.reward import load_for_scoring, score_texts
 from rlhfkit.models.tokenizer import train_bpe_tokenizer
-from rlhfkit.rollout.generate import SamplingConfig
+from rlhfkit.rollout.generate import SamplingConfig, generate_k
 from rlhfkit.tasks import get_task
+from rlhfkit.tasks.base import Task
+from rlhfkit.trainers.dpo import run_dpo
+from rlhfkit.trainers.ppo import run_ppo
 from rlhfkit.trainers.pretrain import run_pretrain
+from rlhfkit.trainers.reward import run_reward
 from rlhfkit.trainers.sft import run_sft
 
 
@@ -40,6 +60,21 @@ class StageSchedule(Section):
     lr: float = Field(gt=0)
     batch_size: int = Field(16, gt=0)
     warmup_steps: int = Field(20, ge=0)
+
+
+class DPOSchedule(StageSchedule):
+    """The DPO stage: its schedule and the KL strength beta."""
+
+    beta: float = Field(0.3, gt=0)
+
+
+class PPOSchedule(StageSchedule):
+    """The PPO stage: ``max_steps`` iterations of ``rollout_batch_size`` prompts each."""
+
+    rollout_batch_size: int = Field(64, gt=0)
+    minibatch_size: int = Field(16, gt=0)
+    ppo_epochs: int = Field(2, gt=0)
+    kl_coef: float = Field(0.1, ge=0)
 
 
 class DemoConfig(Section):
@@ -62,13 +97,24 @@ class DemoConfig(Section):
     # SFT model scored 0.20 by the gold judge, at 400 steps of 32 it scored 0.38 (demonstrations: ~0.69).
     pretrain: StageSchedule = StageSchedule(max_steps=400, lr=3e-3, batch_size=32)
     sft: StageSchedule = StageSchedule(max_steps=400, lr=2e-3, batch_size=32)
+    # Step 2: the SFT policy samples ``k`` completions for each of ``rank_prompts`` train prompts at
+    # ``sample_temperature``; the task's simulated labeler ranks them (noisy, length-biased).
+    rank_prompts: int = Field(2000, gt=0)
+    k: int = Field(4, ge=2)
+    sample_temperature: float = Field(0.7, gt=0)
+    rm: StageSchedule = StageSchedule(max_steps=750, lr=1e-3, batch_size=8, warmup_steps=5)
+    # Step 3. Both must stay close to SFT: the labeler's length bias, learnt by the reward model and
+    # present in the preferences, pulls a policy optimised hard past the gold judge's ideal length.
+    ppo: PPOSchedule = PPOSchedule(max_steps=30, lr=5e-5, warmup_steps=0)
+    dpo: DPOSchedule = DPOSchedule(max_steps=400, lr=3e-5, batch_size=16, warmup_steps=5)
 
 
 def prepare_task_data(config: DemoConfig) -> dict[str, Path]:
     """Write the task's corpus, demonstrations and held-out prompts as JSONL; return their paths."""
     task = get_task(config.task)
     data = Path(config.out_dir) / "data"
-    paths = {name: data / f"{name}.jsonl" for name in ("corpus", "sft_train", "sft_eval", "eval_prompts")}
+    paths = {name: data / f"{name}.jsonl"
+             for name in ("corpus", "sft_train", "sft_eval", "eval_prompts", "rank_prompts")}
     if all(p.exists() for p in paths.values()):
         return paths
     write_jsonl(paths["corpus"], ({"text": t} for t in task.pretraining_corpus(config.corpus_docs,
@@ -78,7 +124,51 @@ def prepare_task_data(config: DemoConfig) -> dict[str, Path]:
     held_out = task.prompts(config.sft_eval_prompts + config.eval_prompts, split="test", seed=config.seed)
     write_jsonl(paths["sft_eval"], task.demonstrations(held_out[:config.sft_eval_prompts], seed=config.seed + 1))
     write_jsonl(paths["eval_prompts"], ({"prompt": p} for p in held_out[config.sft_eval_prompts:]))
+    rank_prompts = task.prompts(config.rank_prompts, split="train", seed=config.seed + 1)
+    write_jsonl(paths["rank_prompts"], ({"prompt": p} for p in rank_prompts))
     return paths
+
+
+def _read_prompts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def sample_and_rank(config: DemoConfig, task: Task, policy_dir: Path, prompts_path: Path, out: Path) -> Path:
+    """Step 2's data: ``k`` samples per prompt from the policy, ranked by the task's simulated labeler.
+
+    Writes ``samples.jsonl`` (what labelers are shown) and ``rankings.jsonl`` next to it. A sample cut
+    off at the length limit is left out: trained on as if it ended there, it would teach the models to
+    stop mid-sentence.
+    """
+    import random
+
+    prompts = _read_prompts(prompts_path)
+    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(policy_dir)))
+    sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.sample_temperature,
+                              batch_size=128)
+    groups = generate_k(policy, tokenizer, prompts, config.k, sampling, seed=config.seed)
+    samples = [{"prompt": p, "completions": [g.text for g in group if g.finished]}
+               for p, group in zip(prompts, groups, strict=True)]
+    write_jsonl(out / "samples.jsonl", samples)
+    rng = random.Random(config.seed)
+    records = (task.rank_samples(row["prompt"], row["completions"], rng=rng) for row in samples)
+    write_jsonl(out / "rankings.jsonl", (r for r in records if r is not None))
+    return out / "rankings.jsonl"
+
+
+def reward_model_gold_accuracy(config: DemoConfig, task: Task, rm_dir: Path, policy_dir: Path,
+                               prompts: list[str]) -> dict[str, float]:
+    """How often the reward model orders ``k`` fresh samples of held-out prompts as the gold judge does."""
+    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(policy_dir)))
+    sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.sample_temperature,
+                              batch_size=128)
+    groups = [[g.text for g in group] for group in
+              generate_k(policy, tokenizer, prompts, config.k, sampling, seed=config.seed + 1)]
+    model, tokenizer = load_for_scoring(str(rm_dir))
+    rewards = iter(score_texts(model, tokenizer, [p for p, group in zip(prompts, groups, strict=True) for _ in group],
+                               [text for group in groups for text in group], batch_size=64,
+                               max_length=config.max_length, max_prompt_length=config.max_length // 2))
+    return gold_pairwise_accuracy(task, prompts, groups, [[next(rewards) for _ in group] for group in groups])
 
 
 def _tokenizer_texts(paths: dict[str, Path]):
@@ -88,14 +178,18 @@ def _tokenizer_texts(paths: dict[str, Path]):
             yield from (row[k] for k in ("text", "prompt", "completion") if k in row)
 
 
-def _train_section(config: DemoConfig, schedule: StageSchedule, output_dir: Path) -> dict:
+def _train_section(config: DemoConfig, schedule: StageSchedule, output_dir: Path, *, log_every: int = 25) -> dict:
     return {"output_dir": str(output_dir), "seed": config.seed, "max_steps": schedule.max_steps,
             "lr": schedule.lr, "batch_size": schedule.batch_size, "warmup_steps": schedule.warmup_steps,
-            "log_every": 25, "eval_every": schedule.max_steps, "save_every": schedule.max_steps // 2}
+            "log_every": log_every, "eval_every": schedule.max_steps, "save_every": max(schedule.max_steps // 2, 1)}
 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
-    """Tokenizer -> pretrain -> SFT on the built-in task, then gold-judge evaluation of base and SFT."""
+    """The three steps on the built-in task, then the gold judge's evaluation of every model.
+
+    Tokenizer -> pretrain -> SFT (step 1) -> sample K and rank -> reward model (step 2) -> PPO (step 3);
+    SFT -> DPO on the same rankings.
+    """
     console = console or Console(stderr=True)
     out = Path(config.out_dir)
     save_config(config, out)
@@ -113,7 +207,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         "train": _train_section(config, config.pretrain, out / "pretrain")})
     run_pretrain(pretrain, console)
 
-    console.rule("sft")
+    console.rule("sft (step 1)")
+    sft_dir = out / "sft" / "final"
     sft = load_config(SFTConfig, base={
         "model": {"name_or_path": str(out / "pretrain" / "final")},
         "data": {"train": str(paths["sft_train"]), "eval": str(paths["sft_eval"]),
@@ -121,16 +216,44 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         "train": _train_section(config, config.sft, out / "sft")})
     run_sft(sft, console)
 
+    console.rule(f"sample {config.k} per prompt and rank (step 2)")
+    rankings = sample_and_rank(config, task, sft_dir, paths["rank_prompts"], out / "data")
+    console.print(f"{sum(1 for _ in rankings.open())} rankings written to {rankings}")
+    data = {"train": str(rankings), "max_length": config.max_length, "max_prompt_length": config.max_length // 2}
+
+    console.rule("reward model (step 2)")
+    run_reward(load_config(RewardConfig, base={
+        "model": {"name_or_path": str(sft_dir)}, "data": data,
+        "train": _train_section(config, config.rm, out / "rm", log_every=50)}), console)
+
+    console.rule("ppo (step 3)")
+    ppo = config.ppo
+    run_ppo(load_config(PPOConfig, base={
+        "model": {"name_or_path": str(sft_dir)},
+        "data": {"train": str(paths["sft_train"]), "max_length": config.max_length,
+                 "max_prompt_length": config.max_length // 2},
+        "train": {**_train_section(config, ppo, out / "ppo", log_every=1), "scheduler": "constant"},
+        "ppo": {"reward_model": str(out / "rm" / "final"), "rollout_batch_size": ppo.rollout_batch_size,
+                "minibatch_size": ppo.minibatch_size, "ppo_epochs": ppo.ppo_epochs, "kl_coef": ppo.kl_coef,
+                "max_new_tokens": config.max_length // 2, "temperature": config.sample_temperature}}), console)
+
+    console.rule("dpo")
+    run_dpo(load_config(DPOConfig, base={
+        "model": {"name_or_path": str(sft_dir)}, "data": data,
+        "train": _train_section(config, config.dpo, out / "dpo", log_every=50),
+        "dpo": {"beta": config.dpo.beta, "precompute_reference": True}}), console)
+
     console.rule("evaluate")
-    prompts = [json.loads(line)["prompt"] for line in paths["eval_prompts"].read_text().splitlines()]
+    prompts = _read_prompts(paths["eval_prompts"])
     sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.eval_temperature,
-                              batch_size=50)
+                              batch_size=100)
     summary: dict = {"task": config.task, "eval_prompts": len(prompts), "models": {}}
-    for name in ("pretrain", "sft"):
+    for name in ("pretrain", "sft", "ppo", "dpo"):
         model, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(out / name / "final")))
         metrics, samples = gold_evaluation(model, tokenizer, task, prompts, sampling, seed=config.seed)
         write_jsonl(out / "samples" / f"{name}.jsonl", samples)
         summary["models"][name] = metrics
+    summary["reward_model"] = reward_model_gold_accuracy(config, task, out / "rm" / "final", sft_dir, prompts)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     console.print(summary_table(summary))
     return summary
@@ -138,7 +261,12 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
 
 def summary_table(summary: dict) -> Table:
     """The gold-judge scores of every model of a run, as a rich table."""
-    table = Table(title=f"gold judge on {summary['eval_prompts']} held-out prompts ({summary['task']})")
+    caption = None
+    if "reward_model" in summary:
+        rm = summary["reward_model"]
+        caption = f"reward model orders {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} sample pairs as the gold judge"
+    table = Table(title=f"gold judge on {summary['eval_prompts']} held-out prompts ({summary['task']})",
+                  caption=caption)
     for column in ("model", "gold score", "+/- s.e.", "ended with EOS", "tokens"):
         table.add_column(column, justify="right")
     for name, m in summary["models"].items():

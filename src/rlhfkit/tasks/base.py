@@ -21,6 +21,8 @@ import abc
 import math
 import random
 
+from rlhfkit.data.records import RankingRecord
+
 #: Gold scores closer than this count as equal when measuring agreement.
 GOLD_TIE_EPS = 1e-9
 
@@ -102,6 +104,28 @@ class Task(abc.ABC):
             noisy = utility
         order = sorted(range(len(keys)), key=lambda k: -noisy[k])
         return [groups[keys[k]] for k in order]
+
+    def rank_samples(
+        self,
+        prompt: str,
+        completions: list[str],
+        *,
+        rng: random.Random,
+        temperature: float | None = None,
+        id: str | None = None,
+        labeler: str | None = None,
+    ) -> RankingRecord | None:
+        """The simulated labeler's ranking record of a prompt's samples, or ``None`` when none can be made.
+
+        Empty completions are left out (nothing to rank them by); with fewer than two distinct texts
+        left there is nothing to prefer, and ``None`` is returned.
+        """
+        kept = [c for c in completions if c.strip()]
+        groups = self.rank(prompt, kept, rng=rng, temperature=temperature) if len(kept) >= 2 else []
+        if len(groups) < 2:
+            return None
+        return RankingRecord(prompt, tuple(kept), tuple(tuple(sorted(g)) for g in groups), id=id,
+                             labeler=labeler or f"{self.name}-simulated")
 
     def labeler_agreement(
         self, n_prompts: int = 300, *, seed: int = 0, temperature: float | None = None
