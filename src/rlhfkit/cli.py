@@ -274,10 +274,64 @@ def ppo(config: ConfigOption = None, set_: SetOption = None) -> None:
     _train(PPOConfig, run_ppo, config, set_)
 
 
+def _named_models(spec: str) -> dict[str, str]:
+    """``sft=runs/sft/final,ppo=runs/ppo/final`` -> {"sft": ..., "ppo": ...}."""
+    models: dict[str, str] = {}
+    for item in spec.split(","):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--models {spec!r}: expected NAME=PATH[,NAME=PATH...], e.g. sft=runs/sft/final")
+        if name.strip() in models:
+            raise ConfigError(f"--models {spec!r}: the name {name.strip()!r} is given twice")
+        models[name.strip()] = path.strip()
+    return models
+
+
+@app.command("eval")
+@_fail_cleanly
+def evaluate(
+    models: Annotated[str, typer.Option(help="NAME=PATH pairs, comma-separated: sft=runs/sft/final,ppo=...")],
+    prompts: Annotated[Path, typer.Option(help="Held-out prompt records (JSONL, JSON, parquet, CSV, dataset).")],
+    out: Annotated[Path, typer.Option(help="Directory for eval.json and samples/<name>.jsonl.")] = Path("runs/eval"),
+    task: Annotated[str | None, typer.Option(help="Built-in task whose gold judge scores the samples.")] = None,
+    reward_model: Annotated[str | None, typer.Option(help="Reward model that scores the samples.")] = None,
+    reference: Annotated[str | None, typer.Option(help="Reference policy for KL (e.g. the SFT model).")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Win rates against this model (default: the first).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    max_new_tokens: int = 64,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.7,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> None:
+    """Compare models on the same prompts: gold judge, reward model, KL to a reference, win rates."""
+    from rlhfkit.data.readers import read_records, write_jsonl
+    from rlhfkit.evaluate.compare import comparison_table, evaluate_models
+    from rlhfkit.rollout.generate import SamplingConfig
+    from rlhfkit.tasks import get_task
+
+    named = _named_models(models)
+    if baseline is not None and baseline not in named:
+        raise ConfigError(f"--baseline {baseline!r} is not one of --models ({', '.join(named)})")
+    try:
+        judge = get_task(task) if task else None
+    except ValueError as error:
+        raise ConfigError(f"--task: {error}") from None
+    records = read_records(prompts, "prompt", limit=limit)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+    report, samples = evaluate_models(named, [r.prompt for r in records], sampling, task=judge,
+                                      reward_model=reward_model, reference=reference, baseline=baseline, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    for name, rows in samples.items():
+        write_jsonl(out / "samples" / f"{name}.jsonl", rows)
+    console.print(comparison_table(report, f"{len(records)} prompts from {prompts}"))
+    console.print(f"written to {out / 'eval.json'} and {out / 'samples'}/")
+
+
 @app.command()
 @_fail_cleanly
 def demo(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """The embedded default, offline: tokenizer, tiny model, pretrain, SFT, gold-judge evaluation."""
+    """The embedded default, offline: tiny model, pretrain, SFT, sample and rank, RM, PPO, DPO, evaluation."""
     from rlhfkit.pipeline import DemoConfig, run_demo
 
     run_demo(load_config(DemoConfig, config, set_ or []), console)

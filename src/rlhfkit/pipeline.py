@@ -39,7 +39,8 @@ from rlhfkit.config import (
     save_config,
 )
 from rlhfkit.data.readers import write_jsonl
-from rlhfkit.evaluate.gold import gold_evaluation, gold_pairwise_accuracy
+from rlhfkit.evaluate.compare import comparison_table, evaluate_models
+from rlhfkit.evaluate.gold import gold_pairwise_accuracy
 from rlhfkit.models.load import load_causal_lm
 from rlhfkit.models.reward import load_for_scoring, score_texts
 from rlhfkit.models.tokenizer import train_bpe_tokenizer
@@ -247,12 +248,13 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     prompts = _read_prompts(paths["eval_prompts"])
     sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.eval_temperature,
                               batch_size=100)
-    summary: dict = {"task": config.task, "eval_prompts": len(prompts), "models": {}}
-    for name in ("pretrain", "sft", "ppo", "dpo"):
-        model, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(out / name / "final")))
-        metrics, samples = gold_evaluation(model, tokenizer, task, prompts, sampling, seed=config.seed)
-        write_jsonl(out / "samples" / f"{name}.jsonl", samples)
-        summary["models"][name] = metrics
+    report, samples = evaluate_models({name: str(out / name / "final") for name in ("pretrain", "sft", "ppo", "dpo")},
+                                      prompts, sampling, task=task, reward_model=str(out / "rm" / "final"),
+                                      reference=str(sft_dir), baseline="sft", seed=config.seed)
+    for name, rows in samples.items():
+        write_jsonl(out / "samples" / f"{name}.jsonl", rows)
+    summary: dict = {"task": config.task, "eval_prompts": len(prompts), "baseline": report["baseline"],
+                     "models": report["models"], "win_rates": report["win_rates"]}
     summary["reward_model"] = reward_model_gold_accuracy(config, task, out / "rm" / "final", sft_dir, prompts)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     console.print(summary_table(summary))
@@ -260,16 +262,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
 
 
 def summary_table(summary: dict) -> Table:
-    """The gold-judge scores of every model of a run, as a rich table."""
-    caption = None
-    if "reward_model" in summary:
-        rm = summary["reward_model"]
-        caption = f"reward model orders {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} sample pairs as the gold judge"
-    table = Table(title=f"gold judge on {summary['eval_prompts']} held-out prompts ({summary['task']})",
-                  caption=caption)
-    for column in ("model", "gold score", "+/- s.e.", "ended with EOS", "tokens"):
-        table.add_column(column, justify="right")
-    for name, m in summary["models"].items():
-        table.add_row(name, f"{m['gold/score']:.3f}", f"{m['gold/stderr']:.3f}", f"{m['eos_rate']:.0%}",
-                      f"{m['length/tokens']:.1f}")
-    return table
+    """Every model of a run judged on held-out prompts, as a rich table."""
+    rm = summary.get("reward_model")
+    caption = (f"reward model orders {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} sample pairs as the gold judge"
+               if rm else None)
+    return comparison_table(summary, f"{summary['eval_prompts']} held-out prompts ({summary['task']})", caption)

@@ -1,0 +1,141 @@
+"""Compare models on the same held-out prompts: gold judge, reward model, KL to a reference, win rates.
+
+Every model samples one completion per prompt with the same sampling settings and seed. Per model:
+
+* ``gold/score`` (mean) and ``gold/stderr`` when a built-in task judges;
+* ``rm/score``: the mean (normalised) reward-model score when a reward model is given;
+* ``kl``: KL(model || reference) estimated on the model's own samples, the mean over samples of
+  ``sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)`` (the k1 estimator, unbiased), with both
+  distributions at the sampling temperature;
+* ``eos_rate``, ``length/tokens``, ``distinct/1``, ``distinct/2`` (diversity).
+
+Win rates (:func:`rlhfkit.evaluate.metrics.win_rate`) of every model against a baseline, judged by the
+gold judge and by the reward model, with bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from rich.table import Table
+
+from rlhfkit.algorithms.logprobs import sequence_logprobs
+from rlhfkit.config import ModelConfig
+from rlhfkit.data.collators import Example, PadCollator, encode_prompt
+from rlhfkit.evaluate.metrics import distinct_n, win_rate
+from rlhfkit.models.load import load_causal_lm, position_ids_from_mask
+from rlhfkit.models.reward import load_for_scoring, score_texts
+from rlhfkit.rollout.generate import Generation, SamplingConfig, generate
+from rlhfkit.tasks.base import Task
+
+
+@torch.no_grad()
+def response_logprobs(model, tokenizer, prompts: Sequence, generations: Sequence[Generation], *,
+                      temperature: float = 1.0, batch_size: int = 32) -> list[float]:
+    """Summed log-probs of each sampled response (its EOS included when it ended) under ``model``."""
+    collate = PadCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    model.eval()
+    totals: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        examples = []
+        for prompt, generation in zip(prompts[start:start + batch_size], generations[start:start + batch_size],
+                                      strict=True):
+            query = encode_prompt(tokenizer, prompt)
+            response = list(generation.token_ids) + ([tokenizer.eos_token_id] if generation.finished else [])
+            examples.append(Example(query + response, [0] * len(query) + [1] * len(response)))
+        batch = {k: v.to(device) for k, v in collate(examples).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits
+        totals += sequence_logprobs(logits.float(), batch["input_ids"], batch["loss_mask"],
+                                    temperature=temperature).tolist()
+    return totals
+
+
+def _stderr(values: Sequence[float]) -> float:
+    n = len(values)
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / n)
+
+
+def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: SamplingConfig, *,
+                    task: Task | None = None, reward_model: str | None = None, reference: str | None = None,
+                    baseline: str | None = None, seed: int = 0) -> tuple[dict, dict[str, list[dict]]]:
+    """Sample, judge and compare ``models`` (name -> checkpoint directory) on ``prompts``.
+
+    Returns ``(report, samples)``: ``report["models"][name]`` holds the metrics of the module docstring,
+    ``report["win_rates"][name]`` the win rates against ``baseline`` (default: the first model) by
+    ``gold`` and by ``rm``; ``samples[name]`` one ``{"prompt", "completion", ...scores}`` per prompt.
+    """
+    if not models:
+        raise ValueError("evaluate_models needs at least one model")
+    baseline = baseline or next(iter(models))
+    if baseline not in models:
+        raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(models)}")
+    scorer = load_for_scoring(reward_model) if reward_model else None
+    ref = load_causal_lm(ModelConfig(name_or_path=reference))[0] if reference else None
+    temperature = sampling.temperature or 1.0
+    report: dict = {"prompts": len(prompts), "baseline": baseline, "models": {}, "win_rates": {}}
+    samples: dict[str, list[dict]] = {}
+    for name, path in models.items():
+        model, tokenizer = load_causal_lm(ModelConfig(name_or_path=path))
+        generations = generate(model, tokenizer, prompts, sampling, seed=seed)
+        texts = [g.text for g in generations]
+        rows = [{"prompt": p, "completion": t} for p, t in zip(prompts, texts, strict=True)]
+        metrics = {"eos_rate": sum(g.finished for g in generations) / len(generations),
+                   "length/tokens": sum(len(g.token_ids) for g in generations) / len(generations),
+                   "distinct/1": distinct_n(texts, 1), "distinct/2": distinct_n(texts, 2)}
+        if task is not None:
+            gold = [task.gold_score(p, t) for p, t in zip(prompts, texts, strict=True)]
+            metrics.update({"gold/score": sum(gold) / len(gold), "gold/stderr": _stderr(gold)})
+            for row, value in zip(rows, gold, strict=True):
+                row["gold"] = value
+        if scorer is not None:
+            rewards = score_texts(*scorer, prompts, texts)
+            metrics["rm/score"] = sum(rewards) / len(rewards)
+            for row, value in zip(rows, rewards, strict=True):
+                row["rm"] = value
+        if ref is not None:
+            ours = response_logprobs(model, tokenizer, prompts, generations, temperature=temperature)
+            theirs = response_logprobs(ref, tokenizer, prompts, generations, temperature=temperature)
+            metrics["kl"] = sum(a - b for a, b in zip(ours, theirs, strict=True)) / len(ours)
+        report["models"][name] = metrics
+        samples[name] = rows
+    for name in models:
+        if name == baseline:
+            continue
+        report["win_rates"][name] = {
+            judge: win_rate([r[judge] for r in samples[name]], [r[judge] for r in samples[baseline]], seed=seed)
+            for judge in ("gold", "rm") if judge in samples[name][0]}
+    return report, samples
+
+
+def comparison_table(report: dict, title: str, caption: str | None = None) -> Table:
+    """The models of an :func:`evaluate_models` report (or a pipeline summary) as a rich table."""
+    baseline = report.get("baseline")
+    columns = {"gold score": lambda m, w: f"{m['gold/score']:.3f} +/- {m['gold/stderr']:.3f}"
+               if "gold/score" in m else "",
+               f"win rate vs {baseline} (gold)": lambda m, w: _interval(w.get("gold")),
+               f"win rate vs {baseline} (RM)": lambda m, w: _interval(w.get("rm")),
+               "RM score": lambda m, w: f"{m['rm/score']:.2f}" if "rm/score" in m else "",
+               "KL to reference": lambda m, w: f"{m['kl']:.2f}" if "kl" in m else "",
+               "ended with EOS": lambda m, w: f"{m['eos_rate']:.0%}",
+               "tokens": lambda m, w: f"{m['length/tokens']:.1f}",
+               "distinct-2": lambda m, w: f"{m['distinct/2']:.2f}" if "distinct/2" in m else ""}
+    rows = {name: [cell(m, report.get("win_rates", {}).get(name, {})) for cell in columns.values()]
+            for name, m in report["models"].items()}
+    keep = [i for i in range(len(columns)) if any(row[i] for row in rows.values())]
+    table = Table(title=title, caption=caption)
+    table.add_column("model")
+    for i, header in enumerate(columns):
+        if i in keep:
+            table.add_column(header, justify="right")
+    for name, row in rows.items():
+        table.add_row(name, *(row[i] for i in keep))
+    return table
+
+
+def _interval(result: dict | None) -> str:
+    return f"{result['win_rate']:.1%} [{result['low']:.1%}, {result['high']:.1%}]" if result else ""

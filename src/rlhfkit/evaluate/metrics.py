@@ -1,0 +1,35 @@
+"""Pure functions over evaluation results: win rates with bootstrap intervals, diversity."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+
+def win_rate(scores: Sequence[float], baseline: Sequence[float], *, n_bootstrap: int = 1000, confidence: float = 0.95,
+             seed: int = 0, tie_eps: float = 1e-9) -> dict[str, float]:
+    """How often a model's output beats the baseline's on the same prompt, a tie counting half.
+
+    ``scores[i]`` and ``baseline[i]`` judge the two outputs for prompt ``i`` (gold judge, reward model,
+    or 1/0 human verdicts). Returns ``win_rate``, the percentile-bootstrap interval ``low`` / ``high``
+    (prompts resampled with replacement, ``n_bootstrap`` times), and the counts of ``wins``, ``ties``
+    and ``losses``.
+    """
+    if len(scores) != len(baseline):
+        raise ValueError(f"{len(scores)} scores for {len(baseline)} baseline scores")
+    if not scores:
+        raise ValueError("win_rate needs at least one prompt")
+    outcomes = [0.5 if abs(a - b) <= tie_eps else float(a > b) for a, b in zip(scores, baseline, strict=True)]
+    n = len(outcomes)
+    rng = random.Random(seed)
+    means = sorted(sum(outcomes[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_bootstrap))
+    tail = (1 - confidence) / 2
+    return {"win_rate": sum(outcomes) / n, "low": means[int(tail * (n_bootstrap - 1))],
+            "high": means[round((1 - tail) * (n_bootstrap - 1))], "wins": outcomes.count(1.0),
+            "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): distinct word n-grams over all word n-grams of ``texts``."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

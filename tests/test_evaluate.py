@@ -1,0 +1,113 @@
+"""Evaluation: win rates, diversity, and comparing models on held-out prompts."""
+
+import pytest
+import torch
+
+from rlhfkit.config import ModelConfig
+from rlhfkit.data.collators import encode_prompt
+from rlhfkit.evaluate.compare import evaluate_models, response_logprobs
+from rlhfkit.evaluate.metrics import distinct_n, win_rate
+from rlhfkit.models.load import load_causal_lm, save_model
+from rlhfkit.models.reward import load_reward_model
+from rlhfkit.rollout.generate import SamplingConfig, generate
+
+
+def test_win_rate_counts_ties_as_half_and_brackets_the_rate():
+    result = win_rate([1.0, 0.5, 0.2, 0.7], [0.5, 0.5, 0.9, 0.1], n_bootstrap=2000)
+    assert (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
+    assert result["win_rate"] == pytest.approx(2.5 / 4)
+    assert 0.0 <= result["low"] <= result["win_rate"] <= result["high"] <= 1.0
+    assert result["low"] < result["high"]
+    assert win_rate([1.0] * 50, [0.0] * 50)["low"] == 1.0  # no resample can lose
+    with pytest.raises(ValueError, match="3 scores for 2"):
+        win_rate([1, 2, 3], [1, 2])
+
+
+def test_win_rate_interval_shrinks_with_more_prompts():
+    small = win_rate([1, 0] * 10, [0.5] * 20)
+    large = win_rate([1, 0] * 500, [0.5] * 1000)
+    assert large["high"] - large["low"] < (small["high"] - small["low"]) / 3
+
+
+def test_distinct_n():
+    assert distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
+    assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)  # (a b), (b a), (a b) + (a b)
+    assert distinct_n(["a"], 2) == 0.0
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory, tokenizer_dir):
+    directory = tmp_path_factory.mktemp("evaluate")
+    paths = {}
+    for name, seed in (("one", 0), ("two", 1)):
+        model, tokenizer = load_causal_lm(ModelConfig(preset="tiny", tokenizer=str(tokenizer_dir)), seed=seed)
+        save_model(model, tokenizer, str(directory / name))
+        paths[name] = str(directory / name)
+    reward, tokenizer = load_reward_model(ModelConfig(name_or_path=paths["one"]))
+    save_model(reward, tokenizer, str(directory / "rm"))
+    return directory, paths
+
+
+def test_response_logprobs_match_the_sampling_distribution(saved_models, task):
+    _, paths = saved_models
+    model, tokenizer = load_causal_lm(ModelConfig(name_or_path=paths["one"]))
+    prompts = task.prompts(4, seed=0)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.7, batch_size=4)
+    generations = generate(model, tokenizer, prompts, sampling, seed=0)
+    # each response's summed log-prob (EOS included when it ended) equals a hand computation
+    logps = response_logprobs(model, tokenizer, prompts, generations, temperature=0.7)
+    for prompt, generation, total in zip(prompts, generations, logps, strict=True):
+        query = encode_prompt(tokenizer, prompt)
+        response = generation.token_ids + ([tokenizer.eos_token_id] if generation.finished else [])
+        with torch.no_grad():
+            logits = model(torch.tensor([query + response])).logits[0] / 0.7
+        expected = sum(torch.log_softmax(logits[len(query) - 1 + i], -1)[token].item()
+                       for i, token in enumerate(response))
+        assert total == pytest.approx(expected, abs=1e-4)
+
+
+def test_evaluate_models_judges_compares_and_measures_kl(saved_models, task):
+    directory, paths = saved_models
+    prompts = task.prompts(12, split="test", seed=0)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=12)
+    report, samples = evaluate_models(paths, prompts, sampling, task=task, reward_model=str(directory / "rm"),
+                                      reference=paths["one"], seed=0)
+    assert report["baseline"] == "one" and report["prompts"] == 12
+    one, two = report["models"]["one"], report["models"]["two"]
+    assert one["kl"] == pytest.approx(0.0, abs=1e-4)  # a model is its own reference
+    assert two["kl"] > 0.0  # another model's samples are likelier under itself than under "one"
+    expected = {"gold/score", "gold/stderr", "rm/score", "eos_rate", "length/tokens", "distinct/1", "distinct/2"}
+    assert expected <= set(one) and expected <= set(two)
+    assert set(report["win_rates"]) == {"two"} and set(report["win_rates"]["two"]) == {"gold", "rm"}
+    assert len(samples["two"]) == 12 and {"prompt", "completion", "gold", "rm"} <= set(samples["two"][0])
+    assert one["gold/score"] == pytest.approx(sum(r["gold"] for r in samples["one"]) / 12)
+    with pytest.raises(ValueError, match="baseline 'three'"):
+        evaluate_models(paths, prompts, sampling, baseline="three")
+
+
+def test_eval_command_writes_the_report_and_samples(saved_models, task, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rlhfkit import cli
+    from rlhfkit.data.readers import write_jsonl
+
+    directory, paths = saved_models
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in task.prompts(6, split="test", seed=1)])
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["eval", "--models", f"a={paths['one']},b={paths['two']}", "--prompts",
+                                     str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "eval"), "--task",
+                                     "tinyworld", "--reference", paths["one"], "--baseline", "b",
+                                     "--max-new-tokens", "6", "--limit", "4"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["prompts"] == 4 and report["baseline"] == "b" and set(report["win_rates"]) == {"a"}
+    assert len((tmp_path / "eval" / "samples" / "a.jsonl").read_text().splitlines()) == 4
+
+    for models, message in (("a", "expected NAME=PATH"), (f"a={paths['one']},a={paths['two']}", "given twice")):
+        result = runner.invoke(cli.app, ["eval", "--models", models, "--prompts", str(tmp_path / "prompts.jsonl")])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = runner.invoke(cli.app, ["eval", "--models", f"a={paths['one']}", "--prompts",
+                                     str(tmp_path / "prompts.jsonl"), "--baseline", "z"])
+    assert result.exit_code == 2 and "--baseline 'z'" in result.output, result.output
