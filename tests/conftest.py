@@ -39,12 +39,12 @@ def demo_run(tmp_path_factory):
     The directory holds ``tokenizer/``, ``data/`` (task corpus, demonstrations, held-out prompts, the
     SFT samples and their rankings), ``pretrain/final`` (the base model), ``sft/final`` (the SFT policy),
     ``rm/final``, ``ppo/final``, ``dpo/final``, ``samples/`` and ``summary.json`` (gold-judge scores of
-    every model on 400 held-out prompts, the reward model's gold accuracy).
+    every model on 800 held-out prompts, the reward model's gold accuracy).
     """
     from rlhfkit.pipeline import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    config = DemoConfig(out_dir=str(out), corpus_docs=2000, sft_prompts=2000, sft_eval_prompts=64, eval_prompts=400,
+    config = DemoConfig(out_dir=str(out), corpus_docs=2000, sft_prompts=2000, sft_eval_prompts=64, eval_prompts=800,
                         pretrain={"max_steps": 300, "lr": 3e-3, "batch_size": 32},
                         sft={"max_steps": 300, "lr": 2e-3, "batch_size": 32})
     run_demo(config)

@@ -1,5 +1,6 @@
 """End to end on the built-in task: the three steps and DPO, judged by the gold judge (the demo_run fixture)."""
 
+import html
 import json
 
 import pytest
@@ -16,7 +17,7 @@ def test_sft_beats_base_model_on_held_out_prompts(demo_run):
     assert sft["gold/score"] > base["gold/score"] + 0.2, summary
     assert sft["eos_rate"] > 0.8, summary  # it learned to end its answers
     samples = [json.loads(line) for line in (demo_run / "samples" / "sft.jsonl").read_text().splitlines()]
-    assert len(samples) == 400 and {"prompt", "completion", "gold"} <= set(samples[0])
+    assert len(samples) == 800 and {"prompt", "completion", "gold"} <= set(samples[0])
 
 
 @pytest.mark.slow
@@ -30,7 +31,7 @@ def test_step_two_ranks_sft_samples_and_the_reward_model_beats_chance_by_gold(de
 
 
 @pytest.mark.slow
-def test_ppo_raises_the_reward_model_score_and_stays_near_the_sft_policy(demo_run):
+def test_ppo_raises_the_reward_model_score_near_the_sft_policy_and_beats_it_by_gold(demo_run):
     metrics = read_metrics(demo_run / "ppo")
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
     scores = [m["objective/scores"] for m in metrics]
@@ -38,5 +39,23 @@ def test_ppo_raises_the_reward_model_score_and_stays_near_the_sft_policy(demo_ru
     assert last > first + 0.1, scores
     assert max(m["objective/kl"] for m in metrics) < 3.0, [m["objective/kl"] for m in metrics]
     summary = json.loads((demo_run / "summary.json").read_text())
-    # close to SFT by the gold judge too (the reward model's errors are not exploited much)
-    assert summary["models"]["ppo"]["gold/score"] > summary["models"]["sft"]["gold/score"] - 0.03, summary
+    # and better by the gold judge. Measured (two seeds of the whole pipeline): SFT 0.342 -> PPO 0.411 and
+    # 0.358 -> 0.379; PPO runs of other seeds against one reward model: +0.034 to +0.050
+    assert summary["models"]["ppo"]["gold/score"] > summary["models"]["sft"]["gold/score"], summary
+
+
+@pytest.mark.slow
+def test_the_demo_writes_the_report_and_the_illustration_of_its_own_run(demo_run):
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert {"pretrain", "sft", "ppo", "dpo", "ppo@15", "dpo@200"} <= set(summary["models"])
+    assert summary["models"]["sft"]["kl"] == pytest.approx(0.0, abs=1e-3)  # SFT is the reference
+    assert summary["models"]["ppo"]["kl"] > summary["models"]["ppo@15"]["kl"] > 0  # PPO moves away from SFT
+    assert set(summary["win_rates"]["dpo"]) == {"gold", "rm"}
+    page = (demo_run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "Reward vs KL frontier" in page
+    svg = (demo_run / "illustration.svg").read_text()
+    ppo_samples = [json.loads(line) for line in (demo_run / "ppo" / "samples.jsonl").read_text().splitlines()]
+    last = [s for s in ppo_samples if s["step"] == ppo_samples[-1]["step"]][0]
+    # the prompt's first words (a long prompt is wrapped onto several lines) and the reward, as text
+    assert html.escape(" ".join(last["prompt"].split()[:3])) in svg and f"r = {last['score']:.2f}" in svg
+    assert (demo_run / "illustration.png").stat().st_size > 20_000

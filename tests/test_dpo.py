@@ -327,7 +327,7 @@ def test_dpo_beats_sft_on_the_gold_judge(demo_run):
     steps of 16 pairs): SFT 0.360, DPO 0.391 on 400 held-out prompts, two sampling seeds.
     """
     summary = json.loads((demo_run / "summary.json").read_text())
-    assert summary["eval_prompts"] == 400
+    assert summary["eval_prompts"] == 800
     sft, dpo = summary["models"]["sft"], summary["models"]["dpo"]
     assert dpo["gold/score"] > sft["gold/score"] + 0.005, summary
     assert read_metrics(demo_run / "dpo")[-1]["rewards/accuracies"] > 0.55

@@ -329,6 +329,34 @@ def evaluate(
 
 
 @app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A pipeline run directory (with summary.json).")]) -> None:
+    """Write RUN_DIR/report.html: models, win rates, training curves, over-optimisation, KL frontier, samples."""
+    from rlhfkit.evaluate.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except FileNotFoundError as error:
+        console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"report written to {path}")
+
+
+@app.command()
+def illustrate(run_dir: Annotated[Path, typer.Argument(help="A pipeline run directory.")],
+               out: Annotated[Path | None, typer.Option(help="Directory for the files (default: RUN_DIR).")] = None,
+               ) -> None:
+    """Draw the three-step InstructGPT diagram with the run's prompts, outputs, ranking and reward."""
+    from rlhfkit.evaluate.illustrate import illustrate as draw
+
+    try:
+        svg, png = draw(run_dir, out)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"illustration written to {svg} and {png}")
+
+
+@app.command()
 @_fail_cleanly
 def demo(config: ConfigOption = None, set_: SetOption = None) -> None:
     """The embedded default, offline: tiny model, pretrain, SFT, sample and rank, RM, PPO, DPO, evaluation."""

@@ -11,8 +11,10 @@
     rm/           step 2: reward model trained on the rankings (InstructGPT loss)
     ppo/          step 3: PPO from the SFT policy against the reward model, KL penalty to SFT
     dpo/          the RL-free alternative: DPO from the SFT policy on the same rankings
-    samples/      <model>.jsonl: held-out prompts, completions and gold scores of every model
-    summary.json  gold-judge scores of every model, reward-model accuracy, PPO's last metrics
+    samples/      <model>.jsonl: held-out prompts, completions, gold and reward-model scores of every model
+    summary.json  every model (and the half-way PPO / DPO checkpoints) on held-out prompts: gold score,
+                  win rates against SFT, reward-model score, KL to SFT; the reward model's gold accuracy
+    report.html   the report (rlhfkit report); illustration.svg / .png: the three steps (rlhfkit illustrate)
 
 Every stage's config is an ordinary stage config (validated, written to its run directory), so any
 stage can be re-run by hand with ``rlhfkit <stage> --config <run>/config.yaml``.
@@ -41,6 +43,8 @@ from rlhfkit.config import (
 from rlhfkit.data.readers import write_jsonl
 from rlhfkit.evaluate.compare import comparison_table, evaluate_models
 from rlhfkit.evaluate.gold import gold_pairwise_accuracy
+from rlhfkit.evaluate.illustrate import illustrate
+from rlhfkit.evaluate.report import write_report
 from rlhfkit.models.load import load_causal_lm
 from rlhfkit.models.reward import load_for_scoring, score_texts
 from rlhfkit.models.tokenizer import train_bpe_tokenizer
@@ -236,7 +240,9 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         "train": {**_train_section(config, ppo, out / "ppo", log_every=1), "scheduler": "constant"},
         "ppo": {"reward_model": str(out / "rm" / "final"), "rollout_batch_size": ppo.rollout_batch_size,
                 "minibatch_size": ppo.minibatch_size, "ppo_epochs": ppo.ppo_epochs, "kl_coef": ppo.kl_coef,
-                "max_new_tokens": config.max_length // 2, "temperature": config.sample_temperature}}), console)
+                "max_new_tokens": config.max_length // 2, "temperature": config.sample_temperature,
+                # every rollout is logged: the report plots their proxy against their gold score
+                "samples_to_log": ppo.rollout_batch_size}}), console)
 
     console.rule("dpo")
     run_dpo(load_config(DPOConfig, base={
@@ -248,8 +254,12 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     prompts = _read_prompts(paths["eval_prompts"])
     sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.eval_temperature,
                               batch_size=100)
-    report, samples = evaluate_models({name: str(out / name / "final") for name in ("pretrain", "sft", "ppo", "dpo")},
-                                      prompts, sampling, task=task, reward_model=str(out / "rm" / "final"),
+    models = {name: str(out / name / "final") for name in ("pretrain", "sft", "ppo", "dpo")}
+    for name, schedule in (("ppo", config.ppo), ("dpo", config.dpo)):  # half-way: a point of the KL frontier
+        half = out / name / f"checkpoint-{max(schedule.max_steps // 2, 1)}"
+        if half.exists() and half.name != f"checkpoint-{schedule.max_steps}":
+            models[f"{name}@{schedule.max_steps // 2}"] = str(half)
+    report, samples = evaluate_models(models, prompts, sampling, task=task, reward_model=str(out / "rm" / "final"),
                                       reference=str(sft_dir), baseline="sft", seed=config.seed)
     for name, rows in samples.items():
         write_jsonl(out / "samples" / f"{name}.jsonl", rows)
@@ -258,6 +268,9 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     summary["reward_model"] = reward_model_gold_accuracy(config, task, out / "rm" / "final", sft_dir, prompts)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     console.print(summary_table(summary))
+    report_path = write_report(out)
+    svg, png = illustrate(out)
+    console.print(f"report: {report_path}\nillustration: {svg}, {png}")
     return summary
 
 

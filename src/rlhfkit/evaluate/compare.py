@@ -112,11 +112,14 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
     return report, samples
 
 
-def comparison_table(report: dict, title: str, caption: str | None = None) -> Table:
-    """The models of an :func:`evaluate_models` report (or a pipeline summary) as a rich table."""
+def comparison_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted rows (model first) of an :func:`evaluate_models` report or a pipeline summary.
+
+    Columns that no model fills (no gold judge, no reward model, no reference) are left out.
+    """
     baseline = report.get("baseline")
-    columns = {"gold score": lambda m, w: f"{m['gold/score']:.3f} +/- {m['gold/stderr']:.3f}"
-               if "gold/score" in m else "",
+    columns = {"gold score": lambda m, w: (f"{m['gold/score']:.3f} ± {m['gold/stderr']:.3f}"
+                                           if "gold/score" in m else ""),
                f"win rate vs {baseline} (gold)": lambda m, w: _interval(w.get("gold")),
                f"win rate vs {baseline} (RM)": lambda m, w: _interval(w.get("rm")),
                "RM score": lambda m, w: f"{m['rm/score']:.2f}" if "rm/score" in m else "",
@@ -124,16 +127,21 @@ def comparison_table(report: dict, title: str, caption: str | None = None) -> Ta
                "ended with EOS": lambda m, w: f"{m['eos_rate']:.0%}",
                "tokens": lambda m, w: f"{m['length/tokens']:.1f}",
                "distinct-2": lambda m, w: f"{m['distinct/2']:.2f}" if "distinct/2" in m else ""}
-    rows = {name: [cell(m, report.get("win_rates", {}).get(name, {})) for cell in columns.values()]
-            for name, m in report["models"].items()}
-    keep = [i for i in range(len(columns)) if any(row[i] for row in rows.values())]
+    rows = [[cell(m, report.get("win_rates", {}).get(name, {})) for cell in columns.values()]
+            for name, m in report["models"].items()]
+    keep = [i for i in range(len(columns)) if any(row[i] for row in rows)]
+    headers = ["model", *(h for i, h in enumerate(columns) if i in keep)]
+    return headers, [[name, *(row[i] for i in keep)] for name, row in zip(report["models"], rows, strict=True)]
+
+
+def comparison_table(report: dict, title: str, caption: str | None = None) -> Table:
+    """The models of an :func:`evaluate_models` report (or a pipeline summary) as a rich table."""
+    headers, rows = comparison_rows(report)
     table = Table(title=title, caption=caption)
-    table.add_column("model")
-    for i, header in enumerate(columns):
-        if i in keep:
-            table.add_column(header, justify="right")
-    for name, row in rows.items():
-        table.add_row(name, *(row[i] for i in keep))
+    for header in headers:
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
