@@ -98,7 +98,7 @@ def run_rlhfkit(spec: dict, iteration_done) -> dict:
                   "adam_betas": [0.9, 0.999], "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0,
                   "max_grad_norm": None, "mixed_precision": "no", "log_every": 1, "save_every": None,
                   "resume": False, "progress": False},
-        "ppo": {"reward_model": spec["reward_dir"], "value_model": "reward", "advantage": "gae",
+        "ppo": {"reward_model": spec["reward_dir"], "value_model": spec["value_model"], "advantage": "gae",
                 "rollout_batch_size": ROLLOUT, "minibatch_size": MINIBATCH, "ppo_epochs": EPOCHS,
                 "max_new_tokens": RESPONSE_LENGTH, "temperature": 1.0, "kl_coef": KL_COEF, "kl_estimator": "k1",
                 "gamma": 1.0, "lam": 0.95, "whiten_advantages": True, "clip_range": 0.2, "clip_range_value": 0.2,
@@ -264,6 +264,10 @@ def main() -> None:
     parser.add_argument("--quiet-below", type=float, default=0.15,
                         help="before each run, wait until other processes use less than this share of the CPUs")
     parser.add_argument("--max-wait", type=float, default=60, help="longest wait (s) for a quiet machine per run")
+    parser.add_argument("--rlhfkit-value-model", choices=("reward", "head"), default="reward",
+                        help="rlhfkit's value model: 'reward' (a network initialised from the reward model, the "
+                             "same work as TRL) or 'head' (a value head on the policy's trunk: one backbone "
+                             "pass instead of two; TRL's PPOTrainer has no such option)")
     parser.add_argument("--json", help="also write all raw results to this file")
     parser.add_argument("--workdir", help="keep data, models and run directories here (default: a temp dir)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -285,7 +289,8 @@ def main() -> None:
     try:
         prompts_path, models = make_inputs(workdir, args.sizes)
         print(f"TRL {trl_version} from {args.trl_python}; {N_PROMPTS} prompts; rollout {ROLLOUT} x up to "
-              f"{RESPONSE_LENGTH} tokens, {EPOCHS} epochs of minibatches of {MINIBATCH}", flush=True)
+              f"{RESPONSE_LENGTH} tokens, {EPOCHS} epochs of minibatches of {MINIBATCH}; rlhfkit's value model: "
+              f"{args.rlhfkit_value_model} (TRL's: a network initialised from the reward model)", flush=True)
         results: dict = {}
         for size in args.sizes:
             policy_dir, reward_dir, n_params = models[size]
@@ -299,7 +304,8 @@ def main() -> None:
                     common.wait_until_quiet(args.quiet_below, args.max_wait)
                     run = spawn({"lib": lib, "size": size, "policy_dir": policy_dir, "reward_dir": reward_dir,
                                  "prompts_path": prompts_path, "output_dir": str(out), "warmup": args.warmup,
-                                 "steps": steps[size]}, sys.executable if lib == "rlhfkit" else args.trl_python)
+                                 "steps": steps[size], "value_model": args.rlhfkit_value_model},
+                                sys.executable if lib == "rlhfkit" else args.trl_python)
                     shutil.rmtree(out, ignore_errors=True)
                     runs.append(run)
                     print(f"  pair {pair + 1} {lib:<8} {run['s_per_iteration']:.3f} s/iteration  peak RSS "
@@ -312,7 +318,8 @@ def main() -> None:
             meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": common.cpu_model(),
                     "cpus": os.cpu_count(), "trl": trl_version,
                     "versions": common.versions("torch", "transformers", "accelerate", "rlhfkit"),
-                    "rollout": ROLLOUT, "minibatch": MINIBATCH, "epochs": EPOCHS, "response_length": RESPONSE_LENGTH,
+                    "rlhfkit_value_model": args.rlhfkit_value_model, "rollout": ROLLOUT, "minibatch": MINIBATCH,
+                    "epochs": EPOCHS, "response_length": RESPONSE_LENGTH,
                     "warmup": args.warmup, "steps": steps, "pairs": args.pairs}
             Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2), encoding="utf-8")
     finally:

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Wall time of the embedded default (``rlhfkit demo``), stage by stage; the target is 10 minutes.
+
+    python benchmarks/bench_demo.py                 # the default demo in a temporary directory
+    python benchmarks/bench_demo.py --set ppo.max_steps=50 --keep runs/bench-demo
+
+Runs ``rlhfkit demo`` in a fresh process (the very command of the README), then prints the seconds of
+every stage (from ``summary.json``), the whole command's wall time, the share of the CPUs other
+processes used meanwhile (timings are only meaningful on a quiet machine), and the gold-judge scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+TARGET_S = 600
+
+
+def _children_cpu() -> float:
+    """CPU seconds used so far by this process's finished children (the demo command)."""
+    times = os.times()
+    return times.children_user + times.children_system
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", action="append", default=[], help="demo override, e.g. ppo.max_steps=50")
+    parser.add_argument("--keep", help="run directory to keep (default: a temporary one, removed)")
+    args = parser.parse_args()
+
+    out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_demo-")) / "demo"
+    rlhfkit = Path(sys.executable).with_name("rlhfkit")
+    command = [str(rlhfkit), "demo", "--set", f"out_dir={out}"] + [a for item in args.set for a in ("--set", item)]
+    try:
+        machine, children = common.cpu_snapshot()[0], _children_cpu()
+        started = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        demo_cpu = _children_cpu() - children
+        other = max(0.0, common.cpu_snapshot()[0] - machine - demo_cpu) / (wall * (os.cpu_count() or 1))
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-8000:])
+            raise SystemExit(f"rlhfkit demo failed (exit {proc.returncode})")
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        print(f"{'stage':<18} {'seconds':>8}")
+        for stage, seconds in summary["seconds"].items():
+            print(f"{stage:<18} {seconds:>8.1f}")
+        print(f"{'command (wall)':<18} {wall:>8.1f}   target {TARGET_S} s: {'met' if wall <= TARGET_S else 'MISSED'}")
+        print(f"other processes used {other:.0%} of the CPUs meanwhile")
+        for name, metrics in summary["models"].items():
+            print(f"  {name:<10} gold {metrics['gold/score']:.3f} +/- {metrics['gold/stderr']:.3f}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(out.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
