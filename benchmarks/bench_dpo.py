@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,12 +64,6 @@ NOISY = 0.10
 LIBS = ("rlhfkit", "trl")
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
-CHILD_ENV = {
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-}
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -278,18 +271,6 @@ def run_child(spec: dict) -> dict:
             "setup_s": setup_s, "other_cpu": common.foreign_load(cpu["start"], cpu["end"], elapsed)}
 
 
-def spawn(spec: dict) -> dict:
-    env = {**os.environ, **CHILD_ENV}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"benchmark run failed: {spec['lib']} {spec['size']} {spec['variant']} "
-                         f"(exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 # ---- report ---------------------------------------------------------------------------------------------
 KEYS = ("s_per_step", "steps_per_s", "peak_rss_mib", "setup_s")
 
@@ -354,7 +335,7 @@ def main() -> None:
         return
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the timing starts at the end of a warm-up step)")
-    for key, value in CHILD_ENV.items():
+    for key, value in common.CHILD_ENV.items():
         os.environ.setdefault(key, value)
     quiet_libraries()
     steps = {"tiny": args.steps_tiny, "small": args.steps_small}
@@ -400,9 +381,10 @@ def main() -> None:
                         load = common.wait_until_quiet(args.quiet_below, args.max_wait)
                         if load >= args.quiet_below:
                             print(f"  (machine still {load:.0%} busy after {args.max_wait:.0f} s; running anyway)")
-                        run = spawn({"lib": lib, "size": size, "variant": variant, "model_dir": models[size][0],
-                                     "pairs_path": pairs_path, "output_dir": str(out), "warmup": args.warmup,
-                                     "steps": steps[size]})
+                        run = common.spawn_child(__file__, {
+                            "lib": lib, "size": size, "variant": variant, "model_dir": models[size][0],
+                            "pairs_path": pairs_path, "output_dir": str(out), "warmup": args.warmup,
+                            "steps": steps[size]})
                         shutil.rmtree(out, ignore_errors=True)
                         runs.append(run)
                         print(f"  pair {pair + 1} {lib:<8} {run['s_per_step']:.4f} s/step  {run['steps_per_s']:.2f} "

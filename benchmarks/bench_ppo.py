@@ -54,8 +54,6 @@ N_PROMPTS = 256
 DEFAULT_STEPS = {"tiny": 10, "small": 4}
 LIBS = ("rlhfkit", "trl")
 NOISY = 0.10
-CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
 # ---- models and data (built in this environment, read by both) -------------------------------------------
@@ -197,17 +195,6 @@ def run_child(spec: dict) -> dict:
             "other_cpu": common.foreign_load(cpu["start"], cpu["end"], elapsed), **split}
 
 
-def spawn(spec: dict, python: str) -> dict:
-    env = {**os.environ, **CHILD_ENV}
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"benchmark run failed: {spec['lib']} {spec['size']} (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def check_trl_python(python: str) -> str:
     """The trl version of ``python``; exits with instructions when it has no ``trl.experimental.ppo``."""
     probe = subprocess.run([python, "-c", "import trl, trl.experimental.ppo; print(trl.__version__)"],
@@ -302,10 +289,10 @@ def main() -> None:
                     out = workdir / f"run-{size}-{lib}-{pair}"
                     shutil.rmtree(out, ignore_errors=True)
                     common.wait_until_quiet(args.quiet_below, args.max_wait)
-                    run = spawn({"lib": lib, "size": size, "policy_dir": policy_dir, "reward_dir": reward_dir,
-                                 "prompts_path": prompts_path, "output_dir": str(out), "warmup": args.warmup,
-                                 "steps": steps[size], "value_model": args.rlhfkit_value_model},
-                                sys.executable if lib == "rlhfkit" else args.trl_python)
+                    spec = {"lib": lib, "size": size, "policy_dir": policy_dir, "reward_dir": reward_dir,
+                            "prompts_path": prompts_path, "output_dir": str(out), "warmup": args.warmup,
+                            "steps": steps[size], "value_model": args.rlhfkit_value_model}
+                    run = common.spawn_child(__file__, spec, sys.executable if lib == "rlhfkit" else args.trl_python)
                     shutil.rmtree(out, ignore_errors=True)
                     runs.append(run)
                     print(f"  pair {pair + 1} {lib:<8} {run['s_per_iteration']:.3f} s/iteration  peak RSS "

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,8 +51,6 @@ SEED = 0
 LOSS_TOLERANCE = 1e-5
 DEFAULT_STEPS = {"tiny": 30, "small": 8}
 LIBS = ("rlhfkit", "trl")
-CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
 # ---- data: rankings of K completions (rlhfkit) and their pairs (TRL) ------------------------------------
@@ -237,17 +234,6 @@ def run_child(spec: dict) -> dict:
             "rss_at_train_start_mib": rss_start, "threads": torch.get_num_threads()}
 
 
-def spawn(spec: dict) -> dict:
-    env = {**os.environ, **CHILD_ENV}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"benchmark run failed: {spec['lib']} {spec['size']} (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 # ---- report ------------------------------------------------------------------------------------------------
 KEYS = ("comparisons_per_s", "sequences_per_s", "s_per_step", "peak_rss_mib")
 
@@ -300,7 +286,7 @@ def main() -> None:
         return
     if args.warmup < 1:
         parser.error("--warmup must be at least 1")
-    for key, value in CHILD_ENV.items():
+    for key, value in common.CHILD_ENV.items():
         os.environ.setdefault(key, value)
     trl_batch = args.trl_pairs_per_batch or args.prompts_per_batch * args.k // 2
     steps = {"tiny": args.steps_tiny, "small": args.steps_small}
@@ -349,7 +335,7 @@ def main() -> None:
                             "output_dir": str(out), "warmup": args.warmup, "steps": steps[size],
                             "prompts_per_batch": args.prompts_per_batch, "trl_pairs_per_batch": trl_batch,
                             "threads": args.threads, "pairs": str(pairs_path)}
-                    run = spawn(spec)
+                    run = common.spawn_child(__file__, spec)
                     shutil.rmtree(out, ignore_errors=True)
                     runs.append(run)
                     print(f"  pair {pair + 1} {lib:<8} {run['comparisons_per_s']:8.1f} comparisons/s  "

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,12 +57,6 @@ METRICS = ("s_per_step", "tokens_per_s", "peak_rss_mib", "cpu_s_per_step", "inne
 NOISY = 0.10  # share of the CPUs used by other processes during a run above which the table is flagged
 LIBS = ("rlhfkit", "trl")
 
-CHILD_ENV = {
-    "TOKENIZERS_PARALLELISM": "false",  # no tokenizer thread pool in either library
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-}
 
 
 # ---- the two trainers, configured for the same work ---------------------------------------------------
@@ -280,17 +273,6 @@ def run_child(spec: dict) -> dict:
             "rss_at_train_start_mib": rss_start, "peak_rss_at_exit_mib": common.peak_rss_mib(), **extra}
 
 
-def spawn(spec: dict) -> dict:
-    env = {**os.environ, **CHILD_ENV}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"benchmark run failed: {spec['lib']} {spec['size']} (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 # ---- report -------------------------------------------------------------------------------------------
 def summarize(runs: list[dict]) -> dict:
     by_lib = {lib: [r for r in runs if r["lib"] == lib] for lib in LIBS}
@@ -351,7 +333,7 @@ def main() -> None:
         return
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the timing starts at the end of a warm-up step)")
-    for key, value in CHILD_ENV.items():
+    for key, value in common.CHILD_ENV.items():
         os.environ.setdefault(key, value)
     quiet_libraries()
     steps = {"tiny": args.steps_tiny, "small": args.steps_small}
@@ -396,9 +378,10 @@ def main() -> None:
                         if load >= args.quiet_below:
                             print(f"  (machine still {load:.0%} busy after {args.max_wait:.0f} s; running anyway)")
                         shutil.rmtree(out, ignore_errors=True)
-                        run = spawn({"lib": lib, "size": size, "model_dir": models[size][0],
-                                     "train_path": data.train_path, "output_dir": str(out),
-                                     "warmup": args.warmup, "steps": steps[size], "threads": args.threads})
+                        run = common.spawn_child(__file__, {
+                            "lib": lib, "size": size, "model_dir": models[size][0], "train_path": data.train_path,
+                            "output_dir": str(out), "warmup": args.warmup, "steps": steps[size],
+                            "threads": args.threads})
                         shutil.rmtree(out, ignore_errors=True)
                         print(f"  pair {pair + 1} {lib:<8} {run['s_per_step']:.4f} s/step  "
                               f"{run['tokens_per_s']:8.0f} tokens/s  peak RSS {run['peak_rss_mib']:.0f} MiB  "

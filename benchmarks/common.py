@@ -123,6 +123,27 @@ def save_random_model(tokenizer_dir: str, preset: str, out_dir: Path, seed: int 
     return str(out_dir), sum(p.numel() for p in model.parameters())
 
 
+#: Environment of every benchmark child process: offline, no tokenizer thread pool, quiet transformers.
+CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def spawn_child(script: str, spec: dict, python: str = sys.executable) -> dict:
+    """Run ``python script --child SPEC`` in a fresh process; return the JSON it prints after ``RESULT ``.
+
+    A failed run prints the end of its output and stops the benchmark.
+    """
+    import os
+
+    proc = subprocess.run([python, str(Path(script).resolve()), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"benchmark run failed: {spec['lib']} {spec['size']} (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def read_rows(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]

@@ -51,6 +51,9 @@ def test_the_demo_writes_the_report_and_the_illustration_of_its_own_run(demo_run
     assert summary["models"]["sft"]["kl"] == pytest.approx(0.0, abs=1e-3)  # SFT is the reference
     assert summary["models"]["ppo"]["kl"] > summary["models"]["ppo@15"]["kl"] > 0  # PPO moves away from SFT
     assert set(summary["win_rates"]["dpo"]) == {"gold", "rm"}
+    stages = ("tokenizer", "pretrain", "sft", "sample_and_rank", "rm", "ppo", "dpo", "evaluate")
+    assert list(summary["seconds"]) == [*stages, "total"] and all(summary["seconds"][s] > 0 for s in stages[1:])
+    assert summary["seconds"]["total"] == pytest.approx(sum(summary["seconds"][s] for s in stages), abs=0.5)
     page = (demo_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "Reward vs KL frontier" in page
     svg = (demo_run / "illustration.svg").read_text()

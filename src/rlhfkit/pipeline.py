@@ -140,6 +140,14 @@ def _read_prompts(path: Path) -> list[str]:
     return [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def _sample_k(config: DemoConfig, policy_dir: Path, prompts: list[str], seed: int):
+    """``config.k`` samples per prompt from a saved policy, at the demo's sampling temperature."""
+    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(policy_dir)))
+    sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.sample_temperature,
+                              batch_size=128)
+    return generate_k(policy, tokenizer, prompts, config.k, sampling, seed=seed)
+
+
 def sample_and_rank(config: DemoConfig, task: Task, policy_dir: Path, prompts_path: Path, out: Path) -> Path:
     """Step 2's data: ``k`` samples per prompt from the policy, ranked by the task's simulated labeler.
 
@@ -150,10 +158,7 @@ def sample_and_rank(config: DemoConfig, task: Task, policy_dir: Path, prompts_pa
     import random
 
     prompts = _read_prompts(prompts_path)
-    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(policy_dir)))
-    sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.sample_temperature,
-                              batch_size=128)
-    groups = generate_k(policy, tokenizer, prompts, config.k, sampling, seed=config.seed)
+    groups = _sample_k(config, policy_dir, prompts, config.seed)
     samples = [{"prompt": p, "completions": [g.text for g in group if g.finished]}
                for p, group in zip(prompts, groups, strict=True)]
     write_jsonl(out / "samples.jsonl", samples)
@@ -166,11 +171,7 @@ def sample_and_rank(config: DemoConfig, task: Task, policy_dir: Path, prompts_pa
 def reward_model_gold_accuracy(config: DemoConfig, task: Task, rm_dir: Path, policy_dir: Path,
                                prompts: list[str]) -> dict[str, float]:
     """How often the reward model orders ``k`` fresh samples of held-out prompts as the gold judge does."""
-    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(policy_dir)))
-    sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.sample_temperature,
-                              batch_size=128)
-    groups = [[g.text for g in group] for group in
-              generate_k(policy, tokenizer, prompts, config.k, sampling, seed=config.seed + 1)]
+    groups = [[g.text for g in group] for group in _sample_k(config, policy_dir, prompts, config.seed + 1)]
     model, tokenizer = load_for_scoring(str(rm_dir))
     rewards = iter(score_texts(model, tokenizer, [p for p, group in zip(prompts, groups, strict=True) for _ in group],
                                [text for group in groups for text in group], batch_size=64,

@@ -82,7 +82,7 @@ def _overoptimisation(run_dir: Path, task) -> str | None:
     twin.plot(steps, [sum(gold[s]) / len(gold[s]) for s in steps], color="tab:green", label="gold judge")
     twin.set_ylabel("gold score")
     figure.legend(loc="lower right", fontsize=8)
-    ax.set_title("PPO rollouts: proxy vs gold")
+    ax.set_title("PPO rollouts (train prompts): proxy vs gold")
     figure.tight_layout()
     return _png(figure)
 
