@@ -51,6 +51,7 @@ def test_the_demo_writes_the_report_and_the_illustration_of_its_own_run(demo_run
     assert summary["models"]["sft"]["kl"] == pytest.approx(0.0, abs=1e-3)  # SFT is the reference
     assert summary["models"]["ppo"]["kl"] > summary["models"]["ppo@15"]["kl"] > 0  # PPO moves away from SFT
     assert set(summary["win_rates"]["dpo"]) == {"gold", "rm"}
+    assert all(1.0 < m["heldout/ppl"] < 1e4 for m in summary["models"].values())  # the alignment tax is measured
     stages = ("tokenizer", "pretrain", "sft", "sample_and_rank", "rm", "ppo", "dpo", "evaluate")
     assert list(summary["seconds"]) == [*stages, "total"] and all(summary["seconds"][s] > 0 for s in stages[1:])
     assert summary["seconds"]["total"] == pytest.approx(sum(summary["seconds"][s] for s in stages), abs=0.5)

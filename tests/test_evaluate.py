@@ -1,11 +1,13 @@
-"""Evaluation: win rates, diversity, and comparing models on held-out prompts."""
+"""Evaluation: win rates, diversity, perplexity, and comparing models on held-out prompts."""
+
+import math
 
 import pytest
 import torch
 
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.collators import encode_prompt
-from rlhfkit.evaluate.compare import evaluate_models, response_logprobs
+from rlhfkit.evaluate.compare import evaluate_models, response_logprobs, text_perplexity
 from rlhfkit.evaluate.metrics import distinct_n, win_rate
 from rlhfkit.models.load import load_causal_lm, save_model
 from rlhfkit.models.reward import load_reward_model
@@ -66,17 +68,35 @@ def test_response_logprobs_match_the_sampling_distribution(saved_models, task):
         assert total == pytest.approx(expected, abs=1e-4)
 
 
+def test_text_perplexity_is_exp_of_the_mean_token_nll(saved_models):
+    _, paths = saved_models
+    model, tokenizer = load_causal_lm(ModelConfig(name_or_path=paths["one"]))
+    texts = ["The fox lives in a den.", "A whale is a mammal. It lives in the sea."]
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+        nll -= logp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).sum().item()
+        count += len(ids) - 1
+    expected = math.exp(nll / count)
+    assert text_perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert text_perplexity(model, tokenizer, texts, batch_size=1) == pytest.approx(expected, rel=1e-4)  # padding-free
+    assert 1.0 < expected < 2 * tokenizer.vocab_size  # a random model: about the vocabulary size
+
+
 def test_evaluate_models_judges_compares_and_measures_kl(saved_models, task):
     directory, paths = saved_models
     prompts = task.prompts(12, split="test", seed=0)
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=12)
     report, samples = evaluate_models(paths, prompts, sampling, task=task, reward_model=str(directory / "rm"),
-                                      reference=paths["one"], seed=0)
+                                      reference=paths["one"], heldout_texts=task.pretraining_corpus(4, seed=9), seed=0)
     assert report["baseline"] == "one" and report["prompts"] == 12
     one, two = report["models"]["one"], report["models"]["two"]
     assert one["kl"] == pytest.approx(0.0, abs=1e-4)  # a model is its own reference
     assert two["kl"] > 0.0  # another model's samples are likelier under itself than under "one"
-    expected = {"gold/score", "gold/stderr", "rm/score", "eos_rate", "length/tokens", "distinct/1", "distinct/2"}
+    expected = {"gold/score", "gold/stderr", "rm/score", "eos_rate", "length/tokens", "distinct/1", "distinct/2",
+                "heldout/ppl"}
     assert expected <= set(one) and expected <= set(two)
     assert set(report["win_rates"]) == {"two"} and set(report["win_rates"]["two"]) == {"gold", "rm"}
     assert len(samples["two"]) == 12 and {"prompt", "completion", "gold", "rm"} <= set(samples["two"][0])
@@ -95,14 +115,17 @@ def test_eval_command_writes_the_report_and_samples(saved_models, task, tmp_path
 
     directory, paths = saved_models
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in task.prompts(6, split="test", seed=1)])
+    write_jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in task.pretraining_corpus(3, seed=5)])
     runner = CliRunner()
     result = runner.invoke(cli.app, ["eval", "--models", f"a={paths['one']},b={paths['two']}", "--prompts",
                                      str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "eval"), "--task",
                                      "tinyworld", "--reference", paths["one"], "--baseline", "b",
-                                     "--max-new-tokens", "6", "--limit", "4"])
+                                     "--max-new-tokens", "6", "--limit", "4", "--heldout-text",
+                                     str(tmp_path / "heldout.jsonl")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["prompts"] == 4 and report["baseline"] == "b" and set(report["win_rates"]) == {"a"}
+    assert report["models"]["a"]["heldout/ppl"] > 1.0
     assert len((tmp_path / "eval" / "samples" / "a.jsonl").read_text().splitlines()) == 4
 
     for models, message in (("a", "expected NAME=PATH"), (f"a={paths['one']},a={paths['two']}", "given twice")):

@@ -34,7 +34,8 @@ def run_dir(tmp_path, task):
     models = {}
     for name, gold, kl in (("sft", 0.3, 0.0), ("ppo@1", 0.35, 1.0), ("ppo", 0.4, 2.0), ("dpo", 0.38, 1.5)):
         models[name] = {"gold/score": gold, "gold/stderr": 0.01, "rm/score": gold - 0.3, "kl": kl,
-                        "eos_rate": 1.0, "length/tokens": 20.0, "distinct/1": 0.3, "distinct/2": 0.5}
+                        "eos_rate": 1.0, "length/tokens": 20.0, "distinct/1": 0.3, "distinct/2": 0.5,
+                        "heldout/ppl": 3.0 + kl}
         if "@" not in name:
             write_jsonl(tmp_path / "samples" / f"{name}.jsonl",
                         [{"prompt": p, "completion": f"<{name}> answer & more", "gold": gold} for p in prompts])
@@ -62,6 +63,7 @@ def test_report_is_self_contained_with_every_section(run_dir):
     assert "60.0% [50.0%, 70.0%]" in page  # win rate with its interval
     assert "&lt;ppo&gt; answer &amp; more" in page  # samples are escaped, side by side
     assert "65.0% of 100 pairs" in page
+    assert "<th>held-out ppl</th>" in page and "<td>5.00</td>" in page  # PPO's alignment tax column
 
 
 def test_illustration_shows_the_runs_examples(run_dir, tmp_path):

@@ -297,6 +297,8 @@ def evaluate(
     reward_model: Annotated[str | None, typer.Option(help="Reward model that scores the samples.")] = None,
     reference: Annotated[str | None, typer.Option(help="Reference policy for KL (e.g. the SFT model).")] = None,
     baseline: Annotated[str | None, typer.Option(help="Win rates against this model (default: the first).")] = None,
+    heldout_text: Annotated[Path | None, typer.Option(help="Raw text records ({\"text\"}) for held-out "
+                                                           "perplexity (the alignment tax).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     max_new_tokens: int = 64,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.7,
@@ -304,7 +306,7 @@ def evaluate(
     seed: int = 0,
 ) -> None:
     """Compare models on the same prompts: gold judge, reward model, KL to a reference, win rates."""
-    from rlhfkit.data.readers import read_records, write_jsonl
+    from rlhfkit.data.readers import read_records, read_texts, write_jsonl
     from rlhfkit.evaluate.compare import comparison_table, evaluate_models
     from rlhfkit.rollout.generate import SamplingConfig
     from rlhfkit.tasks import get_task
@@ -319,7 +321,8 @@ def evaluate(
     records = read_records(prompts, "prompt", limit=limit)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
     report, samples = evaluate_models(named, [r.prompt for r in records], sampling, task=judge,
-                                      reward_model=reward_model, reference=reference, baseline=baseline, seed=seed)
+                                      reward_model=reward_model, reference=reference, baseline=baseline,
+                                      heldout_texts=read_texts(heldout_text) if heldout_text else (), seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     for name, rows in samples.items():

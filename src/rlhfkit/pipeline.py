@@ -2,7 +2,8 @@
 
 ``rlhfkit demo`` writes, under ``out_dir``::
 
-    data/         corpus.jsonl, sft_train.jsonl, sft_eval.jsonl, eval_prompts.jsonl (from the task)
+    data/         corpus.jsonl, heldout_text.jsonl, sft_train.jsonl, sft_eval.jsonl, eval_prompts.jsonl (from
+                  the task; heldout_text: documents no stage trains on, for the alignment tax)
     tokenizer/    byte-level BPE trained on the task's text
     pretrain/     base model: next-token prediction on the corpus
     sft/          step 1: supervised fine-tuning on simulated labelers' demonstrations
@@ -41,7 +42,7 @@ from rlhfkit.config import (
     load_config,
     save_config,
 )
-from rlhfkit.data.readers import write_jsonl
+from rlhfkit.data.readers import read_texts, write_jsonl
 from rlhfkit.evaluate.compare import comparison_table, evaluate_models
 from rlhfkit.evaluate.gold import gold_pairwise_accuracy
 from rlhfkit.evaluate.illustrate import illustrate
@@ -94,6 +95,7 @@ class DemoConfig(Section):
     num_hidden_layers: int = Field(4, gt=0)
     vocab_size: int = Field(1024, gt=256)
     corpus_docs: int = Field(2000, gt=0)
+    heldout_docs: int = Field(200, gt=0)
     sft_prompts: int = Field(2000, gt=0)
     sft_eval_prompts: int = Field(64, gt=0)
     eval_prompts: int = Field(400, gt=0)
@@ -121,11 +123,14 @@ def prepare_task_data(config: DemoConfig) -> dict[str, Path]:
     task = get_task(config.task)
     data = Path(config.out_dir) / "data"
     paths = {name: data / f"{name}.jsonl"
-             for name in ("corpus", "sft_train", "sft_eval", "eval_prompts", "rank_prompts")}
+             for name in ("corpus", "heldout_text", "sft_train", "sft_eval", "eval_prompts", "rank_prompts")}
     if all(p.exists() for p in paths.values()):
         return paths
     write_jsonl(paths["corpus"], ({"text": t} for t in task.pretraining_corpus(config.corpus_docs,
                                                                                   seed=config.seed)))
+    # documents of the same world that no stage trains on: the alignment tax is measured on them
+    write_jsonl(paths["heldout_text"], ({"text": t} for t in task.pretraining_corpus(config.heldout_docs,
+                                                                                        seed=config.seed + 1000)))
     train_prompts = task.prompts(config.sft_prompts, split="train", seed=config.seed)
     write_jsonl(paths["sft_train"], task.demonstrations(train_prompts, seed=config.seed))
     held_out = task.prompts(config.sft_eval_prompts + config.eval_prompts, split="test", seed=config.seed)
@@ -285,8 +290,10 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         half = out / name / f"checkpoint-{max(schedule.max_steps // 2, 1)}"
         if half.exists() and half.name != f"checkpoint-{schedule.max_steps}":
             models[f"{name}@{schedule.max_steps // 2}"] = str(half)
+    heldout = read_texts(paths["heldout_text"])
     report, samples = evaluate_models(models, prompts, sampling, task=task, reward_model=str(out / "rm" / "final"),
-                                      reference=str(sft_dir), baseline="sft", seed=config.seed)
+                                      reference=str(sft_dir), baseline="sft", heldout_texts=heldout,
+                                      seed=config.seed)
     for name, rows in samples.items():
         write_jsonl(out / "samples" / f"{name}.jsonl", rows)
     summary: dict = {"task": config.task, "eval_prompts": len(prompts), "baseline": report["baseline"],

@@ -7,7 +7,8 @@ Every model samples one completion per prompt with the same sampling settings an
 * ``kl``: KL(model || reference) estimated on the model's own samples, the mean over samples of
   ``sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)`` (the k1 estimator, unbiased), with both
   distributions at the sampling temperature;
-* ``eos_rate``, ``length/tokens``, ``distinct/1``, ``distinct/2`` (diversity).
+* ``eos_rate``, ``length/tokens``, ``distinct/1``, ``distinct/2`` (diversity);
+* ``heldout/ppl``: perplexity on held-out raw text, when given (the alignment tax).
 
 Win rates (:func:`rlhfkit.evaluate.metrics.win_rate`) of every model against a baseline, judged by the
 gold judge and by the reward model, with bootstrap intervals.
@@ -54,6 +55,27 @@ def response_logprobs(model, tokenizer, prompts: Sequence, generations: Sequence
     return totals
 
 
+@torch.no_grad()
+def text_perplexity(model, tokenizer, texts: Sequence[str], *, max_length: int = 512, batch_size: int = 16) -> float:
+    """Perplexity of ``model`` on raw ``texts`` (each + EOS, cut at ``max_length`` tokens): exp of the mean
+    negative log-likelihood per predicted token. On held-out pretraining text it measures what fine-tuning
+    cost the model's language modelling (the "alignment tax" of Ouyang et al. 2022, section 4.2)."""
+    collate = PadCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        examples = []
+        for text in texts[start:start + batch_size]:
+            ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
+            examples.append(Example(ids, [1] * len(ids)))
+        batch = {k: v.to(device) for k, v in collate(examples).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        total += sequence_logprobs(logits.float(), batch["input_ids"], batch["loss_mask"]).sum().item()
+        tokens += int(batch["loss_mask"][:, 1:].sum())
+    return math.exp(-total / tokens)
+
+
 def _stderr(values: Sequence[float]) -> float:
     n = len(values)
     mean = sum(values) / n
@@ -62,8 +84,11 @@ def _stderr(values: Sequence[float]) -> float:
 
 def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: SamplingConfig, *,
                     task: Task | None = None, reward_model: str | None = None, reference: str | None = None,
-                    baseline: str | None = None, seed: int = 0) -> tuple[dict, dict[str, list[dict]]]:
+                    baseline: str | None = None, heldout_texts: Sequence[str] = (),
+                    seed: int = 0) -> tuple[dict, dict[str, list[dict]]]:
     """Sample, judge and compare ``models`` (name -> checkpoint directory) on ``prompts``.
+
+    With ``heldout_texts`` (raw text the models were not trained on) each model's ``heldout/ppl`` too.
 
     Returns ``(report, samples)``: ``report["models"][name]`` holds the metrics of the module docstring,
     ``report["win_rates"][name]`` the win rates against ``baseline`` (default: the first model) by
@@ -101,6 +126,8 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
             ours = response_logprobs(model, tokenizer, prompts, generations, temperature=temperature)
             theirs = response_logprobs(ref, tokenizer, prompts, generations, temperature=temperature)
             metrics["kl"] = sum(a - b for a, b in zip(ours, theirs, strict=True)) / len(ours)
+        if heldout_texts:
+            metrics["heldout/ppl"] = text_perplexity(model, tokenizer, heldout_texts)
         report["models"][name] = metrics
         samples[name] = rows
     for name in models:
@@ -124,6 +151,7 @@ def comparison_rows(report: dict) -> tuple[list[str], list[list[str]]]:
                f"win rate vs {baseline} (RM)": lambda m, w: _interval(w.get("rm")),
                "RM score": lambda m, w: f"{m['rm/score']:.2f}" if "rm/score" in m else "",
                "KL to reference": lambda m, w: f"{m['kl']:.2f}" if "kl" in m else "",
+               "held-out ppl": lambda m, w: f"{m['heldout/ppl']:.2f}" if "heldout/ppl" in m else "",
                "ended with EOS": lambda m, w: f"{m['eos_rate']:.0%}",
                "tokens": lambda m, w: f"{m['length/tokens']:.1f}",
                "distinct-2": lambda m, w: f"{m['distinct/2']:.2f}" if "distinct/2" in m else ""}
