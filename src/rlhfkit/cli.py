@@ -31,14 +31,14 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Overri
 
 
 def _fail_cleanly(function):
-    """Show configuration, data and training errors as one clear message (exit code 2)."""
+    """Show configuration, data and training errors and missing files as one clear message (exit code 2)."""
     import functools
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except (ConfigError, DataError, TrainingError) as error:
+        except (ConfigError, DataError, TrainingError, FileNotFoundError) as error:
             console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
             raise typer.Exit(2) from None
 
@@ -332,30 +332,23 @@ def evaluate(
 
 
 @app.command()
+@_fail_cleanly
 def report(run_dir: Annotated[Path, typer.Argument(help="A pipeline run directory (with summary.json).")]) -> None:
     """Write RUN_DIR/report.html: models, win rates, training curves, over-optimisation, KL frontier, samples."""
     from rlhfkit.evaluate.report import write_report
 
-    try:
-        path = write_report(run_dir)
-    except FileNotFoundError as error:
-        console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
-    console.print(f"report written to {path}")
+    console.print(f"report written to {write_report(run_dir)}")
 
 
 @app.command()
+@_fail_cleanly
 def illustrate(run_dir: Annotated[Path, typer.Argument(help="A pipeline run directory.")],
                out: Annotated[Path | None, typer.Option(help="Directory for the files (default: RUN_DIR).")] = None,
                ) -> None:
     """Draw the three-step InstructGPT diagram with the run's prompts, outputs, ranking and reward."""
     from rlhfkit.evaluate.illustrate import illustrate as draw
 
-    try:
-        svg, png = draw(run_dir, out)
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
+    svg, png = draw(run_dir, out)
     console.print(f"illustration written to {svg} and {png}")
 
 

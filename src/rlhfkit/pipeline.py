@@ -42,7 +42,7 @@ from rlhfkit.config import (
     load_config,
     save_config,
 )
-from rlhfkit.data.readers import read_texts, write_jsonl
+from rlhfkit.data.readers import read_records, read_texts, write_jsonl
 from rlhfkit.evaluate.compare import comparison_table, evaluate_models
 from rlhfkit.evaluate.gold import gold_pairwise_accuracy
 from rlhfkit.evaluate.illustrate import illustrate
@@ -141,10 +141,6 @@ def prepare_task_data(config: DemoConfig) -> dict[str, Path]:
     return paths
 
 
-def _read_prompts(path: Path) -> list[str]:
-    return [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def _sample_k(config: DemoConfig, policy_dir: Path, prompts: list[str], seed: int):
     """``config.k`` samples per prompt from a saved policy, at the demo's sampling temperature."""
     policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(policy_dir)))
@@ -153,24 +149,24 @@ def _sample_k(config: DemoConfig, policy_dir: Path, prompts: list[str], seed: in
     return generate_k(policy, tokenizer, prompts, config.k, sampling, seed=seed)
 
 
-def sample_and_rank(config: DemoConfig, task: Task, policy_dir: Path, prompts_path: Path, out: Path) -> Path:
+def sample_and_rank(config: DemoConfig, task: Task, policy_dir: Path, prompts_path: Path, out: Path) -> int:
     """Step 2's data: ``k`` samples per prompt from the policy, ranked by the task's simulated labeler.
 
-    Writes ``samples.jsonl`` (what labelers are shown) and ``rankings.jsonl`` next to it. A sample cut
+    Writes ``samples.jsonl`` (what labelers are shown) and ``rankings.jsonl`` into ``out``; returns the
+    number of rankings (prompts with two or more distinct finished samples). A sample cut
     off at the length limit is left out: trained on as if it ended there, it would teach the models to
     stop mid-sentence.
     """
     import random
 
-    prompts = _read_prompts(prompts_path)
+    prompts = [r.prompt for r in read_records(prompts_path, "prompt")]
     groups = _sample_k(config, policy_dir, prompts, config.seed)
     samples = [{"prompt": p, "completions": [g.text for g in group if g.finished]}
                for p, group in zip(prompts, groups, strict=True)]
     write_jsonl(out / "samples.jsonl", samples)
     rng = random.Random(config.seed)
     records = (task.rank_samples(row["prompt"], row["completions"], rng=rng) for row in samples)
-    write_jsonl(out / "rankings.jsonl", (r for r in records if r is not None))
-    return out / "rankings.jsonl"
+    return write_jsonl(out / "rankings.jsonl", (r for r in records if r is not None))
 
 
 def reward_model_gold_accuracy(config: DemoConfig, task: Task, rm_dir: Path, policy_dir: Path,
@@ -253,8 +249,9 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     run_sft(sft, console)
 
     stages.start("sample_and_rank", f"sample {config.k} per prompt and rank (step 2)")
-    rankings = sample_and_rank(config, task, sft_dir, paths["rank_prompts"], out / "data")
-    console.print(f"{sum(1 for _ in rankings.open())} rankings written to {rankings}")
+    rankings = out / "data" / "rankings.jsonl"
+    count = sample_and_rank(config, task, sft_dir, paths["rank_prompts"], rankings.parent)
+    console.print(f"{count} rankings written to {rankings}")
     data = {"train": str(rankings), "max_length": config.max_length, "max_prompt_length": config.max_length // 2}
 
     stages.start("rm", "reward model (step 2)")
@@ -282,7 +279,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         "dpo": {"beta": config.dpo.beta, "precompute_reference": True}}), console)
 
     stages.start("evaluate")
-    prompts = _read_prompts(paths["eval_prompts"])
+    prompts = [r.prompt for r in read_records(paths["eval_prompts"], "prompt")]
     sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.eval_temperature,
                               batch_size=100)
     models = {name: str(out / name / "final") for name in ("pretrain", "sft", "ppo", "dpo")}

@@ -33,21 +33,15 @@ from rlhfkit.tasks.base import Task
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: Sequence, generations: Sequence[Generation], *,
-                      temperature: float = 1.0, batch_size: int = 32) -> list[float]:
-    """Summed log-probs of each sampled response (its EOS included when it ended) under ``model``."""
+def _summed_logprobs(model, tokenizer, examples: Sequence[Example], *, temperature: float = 1.0,
+                     batch_size: int = 32) -> list[float]:
+    """Per example, the summed log-probs of its ``loss_mask`` tokens under ``model`` (right-padded batches)."""
     collate = PadCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     model.eval()
     totals: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        examples = []
-        for prompt, generation in zip(prompts[start:start + batch_size], generations[start:start + batch_size],
-                                      strict=True):
-            query = encode_prompt(tokenizer, prompt)
-            response = list(generation.token_ids) + ([tokenizer.eos_token_id] if generation.finished else [])
-            examples.append(Example(query + response, [0] * len(query) + [1] * len(response)))
-        batch = {k: v.to(device) for k, v in collate(examples).items()}
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits
         totals += sequence_logprobs(logits.float(), batch["input_ids"], batch["loss_mask"],
@@ -55,25 +49,28 @@ def response_logprobs(model, tokenizer, prompts: Sequence, generations: Sequence
     return totals
 
 
-@torch.no_grad()
+def response_logprobs(model, tokenizer, prompts: Sequence, generations: Sequence[Generation], *,
+                      temperature: float = 1.0, batch_size: int = 32) -> list[float]:
+    """Summed log-probs of each sampled response (its EOS included when it ended) under ``model``."""
+    examples = []
+    for prompt, generation in zip(prompts, generations, strict=True):
+        query = encode_prompt(tokenizer, prompt)
+        response = list(generation.token_ids) + ([tokenizer.eos_token_id] if generation.finished else [])
+        examples.append(Example(query + response, [0] * len(query) + [1] * len(response)))
+    return _summed_logprobs(model, tokenizer, examples, temperature=temperature, batch_size=batch_size)
+
+
 def text_perplexity(model, tokenizer, texts: Sequence[str], *, max_length: int = 512, batch_size: int = 16) -> float:
     """Perplexity of ``model`` on raw ``texts`` (each + EOS, cut at ``max_length`` tokens): exp of the mean
     negative log-likelihood per predicted token. On held-out pretraining text it measures what fine-tuning
     cost the model's language modelling (the "alignment tax" of Ouyang et al. 2022, section 4.2)."""
-    collate = PadCollator(tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        examples = []
-        for text in texts[start:start + batch_size]:
-            ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
-            examples.append(Example(ids, [1] * len(ids)))
-        batch = {k: v.to(device) for k, v in collate(examples).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        total += sequence_logprobs(logits.float(), batch["input_ids"], batch["loss_mask"]).sum().item()
-        tokens += int(batch["loss_mask"][:, 1:].sum())
-    return math.exp(-total / tokens)
+    examples = []
+    for text in texts:
+        ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
+        examples.append(Example(ids, [1] * len(ids)))
+    total = sum(_summed_logprobs(model, tokenizer, examples, batch_size=batch_size))
+    predicted = sum(len(e.input_ids) - 1 for e in examples)  # every token but the first is predicted
+    return math.exp(-total / predicted)
 
 
 def _stderr(values: Sequence[float]) -> float:

@@ -14,7 +14,6 @@ The examples come from the run directory: ``data/sft_train.jsonl``, ``data/ranki
 
 from __future__ import annotations
 
-import json
 import string
 import textwrap
 from pathlib import Path
@@ -25,7 +24,8 @@ matplotlib.use("Agg")  # must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-from rlhfkit.data.records import parse_record  # noqa: E402
+from rlhfkit.data.readers import iter_jsonl  # noqa: E402
+from rlhfkit.data.records import DataError, parse_record  # noqa: E402
 
 GREEN, GREY, BLUE, ORANGE = "#c8e6c9", "#f5f5f5", "#bbdefb", "#ffe0b2"
 
@@ -44,30 +44,30 @@ def ranking_label(groups) -> str:
     return " > ".join(" = ".join(string.ascii_uppercase[i] for i in sorted(group)) for group in groups)
 
 
-def _first_jsonl(path: Path, choose=None) -> dict:
+def _rows(path: Path) -> list[dict]:
+    """The records of a run file (``iter_jsonl``: bad lines are named); a missing or empty file is an error."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; the illustration needs a pipeline run (rlhfkit demo)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [row for _, row in iter_jsonl(path)]
     if not rows:
-        raise ValueError(f"{path}: no records")
-    return choose(rows) if choose else rows[0]
+        raise DataError("no records", source=str(path))
+    return rows
 
 
 def run_examples(run_dir: Path) -> dict:
     """The examples the diagram shows, read from a run directory."""
     # a demonstration that fits its box: the first of a few sentences
-    demo = _first_jsonl(run_dir / "data" / "sft_train.jsonl",
-                        lambda rows: next((r for r in rows if 60 <= len(r["completion"]) <= 200), rows[0]))
+    demos = _rows(run_dir / "data" / "sft_train.jsonl")
+    demo = next((r for r in demos if 60 <= len(r["completion"]) <= 200), demos[0])
     # a ranking of four outputs, with a tie when there is one (it shows the "=" of the ranking)
     path = run_dir / "data" / "rankings.jsonl"
-    rankings = [parse_record(row, "ranking", source=str(path), line=i + 1)
-                for i, row in enumerate(_first_jsonl(path, lambda rows: rows[:500]))]
+    rankings = [parse_record(row, "ranking", source=str(path), line=i + 1) for i, row in enumerate(_rows(path)[:500])]
     four = [r for r in rankings if len(r.completions) == 4] or rankings
     ranking = next((r for r in four if any(len(group) > 1 for group in r.ranking)), four[0])
-    samples_path = run_dir / "ppo" / "samples.jsonl"
-    last_step = max(json.loads(line)["step"] for line in samples_path.read_text(encoding="utf-8").splitlines()) \
-        if samples_path.exists() else None
-    ppo = _first_jsonl(samples_path, lambda rows: next(r for r in rows if r["step"] == last_step))
+    # the first sample of PPO's last logged iteration
+    samples = _rows(run_dir / "ppo" / "samples.jsonl")
+    last_step = max(r["step"] for r in samples)
+    ppo = next(r for r in samples if r["step"] == last_step)
     return {"demo_prompt": demo["prompt"], "demonstration": demo["completion"],
             "rank_prompt": ranking.prompt, "outputs": list(ranking.completions),
             "ranking": ranking_label(ranking.ranking),
