@@ -37,12 +37,12 @@ def demo_run(tmp_path_factory):
     """The embedded default (``rlhfkit demo``), shared by the end-to-end tests (about eight minutes, once).
 
     Only the evaluation is larger (800 held-out prompts instead of 400), so that the gold-judge
-    comparisons of SFT, PPO and DPO are less noisy. The directory holds ``tokenizer/``, ``data/`` (task
-    corpus, demonstrations, held-out prompts, the SFT samples and their rankings), ``pretrain/final``,
-    ``sft/final``, ``rm/final``, ``ppo/`` and ``dpo/`` (with their half-way checkpoints), ``samples/``,
-    ``summary.json``, ``report.html`` and ``illustration.svg`` / ``.png``.
+    comparisons of SFT, PPO and DPO are less noisy. The directory holds ``data/`` (task corpus,
+    demonstrations, prompts), ``tokenizer/``, ``pretrain/final``, ``sft/final``, ``sample/`` and ``rank/``
+    (the SFT samples and their rankings), ``rm/final``, ``ppo/`` and ``dpo/`` (with their half-way
+    checkpoints), ``samples/``, ``summary.json``, ``report.html`` and ``illustration.svg`` / ``.png``.
     """
-    from rlhfkit.pipeline import DemoConfig, run_demo
+    from rlhfkit.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo")
     config = DemoConfig(out_dir=str(out), eval_prompts=800)

@@ -76,7 +76,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_override_updates_a_nested_default_section():
-    from rlhfkit.pipeline import DemoConfig
+    from rlhfkit.demo import DemoConfig
 
     config = load_config(DemoConfig, None, ["sft.max_steps=7"])
     assert config.sft.max_steps == 7
@@ -93,3 +93,13 @@ def test_shipped_configs_are_valid(name):
     path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
     config = load_config(classes[name], path)
     assert config.train.output_dir == f"runs/{name}"
+
+
+def test_an_override_of_a_yaml_alias_changes_only_its_own_section(tmp_path):
+    from rlhfkit.pipeline import load_pipeline
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("stages: [pretrain, sft]\npretrain: {train: &train {max_steps: 4, lr: 0.1}}\n"
+                    "sft: {train: *train}\n")
+    config, _ = load_pipeline(path, ["sft.train.lr=0.5"])
+    assert config.pretrain["train"]["lr"] == 0.1 and config.sft["train"]["lr"] == 0.5

@@ -22,7 +22,7 @@ def test_sft_beats_base_model_on_held_out_prompts(demo_run):
 
 @pytest.mark.slow
 def test_step_two_ranks_sft_samples_and_the_reward_model_beats_chance_by_gold(demo_run):
-    rankings = [json.loads(line) for line in (demo_run / "data" / "rankings.jsonl").read_text().splitlines()]
+    rankings = [json.loads(line) for line in (demo_run / "rank" / "rankings.jsonl").read_text().splitlines()]
     assert len(rankings) > 1500  # of 2000 prompts, those with >= 2 distinct finished samples
     assert all(2 <= len(r["completions"]) <= 4 and r["labeler"] == "tinyworld-simulated" for r in rankings)
     reward_model = json.loads((demo_run / "summary.json").read_text())["reward_model"]
@@ -52,8 +52,9 @@ def test_the_demo_writes_the_report_and_the_illustration_of_its_own_run(demo_run
     assert summary["models"]["ppo"]["kl"] > summary["models"]["ppo@15"]["kl"] > 0  # PPO moves away from SFT
     assert set(summary["win_rates"]["dpo"]) == {"gold", "rm"}
     assert all(1.0 < m["heldout/ppl"] < 1e4 for m in summary["models"].values())  # the alignment tax is measured
-    stages = ("tokenizer", "pretrain", "sft", "sample_and_rank", "rm", "ppo", "dpo", "evaluate")
-    assert list(summary["seconds"]) == [*stages, "total"] and all(summary["seconds"][s] > 0 for s in stages[1:])
+    stages = ("data", "tokenizer", "pretrain", "sft", "sample", "rank", "rm", "ppo", "dpo", "eval", "report")
+    assert list(summary["seconds"]) == [*stages, "total"]
+    assert all(summary["seconds"][s] > 0 for s in ("pretrain", "sft", "sample", "rm", "ppo", "dpo", "eval"))
     assert summary["seconds"]["total"] == pytest.approx(sum(summary["seconds"][s] for s in stages), abs=0.5)
     page = (demo_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "Reward vs KL frontier" in page
@@ -63,3 +64,16 @@ def test_the_demo_writes_the_report_and_the_illustration_of_its_own_run(demo_run
     # the prompt's first words (a long prompt is wrapped onto several lines) and the reward, as text
     assert html.escape(" ".join(last["prompt"].split()[:3])) in svg and f"r = {last['score']:.2f}" in svg
     assert (demo_run / "illustration.png").stat().st_size > 20_000
+
+
+@pytest.mark.slow
+def test_running_the_demo_again_skips_every_finished_stage(demo_run):
+    from rich.console import Console
+
+    from rlhfkit.demo import DemoConfig, run_demo
+
+    before = {p.parent.name: p.read_text() for p in demo_run.glob("*/stage.json")}
+    assert len(before) == 11
+    summary = run_demo(DemoConfig(out_dir=str(demo_run), eval_prompts=800), Console(quiet=True))
+    assert {p.parent.name: p.read_text() for p in demo_run.glob("*/stage.json")} == before
+    assert summary["seconds"]["total"] > 60  # the recorded seconds of the first run, not of this one

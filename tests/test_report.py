@@ -23,6 +23,9 @@ def run_dir(tmp_path, task):
     write_jsonl(tmp_path / "data" / "rankings.jsonl", [
         {"prompt": "Is a duck a bird?", "completions": ["No.", "Yes. A duck is a bird.", "Yes.", "No."],
          "ranking": [[1], [2], [0, 3]]}])
+    for stage, data in (("sft", "sft_train.jsonl"), ("rm", "rankings.jsonl")):  # the illustration reads these
+        (tmp_path / stage).mkdir(exist_ok=True)
+        (tmp_path / stage / "config.yaml").write_text(f"data:\n  train: {tmp_path / 'data' / data}\n")
     write_jsonl(tmp_path / "ppo" / "samples.jsonl", [
         {"step": step, "prompt": PROMPT, "completion": f"Ann was a goat {step}. The end.", "score": 0.1 * step}
         for step in (1, 2, 3)])

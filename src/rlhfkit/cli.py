@@ -354,9 +354,21 @@ def illustrate(run_dir: Annotated[Path, typer.Argument(help="A pipeline run dire
 
 @app.command()
 @_fail_cleanly
+def pipeline(config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML: stages and their sections.")],
+             set_: SetOption = None) -> None:
+    """Run the stages a pipeline config lists, each in its own run directory; finished stages are skipped."""
+    from rlhfkit.pipeline import load_pipeline, run_pipeline
+
+    pipeline_config, lines = load_pipeline(config, set_)
+    seconds = run_pipeline(pipeline_config, console, source=str(config), lines=lines)
+    console.print_json(json.dumps({"seconds": seconds}))
+
+
+@app.command()
+@_fail_cleanly
 def demo(config: ConfigOption = None, set_: SetOption = None) -> None:
     """The embedded default, offline: tiny model, pretrain, SFT, sample and rank, RM, PPO, DPO, evaluation."""
-    from rlhfkit.pipeline import DemoConfig, run_demo
+    from rlhfkit.demo import DemoConfig, run_demo
 
     run_demo(load_config(DemoConfig, config, set_ or []), console)
 

@@ -297,7 +297,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map each key path of a YAML mapping to its 1-based line, for error messages."""
     lines: dict[tuple[str, ...], int] = {}
 
@@ -325,10 +325,10 @@ def _set_path(tree: dict, path: list[str], value: Any, item: str) -> None:
 
 
 def _format_errors(error: ValidationError, source: str, lines: dict[tuple[str, ...], int],
-                   overridden: set[tuple[str, ...]]) -> str:
+                   overridden: set[tuple[str, ...]], prefix: tuple[str, ...] = ()) -> str:
     messages = []
     for item in error.errors():
-        loc = tuple(str(part) for part in item["loc"])
+        loc = (*prefix, *(str(part) for part in item["loc"]))
         key = ".".join(loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             detail = "unknown key"
@@ -364,7 +364,7 @@ def load_config(cls: type[StageConfig], path: str | os.PathLike | None = None,
         try:
             text = Path(path).read_text(encoding="utf-8")
             loaded = yaml.safe_load(text)
-            lines = _key_lines(text)
+            lines = key_lines(text)
         except FileNotFoundError:
             raise ConfigError(f"{source}: config file not found") from None
         except yaml.YAMLError as error:
@@ -377,17 +377,29 @@ def load_config(cls: type[StageConfig], path: str | os.PathLike | None = None,
         keys, value = parse_override(item)
         _set_path(tree, keys, value, item)
         overridden.add(tuple(keys))
+    return validate_config(cls, tree, source=source, lines=lines, overridden=overridden)
+
+
+def validate_config(cls: type[StageConfig], tree: dict, *, source: str, lines: dict[tuple[str, ...], int] | None = None,
+                    overridden: set[tuple[str, ...]] = frozenset(), prefix: tuple[str, ...] = ()) -> StageConfig:
+    """Validate ``tree`` as ``cls``; a :class:`ConfigError` names ``source``, the line and the key of each problem.
+
+    ``prefix`` is where ``tree`` sits in its file (a pipeline's ``sft`` section is validated as an
+    :class:`SFTConfig` with prefix ``("sft",)``), so keys and lines are those of the file.
+    """
     try:
         return cls.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(_format_errors(error, source, lines, overridden)) from None
+        raise ConfigError(_format_errors(error, source, lines or {}, set(overridden), prefix)) from None
 
 
 def _merge(base: dict, update: dict) -> dict:
+    """``update`` merged into ``base``, section by section, as new dicts: sections that YAML aliases share
+    (``&anchor`` / ``*anchor``) become copies, so an override of one never changes the other."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        if isinstance(value, dict):
+            merged[key] = _merge(merged[key] if isinstance(merged.get(key), dict) else {}, value)
         else:
             merged[key] = value
     return merged

@@ -1,37 +1,50 @@
-"""The embedded default: build everything offline from a built-in task and run the stages in order.
+"""``rlhfkit pipeline``: the stages of one YAML config, each in its own run directory, skipped when done.
 
-``rlhfkit demo`` writes, under ``out_dir``::
+A pipeline config names the stages to run and holds one section per stage::
 
-    data/         corpus.jsonl, heldout_text.jsonl, sft_train.jsonl, sft_eval.jsonl, eval_prompts.jsonl (from
-                  the task; heldout_text: documents no stage trains on, for the alignment tax)
-    tokenizer/    byte-level BPE trained on the task's text
-    pretrain/     base model: next-token prediction on the corpus
-    sft/          step 1: supervised fine-tuning on simulated labelers' demonstrations
-    data/samples.jsonl, data/rankings.jsonl
-                  step 2's input: K samples of the SFT policy per prompt, ranked by the simulated labeler
-    rm/           step 2: reward model trained on the rankings (InstructGPT loss)
-    ppo/          step 3: PPO from the SFT policy against the reward model, KL penalty to SFT
-    dpo/          the RL-free alternative: DPO from the SFT policy on the same rankings
-    samples/      <model>.jsonl: held-out prompts, completions, gold and reward-model scores of every model
-    summary.json  every model (and the half-way PPO / DPO checkpoints) on held-out prompts: gold score,
-                  win rates against SFT, reward-model score, KL to SFT; the reward model's gold accuracy
-    report.html   the report (rlhfkit report); illustration.svg / .png: the three steps (rlhfkit illustrate)
+    out_dir: runs/my-pipeline
+    task: tinyworld                 # optional: its simulated labeler ranks, its gold judge evaluates
+    stages: [pretrain, sft, sample, rank, rm, ppo, dpo, eval, report]
+    sft:                            # an ordinary stage config (as for `rlhfkit sft --config`)
+      model: {name_or_path: "{pretrain}"}
+      data: {train: data/demos.jsonl}
+      train: {max_steps: 300}
+    sample: {model: "{sft}", prompts: data/prompts.jsonl, k: 4}
+    rank: {}                        # ranks "{sample}" with the task's simulated labeler (or a feedback db)
+    rm: {model: {name_or_path: "{sft}"}, data: {train: "{rank}"}, train: {max_steps: 500}}
+    ...
 
-Every stage's config is an ordinary stage config (validated, written to its run directory), so any
-stage can be re-run by hand with ``rlhfkit <stage> --config <run>/config.yaml``.
+``{stage}`` in any string stands for that stage's output (:data:`OUTPUTS`): a trainer's ``final/``
+model, the sample stage's ``samples.jsonl``, the rank stage's ``rankings.jsonl``; ``{stage:NAME}`` for
+``NAME`` inside the stage's directory (``{ppo:checkpoint-15}``). Those references are the pipeline's
+dependency graph. Trainer stages write to ``out_dir/<stage>`` (``train.output_dir`` is set for them).
+
+Every section is validated before the first stage starts, so a typo in ``dpo`` fails at once, naming
+the file, line and key. Each stage records in ``<stage>/stage.json`` the fingerprint of its resolved
+config, of the files it reads and of the stages it depends on:
+
+* finished with the same fingerprint: skipped;
+* interrupted with the same fingerprint: run again, and trainers resume from their last checkpoint;
+* anything else (a changed config, a changed input file, a re-run upstream stage): its directory is
+  cleared and it runs from scratch. A change therefore re-runs the stage and every stage downstream.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from rich.console import Console
-from rich.table import Table
 
 from rlhfkit.config import (
+    ConfigError,
     DPOConfig,
     ModelConfig,
     PPOConfig,
@@ -39,275 +52,386 @@ from rlhfkit.config import (
     RewardConfig,
     Section,
     SFTConfig,
+    key_lines,
     load_config,
     save_config,
+    validate_config,
 )
-from rlhfkit.data.readers import read_records, read_texts, write_jsonl
-from rlhfkit.evaluate.compare import comparison_table, evaluate_models
-from rlhfkit.evaluate.gold import gold_pairwise_accuracy
-from rlhfkit.evaluate.illustrate import illustrate
-from rlhfkit.evaluate.report import write_report
-from rlhfkit.models.load import load_causal_lm
-from rlhfkit.models.reward import load_for_scoring, score_texts
-from rlhfkit.models.tokenizer import train_bpe_tokenizer
-from rlhfkit.rollout.generate import SamplingConfig, generate_k
-from rlhfkit.tasks import get_task
-from rlhfkit.tasks.base import Task
-from rlhfkit.trainers.dpo import run_dpo
-from rlhfkit.trainers.ppo import run_ppo
-from rlhfkit.trainers.pretrain import run_pretrain
-from rlhfkit.trainers.reward import run_reward
-from rlhfkit.trainers.sft import run_sft
+
+TRAINERS = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+STAGES = ("pretrain", "sft", "sample", "rank", "rm", "ppo", "dpo", "eval", "report")
+StageName = Literal["pretrain", "sft", "sample", "rank", "rm", "ppo", "dpo", "eval", "report"]
+# what ``{stage}`` stands for, inside the stage's directory
+OUTPUTS = {**{name: "final" for name in TRAINERS}, "sample": "samples.jsonl", "rank": "rankings.jsonl",
+           "eval": "eval.json"}
+_REFERENCE = re.compile(r"\{([a-z_]+)(?::([^{}]+))?\}")
 
 
-class StageSchedule(Section):
-    """Optimisation settings of one demo stage."""
+class SampleStage(Section):
+    """Step 2's input: ``k`` samples per prompt from a policy, the completions labelers rank."""
 
-    max_steps: int = Field(gt=0)
-    lr: float = Field(gt=0)
-    batch_size: int = Field(16, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-
-
-class DPOSchedule(StageSchedule):
-    """The DPO stage: its schedule and the KL strength beta."""
-
-    beta: float = Field(0.3, gt=0)
-
-
-class PPOSchedule(StageSchedule):
-    """The PPO stage: ``max_steps`` iterations of ``rollout_batch_size`` prompts each."""
-
-    rollout_batch_size: int = Field(64, gt=0)
-    minibatch_size: int = Field(16, gt=0)
-    ppo_epochs: int = Field(2, gt=0)
-    kl_coef: float = Field(0.1, ge=0)
-
-
-class DemoConfig(Section):
-    """Sizes of the embedded default; the defaults finish in a few minutes on 2 CPU cores."""
-
-    out_dir: str = "runs/demo"
-    task: str = "tinyworld"
-    seed: int = 0
-    preset: str = "tiny"
-    hidden_size: int = Field(128, gt=0)
-    num_hidden_layers: int = Field(4, gt=0)
-    vocab_size: int = Field(1024, gt=256)
-    corpus_docs: int = Field(2000, gt=0)
-    heldout_docs: int = Field(200, gt=0)
-    sft_prompts: int = Field(2000, gt=0)
-    sft_eval_prompts: int = Field(64, gt=0)
-    eval_prompts: int = Field(400, gt=0)
-    max_length: int = Field(128, gt=8)
-    eval_temperature: float = Field(0.7, ge=0)
-    # SFT must run long enough for the policy to condition on the prompt's subject: at 200 steps of 16 the
-    # SFT model scored 0.20 by the gold judge, at 300 steps of 32 0.34-0.36, at 400 steps 0.38
-    # (demonstrations: ~0.69); 300 keeps the whole demo within 10 minutes on 2 cores.
-    pretrain: StageSchedule = StageSchedule(max_steps=300, lr=3e-3, batch_size=32)
-    sft: StageSchedule = StageSchedule(max_steps=300, lr=2e-3, batch_size=32)
-    # Step 2: the SFT policy samples ``k`` completions for each of ``rank_prompts`` train prompts at
-    # ``sample_temperature``; the task's simulated labeler ranks them (noisy, length-biased).
-    rank_prompts: int = Field(2000, gt=0)
+    model: str = "{sft}"
+    prompts: str
     k: int = Field(4, ge=2)
-    sample_temperature: float = Field(0.7, gt=0)
-    rm: StageSchedule = StageSchedule(max_steps=750, lr=1e-3, batch_size=8, warmup_steps=5)
-    # Step 3. Both must stay close to SFT: the labeler's length bias, learnt by the reward model and
-    # present in the preferences, pulls a policy optimised hard past the gold judge's ideal length.
-    ppo: PPOSchedule = PPOSchedule(max_steps=30, lr=5e-5, warmup_steps=0)
-    dpo: DPOSchedule = DPOSchedule(max_steps=400, lr=3e-5, batch_size=16, warmup_steps=5)
+    limit: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    batch_size: int = Field(64, gt=0)
+    # a sample cut off at the length limit, trained on as if it ended there, teaches models to stop mid-sentence
+    finished_only: bool = True
 
 
-def prepare_task_data(config: DemoConfig) -> dict[str, Path]:
-    """Write the task's corpus, demonstrations and held-out prompts as JSONL; return their paths."""
-    task = get_task(config.task)
-    data = Path(config.out_dir) / "data"
-    paths = {name: data / f"{name}.jsonl"
-             for name in ("corpus", "heldout_text", "sft_train", "sft_eval", "eval_prompts", "rank_prompts")}
-    if all(p.exists() for p in paths.values()):
-        return paths
-    write_jsonl(paths["corpus"], ({"text": t} for t in task.pretraining_corpus(config.corpus_docs,
-                                                                                  seed=config.seed)))
-    # documents of the same world that no stage trains on: the alignment tax is measured on them
-    write_jsonl(paths["heldout_text"], ({"text": t} for t in task.pretraining_corpus(config.heldout_docs,
-                                                                                        seed=config.seed + 1000)))
-    train_prompts = task.prompts(config.sft_prompts, split="train", seed=config.seed)
-    write_jsonl(paths["sft_train"], task.demonstrations(train_prompts, seed=config.seed))
-    held_out = task.prompts(config.sft_eval_prompts + config.eval_prompts, split="test", seed=config.seed)
-    write_jsonl(paths["sft_eval"], task.demonstrations(held_out[:config.sft_eval_prompts], seed=config.seed + 1))
-    write_jsonl(paths["eval_prompts"], ({"prompt": p} for p in held_out[config.sft_eval_prompts:]))
-    rank_prompts = task.prompts(config.rank_prompts, split="train", seed=config.seed + 1)
-    write_jsonl(paths["rank_prompts"], ({"prompt": p} for p in rank_prompts))
-    return paths
+class RankStage(Section):
+    """Rankings of the samples: by the pipeline task's simulated labeler, or by people in the feedback app.
 
-
-def _sample_k(config: DemoConfig, policy_dir: Path, prompts: list[str], seed: int):
-    """``config.k`` samples per prompt from a saved policy, at the demo's sampling temperature."""
-    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(policy_dir)))
-    sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.sample_temperature,
-                              batch_size=128)
-    return generate_k(policy, tokenizer, prompts, config.k, sampling, seed=seed)
-
-
-def sample_and_rank(config: DemoConfig, task: Task, policy_dir: Path, prompts_path: Path, out: Path) -> int:
-    """Step 2's data: ``k`` samples per prompt from the policy, ranked by the task's simulated labeler.
-
-    Writes ``samples.jsonl`` (what labelers are shown) and ``rankings.jsonl`` into ``out``; returns the
-    number of rankings (prompts with two or more distinct finished samples). A sample cut
-    off at the length limit is left out: trained on as if it ended there, it would teach the models to
-    stop mid-sentence.
+    With ``feedback`` (a database URL of ``rlhfkit serve``), the rankings labelers have submitted so far
+    are exported from it; otherwise the task's simulated labeler ranks ``samples``.
     """
+
+    samples: str | None = None
+    labeler_temperature: float | None = Field(None, gt=0)
+    feedback: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RankStage:
+        if self.feedback and self.samples:
+            raise ValueError("give rank.samples (ranked by the task's simulated labeler) or rank.feedback, not both")
+        if not self.feedback and not self.samples:
+            self.samples = "{sample}"
+        return self
+
+
+class EvalStage(Section):
+    """``rlhfkit eval`` on held-out prompts; writes ``summary.json`` and ``samples/<model>.jsonl`` in ``out_dir``."""
+
+    models: dict[str, str]
+    prompts: str
+    reward_model: str | None = None
+    reference: str | None = None
+    baseline: str | None = None
+    heldout_text: str | None = None
+    limit: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    batch_size: int = Field(100, gt=0)
+    # > 0: also sample this many completions per prompt from the reference and check how often the reward
+    # model orders them as the task's gold judge does
+    rm_gold_samples: int = Field(0, ge=0)
+
+
+class ReportStage(Section):
+    """``report.html`` of the run, and the three-step illustration."""
+
+    illustrate: bool = True
+
+
+SECTIONS: dict[str, type[Section]] = {**TRAINERS, "sample": SampleStage, "rank": RankStage, "eval": EvalStage,
+                                      "report": ReportStage}
+
+
+class PipelineConfig(Section):
+    """Which stages to run, in order, and one section per stage (see the module docstring)."""
+
+    out_dir: str = "runs/pipeline"
+    seed: int = 0
+    task: str | None = None
+    stages: list[StageName] = Field(min_length=1)
+    pretrain: dict[str, Any] | None = None
+    sft: dict[str, Any] | None = None
+    sample: dict[str, Any] | None = None
+    rank: dict[str, Any] | None = None
+    rm: dict[str, Any] | None = None
+    ppo: dict[str, Any] | None = None
+    dpo: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+
+
+def file_digest(path: Path) -> str:
+    """A content digest of an input: a file's bytes, or a directory's file names, sizes and modification times."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = item.stat()
+            digest.update(f"{item.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class StageRunner:
+    """Runs stages under ``out_dir``, each once per fingerprint (see the module docstring)."""
+
+    def __init__(self, out_dir: str | Path, console: Console):
+        self.out_dir, self.console = Path(out_dir), console
+        self.fingerprints: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+
+    def output(self, stage: str, name: str | None = None) -> Path:
+        """Where ``{stage}`` (or ``{stage:name}``) points."""
+        return self.out_dir / stage / (name or OUTPUTS.get(stage, ""))
+
+    def resolve(self, value: Any, where: str = "") -> tuple[Any, set[str]]:
+        """``value`` with every ``{stage}`` reference replaced by its path; also the stages it refers to."""
+        used: set[str] = set()
+
+        def replace(match: re.Match) -> str:
+            stage = match.group(1)
+            if stage not in STAGES and stage not in self.fingerprints:
+                raise ConfigError(f"{where}: {{{stage}}} is not a stage (known: {', '.join(STAGES)})")
+            used.add(stage)
+            return str(self.output(stage, match.group(2)))
+
+        if isinstance(value, str):
+            return _REFERENCE.sub(replace, value), used
+        if isinstance(value, dict):
+            resolved = {}
+            for key, item in value.items():
+                resolved[key], refs = self.resolve(item, f"{where}.{key}" if where else str(key))
+                used |= refs
+            return resolved, used
+        if isinstance(value, list):
+            items = [self.resolve(item, f"{where}[{i}]") for i, item in enumerate(value)]
+            return [item for item, _ in items], used.union(*(refs for _, refs in items))
+        return value, used
+
+    def fingerprint(self, stage: str, config: dict, upstream: set[str]) -> str:
+        """Hash of the stage's resolved config, the digests of the files it reads, and its upstream stages."""
+        inputs, run_dir = {}, self.out_dir.resolve()
+        for value in _strings(config):
+            path = Path(value)
+            if value.strip("./") and len(value) < 4096 and path.exists() and not path.resolve().is_relative_to(run_dir):
+                inputs[value] = file_digest(path)
+        payload = {"stage": stage, "config": config, "inputs": inputs,
+                   "upstream": {name: self.fingerprints.get(name) for name in sorted(upstream)}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def run(self, stage: str, config: dict, upstream: set[str], work: Callable[[], Any]) -> bool:
+        """Run ``work`` for ``stage`` unless it finished with the same fingerprint; True when it ran."""
+        missing = sorted(name for name in upstream if name not in self.fingerprints)
+        if missing:
+            raise ConfigError(f"stage {stage!r} uses the output of {', '.join(missing)}, which this pipeline "
+                              f"neither runs before it nor finished earlier in {self.out_dir}")
+        fingerprint = self.fingerprint(stage, config, upstream)
+        directory = self.out_dir / stage
+        state_path = directory / "stage.json"
+        state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
+        same = state is not None and state.get("fingerprint") == fingerprint
+        if same and state.get("status") == "done":
+            self.console.print(f"[dim]{stage}: done earlier with the same config, skipped[/]")
+            self.fingerprints[stage], self.seconds[stage] = fingerprint, state.get("seconds", 0.0)
+            return False
+        if same:
+            self.console.rule(f"{stage} (resuming an interrupted run)")
+        else:
+            if directory.exists():
+                if state is None and any(directory.iterdir()):
+                    raise ConfigError(f"{directory} exists and was not written by rlhfkit pipeline: move it away "
+                                      "or choose another out_dir")
+                shutil.rmtree(directory)
+            self.console.rule(stage if state is None else f"{stage} (its config or inputs changed: from scratch)")
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_state(state_path, {"fingerprint": fingerprint, "status": "running"})
+        started = time.perf_counter()
+        work()
+        seconds = round(time.perf_counter() - started, 2)
+        _write_state(state_path, {"fingerprint": fingerprint, "status": "done", "seconds": seconds})
+        self.fingerprints[stage], self.seconds[stage] = fingerprint, seconds
+        return True
+
+    def adopt_finished(self, listed: list[str]) -> None:
+        """Make the finished stages of earlier runs in ``out_dir`` that this run does not list usable as
+        ``{stage}`` references (with their fingerprints, so a stage using them re-runs if they change)."""
+        for state_path in sorted(self.out_dir.glob("*/stage.json")):
+            stage = state_path.parent.name
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            if stage not in listed and stage not in self.fingerprints and state.get("status") == "done":
+                self.fingerprints[stage], self.seconds[stage] = state["fingerprint"], state.get("seconds", 0.0)
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _write_state(path: Path, state: dict) -> None:
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps(state), encoding="utf-8")
+    temp.replace(path)
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] | None = None) -> tuple[PipelineConfig, dict]:
+    """Read a pipeline config; return it and the line of every key in its file (for later error messages)."""
+    config = load_config(PipelineConfig, path, overrides or [])
+    lines = key_lines(Path(path).read_text(encoding="utf-8")) if path else {}
+    return config, lines
+
+
+def resolve_stages(config: PipelineConfig, runner: StageRunner, *, source: str = "<pipeline>",
+                   lines: dict | None = None) -> dict[str, tuple[Section, set[str]]]:
+    """Every listed stage's validated config (``{stage}`` references resolved) and the stages it uses."""
+    if len(set(config.stages)) != len(config.stages):
+        raise ConfigError(f"{source}: stages: each stage may be listed once, got {config.stages}")
+    if [s for s in STAGES if s in config.stages] != list(config.stages):
+        raise ConfigError(f"{source}: stages: list them in pipeline order ({', '.join(STAGES)}), got {config.stages}")
+    resolved = {}
+    for stage in config.stages:
+        section = getattr(config, stage)
+        if section is None and stage not in ("rank", "report"):
+            raise ConfigError(f"{source}: stages lists {stage!r} but the config has no {stage!r} section")
+        tree = dict(section or {})
+        if stage in TRAINERS:
+            if not isinstance(tree.get("train", {}), dict):
+                raise ConfigError(f"{source}: {stage}.train must be a section")
+            tree["train"] = {"seed": config.seed, **tree.get("train", {}), "output_dir": str(runner.out_dir / stage)}
+        # validate as written (so errors point at the file), then resolve references, defaults' included
+        cls = SECTIONS[stage]
+        written = validate_config(cls, tree, source=source, lines=lines, prefix=(stage,))
+        values, used = runner.resolve(written.model_dump(mode="json"), stage)
+        if stage == "report":  # it reads the whole run directory
+            used |= set(runner.fingerprints) | set(resolved)
+        resolved[stage] = (cls.model_validate(values), used)
+    if "rank" in resolved and not resolved["rank"][0].feedback and config.task is None:
+        raise ConfigError(f"{source}: the rank stage needs `task:` (its simulated labeler) or `rank.feedback:` "
+                          "(a feedback-app database URL)")
+    return resolved
+
+
+def run_pipeline(config: PipelineConfig, console: Console | None = None, *, source: str = "<pipeline>",
+                 lines: dict | None = None, runner: StageRunner | None = None) -> dict[str, float]:
+    """Run the listed stages in order (see the module docstring); return the seconds of every stage."""
+    console = console or Console(stderr=True)
+    runner = runner or StageRunner(config.out_dir, console)
+    runner.adopt_finished(list(config.stages))
+    stages = resolve_stages(config, runner, source=source, lines=lines)
+    save_config(config, runner.out_dir)
+    for stage, (section, used) in stages.items():
+        runner.run(stage, section.model_dump(mode="json"), used,
+                   lambda stage=stage, section=section: _STAGE_WORK[stage](section, config, runner, console))
+    seconds = {**runner.seconds, "total": round(sum(runner.seconds.values()), 1)}
+    summary_path = runner.out_dir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary["seconds"] = seconds
+        summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return seconds
+
+
+def _train(section: Section, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+    from rlhfkit.trainers.dpo import run_dpo
+    from rlhfkit.trainers.ppo import run_ppo
+    from rlhfkit.trainers.pretrain import run_pretrain
+    from rlhfkit.trainers.reward import run_reward
+    from rlhfkit.trainers.sft import run_sft
+
+    run = {PretrainConfig: run_pretrain, SFTConfig: run_sft, RewardConfig: run_reward, PPOConfig: run_ppo,
+           DPOConfig: run_dpo}[type(section)]
+    run(section, console)
+
+
+def _sample(section: SampleStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+    from rlhfkit.data.readers import read_records, write_jsonl
+    from rlhfkit.models.load import load_causal_lm
+    from rlhfkit.rollout.generate import SamplingConfig, generate_k
+
+    records = read_records(section.prompts, "prompt", limit=section.limit)
+    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=section.model))
+    sampling = SamplingConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                              top_p=section.top_p, top_k=section.top_k, batch_size=section.batch_size)
+    groups = generate_k(policy, tokenizer, [r.prompt for r in records], section.k, sampling, seed=config.seed)
+    rows = [{"prompt": r.prompt, "completions": [g.text for g in group if g.finished or not section.finished_only],
+             **({"id": r.id} if r.id is not None else {})} for r, group in zip(records, groups, strict=True)]
+    count = write_jsonl(runner.output("sample"), rows)
+    console.print(f"{count} prompts x {section.k} samples written to {runner.output('sample')}")
+
+
+def _rank(section: RankStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
     import random
 
-    prompts = [r.prompt for r in read_records(prompts_path, "prompt")]
-    groups = _sample_k(config, policy_dir, prompts, config.seed)
-    samples = [{"prompt": p, "completions": [g.text for g in group if g.finished]}
-               for p, group in zip(prompts, groups, strict=True)]
-    write_jsonl(out / "samples.jsonl", samples)
-    rng = random.Random(config.seed)
-    records = (task.rank_samples(row["prompt"], row["completions"], rng=rng) for row in samples)
-    return write_jsonl(out / "rankings.jsonl", (r for r in records if r is not None))
+    from rlhfkit.data.readers import iter_jsonl, write_jsonl
+    from rlhfkit.data.records import DataError
 
+    out = runner.output("rank")
+    if section.feedback:
+        from rlhfkit.feedback.store import Store
 
-def reward_model_gold_accuracy(config: DemoConfig, task: Task, rm_dir: Path, policy_dir: Path,
-                               prompts: list[str]) -> dict[str, float]:
-    """How often the reward model orders ``k`` fresh samples of held-out prompts as the gold judge does."""
-    groups = [[g.text for g in group] for group in _sample_k(config, policy_dir, prompts, config.seed + 1)]
-    model, tokenizer = load_for_scoring(str(rm_dir))
-    rewards = iter(score_texts(model, tokenizer, [p for p, group in zip(prompts, groups, strict=True) for _ in group],
-                               [text for group in groups for text in group], batch_size=64,
-                               max_length=config.max_length, max_prompt_length=config.max_length // 2))
-    return gold_pairwise_accuracy(task, prompts, groups, [[next(rewards) for _ in group] for group in groups])
+        store = Store(section.feedback)
+        try:
+            count = write_jsonl(out, store.export("rankings"))
+        finally:
+            store.close()
+        console.print(f"{count} rankings exported from {section.feedback} to {out}")
+        return
+    from rlhfkit.tasks import get_task
 
-
-def _tokenizer_texts(paths: dict[str, Path]):
-    for name in ("corpus", "sft_train"):
-        for line in paths[name].read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            yield from (row[k] for k in ("text", "prompt", "completion") if k in row)
-
-
-def _train_section(config: DemoConfig, schedule: StageSchedule, output_dir: Path, *, log_every: int = 25) -> dict:
-    return {"output_dir": str(output_dir), "seed": config.seed, "max_steps": schedule.max_steps,
-            "lr": schedule.lr, "batch_size": schedule.batch_size, "warmup_steps": schedule.warmup_steps,
-            "log_every": log_every, "eval_every": schedule.max_steps, "save_every": max(schedule.max_steps // 2, 1)}
-
-
-class StageTimer:
-    """Announces each stage with a rule on the console and records its wall time in seconds."""
-
-    def __init__(self, console: Console):
-        self.console, self.seconds = console, {}
-        self._current: str | None = None
-        self._started = 0.0
-
-    def start(self, name: str, title: str | None = None) -> None:
-        self.stop()
-        self.console.rule(title or name)
-        self._current, self._started = name, time.perf_counter()
-
-    def stop(self) -> dict[str, float]:
-        """End the current stage; return the seconds of every stage so far (and their ``total``)."""
-        if self._current is not None:
-            self.seconds[self._current] = round(time.perf_counter() - self._started, 1)
-            self._current = None
-        return {**self.seconds, "total": round(sum(self.seconds.values()), 1)}
-
-
-def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
-    """The three steps on the built-in task, then the gold judge's evaluation of every model.
-
-    Tokenizer -> pretrain -> SFT (step 1) -> sample K and rank -> reward model (step 2) -> PPO (step 3);
-    SFT -> DPO on the same rankings.
-    """
-    console = console or Console(stderr=True)
-    out = Path(config.out_dir)
-    save_config(config, out)
-    stages = StageTimer(console)
-    stages.start("tokenizer")
     task = get_task(config.task)
-    paths = prepare_task_data(config)
-    tokenizer_dir = out / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        train_bpe_tokenizer(_tokenizer_texts(paths), vocab_size=config.vocab_size, save_dir=tokenizer_dir)
+    rng = random.Random(config.seed)
+    records = []
+    for line, row in iter_jsonl(section.samples):
+        if not isinstance(row.get("completions"), list):
+            raise DataError("expected a list of strings", source=section.samples, line=line, field="completions")
+        record = task.rank_samples(row["prompt"], row["completions"], rng=rng, temperature=section.labeler_temperature,
+                                   id=None if row.get("id") is None else str(row["id"]))
+        if record is not None:
+            records.append(record)
+    count = write_jsonl(out, records)
+    console.print(f"{count} rankings by the {config.task} simulated labeler written to {out}")
 
-    stages.start("pretrain")
-    architecture = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers}
-    pretrain = load_config(PretrainConfig, base={
-        "model": {"preset": config.preset, "tokenizer": str(tokenizer_dir), "architecture": architecture},
-        "data": {"train": str(paths["corpus"]), "max_length": config.max_length},
-        "train": _train_section(config, config.pretrain, out / "pretrain")})
-    run_pretrain(pretrain, console)
 
-    stages.start("sft", "sft (step 1)")
-    sft_dir = out / "sft" / "final"
-    sft = load_config(SFTConfig, base={
-        "model": {"name_or_path": str(out / "pretrain" / "final")},
-        "data": {"train": str(paths["sft_train"]), "eval": str(paths["sft_eval"]),
-                 "max_length": config.max_length, "max_prompt_length": config.max_length // 2},
-        "train": _train_section(config, config.sft, out / "sft")})
-    run_sft(sft, console)
+def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+    from rlhfkit.data.readers import read_records, read_texts, write_jsonl
+    from rlhfkit.evaluate.compare import comparison_table, evaluate_models
+    from rlhfkit.evaluate.gold import reward_model_gold_accuracy
+    from rlhfkit.rollout.generate import SamplingConfig
+    from rlhfkit.tasks import get_task
 
-    stages.start("sample_and_rank", f"sample {config.k} per prompt and rank (step 2)")
-    rankings = out / "data" / "rankings.jsonl"
-    count = sample_and_rank(config, task, sft_dir, paths["rank_prompts"], rankings.parent)
-    console.print(f"{count} rankings written to {rankings}")
-    data = {"train": str(rankings), "max_length": config.max_length, "max_prompt_length": config.max_length // 2}
-
-    stages.start("rm", "reward model (step 2)")
-    run_reward(load_config(RewardConfig, base={
-        "model": {"name_or_path": str(sft_dir)}, "data": data,
-        "train": _train_section(config, config.rm, out / "rm", log_every=50)}), console)
-
-    stages.start("ppo", "ppo (step 3)")
-    ppo = config.ppo
-    run_ppo(load_config(PPOConfig, base={
-        "model": {"name_or_path": str(sft_dir)},
-        "data": {"train": str(paths["sft_train"]), "max_length": config.max_length,
-                 "max_prompt_length": config.max_length // 2},
-        "train": {**_train_section(config, ppo, out / "ppo", log_every=1), "scheduler": "constant"},
-        "ppo": {"reward_model": str(out / "rm" / "final"), "rollout_batch_size": ppo.rollout_batch_size,
-                "minibatch_size": ppo.minibatch_size, "ppo_epochs": ppo.ppo_epochs, "kl_coef": ppo.kl_coef,
-                "max_new_tokens": config.max_length // 2, "temperature": config.sample_temperature,
-                # every rollout is logged: the report plots their proxy against their gold score
-                "samples_to_log": ppo.rollout_batch_size}}), console)
-
-    stages.start("dpo")
-    run_dpo(load_config(DPOConfig, base={
-        "model": {"name_or_path": str(sft_dir)}, "data": data,
-        "train": _train_section(config, config.dpo, out / "dpo", log_every=50),
-        "dpo": {"beta": config.dpo.beta, "precompute_reference": True}}), console)
-
-    stages.start("evaluate")
-    prompts = [r.prompt for r in read_records(paths["eval_prompts"], "prompt")]
-    sampling = SamplingConfig(max_new_tokens=config.max_length // 2, temperature=config.eval_temperature,
-                              batch_size=100)
-    models = {name: str(out / name / "final") for name in ("pretrain", "sft", "ppo", "dpo")}
-    for name, schedule in (("ppo", config.ppo), ("dpo", config.dpo)):  # half-way: a point of the KL frontier
-        half = out / name / f"checkpoint-{max(schedule.max_steps // 2, 1)}"
-        if half.exists() and half.name != f"checkpoint-{schedule.max_steps}":
-            models[f"{name}@{schedule.max_steps // 2}"] = str(half)
-    heldout = read_texts(paths["heldout_text"])
-    report, samples = evaluate_models(models, prompts, sampling, task=task, reward_model=str(out / "rm" / "final"),
-                                      reference=str(sft_dir), baseline="sft", heldout_texts=heldout,
+    task = get_task(config.task) if config.task else None
+    prompts = [r.prompt for r in read_records(section.prompts, "prompt", limit=section.limit)]
+    sampling = SamplingConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                              batch_size=section.batch_size)
+    models = {name: path for name, path in section.models.items() if Path(path).exists()}
+    for name in section.models.keys() - models.keys():
+        console.print(f"[yellow]eval: {name} ({section.models[name]}) does not exist, left out[/]")
+    report, samples = evaluate_models(models, prompts, sampling, task=task, reward_model=section.reward_model,
+                                      reference=section.reference, baseline=section.baseline,
+                                      heldout_texts=read_texts(section.heldout_text) if section.heldout_text else (),
                                       seed=config.seed)
     for name, rows in samples.items():
-        write_jsonl(out / "samples" / f"{name}.jsonl", rows)
+        write_jsonl(runner.out_dir / "samples" / f"{name}.jsonl", rows)
     summary: dict = {"task": config.task, "eval_prompts": len(prompts), "baseline": report["baseline"],
                      "models": report["models"], "win_rates": report["win_rates"]}
-    summary["reward_model"] = reward_model_gold_accuracy(config, task, out / "rm" / "final", sft_dir, prompts)
-    summary["seconds"] = stages.stop()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    console.print(summary_table(summary))
-    report_path = write_report(out)
-    svg, png = illustrate(out)
-    console.print(f"report: {report_path}\nillustration: {svg}, {png}")
-    return summary
-
-
-def summary_table(summary: dict) -> Table:
-    """Every model of a run judged on held-out prompts, as a rich table."""
+    if section.rm_gold_samples and task and section.reward_model and section.reference:
+        summary["reward_model"] = reward_model_gold_accuracy(
+            task, section.reward_model, section.reference, prompts, k=section.rm_gold_samples, sampling=sampling,
+            seed=config.seed + 1)
+    runner.output("eval").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (runner.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     rm = summary.get("reward_model")
     caption = (f"reward model orders {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} sample pairs as the gold judge"
                if rm else None)
-    return comparison_table(summary, f"{summary['eval_prompts']} held-out prompts ({summary['task']})", caption)
+    console.print(comparison_table(summary, f"{len(prompts)} held-out prompts ({config.task or section.prompts})",
+                                   caption))
+
+
+def _report(section: ReportStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+    from rlhfkit.evaluate.illustrate import illustrate
+    from rlhfkit.evaluate.report import write_report
+
+    console.print(f"report: {write_report(runner.out_dir)}")
+    if section.illustrate:
+        svg, png = illustrate(runner.out_dir)
+        console.print(f"illustration: {svg}, {png}")
+
+
+_STAGE_WORK: dict[str, Callable[[Any, PipelineConfig, StageRunner, Console], None]] = {
+    **dict.fromkeys(TRAINERS, _train), "sample": _sample, "rank": _rank, "eval": _evaluate, "report": _report}
+

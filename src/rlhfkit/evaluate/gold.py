@@ -29,3 +29,24 @@ def gold_pairwise_accuracy(task: Task, prompts: Sequence[str], completions: Sequ
                 else:
                     agree += (gold[i] > gold[j]) == (scores[i] > scores[j])
     return {"gold/accuracy": agree / total if total else float("nan"), "gold/pairs": total}
+
+
+def reward_model_gold_accuracy(task: Task, reward_model: str, policy: str, prompts: Sequence[str], *, k: int,
+                               sampling, seed: int = 0) -> dict[str, float]:
+    """How often ``reward_model`` orders ``k`` fresh samples of ``policy`` per prompt as the gold judge does.
+
+    The reward model's accuracy on the distribution it is used on (samples of the policy it was trained
+    to judge), against the truth rather than against noisy labelers; see :func:`gold_pairwise_accuracy`.
+    """
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models.load import load_causal_lm
+    from rlhfkit.models.reward import load_for_scoring, score_texts
+    from rlhfkit.rollout.generate import generate_k
+
+    model, tokenizer = load_causal_lm(ModelConfig(name_or_path=policy))
+    groups = [[g.text for g in group] for group in generate_k(model, tokenizer, prompts, k, sampling, seed=seed)]
+    scorer, scorer_tokenizer = load_for_scoring(reward_model)
+    rewards = iter(score_texts(scorer, scorer_tokenizer, [p for p, group in zip(prompts, groups, strict=True)
+                                                          for _ in group],
+                               [text for group in groups for text in group], batch_size=64))
+    return gold_pairwise_accuracy(task, prompts, groups, [[next(rewards) for _ in group] for group in groups])

@@ -7,8 +7,9 @@ Three panels side by side, headed "Step 1", "Step 2", "Step 3":
    "train our reward model";
 3. a new prompt, the PPO policy's output, the reward model's reward for it, and the loop back to the policy.
 
-The examples come from the run directory: ``data/sft_train.jsonl``, ``data/rankings.jsonl`` and
-``ppo/samples.jsonl`` (the last iteration's first sample). One drawing, written as ``illustration.svg``
+The examples come from the run directory: the SFT and reward-model stages' training data (``data.train``
+of ``sft/config.yaml`` and ``rm/config.yaml``) and ``ppo/samples.jsonl`` (the last iteration's first
+sample). One drawing, written as ``illustration.svg``
 (text kept as text, so the examples can be searched) and ``illustration.png``.
 """
 
@@ -22,10 +23,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-from rlhfkit.data.readers import iter_jsonl  # noqa: E402
-from rlhfkit.data.records import DataError, parse_record  # noqa: E402
+from rlhfkit.data.readers import iter_jsonl, read_records  # noqa: E402
+from rlhfkit.data.records import DataError  # noqa: E402
 
 GREEN, GREY, BLUE, ORANGE = "#c8e6c9", "#f5f5f5", "#bbdefb", "#ffe0b2"
 
@@ -54,21 +56,28 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
+def _training_data(run_dir: Path, stage: str, kind: str) -> list:
+    """The first records of what a stage of the run trained on (``data.train`` of its ``config.yaml``)."""
+    config_path = run_dir / stage / "config.yaml"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path}: not found; the illustration needs a pipeline run (rlhfkit demo)")
+    return read_records(yaml.safe_load(config_path.read_text(encoding="utf-8"))["data"]["train"], kind, limit=500)
+
+
 def run_examples(run_dir: Path) -> dict:
     """The examples the diagram shows, read from a run directory."""
     # a demonstration that fits its box: the first of a few sentences
-    demos = _rows(run_dir / "data" / "sft_train.jsonl")
-    demo = next((r for r in demos if 60 <= len(r["completion"]) <= 200), demos[0])
+    demos = _training_data(run_dir, "sft", "demonstration")
+    demo = next((r for r in demos if 60 <= len(r.completion) <= 200), demos[0])
     # a ranking of four outputs, with a tie when there is one (it shows the "=" of the ranking)
-    path = run_dir / "data" / "rankings.jsonl"
-    rankings = [parse_record(row, "ranking", source=str(path), line=i + 1) for i, row in enumerate(_rows(path)[:500])]
+    rankings = _training_data(run_dir, "rm", "ranking")
     four = [r for r in rankings if len(r.completions) == 4] or rankings
     ranking = next((r for r in four if any(len(group) > 1 for group in r.ranking)), four[0])
     # the first sample of PPO's last logged iteration
     samples = _rows(run_dir / "ppo" / "samples.jsonl")
     last_step = max(r["step"] for r in samples)
     ppo = next(r for r in samples if r["step"] == last_step)
-    return {"demo_prompt": demo["prompt"], "demonstration": demo["completion"],
+    return {"demo_prompt": demo.prompt, "demonstration": demo.completion,
             "rank_prompt": ranking.prompt, "outputs": list(ranking.completions),
             "ranking": ranking_label(ranking.ranking),
             "ppo_prompt": ppo["prompt"], "ppo_output": ppo["completion"], "reward": ppo["score"],
