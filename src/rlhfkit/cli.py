@@ -331,6 +331,69 @@ def evaluate(
     console.print(f"written to {out / 'eval.json'} and {out / 'samples'}/")
 
 
+human_app = typer.Typer(help="Win rates judged by people, through the feedback app's A/B tasks.",
+                        no_args_is_help=True)
+app.add_typer(human_app, name="human")
+
+
+@human_app.command("pairs")
+@_fail_cleanly
+def human_pairs(
+    run_dir: Annotated[Path, typer.Argument(help="A run with samples/<model>.jsonl (pipeline, demo or eval).")],
+    models: Annotated[str, typer.Option(help="Models to compare with the baseline, comma-separated.")],
+    out: Annotated[Path, typer.Option(help="A/B records to import: rlhfkit feedback import OUT --kind pairs.")],
+    baseline: Annotated[str, typer.Option(help="The model every other one is compared with.")] = "sft",
+    seed: Annotated[int, typer.Option(help="Seed of the random left/right order of each pair.")] = 0,
+) -> None:
+    """Write A/B pairs (each model's output and the baseline's for the same prompt, in a random order)."""
+    from rlhfkit.data.readers import iter_jsonl, write_jsonl
+    from rlhfkit.evaluate.human import ab_pairs
+
+    names = [name.strip() for name in models.split(",") if name.strip()]
+    samples = {}
+    for name in (*names, baseline):
+        path = run_dir / "samples" / f"{name}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no samples of {name!r} in {run_dir}")
+        samples[name] = [row for _, row in iter_jsonl(path)]
+    try:
+        records = ab_pairs(samples, names, baseline, seed=seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    console.print(f"{write_jsonl(out, records)} A/B pairs written to {out}; "
+                  f"load them with: rlhfkit feedback import {out} --kind pairs")
+
+
+@human_app.command("verdicts")
+@_fail_cleanly
+def human_verdicts(
+    run_dir: Annotated[Path, typer.Argument(help="The run the pairs came from (its summary.json is updated).")],
+    verdicts: Annotated[Path, typer.Option(help="A/B verdicts: rlhfkit export --kind ab.")],
+    baseline: Annotated[str | None, typer.Option(help="Default: the run's baseline.")] = None,
+) -> None:
+    """Add the human win rates of the verdicts to RUN_DIR/summary.json (and its report, if written)."""
+    from rlhfkit.data.readers import iter_jsonl
+    from rlhfkit.evaluate.compare import comparison_table
+    from rlhfkit.evaluate.human import human_win_rates
+    from rlhfkit.evaluate.report import write_report
+
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{summary_path}: not found; run the pipeline's eval stage first")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    baseline = baseline or summary["baseline"]
+    rates = human_win_rates((row for _, row in iter_jsonl(verdicts)), baseline, source=str(verdicts))
+    if not rates:
+        raise DataError(f"no verdict compares a model with {baseline!r}", source=str(verdicts))
+    for name, rate in rates.items():
+        summary.setdefault("win_rates", {}).setdefault(name, {})["human"] = rate
+    summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    console.print(comparison_table(summary, f"{sum(r['wins'] + r['ties'] + r['losses'] for r in rates.values())} "
+                                            f"human verdicts against {baseline}"))
+    if (run_dir / "report.html").exists():
+        console.print(f"report updated: {write_report(run_dir)}")
+
+
 @app.command()
 @_fail_cleanly
 def report(run_dir: Annotated[Path, typer.Argument(help="A pipeline run directory (with summary.json).")]) -> None:

@@ -146,6 +146,7 @@ def comparison_rows(report: dict) -> tuple[list[str], list[list[str]]]:
                                            if "gold/score" in m else ""),
                f"win rate vs {baseline} (gold)": lambda m, w: _interval(w.get("gold")),
                f"win rate vs {baseline} (RM)": lambda m, w: _interval(w.get("rm")),
+               f"win rate vs {baseline} (human)": lambda m, w: _interval(w.get("human")),
                "RM score": lambda m, w: f"{m['rm/score']:.2f}" if "rm/score" in m else "",
                "KL to reference": lambda m, w: f"{m['kl']:.2f}" if "kl" in m else "",
                "held-out ppl": lambda m, w: f"{m['heldout/ppl']:.2f}" if "heldout/ppl" in m else "",
