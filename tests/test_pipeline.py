@@ -178,3 +178,17 @@ def test_a_directory_the_pipeline_did_not_write_is_never_deleted(tmp_path):
     with pytest.raises(ConfigError, match="was not written by rlhfkit pipeline"):
         runner.run("sft", {}, set(), lambda: None)
     assert (tmp_path / "run" / "sft" / "precious.txt").read_text() == "keep me"
+
+
+def test_the_shipped_pipeline_config_is_valid_and_wires_every_stage(tmp_path):
+    from pathlib import Path
+
+    from rlhfkit.pipeline import resolve_stages
+
+    path = Path(__file__).parents[1] / "configs" / "pipeline.yaml"
+    config, lines = load_pipeline(path, [f"out_dir={tmp_path}"])
+    stages = resolve_stages(config, StageRunner(tmp_path, Console(quiet=True)), source=str(path), lines=lines)
+    assert list(stages) == list(config.stages)
+    assert stages["rm"][1] == {"sft", "rank"} and stages["ppo"][1] == {"sft", "rm"}
+    assert stages["ppo"][0].ppo.reward_model == str(tmp_path / "rm" / "final")
+    assert stages["eval"][0].models["ppo@15"] == str(tmp_path / "ppo" / "checkpoint-15")
