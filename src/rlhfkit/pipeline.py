@@ -252,6 +252,7 @@ class StageRunner:
             if stage not in listed and stage not in self.fingerprints and state.get("status") == "done":
                 self.fingerprints[stage], self.seconds[stage] = state["fingerprint"], state.get("seconds", 0.0)
 
+
 def _strings(value: Any):
     if isinstance(value, str):
         yield value
@@ -405,6 +406,7 @@ def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, c
                                       reference=section.reference, baseline=section.baseline,
                                       heldout_texts=read_texts(section.heldout_text) if section.heldout_text else (),
                                       seed=config.seed)
+    shutil.rmtree(runner.out_dir / "samples", ignore_errors=True)  # no stale samples of models left out now
     for name, rows in samples.items():
         write_jsonl(runner.out_dir / "samples" / f"{name}.jsonl", rows)
     summary: dict = {"task": config.task, "eval_prompts": len(prompts), "baseline": report["baseline"],
