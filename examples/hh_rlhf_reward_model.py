@@ -5,11 +5,12 @@
     python examples/hh_rlhf_reward_model.py --data pairs.jsonl.gz --out runs/hh --pretrain-steps 0
 
 hh-rlhf stores each judgement as two full dialogues, ``chosen`` and ``rejected``
-(``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) that share everything up to the last ``Assistant:`` turn. The
-conversion below splits them into rlhfkit's pairwise record: the shared turns become the prompt, as chat
-messages (Human -> user, Assistant -> assistant, rendered by the tokenizer's chat template), and the two
-final replies the ``chosen`` / ``rejected`` completions. Pairs whose replies are empty or identical, or
-whose dialogues do not share their turns, are skipped and counted.
+(``"\n\nHuman: ...\n\nAssistant: ..."``) that share everything up to the last ``Assistant:`` turn.
+:func:`rlhfkit.data.public.hh_rlhf` (through ``read_public(path, "hh")``, or ``rlhfkit convert-data --layout hh``)
+splits them into rlhfkit's pairwise record: the shared turns become the prompt, as chat messages (Human -> user,
+Assistant -> assistant, rendered by the tokenizer's chat template), and the two final replies the ``chosen`` /
+``rejected`` completions. Pairs whose replies are empty or identical, or whose dialogues do not share their
+turns, are skipped and counted.
 
 Then, all offline: a byte-level BPE tokenizer trained on the train part, a tiny Llama (optionally
 pretrained on the train dialogues first, ``--pretrain-steps``), and ``rlhfkit rm`` on the train pairs;
@@ -20,48 +21,13 @@ The data are not copied into the repository: everything is written under ``--out
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import random
 import time
 from pathlib import Path
 
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
-
-
-def split_turns(dialogue: str) -> list[dict[str, str]] | None:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b ..."`` as chat messages; None when it does not parse."""
-    messages, rest = [], dialogue
-    while rest:
-        for marker, role in ((HUMAN, "user"), (ASSISTANT, "assistant")):
-            if rest.startswith(marker):
-                rest = rest[len(marker):]
-                cut = min((i for i in (rest.find(HUMAN), rest.find(ASSISTANT)) if i >= 0), default=len(rest))
-                messages.append({"role": role, "content": rest[:cut].strip()})
-                rest = rest[cut:]
-                break
-        else:
-            return None
-    return messages
-
-
-def convert(row: dict) -> dict | str:
-    """A pairwise record ``{"prompt": [messages], "chosen", "rejected"}``, or the reason it is skipped."""
-    chosen, rejected = split_turns(row["chosen"]), split_turns(row["rejected"])
-    if not chosen or not rejected:
-        return "unparsable dialogue"
-    if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-        return "dialogues differ before the last reply"
-    if not chosen[-1]["content"] or not rejected[-1]["content"]:
-        return "empty reply"
-    if chosen[-1]["content"] == rejected[-1]["content"]:
-        return "identical replies"
-    prompt = [m for m in chosen[:-1] if m["content"]]
-    if not prompt:
-        return "empty prompt"
-    return {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
 
 
 def main() -> None:
@@ -82,42 +48,36 @@ def main() -> None:
     args = parser.parse_args()
 
     from rlhfkit.config import PretrainConfig, RewardConfig, load_config
+    from rlhfkit.data.public import read_public
     from rlhfkit.data.readers import write_jsonl
     from rlhfkit.models.tokenizer import train_bpe_tokenizer
     from rlhfkit.trainers.pretrain import run_pretrain
     from rlhfkit.trainers.reward import run_reward
 
     started = time.perf_counter()
-    with gzip.open(args.data, "rt", encoding="utf-8") as handle:
-        raw = [json.loads(line) for line in handle if line.strip()]
-    records, skipped = [], {}
-    for row in raw:
-        converted = convert(row)
-        if isinstance(converted, str):
-            skipped[converted] = skipped.get(converted, 0) + 1
-        else:
-            records.append(converted)
+    data = read_public(args.data, "hh")
+    records = data.records
     random.Random(args.seed).shuffle(records)
     n_test = round(len(records) * args.test_fraction)
     test, train = records[:n_test], records[n_test:]
     out = args.out
     write_jsonl(out / "data" / "train.jsonl", train)
     write_jsonl(out / "data" / "test.jsonl", test)
-    print(f"{len(raw)} pairs read, {len(records)} converted ({len(train)} train, {len(test)} test); "
-          f"skipped: {skipped or 'none'}")
+    print(f"{data.rows} pairs read, {len(records)} converted ({len(train)} train, {len(test)} test); "
+          f"skipped: {dict(data.skipped) or 'none'}")
 
     # the tokenizer sees the train part only
-    texts = [m["content"] for r in train for m in r["prompt"]] + [r[k] for r in train for k in ("chosen", "rejected")]
+    texts = [m["content"] for r in train for m in r.prompt] + [t for r in train for t in (r.chosen, r.rejected)]
     tokenizer_dir = out / "tokenizer"
     train_bpe_tokenizer(texts, vocab_size=args.vocab_size, save_dir=tokenizer_dir)
     architecture = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers}
     model: dict = {"preset": "tiny", "tokenizer": str(tokenizer_dir), "architecture": architecture}
     if args.pretrain_steps:
-        def dialogue(r: dict, reply: str) -> str:
-            return "\n\n".join(f"{m['role']}: {m['content']}" for m in r["prompt"]) + f"\n\nassistant: {reply}"
+        def dialogue(r, reply: str) -> str:
+            return "\n\n".join(f"{m['role']}: {m['content']}" for m in r.prompt) + f"\n\nassistant: {reply}"
 
         write_jsonl(out / "data" / "lm.jsonl",
-                    ({"text": dialogue(r, r[k])} for r in train for k in ("chosen", "rejected")))
+                    ({"text": dialogue(r, reply)} for r in train for reply in (r.chosen, r.rejected)))
         pretrain = load_config(PretrainConfig, base={
             "model": model, "data": {"train": str(out / "data" / "lm.jsonl"), "max_length": args.max_length},
             "train": {"output_dir": str(out / "pretrain"), "seed": args.seed, "max_steps": args.pretrain_steps,

@@ -13,7 +13,7 @@ from rlhfkit.algorithms.ranking import (
     pairwise_accuracy,
     ranking_loss,
 )
-from rlhfkit.data.records import RankingRecord
+from rlhfkit.data.records import PairSetRecord, RankingRecord
 
 
 def softplus_neg(d: float) -> float:
@@ -55,6 +55,23 @@ def test_ties_make_no_pair():
     # a tied pair in the wrong order costs nothing: swapping the tied rewards leaves the loss unchanged
     swapped = torch.tensor([3.0, 0.0, 1.0, -2.0])
     assert ranking_loss(swapped, expand_pairs([pairs], [4])).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_pair_set_with_a_cycle_and_a_tie():
+    # qa-feedback-style judgements no ranking can hold: 0 over 1, 1 over 2, 2 over 0 (a cycle), 0 tied with 3
+    record = PairSetRecord("p", ("a", "b", "c", "d"), ((0, 1, 1), (1, 2, 1), (0, 2, 2), (0, 3, 0)))
+    assert record.pairs() == [(0, 1), (1, 2), (2, 0)] and record.ties() == [(0, 3)]
+    index = expand_pairs([record.pairs()], [4])
+    rewards = torch.tensor([1.0, 0.5, -1.0, 4.0])
+    expected = (softplus_neg(0.5) + softplus_neg(1.5) + softplus_neg(-2.0)) / 3
+    assert expected == pytest.approx((0.474077 + 0.201413 + 2.126928) / 3, abs=1e-6)
+    assert ranking_loss(rewards, index).item() == pytest.approx(expected, rel=1e-6)
+    # the tie is not trained on: completion 3's reward does not enter the loss
+    assert ranking_loss(torch.tensor([1.0, 0.5, -1.0, -7.0]), index).item() == pytest.approx(expected, rel=1e-6)
+    # a cycle cannot be satisfied: at equal rewards every completion wins once and loses once, so no gradient
+    equal = torch.zeros(4, requires_grad=True)
+    ranking_loss(equal, index).backward()
+    torch.testing.assert_close(equal.grad, torch.zeros(4))
 
 
 def test_margin():

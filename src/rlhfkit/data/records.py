@@ -6,11 +6,15 @@ Five kinds of record flow through rlhfkit (the JSON forms are the project's data
 * ``demonstration`` (SFT): ``{"prompt", "completion"}`` or ``{"messages": [...]}``, where the last
   message is the assistant's reply and the messages before it are the prompt
 * ``ranking``: ``{"prompt", "completions": [str, ...], "ranking": [...]}``, best first; ties are
-  groups, e.g. ``[[0, 2], [1], [3]]``
+  groups, e.g. ``[[0, 2], [1], [3]]``. The same kind reads a set of pairwise judgements,
+  ``{"prompt", "completions": [str, ...], "pairs": [[i, j, preference], ...]}`` (a :class:`PairSetRecord`):
+  ``preference`` 1 means completion ``i`` is preferred, 2 means ``j`` is, 0 is a tie. Judgements need not
+  form a ranking (qa-feedback's human preferences may be intransitive); a trainer uses both forms through
+  ``prompt``, ``completions`` and ``pairs()``, the (winner, loser) pairs (tied pairs make none)
 * ``preference``: ``{"prompt", "chosen", "rejected"}``, a ranking of two completions
 * ``labeled`` (unpaired feedback, as KTO trains on): ``{"prompt", "completion", "label": bool}``, true
-  when the completion is desirable; this kind also reads pairwise and ranking objects (as
-  :class:`RankingRecord`), which a trainer can split into desirable and undesirable completions
+  when the completion is desirable; this kind also reads pairwise, ranking and pair-set objects (as
+  kind ``ranking`` does), which a trainer can split into desirable and undesirable completions
 
 Every record may also carry ``id`` (str or int, kept as str), ``labeler`` (str) and ``meta``
 (dict); other keys are ignored. :func:`parse_record` validates a decoded JSON object and raises a
@@ -167,6 +171,50 @@ class RankingRecord:
         ]
 
 
+PAIR_PREFERENCES = (0, 1, 2)  # tie, the first completion preferred, the second preferred
+
+
+@dataclass(frozen=True)
+class PairSetRecord:
+    """A prompt with K >= 2 completions and a set of pairwise judgements among them.
+
+    ``judgements`` holds ``(i, j, preference)`` triples: preference 1 means completion ``i`` is preferred,
+    2 means ``j`` is, 0 means neither (a tie). Each unordered pair is judged at most once, at least one
+    judgement prefers a completion, and the set need not be consistent with any ranking: it can hold a
+    cycle (0 over 1, 1 over 2, 2 over 0), as qa-feedback's pairwise human preferences can. Its JSON form
+    names the judgements ``"pairs"``.
+    """
+
+    prompt: Prompt
+    completions: tuple[str, ...]
+    judgements: tuple[tuple[int, int, int], ...]
+    id: str | None = None
+    labeler: str | None = None
+    meta: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        k = len(self.completions)
+        if k < 2:
+            raise ValueError(f"a pair set needs at least 2 completions, got {k}")
+        judged: set[frozenset[int]] = set()
+        for i, j, preference in self.judgements:
+            if not (0 <= i < k and 0 <= j < k) or i == j or preference not in PAIR_PREFERENCES:
+                raise ValueError(f"bad judgement ({i}, {j}, {preference}) for {k} completions")
+            if frozenset((i, j)) in judged:
+                raise ValueError(f"completions {i} and {j} are judged more than once")
+            judged.add(frozenset((i, j)))
+        if not self.pairs():
+            raise ValueError("every judgement is a tie, so the set prefers no completion")
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """The ``(winner, loser)`` pair of every judgement that is not a tie, in the judgements' order."""
+        return [(i, j) if preference == 1 else (j, i) for i, j, preference in self.judgements if preference]
+
+    def ties(self) -> list[tuple[int, int]]:
+        """The ``(i, j)`` pairs judged a tie (no trainer learns from them; they are kept as the labelers said)."""
+        return [(i, j) for i, j, preference in self.judgements if not preference]
+
+
 @dataclass(frozen=True)
 class LabeledRecord:
     """A prompt with one completion judged on its own: ``label`` is True when it is desirable (KTO)."""
@@ -179,7 +227,7 @@ class LabeledRecord:
     meta: dict[str, Any] | None = None
 
 
-Record = PromptRecord | DemonstrationRecord | RankingRecord | PreferenceRecord | LabeledRecord
+Record = PromptRecord | DemonstrationRecord | RankingRecord | PairSetRecord | PreferenceRecord | LabeledRecord
 
 
 class _Checker:
@@ -282,6 +330,36 @@ class _Checker:
             raise self.error("ranking", "ties every completion, so it prefers none")
         return tuple(tuple(sorted(group)) for group in groups)
 
+    def judgements(self, value: Any, k: int) -> tuple[tuple[int, int, int], ...]:
+        """``[[i, j, preference], ...]``: indices into ``k`` completions, preference 0 (tie), 1 or 2."""
+        if not isinstance(value, list):
+            raise self.error("pairs", f"expected a list of (i, j, preference) triples, got {_type_name(value)}")
+        if not value:
+            raise self.error("pairs", "has no judgement")
+        triples: list[tuple[int, int, int]] = []
+        judged: dict[frozenset[int], int] = {}
+        for n, item in enumerate(value):
+            where = f"pairs[{n}]"
+            if not isinstance(item, list) or len(item) != 3 or any(
+                isinstance(x, bool) or not isinstance(x, int) for x in item
+            ):
+                raise self.error(where, f"expected three integers (i, j, preference), got {item!r}")
+            i, j, preference = item
+            for index in (i, j):
+                if not 0 <= index < k:
+                    raise self.error(where, f"index {index} is out of range for {k} completions")
+            if i == j:
+                raise self.error(where, f"judges completion {i} against itself")
+            if preference not in PAIR_PREFERENCES:
+                raise self.error(where, f"preference {preference} is not 0 (tie), 1 (i preferred) or 2 (j preferred)")
+            earlier = judged.setdefault(frozenset((i, j)), n)
+            if earlier != n:
+                raise self.error(where, f"judges completions {i} and {j} again (pairs[{earlier}] did)")
+            triples.append((i, j, preference))
+        if not any(preference for _, _, preference in triples):
+            raise self.error("pairs", "ties every pair, so it prefers none")
+        return tuple(triples)
+
     def pairwise(self) -> tuple[Prompt, str, str]:
         """The prompt, chosen and rejected completions of a pairwise object."""
         prompt = self.prompt()
@@ -307,8 +385,9 @@ def parse_record(
     """Validate one decoded JSON object and build the record of the given ``kind``.
 
     Kind ``"ranking"`` also accepts a pairwise object (``chosen``/``rejected``) and turns it into a
-    K = 2 ranking; kind ``"preference"`` accepts only pairwise objects. Kind ``"labeled"`` reads an
-    object with a ``label`` as a :class:`LabeledRecord` and any other object as kind ``"ranking"`` does.
+    K = 2 ranking, and reads an object with ``pairs`` as a :class:`PairSetRecord`; kind ``"preference"``
+    accepts only pairwise objects. Kind ``"labeled"`` reads an object with a ``label`` as a
+    :class:`LabeledRecord` and any other object as kind ``"ranking"`` does.
     ``source``, ``line`` and ``unit`` locate the object in error messages (see :class:`DataError`).
 
     Raises:
@@ -362,6 +441,15 @@ def parse_record(
     if len(completions) < 2:
         raise check.error("completions", f"needs at least 2 completions, got {len(completions)}")
     texts = tuple(check.text(text, f"completions[{i}]") for i, text in enumerate(completions))
+    if "pairs" in obj:
+        if "ranking" in obj:
+            raise check.error("pairs", "give either 'ranking' or 'pairs', not both")
+        judgements = check.judgements(obj["pairs"], len(texts))
+        for n, (i, j, preference) in enumerate(judgements):
+            if preference and texts[i] == texts[j]:
+                raise check.error(f"pairs[{n}]", f"completions {i} and {j} are identical but one is preferred "
+                                  "(judge them a tie)")
+        return PairSetRecord(prompt, texts, judgements, **check.common())
     ranking = check.ranking(check.require("ranking"), len(texts))
     group_of = {i: g for g, group in enumerate(ranking) for i in group}
     first_seen: dict[str, int] = {}
@@ -390,6 +478,9 @@ def record_to_dict(record: Record) -> dict[str, Any]:
     elif isinstance(record, PreferenceRecord):
         row["chosen"] = record.chosen
         row["rejected"] = record.rejected
+    elif isinstance(record, PairSetRecord):
+        row["completions"] = list(record.completions)
+        row["pairs"] = [list(judgement) for judgement in record.judgements]
     elif isinstance(record, RankingRecord):
         row["completions"] = list(record.completions)
         if all(len(group) == 1 for group in record.ranking):

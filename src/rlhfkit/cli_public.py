@@ -1,0 +1,63 @@
+"""Commands for public data and models: ``rlhfkit convert-data`` and ``rlhfkit convert``.
+
+``cli.py`` adds them to its app with :func:`register` (after its ``_fail_cleanly`` and ``console``, which
+these commands share: data errors and missing files end with one clear message and exit code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rlhfkit.data.public import LAYOUTS
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``convert-data`` and ``convert`` to ``app`` (the ``rlhfkit`` app of :mod:`rlhfkit.cli`)."""
+    from rlhfkit.cli import _fail_cleanly, console
+
+    @app.command("convert-data")
+    @_fail_cleanly
+    def convert_data(
+        layout: Annotated[str, typer.Option(help=f"The input's layout: {', '.join(LAYOUTS)}.")],
+        source: Annotated[str, typer.Option("--in", help="Input file (.jsonl, .jsonl.gz, .json, .parquet, ...), "
+                                                         "saved dataset directory or hf:NAME[:SPLIT].")],
+        out: Annotated[Path, typer.Option(help="Output JSONL of rlhfkit records (.gz to compress).")],
+        limit: Annotated[int | None, typer.Option(help="Write at most this many records.")] = None,
+    ) -> None:
+        """Turn a public human-feedback layout (hh-rlhf, qa-feedback, Open-Assistant trees, self-instruct,
+        TRL formats) into rlhfkit records; rows that hold nothing to train on are skipped and counted."""
+        from rlhfkit.data.public import read_public
+        from rlhfkit.data.readers import write_jsonl
+
+        if layout not in LAYOUTS:
+            raise typer.BadParameter(f"expected one of {', '.join(LAYOUTS)}", param_hint="--layout")
+        data = read_public(source, layout, limit=limit)
+        written = write_jsonl(out, data.records)
+        console.print_json(json.dumps({"rows": data.rows, "records": written, "skipped": dict(data.skipped),
+                                       "out": str(out)}))
+
+    @app.command("convert")
+    @_fail_cleanly
+    def convert(
+        gguf: Annotated[Path, typer.Argument(help="A .gguf model file (needs the gguf package: rlhfkit[gguf]).")],
+        out: Annotated[Path, typer.Option(help="Directory for the Hugging Face checkpoint.")],
+        dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    ) -> None:
+        """Write a GGUF model (weights de-quantised, tokenizer, chat template) as a plain Hugging Face
+        checkpoint that ``model.name_or_path`` and plain transformers load."""
+        from rlhfkit.models.load import DTYPES, convert_gguf
+
+        if dtype not in DTYPES:
+            raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}", param_hint="--dtype")
+        started = time.perf_counter()
+        try:
+            convert_gguf(gguf, out, dtype=dtype)
+        except (ImportError, ValueError) as error:  # the gguf extra is missing; not a .gguf file
+            console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+            raise typer.Exit(2) from None
+        console.print_json(json.dumps({"out": str(out), "seconds": round(time.perf_counter() - started, 1)}))
