@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rlhfkit.config import ConfigError, ModelConfig, PretrainConfig, RewardConfig, SFTConfig, load_config
 from rlhfkit.data.records import DataError
@@ -39,7 +40,7 @@ def _fail_cleanly(function):
         try:
             return function(*args, **kwargs)
         except (ConfigError, DataError, TrainingError, FileNotFoundError) as error:
-            console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -435,3 +436,13 @@ def demo(config: ConfigOption = None, set_: SetOption = None) -> None:
 
     run_demo(load_config(DemoConfig, config, set_ or []), console)
 
+
+
+def _register_extensions() -> None:
+    """Commands that live beside their subject: public data and GGUF conversion."""
+    from rlhfkit.cli_public import register as register_public
+
+    register_public(app)
+
+
+_register_extensions()
