@@ -90,3 +90,25 @@ def test_cli_writes_pairs_and_adds_human_win_rates_to_the_summary_and_report(tmp
     assert rows[1][headers.index("win rate vs sft (human)")].startswith("100.0%")
     result = runner.invoke(cli.app, ["human", "pairs", str(run), "--models", "dpo", "--out", str(tmp_path / "x.jsonl")])
     assert result.exit_code == 2 and "no samples of 'dpo'" in result.output
+
+
+def test_pairs_judged_in_the_feedback_store_come_back_as_human_win_rates(tmp_path):
+    """The whole human loop without the web layer: pairs -> store -> labelers' verdicts -> export -> win rates."""
+    from rlhfkit.feedback.store import Store
+
+    samples = {name: samples_of(name) for name in ("sft", "ppo")}
+    store = Store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    try:
+        assert store.import_pairs(ab_pairs(samples, ["ppo"], "sft", seed=3), replicas=2) == 6
+        labelers = [store.create_user(name, "not-a-real-hash") for name in ("ann", "bob")]
+        for user in labelers:  # ann always prefers PPO's output; bob always the left one
+            while (item := store.next_item(user.id)) is not None:
+                choice = "ab"[item.meta["models"].index("ppo")] if user.username == "ann" else "a"
+                store.submit(user.id, item.id, {"verdict": choice})
+        verdicts = list(store.export("ab"))
+    finally:
+        store.close()
+    assert len(verdicts) == 12 and {v["labeler"] for v in verdicts} == {"ann", "bob"}
+    bob_ppo_wins = sum(v["meta"]["models"][0] == "ppo" for v in verdicts if v["labeler"] == "bob")
+    rates = human_win_rates(verdicts, "sft")
+    assert rates["ppo"]["wins"] == 6 + bob_ppo_wins and rates["ppo"]["losses"] == 6 - bob_ppo_wins
