@@ -1,0 +1,515 @@
+"""The feedback store on SQLite and on a real PostgreSQL server (skipped when PostgreSQL is not installed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from postgres_server import PostgresServer, why_unavailable
+
+from rlhfkit.data.readers import iter_jsonl, read_records, write_jsonl
+from rlhfkit.data.records import DataError, DemonstrationRecord, PreferenceRecord, RankingRecord
+from rlhfkit.evaluate.human import human_win_rates
+from rlhfkit.feedback.store import Answer, Base, Item, NotAssigned, Store, StoreError, User
+
+RANKING = {"ratings": [6, 3, 1], "flags": [[], ["made_up_facts"], ["harmful", "fails_instruction"]],
+           "ranking": [[0], [1], [2]]}
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'feedback.db'}"
+    return request.getfixturevalue("postgres").create_database()
+
+
+@pytest.fixture
+def store(url):
+    store = Store(url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def users(store):
+    return [store.create_user(name, f"hash-{name}") for name in ("ann", "bob", "cy")]
+
+
+def _one(store: Store, user: User, kind: str | None = None) -> Item:
+    item = store.next_item(user.id, kind)
+    assert item is not None
+    return item
+
+
+# ---------------------------------------------------------------------------------------- schema
+
+
+def test_migrations_build_exactly_the_models(store):
+    with store.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+
+
+def test_reopening_keeps_the_data_and_migrate_false_skips_alembic(url):
+    first = Store(url)
+    first.create_user("ann", "h")
+    first.close()
+    again = Store(url)
+    assert [user.username for user in again.users()] == ["ann"]
+    again.close()
+    unmigrated = Store(url.replace("feedback.db", "other.db"), migrate=False) if url.startswith("sqlite") else None
+    if unmigrated is not None:
+        with unmigrated.engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0
+        unmigrated.close()
+
+
+def test_sqlite_connections_use_wal_foreign_keys_and_a_busy_timeout(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'f.db'}")
+    with store.engine.connect() as connection:
+        pragma = connection.exec_driver_sql
+        assert pragma("PRAGMA journal_mode").scalar() == "wal"
+        assert pragma("PRAGMA foreign_keys").scalar() == 1
+        assert pragma("PRAGMA busy_timeout").scalar() >= 1000
+    store.close()
+
+
+def test_in_memory_sqlite_works_within_one_store():
+    store = Store("sqlite://")
+    user = store.create_user("ann", "h")
+    store.import_prompts([{"prompt": "hi"}])
+    assert store.next_item(user.id).prompt == "hi"
+    store.close()
+
+
+# ----------------------------------------------------------------------------------------- users
+
+
+def test_users_are_created_and_found(store):
+    ann = store.create_user("ann", "hash-a", "admin")
+    bob = store.create_user("bob", "hash-b")
+    assert ann == User(ann.id, "ann", "admin", "hash-a", True)
+    assert bob.role == "labeler"
+    assert store.user(bob.id) == bob
+    assert store.user_by_name("ann") == ann
+    assert store.user(10_000) is None and store.user_by_name("nobody") is None
+    assert store.users() == [ann, bob]
+
+
+@pytest.mark.parametrize(("username", "role", "field"), [
+    ("ann", "labeler", "username"),  # taken
+    ("", "labeler", "username"),
+    (" pad", "labeler", "username"),
+    ("x" * 65, "labeler", "username"),
+    ("new", "root", "role"),
+])
+def test_bad_users_are_refused_naming_the_field(store, username, role, field):
+    store.create_user("ann", "h")
+    with pytest.raises(StoreError) as caught:
+        store.create_user(username, "h", role)
+    assert caught.value.field == field and f"'{field}'" in str(caught.value)
+    assert len(store.users()) == 1
+
+
+# ---------------------------------------------------------------------------------------- import
+
+
+def test_imports_create_items_of_each_kind(store):
+    chat = [{"role": "user", "content": "Hi <b>there</b>"}]
+    assert store.import_prompts([{"prompt": "Write a poem", "id": 7, "meta": {"topic": "art"}},
+                                 {"prompt": chat}], replicas=2) == 2
+    assert store.import_samples([{"prompt": "p", "completions": ["a", "b", "c"], "gold": [[1], [0, 2]]}]) == 1
+    assert store.import_pairs([{"prompt": "q", "completions": ["x", "y"], "meta": {"models": ["m1", "m2"]}}]) == 1
+    assert store.item(1) == Item(1, "demonstration", "Write a poem", [], 2, {"topic": "art"}, None)
+    assert store.item(2).prompt == chat
+    assert store.item(3) == Item(3, "ranking", "p", ["a", "b", "c"], 1, {}, [[1], [0, 2]])
+    assert store.item(4) == Item(4, "ab", "q", ["x", "y"], 1, {"models": ["m1", "m2"]}, None)
+    assert store.item(5) is None
+
+
+@pytest.mark.parametrize(("method", "bad", "field"), [
+    ("import_prompts", {"id": 1}, "prompt"),
+    ("import_prompts", {"prompt": "p", "meta": [1]}, "meta"),
+    ("import_prompts", {"prompt": [{"role": "robot", "content": "x"}]}, "prompt[0].role"),
+    ("import_samples", {"prompt": "p", "completions": ["only one"]}, "completions"),
+    ("import_samples", {"prompt": "p", "completions": ["a", " "]}, "completions[1]"),
+    ("import_samples", {"prompt": "p", "completions": ["a", "b"], "gold": [[0, 1]]}, "gold"),
+    ("import_samples", {"prompt": "p", "completions": ["a", "b"], "gold": [0, 5]}, "gold"),
+    ("import_pairs", {"prompt": "p", "completions": ["a", "b", "c"]}, "completions"),
+    ("import_pairs", {"prompt": "p"}, "completions"),
+])
+def test_a_bad_record_names_source_record_and_field_and_writes_nothing(store, method, bad, field):
+    good = {"prompt": "fine", "completions": ["a", "b"]}
+    with pytest.raises(DataError) as caught:
+        getattr(store, method)([good, bad], source="batch.jsonl")
+    assert (caught.value.source, caught.value.line, caught.value.field) == ("batch.jsonl", 2, field)
+    assert str(caught.value).startswith(f"batch.jsonl, record 2, field '{field}'")
+    assert store.progress()[0]["items"] + store.progress()[1]["items"] + store.progress()[2]["items"] == 0
+
+
+def test_a_non_object_record_and_bad_replicas_are_refused(store):
+    with pytest.raises(DataError, match="record 1: expected an object"):
+        store.import_prompts(["just text"])
+    with pytest.raises(StoreError) as caught:
+        store.import_prompts([{"prompt": "p"}], replicas=0)
+    assert caught.value.field == "replicas"
+
+
+# ----------------------------------------------------------------------------------------- queue
+
+
+def test_next_item_keeps_the_open_assignment_and_filters_by_kind(store, users):
+    store.import_prompts([{"prompt": "p1"}, {"prompt": "p2"}])
+    store.import_pairs([{"prompt": "q", "completions": ["x", "y"]}])
+    ann = users[0]
+    first = _one(store, ann)
+    assert first.prompt == "p1" and store.next_item(ann.id) == first
+    assert _one(store, ann, "ab").kind == "ab"  # a kind filter can open a second assignment
+    assert store.next_item(ann.id, "ranking") is None
+    store.submit(ann.id, first.id, {"completion": "done"})
+    assert _one(store, ann).prompt == "q"  # the open A/B assignment comes before a new item
+    with pytest.raises(StoreError) as caught:
+        store.next_item(ann.id, "essay")
+    assert caught.value.field == "kind"
+    with pytest.raises(StoreError) as caught:
+        store.next_item(10_000)
+    assert caught.value.field == "user_id"
+
+
+def test_an_item_leaves_the_queue_when_enough_labelers_have_it(store, users):
+    ann, bob, cy = users
+    store.import_prompts([{"prompt": "p"}], replicas=2)
+    item = _one(store, ann)
+    assert _one(store, bob) == item
+    assert store.next_item(cy.id) is None  # two open assignments already cover the replicas
+    store.submit(ann.id, item.id, {"completion": "a"})
+    store.submit(bob.id, item.id, {"completion": "b"})
+    assert store.next_item(cy.id) is None
+    assert store.next_item(ann.id) is None  # answered: never offered again
+
+
+def test_a_skipped_item_goes_to_someone_else_and_never_back(store, users):
+    ann, bob, _ = users
+    store.import_prompts([{"prompt": "p"}])
+    item = _one(store, ann)
+    assert store.next_item(bob.id) is None
+    skipped = store.skip(ann.id, item.id, "I do not know the topic")
+    assert skipped.skipped and skipped.payload == {"reason": "I do not know the topic"}
+    assert store.next_item(ann.id) is None
+    assert _one(store, bob) == item
+    store.submit(bob.id, item.id, {"completion": "done"})
+    demonstration = store.progress()[0]
+    assert demonstration == {"kind": "demonstration", "items": 1, "answers_needed": 1, "answers": 1,
+                             "skipped": 1, "complete_items": 1}
+    assert [record["labeler"] for record in store.export("demonstrations")] == ["bob"]
+
+
+def test_skip_needs_a_reason_and_an_assignment(store, users):
+    ann, bob, _ = users
+    store.import_prompts([{"prompt": "p"}])
+    item = _one(store, ann)
+    with pytest.raises(StoreError) as caught:
+        store.skip(ann.id, item.id, "  ")
+    assert caught.value.field == "reason"
+    with pytest.raises(NotAssigned):
+        store.skip(bob.id, item.id, "not mine")
+    assert store.answers() == []
+
+
+def test_assigned_item_is_only_for_the_assignee(store, users):
+    ann, bob, _ = users
+    store.import_prompts([{"prompt": "p"}])
+    item = _one(store, ann)
+    assert store.assigned_item(ann.id, item.id) == item
+    with pytest.raises(NotAssigned):
+        store.assigned_item(bob.id, item.id)
+    with pytest.raises(NotAssigned):
+        store.assigned_item(ann.id, 10_000)
+
+
+# ---------------------------------------------------------------------------------------- submit
+
+
+def test_submissions_of_each_kind_are_stored_normalised(store, users):
+    ann = users[0]
+    store.import_prompts([{"prompt": "p"}])
+    store.import_samples([{"prompt": "s", "completions": ["a", "b", "c"]}])
+    store.import_pairs([{"prompt": "q", "completions": ["x", "y"]}])
+    answers = [
+        store.submit(ann.id, _one(store, ann).id, {"completion": "written", "extra": 1}),
+        store.submit(ann.id, _one(store, ann).id, {**RANKING, "ranking": [2, [1, 0]]}),
+        store.submit(ann.id, _one(store, ann).id, {"verdict": "tie"}),
+    ]
+    assert [answer.payload for answer in answers] == [
+        {"completion": "written"},
+        {"ratings": [6, 3, 1], "flags": RANKING["flags"], "ranking": [[2], [0, 1]]},
+        {"verdict": "tie"},
+    ]
+    assert all(isinstance(answer, Answer) and not answer.skipped and answer.created_at.tzinfo for answer in answers)
+    assert store.answers() == answers
+    assert store.answers("ab") == answers[2:]
+
+
+@pytest.mark.parametrize(("kind", "payload", "field"), [
+    ("demonstration", {"completion": " "}, "completion"),
+    ("demonstration", {"text": "x"}, "completion"),
+    ("demonstration", ["completion"], "payload"),
+    ("ab", {"verdict": "left"}, "verdict"),
+    ("ranking", {**RANKING, "ratings": [6, 3]}, "ratings"),
+    ("ranking", {**RANKING, "ratings": [6, 8, 1]}, "ratings[1]"),
+    ("ranking", {**RANKING, "ratings": [6, True, 1]}, "ratings[1]"),
+    ("ranking", {**RANKING, "flags": None}, "flags"),
+    ("ranking", {**RANKING, "flags": [["rude"], [], []]}, "flags[0]"),
+    ("ranking", {**RANKING, "flags": [[], ["harmful", "harmful"], []]}, "flags[1]"),
+    ("ranking", {**RANKING, "ranking": [[0], [1]]}, "ranking"),
+    ("ranking", {**RANKING, "ranking": [[0], [1], [1, 2]]}, "ranking"),
+    ("ranking", {**RANKING, "ranking": [[0, 1, 2]]}, "ranking"),
+    ("ranking", {**RANKING, "ranking": [[0], [], [1, 2]]}, "ranking"),
+    ("ranking", {**RANKING, "ranking": [0, 1, 3]}, "ranking"),
+    ("ranking", {**RANKING, "ranking": "0 1 2"}, "ranking"),
+])
+def test_bad_payloads_name_the_field_and_write_nothing(store, users, kind, payload, field):
+    ann = users[0]
+    {"demonstration": store.import_prompts, "ab": store.import_pairs, "ranking": store.import_samples}[kind](
+        [{"prompt": "p", "completions": ["a", "b"] if kind == "ab" else ["a", "b", "c"]}])
+    item = _one(store, ann)
+    with pytest.raises(StoreError) as caught:
+        store.submit(ann.id, item.id, payload)
+    assert caught.value.field == field
+    assert store.answers() == [] and store.next_item(ann.id) == item
+
+
+def test_identical_completions_must_be_tied(store, users):
+    ann = users[0]
+    store.import_samples([{"prompt": "p", "completions": ["same", "other", "same"]}])
+    item = _one(store, ann)
+    with pytest.raises(StoreError, match="identical"):
+        store.submit(ann.id, item.id, RANKING)
+    answer = store.submit(ann.id, item.id, {**RANKING, "ranking": [[0, 2], [1]]})
+    assert answer.payload["ranking"] == [[0, 2], [1]]
+
+
+def test_submitting_an_item_not_assigned_is_refused(store, users):
+    ann, bob, _ = users
+    store.import_prompts([{"prompt": "p"}, {"prompt": "q"}])
+    item = _one(store, ann)
+    with pytest.raises(NotAssigned):
+        store.submit(bob.id, item.id, {"completion": "stolen"})
+    with pytest.raises(NotAssigned):
+        store.submit(ann.id, item.id + 1, {"completion": "not given to me"})
+    assert store.answers() == []
+
+
+def test_a_double_submit_returns_the_first_answer_unchanged(store, users):
+    ann = users[0]
+    store.import_prompts([{"prompt": "p"}])
+    item = _one(store, ann)
+    first = store.submit(ann.id, item.id, {"completion": "first"})
+    assert store.submit(ann.id, item.id, {"completion": "second"}) == first
+    assert store.skip(ann.id, item.id, "changed my mind") == first
+    assert store.answers() == [first]
+
+
+def test_concurrent_submits_from_threads_make_one_answer(store, users):
+    ann = users[0]
+    store.import_prompts([{"prompt": "p"}])
+    item = _one(store, ann)
+    barrier = threading.Barrier(8)
+    results: list[Answer] = []
+
+    def submit(n: int) -> None:
+        barrier.wait()
+        results.append(store.submit(ann.id, item.id, {"completion": f"attempt {n}"}))
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8 and len({answer.id for answer in results}) == 1
+    assert results == [results[0]] * 8 and store.answers() == [results[0]]
+
+
+def test_concurrent_labelers_never_over_assign_an_item(store):
+    labelers = [store.create_user(f"labeler{n}", "h") for n in range(10)]
+    store.import_prompts([{"prompt": f"p{n}"} for n in range(4)], replicas=2)
+    barrier = threading.Barrier(len(labelers))
+    assigned: dict[str, int | None] = {}
+
+    def work(user: User) -> None:
+        barrier.wait()
+        item = store.next_item(user.id)
+        assigned[user.username] = item.id if item else None
+
+    threads = [threading.Thread(target=work, args=(user,)) for user in labelers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counts = [list(assigned.values()).count(item_id) for item_id in range(1, 5)]
+    assert counts == [2, 2, 2, 2] and list(assigned.values()).count(None) == 2
+
+
+# --------------------------------------------------------------------------------------- reports
+
+
+def test_progress_counts_items_answers_and_skips_per_kind(store, users):
+    ann, bob, _ = users
+    store.import_samples([{"prompt": "p", "completions": ["a", "b", "c"]}] * 2, replicas=2)
+    store.import_pairs([{"prompt": "q", "completions": ["x", "y"]}], replicas=3)
+    store.submit(ann.id, _one(store, ann, "ranking").id, RANKING)
+    store.submit(bob.id, _one(store, bob, "ranking").id, RANKING)
+    store.skip(ann.id, _one(store, ann, "ranking").id, "unclear")
+    store.submit(ann.id, _one(store, ann, "ab").id, {"verdict": "a"})
+    assert store.progress() == [
+        {"kind": "demonstration", "items": 0, "answers_needed": 0, "answers": 0, "skipped": 0, "complete_items": 0},
+        {"kind": "ranking", "items": 2, "answers_needed": 4, "answers": 2, "skipped": 1, "complete_items": 1},
+        {"kind": "ab", "items": 1, "answers_needed": 3, "answers": 1, "skipped": 0, "complete_items": 0},
+    ]
+
+
+def test_agreement_per_item_per_labeler_and_with_gold(store, users):
+    ann, bob, cy = users
+    store.import_samples([{"prompt": "p", "completions": ["a", "b", "c"], "gold": [[0], [1], [2]]}], replicas=3)
+    store.import_pairs([{"prompt": "q", "completions": ["x", "y"]}], replicas=2)
+    rankings = {ann: [[0], [1], [2]], bob: [[0], [1, 2]], cy: [[2], [1], [0]]}
+    for user, ranking in rankings.items():
+        store.submit(user.id, _one(store, user, "ranking").id, {**RANKING, "ranking": ranking})
+    store.submit(ann.id, _one(store, ann, "ab").id, {"verdict": "a"})
+    store.submit(bob.id, _one(store, bob, "ab").id, {"verdict": "tie"})
+    report = store.agreement()
+    # pairwise: ann-bob 2/3, ann-cy 0, bob-cy 0; tau-b: ann-bob 2/sqrt(6), ann-cy -1, bob-cy -2/sqrt(6)
+    ranking_item, ab_item = report["per_item"]
+    assert ranking_item["item_id"] == 1 and ranking_item["labelers"] == ["ann", "bob", "cy"]
+    assert ranking_item["pairwise_agreement"] == pytest.approx(2 / 9)
+    assert ranking_item["kendall_tau"] == pytest.approx(-1 / 3)
+    assert ab_item == {"item_id": 2, "labelers": ["ann", "bob"], "pairwise_agreement": 0.0, "kendall_tau": None}
+    per_labeler = {row["username"]: row for row in report["per_labeler"]}
+    # ann: ranking vs bob 2/3, vs cy 0, A/B vs bob 0; gold: 1
+    assert per_labeler["ann"]["items"] == 2
+    assert per_labeler["ann"]["pairwise_agreement"] == pytest.approx(2 / 9)
+    assert per_labeler["ann"]["kendall_tau"] == pytest.approx((2 / 6**0.5 - 1) / 2)
+    assert per_labeler["ann"]["gold_agreement"] == 1.0
+    assert per_labeler["cy"]["gold_agreement"] == 0.0
+    assert per_labeler["bob"]["gold_agreement"] == pytest.approx(2 / 3)
+    overall = report["overall"]
+    assert overall["pairwise_agreement"] == pytest.approx((2 / 3 + 0 + 0 + 0) / 4)
+    assert overall["kendall_tau"] == pytest.approx(-1 / 3)
+    assert overall["gold_agreement"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+def test_agreement_of_an_empty_store_is_undefined(store):
+    assert store.agreement() == {"per_item": [], "per_labeler": [], "overall": {
+        "pairwise_agreement": None, "kendall_tau": None, "gold_agreement": None}}
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+@pytest.fixture
+def answered(store, users):
+    """Every kind answered by ann and bob, and one skip of each kind by cy."""
+    ann, bob, cy = users
+    store.import_prompts([{"prompt": "Say hi", "id": "d1"}], replicas=3)
+    store.import_samples([{"prompt": [{"role": "user", "content": "Rank"}], "completions": ["a", "b", "c"]}],
+                         replicas=3)
+    store.import_pairs([{"prompt": "Judge", "id": "ab-1", "completions": ["x", "y"],
+                         "meta": {"models": ["ppo", "sft"]}}], replicas=3)
+    for user, text, ranking, verdict in ((ann, "hi!", [1, 0, 2], "a"), (bob, "hello", [[0, 1], [2]], "tie")):
+        store.submit(user.id, _one(store, user, "demonstration").id, {"completion": text})
+        store.submit(user.id, _one(store, user, "ranking").id, {**RANKING, "ranking": ranking})
+        store.submit(user.id, _one(store, user, "ab").id, {"verdict": verdict})
+    for kind in ("demonstration", "ranking", "ab"):
+        store.skip(cy.id, _one(store, cy, kind).id, "skip")
+    return store
+
+
+def _round_trip(tmp_path: Path, store: Store, kind: str, record_kind: str) -> list:
+    path = tmp_path / f"{kind}.jsonl"
+    write_jsonl(path, store.export(kind))
+    return read_records(path, record_kind)
+
+
+def test_exported_demonstrations_read_back(answered, tmp_path):
+    records = _round_trip(tmp_path, answered, "demonstrations", "demonstration")
+    assert records == [DemonstrationRecord("Say hi", "hi!", id="d1", labeler="ann"),
+                       DemonstrationRecord("Say hi", "hello", id="d1", labeler="bob")]
+
+
+def test_exported_rankings_read_back_flat_without_ties(answered, tmp_path):
+    records = _round_trip(tmp_path, answered, "rankings", "ranking")
+    prompt = [{"role": "user", "content": "Rank"}]
+    meta = {"ratings": RANKING["ratings"], "flags": RANKING["flags"]}
+    assert records == [RankingRecord(prompt, ("a", "b", "c"), ((1,), (0,), (2,)), id="2", labeler="ann", meta=meta),
+                       RankingRecord(prompt, ("a", "b", "c"), ((0, 1), (2,)), id="2", labeler="bob", meta=meta)]
+    assert [row["ranking"] for _, row in iter_jsonl(tmp_path / "rankings.jsonl")] == [[1, 0, 2], [[0, 1], [2]]]
+
+
+def test_exported_pairs_are_every_untied_pair(answered, tmp_path):
+    records = _round_trip(tmp_path, answered, "pairs", "preference")
+    prompt = [{"role": "user", "content": "Rank"}]
+    assert [(r.chosen, r.rejected, r.labeler) for r in records] == [
+        ("b", "a", "ann"), ("b", "c", "ann"), ("a", "c", "ann"), ("a", "c", "bob"), ("b", "c", "bob")]
+    assert all(isinstance(r, PreferenceRecord) and r.prompt == prompt and r.id == "2" for r in records)
+
+
+def test_exported_ab_verdicts_feed_human_win_rates(answered, tmp_path):
+    path = tmp_path / "ab.jsonl"
+    assert write_jsonl(path, answered.export("ab")) == 2
+    rows = [row for _, row in iter_jsonl(path)]
+    assert rows[0] == {"prompt": "Judge", "completions": ["x", "y"], "verdict": "a", "id": "ab-1", "labeler": "ann",
+                       "meta": {"models": ["ppo", "sft"]}}
+    assert human_win_rates(rows, "sft")["ppo"]["win_rate"] == pytest.approx(0.75)
+
+
+def test_export_refuses_an_unknown_kind(store):
+    with pytest.raises(StoreError) as caught:
+        list(store.export("essays"))
+    assert caught.value.field == "kind"
+
+
+# ----------------------------------------------------------------------------------------- crash
+
+CRASHING_CLIENT = textwrap.dedent("""
+    import os, signal, sys
+    from rlhfkit.feedback.store import Store, AnswerRow
+    store = Store(sys.argv[1])
+    user = store.create_user("ann", "h")
+    store.import_prompts([{"prompt": "p1"}, {"prompt": "p2"}])
+    store.submit(user.id, store.next_item(user.id).id, {"completion": "committed"})
+    item = store.next_item(user.id)
+    session = store._writer()
+    session.add(AnswerRow(user_id=user.id, item_id=item.id, payload={"completion": "never committed"}))
+    session.flush()  # the row is written inside an open transaction, which dies with the process
+    print("ready", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_process_loses_nothing_it_committed(url, tmp_path):
+    process = subprocess.run([sys.executable, "-c", CRASHING_CLIENT, url], capture_output=True, text=True,
+                             timeout=120)
+    assert process.returncode == -9 and process.stdout == "ready\n", process.stderr
+    store = Store(url)
+    assert [answer.payload for answer in store.answers()] == [{"completion": "committed"}]
+    ann = store.user_by_name("ann")
+    assert store.next_item(ann.id).prompt == "p2"  # the open assignment survived; its answer did not
+    if url.startswith("sqlite"):
+        with store.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+    store.close()
