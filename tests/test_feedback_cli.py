@@ -1,0 +1,241 @@
+"""The feedback commands (serve, export, feedback add-user/import/progress/agreement) on a temporary SQLite DB."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from rlhfkit.data.readers import read_records
+from rlhfkit.data.records import RankingRecord
+from rlhfkit.feedback.cli import database_url, register
+from rlhfkit.feedback.security import verify_password
+from rlhfkit.feedback.store import Store
+
+SAMPLES = [
+    {"prompt": "Name a colour", "completions": ["red", "blue", "seven"], "id": "s1"},
+    {"prompt": "Name a fruit", "completions": ["apple", "pear"], "gold": [[0], [1]]},
+]
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+@pytest.fixture
+def run(app):
+    def invoke(*args: str, input: str | None = None):
+        return CliRunner().invoke(app, [str(arg) for arg in args], input=input)
+
+    return invoke
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "feedback.db"
+
+
+def _message(result) -> str:
+    """The error output as one line (rich wraps long lines at the terminal width)."""
+    return " ".join(result.stderr.split())
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_database_url_accepts_urls_and_paths(tmp_path):
+    assert database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert database_url(str(tmp_path / "x.db")) == f"sqlite:///{tmp_path / 'x.db'}"
+    assert database_url("x.db") == "sqlite:///x.db"
+
+
+def test_add_user_hashes_the_given_or_prompted_password(run, db):
+    result = run("feedback", "add-user", "boss", "--role", "admin", "--password", "correct horse", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"id": 1, "username": "boss", "role": "admin"}
+    result = run("feedback", "add-user", "ann", "--db", db, input="battery staple\nbattery staple\n")
+    assert result.exit_code == 0, result.output
+    assert "battery staple" not in result.stdout
+    store = Store(f"sqlite:///{db}")
+    boss, ann = store.users()
+    assert (boss.role, ann.role) == ("admin", "labeler")
+    assert verify_password(boss.password_hash, "correct horse") and boss.password_hash != "correct horse"
+    assert verify_password(ann.password_hash, "battery staple")
+    store.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--role", "root", "--password", "long enough"], "--role"),
+    (["--password", "short"], "at least 8 characters"),
+])
+def test_add_user_refuses_bad_input(run, db, args, message):
+    result = run("feedback", "add-user", "ann", *args, "--db", db)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_add_user_refuses_a_taken_name_with_one_line(run, db):
+    assert run("feedback", "add-user", "ann", "--password", "long enough", "--db", db).exit_code == 0
+    result = run("feedback", "add-user", "ann", "--password", "long enough", "--db", db)
+    assert result.exit_code == 2
+    assert _message(result) == "error: field 'username': 'ann' is taken"
+
+
+def test_import_every_kind_with_replicas(run, db, tmp_path):
+    prompts_csv = tmp_path / "prompts.csv"
+    prompts_csv.write_text('prompt,id\n"Write a haiku, please",h1\nSay hello,\n', encoding="utf-8")
+    prompts_jsonl = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": "Hi"}]}])
+    samples = _jsonl(tmp_path / "samples.jsonl", SAMPLES)
+    pair = {"prompt": "p", "completions": ["a", "b"], "meta": {"models": ["x", "y"]}}
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [pair])
+    for path, kind, replicas, count in ((prompts_csv, "prompts", 2, 2), (prompts_jsonl, "prompts", 1, 1),
+                                        (samples, "samples", 3, 2), (pairs, "pairs", 1, 1)):
+        result = run("feedback", "import", path, "--kind", kind, "--replicas", replicas, "--db", db)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["items"] == count
+    store = Store(f"sqlite:///{db}")
+    items = [store.item(n) for n in range(1, 7)]
+    assert [(i.kind, i.prompt, i.replicas) for i in items[:3]] == [
+        ("demonstration", "Write a haiku, please", 2), ("demonstration", "Say hello", 2),
+        ("demonstration", [{"role": "user", "content": "Hi"}], 1)]
+    assert (items[3].kind, items[3].completions, items[3].replicas) == ("ranking", ["red", "blue", "seven"], 3)
+    assert items[4].gold == [[0], [1]]
+    assert (items[5].kind, items[5].meta) == ("ab", {"models": ["x", "y"]})
+    store.close()
+
+
+def test_a_bad_record_names_the_file_line_and_field_and_imports_nothing(run, db, tmp_path):
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps(SAMPLES[0]) + "\n\n" + json.dumps({"prompt": "p", "completions": ["one"]}) + "\n",
+                    encoding="utf-8")
+    result = run("feedback", "import", path, "--kind", "samples", "--db", db)
+    assert result.exit_code == 2
+    assert _message(result) == f"error: {path}, line 3, field 'completions': needs at least 2 completions, got 1"
+    store = Store(f"sqlite:///{db}")
+    assert store.item(1) is None
+    store.close()
+
+
+@pytest.mark.parametrize(("name", "content", "kind", "message"), [
+    ("missing.jsonl", None, "prompts", "no such file"),
+    ("prompts.csv", "text\nhello\n", "prompts", "field 'prompt': is missing"),
+    ("pairs.csv", "prompt\nhello\n", "pairs", "pairs are read from JSON lines"),
+    ("empty.jsonl", "\n", "samples", "contains no records"),
+    ("bad.jsonl", "{not json\n", "samples", "line 1: invalid JSON"),
+])
+def test_import_errors_end_with_one_message(run, db, tmp_path, name, content, kind, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    result = run("feedback", "import", path, "--kind", kind, "--db", db)
+    assert result.exit_code == 2 and message in _message(result) and "Traceback" not in result.output
+
+
+def test_import_refuses_an_unknown_kind(run, db, tmp_path):
+    result = run("feedback", "import", _jsonl(tmp_path / "p.jsonl", [{"prompt": "p"}]), "--kind", "essays",
+                 "--db", db)
+    assert result.exit_code == 2 and "--kind" in result.output
+
+
+@pytest.fixture
+def labeled(run, db, tmp_path):
+    """Two labelers who ranked the first sample (and an A/B pair), through the store."""
+    run("feedback", "import", _jsonl(tmp_path / "s.jsonl", SAMPLES), "--kind", "samples", "--replicas", 2, "--db", db)
+    store = Store(f"sqlite:///{db}")
+    for name, ranking in (("ann", [0, 1, 2]), ("bob", [[0], [1, 2]])):
+        user = store.create_user(name, "hash")
+        item = store.next_item(user.id)
+        store.submit(user.id, item.id, {"ratings": [7, 4, 1], "flags": [[], [], ["made_up_facts"]],
+                                        "ranking": ranking})
+    yield store
+    store.close()
+
+
+def test_export_writes_records_the_trainers_read(run, db, labeled, tmp_path):
+    out = tmp_path / "out" / "rankings.jsonl"
+    result = run("export", "--db", db, "--kind", "rankings", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"kind": "rankings", "records": 2, "out": str(out)}
+    records = read_records(out, "ranking")
+    assert records[0] == RankingRecord("Name a colour", ("red", "blue", "seven"), ((0,), (1,), (2,)), id="s1",
+                                       labeler="ann", meta={"ratings": [7, 4, 1], "flags": [[], [], ["made_up_facts"]]})
+    assert records[1].ranking == ((0,), (1, 2)) and records[1].labeler == "bob"
+    result = run("export", "--db", db, "--kind", "pairs", "--out", tmp_path / "pairs.jsonl")
+    assert json.loads(result.stdout)["records"] == 5 and len(read_records(tmp_path / "pairs.jsonl", "preference")) == 5
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--kind", "essays"], "--kind"),
+    (["--kind", "ab", "--db", "nowhere.db"], "nowhere.db: no such database file"),
+    (["--kind", "ab", "--db", "nosuchdialect://x"], "Can't load plugin"),
+])
+def test_export_errors_end_with_one_message(run, tmp_path, args, message):
+    result = run("export", "--out", tmp_path / "x.jsonl", *args)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_progress_prints_a_table(run, db, labeled):
+    result = run("feedback", "progress", "--db", db)
+    assert result.exit_code == 0, result.output
+    ranking_row = next(line for line in result.stdout.splitlines() if "ranking" in line)
+    # items, complete items, answers, needed, skipped, done
+    assert [cell.strip() for cell in ranking_row.split("│")[2:8]] == ["2", "1", "2", "4", "0", "50%"]
+
+
+def test_agreement_prints_a_table_and_writes_the_report(run, db, labeled, tmp_path):
+    out = tmp_path / "agreement.json"
+    result = run("feedback", "agreement", "--db", db, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report == labeled.agreement()
+    assert report["per_item"][0]["pairwise_agreement"] == pytest.approx(2 / 3)
+    ann_row = next(line for line in result.stdout.splitlines() if "ann" in line)
+    assert "0.667" in ann_row and "0.816" in ann_row  # Kendall tau-b 2/sqrt(6)
+    assert "1 items answered by two or more labelers" in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+SERVE = "import typer; from rlhfkit.feedback.cli import register; app = typer.Typer(); register(app); app()"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("rlhfkit.feedback.app") is None,
+                    reason="rlhfkit.feedback.app (the web app) is not there yet")
+def test_serve_answers_on_127_0_0_1(db):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--db", str(db), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while status is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    status = response.status
+            except urllib.error.HTTPError as error:
+                status = error.code
+            except OSError:
+                time.sleep(0.2)
+        assert status is not None and status < 500, server.stdout.read() if server.poll() is not None else status
+        assert db.exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
