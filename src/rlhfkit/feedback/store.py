@@ -507,16 +507,15 @@ class Store:
         """
         if kind is not None and kind not in ITEM_KINDS:
             raise StoreError(f"unknown kind {kind!r}; expected one of {ITEM_KINDS}", field="kind")
+        open_query = self._open_assignment(user_id, kind)
+        with self._reader() as session:  # the common case, without waiting for the write lock
+            row = session.scalars(open_query).first()
+            if row is not None:
+                return _item(row)
         with self._writer() as session:
             if session.scalar(select(UserRow.id).where(UserRow.id == user_id).with_for_update()) is None:
                 raise StoreError(f"no user with id {user_id}", field="user_id")
-            answered = select(AnswerRow.id).where(AnswerRow.user_id == user_id,
-                                                  AnswerRow.item_id == AssignmentRow.item_id)
-            open_query = (select(ItemRow).join(AssignmentRow, AssignmentRow.item_id == ItemRow.id)
-                          .where(AssignmentRow.user_id == user_id, ~answered.exists()))
-            if kind is not None:
-                open_query = open_query.where(ItemRow.kind == kind)
-            row = session.scalars(open_query.order_by(AssignmentRow.id).limit(1)).first()
+            row = session.scalars(open_query).first()  # assigned by a concurrent call meanwhile
             if row is not None:
                 return _item(row)
             after = 0
@@ -529,6 +528,16 @@ class Store:
                         return _item(locked)
                 after = candidates[-1]
             return None
+
+    @staticmethod
+    def _open_assignment(user_id: int, kind: str | None):
+        """The item of the user's oldest open (unanswered) assignment, of ``kind`` when given."""
+        answered = select(AnswerRow.id).where(AnswerRow.user_id == user_id, AnswerRow.item_id == AssignmentRow.item_id)
+        query = (select(ItemRow).join(AssignmentRow, AssignmentRow.item_id == ItemRow.id)
+                 .where(AssignmentRow.user_id == user_id, ~answered.exists()))
+        if kind is not None:
+            query = query.where(ItemRow.kind == kind)
+        return query.order_by(AssignmentRow.id).limit(1)
 
     @staticmethod
     def _taken(session: Session, item_id: int) -> int:
