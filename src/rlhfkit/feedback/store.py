@@ -49,6 +49,8 @@ FLAGS = ("fails_instruction", "harmful", "made_up_facts")  # InstructGPT's label
 VERDICTS = ("a", "b", "tie")
 EXPORT_KINDS = ("demonstrations", "rankings", "pairs", "ab")
 RATING_RANGE = (1, 7)
+MAX_COMPLETION_CHARS = 100_000  # a written demonstration
+MAX_REASON_CHARS = 10_000  # a skip's reason
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS = Path(__file__).parent / "migrations"
 _POSTGRES_MIGRATION_LOCK = 0x726C6866  # pg_advisory_xact_lock key: one migrating process at a time
@@ -188,6 +190,12 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut short: error messages never echo a whole (possibly huge) input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -262,7 +270,7 @@ def _ranking_groups(value: Any, completions: list[str], field: str) -> list[list
             raise StoreError("has an empty tie group", field=field)
         for index in group:
             if not _is_int(index):
-                raise StoreError(f"index {index!r} is not an integer", field=field)
+                raise StoreError(f"index {_shown(index)} is not an integer", field=field)
             if not 0 <= index < k:
                 raise StoreError(f"index {index} is out of range for {k} completions", field=field)
             if index in seen:
@@ -292,26 +300,29 @@ def _validate_payload(item: ItemRow, payload: Any) -> dict:
             raise StoreError(f"expected a string, got {_type_name(completion)}", field="completion")
         if not completion.strip():
             raise StoreError("is empty", field="completion")
+        if len(completion) > MAX_COMPLETION_CHARS:
+            raise StoreError(f"is longer than {MAX_COMPLETION_CHARS} characters", field="completion")
         return {"completion": completion}
     if item.kind == "ab":
         verdict = payload.get("verdict")
         if verdict not in VERDICTS:
-            raise StoreError(f"expected one of {VERDICTS}, got {verdict!r}", field="verdict")
+            raise StoreError(f"expected one of {VERDICTS}, got {_shown(verdict)}", field="verdict")
         return {"verdict": verdict}
     k = len(item.completions)
     ratings = payload.get("ratings")
     if not isinstance(ratings, list) or len(ratings) != k:
-        raise StoreError(f"expected a list of {k} ratings, got {ratings!r}", field="ratings")
+        raise StoreError(f"expected a list of {k} ratings, got {_shown(ratings)}", field="ratings")
     low, high = RATING_RANGE
     for position, rating in enumerate(ratings):
         if not _is_int(rating) or not low <= rating <= high:
-            raise StoreError(f"expected an integer from {low} to {high}, got {rating!r}", field=f"ratings[{position}]")
+            raise StoreError(f"expected an integer from {low} to {high}, got {_shown(rating)}",
+                             field=f"ratings[{position}]")
     flags = payload.get("flags")
     if not isinstance(flags, list) or len(flags) != k:
-        raise StoreError(f"expected a list of {k} lists of flags, got {flags!r}", field="flags")
+        raise StoreError(f"expected a list of {k} lists of flags, got {_shown(flags)}", field="flags")
     for position, chosen in enumerate(flags):
         if not isinstance(chosen, list) or any(flag not in FLAGS for flag in chosen):
-            raise StoreError(f"expected a list of flags from {FLAGS}, got {chosen!r}", field=f"flags[{position}]")
+            raise StoreError(f"expected a list of flags from {FLAGS}, got {_shown(chosen)}", field=f"flags[{position}]")
         if len(set(chosen)) != len(chosen):
             raise StoreError("repeats a flag", field=f"flags[{position}]")
     ranking = _ranking_groups(payload.get("ranking"), item.completions, "ranking")
@@ -406,7 +417,7 @@ class Store:
         if len(username) > 64:
             raise StoreError("is longer than 64 characters", field="username")
         if role not in ROLES:
-            raise StoreError(f"unknown role {role!r}; expected one of {ROLES}", field="role")
+            raise StoreError(f"unknown role {_shown(role)}; expected one of {ROLES}", field="role")
         if not isinstance(password_hash, str) or not password_hash:
             raise StoreError("is empty", field="password_hash")
         with self._writer() as session:
@@ -448,7 +459,7 @@ class Store:
     @staticmethod
     def _check_replicas(replicas: int) -> None:
         if not _is_int(replicas) or replicas < 1:
-            raise StoreError(f"must be a positive integer, got {replicas!r}", field="replicas")
+            raise StoreError(f"must be a positive integer, got {_shown(replicas)}", field="replicas")
 
     def import_prompts(self, records: Iterable[dict], *, replicas: int = 1, source: str = "<records>") -> int:
         """Add ``{"prompt", "id"?, "meta"?}`` records as demonstration items; all or nothing.
@@ -506,7 +517,7 @@ class Store:
         towards the replicas. Concurrent calls never assign an item beyond its replicas.
         """
         if kind is not None and kind not in ITEM_KINDS:
-            raise StoreError(f"unknown kind {kind!r}; expected one of {ITEM_KINDS}", field="kind")
+            raise StoreError(f"unknown kind {_shown(kind)}; expected one of {ITEM_KINDS}", field="kind")
         open_query = self._open_assignment(user_id, kind)
         with self._reader() as session:  # the common case, without waiting for the write lock
             row = session.scalars(open_query).first()
@@ -592,6 +603,8 @@ class Store:
         def build(_item_row: ItemRow) -> dict:
             if not isinstance(reason, str) or not reason.strip():
                 raise StoreError("is empty", field="reason")
+            if len(reason) > MAX_REASON_CHARS:
+                raise StoreError(f"is longer than {MAX_REASON_CHARS} characters", field="reason")
             return {"reason": reason}
 
         return self._answer(user_id, item_id, build, skipped=True)
@@ -633,7 +646,7 @@ class Store:
     def answers(self, kind: str | None = None) -> list[Answer]:
         """Every answer (skipped ones included), oldest first; only answers to items of ``kind`` when given."""
         if kind is not None and kind not in ITEM_KINDS:
-            raise StoreError(f"unknown kind {kind!r}; expected one of {ITEM_KINDS}", field="kind")
+            raise StoreError(f"unknown kind {_shown(kind)}; expected one of {ITEM_KINDS}", field="kind")
         query = select(AnswerRow).order_by(AnswerRow.id)
         if kind is not None:
             query = query.join(ItemRow, ItemRow.id == AnswerRow.item_id).where(ItemRow.kind == kind)
@@ -701,7 +714,7 @@ class Store:
         has ``"id"`` (the imported record's id, else the item's) and ``"labeler"`` (the username).
         """
         if kind not in EXPORT_KINDS:
-            raise StoreError(f"unknown export kind {kind!r}; expected one of {EXPORT_KINDS}", field="kind")
+            raise StoreError(f"unknown export kind {_shown(kind)}; expected one of {EXPORT_KINDS}", field="kind")
         item_kind = {"demonstrations": "demonstration", "rankings": "ranking", "pairs": "ranking", "ab": "ab"}[kind]
         for item, answer, username in self._answered((item_kind,)):
             common = {"id": item.source_id if item.source_id is not None else str(item.id), "labeler": username}
