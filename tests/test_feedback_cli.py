@@ -61,6 +61,9 @@ def test_database_url_accepts_urls_and_paths(tmp_path):
     assert database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
     assert database_url(str(tmp_path / "x.db")) == f"sqlite:///{tmp_path / 'x.db'}"
     assert database_url("x.db") == "sqlite:///x.db"
+    assert database_url("postgresql://u@h:5432/db") == database_url("postgres://u@h:5432/db") == \
+        "postgresql+psycopg://u@h:5432/db"
+    assert database_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
 
 
 def test_add_user_hashes_the_given_or_prompted_password(run, db):
@@ -181,6 +184,10 @@ def test_export_writes_records_the_trainers_read(run, db, labeled, tmp_path):
     (["--kind", "essays"], "--kind"),
     (["--kind", "ab", "--db", "nowhere.db"], "nowhere.db: no such database file"),
     (["--kind", "ab", "--db", "nosuchdialect://x"], "Can't load plugin"),
+    (["--kind", "ab", "--db", "postgresql+psycopg://postgres@127.0.0.1:1/none"], "cannot use the database"),
+    pytest.param(["--kind", "ab", "--db", "postgresql+psycopg2://postgres@127.0.0.1:1/none"],
+                 "PostgreSQL driver is not installed", marks=pytest.mark.skipif(
+                     importlib.util.find_spec("psycopg2") is not None, reason="psycopg2 is installed")),
 ])
 def test_export_errors_end_with_one_message(run, tmp_path, args, message):
     result = run("export", "--out", tmp_path / "x.jsonl", *args)

@@ -25,6 +25,7 @@ from rlhfkit.feedback.store import EXPORT_KINDS, ROLES, Store, StoreError
 DEFAULT_DB = "sqlite:///feedback.db"
 IMPORT_KINDS = ("prompts", "samples", "pairs")
 MIN_PASSWORD_LENGTH = 8
+POSTGRES_DRIVERS = ("psycopg", "psycopg2")
 
 console = Console(stderr=True)
 DbOption = Annotated[str, typer.Option("--db", help="SQLAlchemy URL (postgresql+psycopg://...) or SQLite file path.")]
@@ -44,13 +45,23 @@ def _fail_cleanly(function: Callable) -> Callable:
         except OperationalError as error:  # the database cannot be reached or opened
             console.print(f"[bold red]error:[/] cannot use the database: {error.orig}", markup=True, highlight=False)
             raise typer.Exit(2) from None
+        except ModuleNotFoundError as error:
+            if error.name not in POSTGRES_DRIVERS:
+                raise
+            console.print(f"[bold red]error:[/] the PostgreSQL driver is not installed ({error}): "
+                          "pip install 'rlhfkit[postgres]'", markup=True, highlight=False)
+            raise typer.Exit(2) from None
 
     return wrapper
 
 
 def database_url(db: str) -> str:
-    """``db`` as a SQLAlchemy URL: a URL is kept, a file path becomes ``sqlite:///PATH``."""
-    return db if "://" in db else f"sqlite:///{Path(db).expanduser()}"
+    """``db`` as a SQLAlchemy URL: a file path becomes ``sqlite:///PATH``, and a plain ``postgresql://`` (or
+    ``postgres://``) URL uses the psycopg 3 driver; other URLs are kept."""
+    if "://" not in db:
+        return f"sqlite:///{Path(db).expanduser()}"
+    scheme, rest = db.split("://", 1)
+    return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else db
 
 
 @contextmanager
