@@ -134,10 +134,12 @@ def test_a_bad_record_names_the_file_line_and_field_and_imports_nothing(run, db,
 
 @pytest.mark.parametrize(("name", "content", "kind", "message"), [
     ("missing.jsonl", None, "prompts", "no such file"),
+    ("prompts[v2].jsonl", None, "prompts", "prompts[v2].jsonl: no such file"),  # not taken as rich markup
     ("prompts.csv", "text\nhello\n", "prompts", "field 'prompt': is missing"),
     ("pairs.csv", "prompt\nhello\n", "pairs", "pairs are read from JSON lines"),
     ("empty.jsonl", "\n", "samples", "contains no records"),
     ("bad.jsonl", "{not json\n", "samples", "line 1: invalid JSON"),
+    ("blank.jsonl", '{"prompt": "p", "completions": ["a", " "]}\n', "samples", "field 'completions[1]': is empty"),
 ])
 def test_import_errors_end_with_one_message(run, db, tmp_path, name, content, kind, message):
     path = tmp_path / name
@@ -186,7 +188,8 @@ def test_export_writes_records_the_trainers_read(run, db, labeled, tmp_path):
     (["--kind", "ab", "--db", "nosuchdialect://x"], "Can't load plugin"),
     (["--kind", "ab", "--db", "postgresql+psycopg://postgres@127.0.0.1:1/none"], "cannot use the database"),
     pytest.param(["--kind", "ab", "--db", "postgresql+psycopg2://postgres@127.0.0.1:1/none"],
-                 "PostgreSQL driver is not installed", marks=pytest.mark.skipif(
+                 "PostgreSQL driver is not installed (No module named 'psycopg2'): pip install 'rlhfkit[postgres]'",
+                 marks=pytest.mark.skipif(
                      importlib.util.find_spec("psycopg2") is not None, reason="psycopg2 is installed")),
 ])
 def test_export_errors_end_with_one_message(run, tmp_path, args, message):

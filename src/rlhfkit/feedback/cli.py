@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rlhfkit.data.records import DataError
@@ -40,16 +41,17 @@ def _fail_cleanly(function: Callable) -> Callable:
         try:
             return function(*args, **kwargs)
         except (DataError, StoreError, FileNotFoundError, ArgumentError) as error:
-            console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
         except OperationalError as error:  # the database cannot be reached or opened
-            console.print(f"[bold red]error:[/] cannot use the database: {error.orig}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/] cannot use the database: {escape(str(error.orig))}", markup=True,
+                          highlight=False)
             raise typer.Exit(2) from None
         except ModuleNotFoundError as error:
             if error.name not in POSTGRES_DRIVERS:
                 raise
-            console.print(f"[bold red]error:[/] the PostgreSQL driver is not installed ({error}): "
-                          "pip install 'rlhfkit[postgres]'", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/] the PostgreSQL driver is not installed ({escape(str(error))}): "
+                          + escape("pip install 'rlhfkit[postgres]'"), markup=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
