@@ -439,10 +439,12 @@ def demo(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 
 def _register_extensions() -> None:
-    """Commands that live beside their subject: public data and GGUF conversion."""
+    """Commands that live beside their subject: public data and GGUF conversion; the feedback app's database."""
     from rlhfkit.cli_public import register as register_public
+    from rlhfkit.feedback.cli import register as register_feedback
 
     register_public(app)
+    register_feedback(app)
 
 
 _register_extensions()
