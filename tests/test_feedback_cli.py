@@ -1,15 +1,9 @@
-"""The feedback commands (serve, export, feedback add-user/import/progress/agreement) on a temporary SQLite DB."""
+"""The feedback commands (export, feedback add-user/import/progress/agreement) on a temporary SQLite DB."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import typer
@@ -217,35 +211,3 @@ def test_agreement_prints_a_table_and_writes_the_report(run, db, labeled, tmp_pa
     assert "0.667" in ann_row and "0.816" in ann_row  # Kendall tau-b 2/sqrt(6)
     assert "1 items answered by two or more labelers" in result.stdout
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-SERVE = "import typer; from rlhfkit.feedback.cli import register; app = typer.Typer(); register(app); app()"
-
-
-@pytest.mark.skipif(importlib.util.find_spec("rlhfkit.feedback.app") is None,
-                    reason="rlhfkit.feedback.app (the web app) is not there yet")
-def test_serve_answers_on_127_0_0_1(db):
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--db", str(db), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        status = None
-        while status is None and time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    status = response.status
-            except urllib.error.HTTPError as error:
-                status = error.code
-            except OSError:
-                time.sleep(0.2)
-        assert status is not None and status < 500, server.stdout.read() if server.poll() is not None else status
-        assert db.exists()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

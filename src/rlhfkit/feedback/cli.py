@@ -110,32 +110,13 @@ def read_import(path: Path, kind: str) -> tuple[list[dict], list[int] | None]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve``, ``export`` and the ``feedback`` sub-app (add-user, import, progress, agreement) to ``app``."""
+    """Add ``export`` and the ``feedback`` sub-app (add-user, import, progress, agreement) to ``app``.
+
+    ``rlhfkit serve`` joins them with the web app (``rlhfkit.feedback.app``, not built yet).
+    """
     feedback = typer.Typer(help="The human-feedback app's database: accounts, imports, progress, agreement.",
                            no_args_is_help=True)
     app.add_typer(feedback, name="feedback")
-
-    @app.command("serve")
-    @_fail_cleanly
-    def serve(
-        db: DbOption = DEFAULT_DB,
-        host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
-        secret_key: Annotated[str | None, typer.Option(
-            envvar="RLHFKIT_SECRET_KEY",
-            help="Key that signs session cookies (default: random, so a restart logs everyone out).")] = None,
-    ) -> None:
-        """Run the human-feedback web app (labelers' queues and the admin's pages) on HOST:PORT."""
-        import uvicorn
-
-        from rlhfkit.feedback.app import create_app
-
-        with open_store(db, create=True) as store:
-            if not any(user.role == "admin" for user in store.users()):
-                console.print("no admin account yet: create one with "
-                              f"[bold]rlhfkit feedback add-user NAME --role admin --db {db}[/]")
-            console.print(f"serving the feedback app on http://{host}:{port} (database {store.url})")
-            uvicorn.run(create_app(store, secret_key=secret_key), host=host, port=port, log_level="info")
 
     @app.command("export")
     @_fail_cleanly
