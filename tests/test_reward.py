@@ -317,7 +317,10 @@ def test_score_cli_adds_normalised_rewards(tmp_path, trained_rm, monkeypatch):
     rows = [{"prompt": records[0].prompt, "completion": records[0].completions[0], "id": 7},
             {"prompt": records[1].prompt, "chosen": records[1].completions[0], "rejected": records[1].completions[1]},
             *[{"prompt": r.prompt, "completions": list(r.completions),
-               "ranking": [list(g) for g in r.ranking]} for r in records[2:]]]
+               "ranking": [list(g) for g in r.ranking]} for r in records[2:]],
+            # a pair set (qa-feedback's form): one preference and one tie, so one pair is judged
+            {"prompt": records[0].prompt, "completions": list(records[0].completions[:3]),
+             "pairs": [[0, 1, 1], [1, 2, 0]]}]
     write_jsonl(tmp_path / "in.jsonl", rows)
     args = ["score", "--model", str(run / "final"), "--data", str(tmp_path / "in.jsonl"), "--max-length", "160",
             "--max-prompt-length", "80", "--task", "tinyworld"]
@@ -331,7 +334,7 @@ def test_score_cli_adds_normalised_rewards(tmp_path, trained_rm, monkeypatch):
                            max_prompt_length=80)
     assert scored[2]["rewards"] == pytest.approx(expected, abs=1e-5)
     summary = json.loads(result.output[result.output.index("{"):])
-    assert summary["pairs"] == 1 + sum(len(r.pairs()) for r in records[2:]) and 0 <= summary["accuracy"] <= 1
+    assert summary["pairs"] == 1 + sum(len(r.pairs()) for r in records[2:]) + 1 and 0 <= summary["accuracy"] <= 1
     assert summary["gold/pairs"] > 0
 
     result = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "raw.jsonl"), "--raw"])

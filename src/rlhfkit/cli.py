@@ -240,7 +240,7 @@ def score(
             out_rows.append({**row, "reward_chosen": values[0], "reward_rejected": values[1]})
         else:
             out_rows.append({**row, "rewards": values})
-        if field == "chosen" or "ranking" in row:
+        if field == "chosen" or "ranking" in row or "pairs" in row:
             for w, lo in parse_record(row, "ranking", source=str(data), line=line).pairs():
                 pairs += 1
                 agree += 1.0 if values[w] > values[lo] else 0.5 if values[w] == values[lo] else 0.0
