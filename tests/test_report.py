@@ -112,3 +112,16 @@ def test_report_renders_in_a_real_browser(run_dir, tmp_path):
     blue = int((np.abs(pixels - np.array([31, 119, 180])).max(axis=-1) < 12).sum())
     assert blue > 2000, blue
     assert (pixels != 255).any(axis=-1).mean() > 0.05  # not a blank page
+
+
+def test_the_illustration_draws_a_ranking_not_a_pair_set(run_dir):
+    from rlhfkit.data.records import DataError
+
+    pair_sets = [{"prompt": "Q", "completions": ["a", "b", "c"], "pairs": [[0, 1, 1], [1, 2, 0]]}]
+    write_jsonl(run_dir / "data" / "rankings.jsonl", pair_sets)
+    with pytest.raises(DataError, match="no ranking to draw"):
+        illustrate(run_dir)
+    ranking = {"prompt": "Is a duck a bird?", "completions": ["No.", "Yes."], "ranking": [1, 0]}
+    write_jsonl(run_dir / "data" / "rankings.jsonl", [*pair_sets, ranking])
+    svg, _ = illustrate(run_dir)
+    assert "B &gt; A" in svg.read_text()

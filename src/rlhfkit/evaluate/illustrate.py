@@ -27,7 +27,7 @@ import yaml  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 from rlhfkit.data.readers import iter_jsonl, read_records  # noqa: E402
-from rlhfkit.data.records import DataError  # noqa: E402
+from rlhfkit.data.records import DataError, RankingRecord  # noqa: E402
 
 GREEN, GREY, BLUE, ORANGE = "#c8e6c9", "#f5f5f5", "#bbdefb", "#ffe0b2"
 
@@ -70,7 +70,10 @@ def run_examples(run_dir: Path) -> dict:
     demos = _training_data(run_dir, "sft", "demonstration")
     demo = next((r for r in demos if 60 <= len(r.completion) <= 200), demos[0])
     # a ranking of four outputs, with a tie when there is one (it shows the "=" of the ranking)
-    rankings = _training_data(run_dir, "rm", "ranking")
+    # pair sets (judgements that need not form a ranking) have no ranking to draw
+    rankings = [r for r in _training_data(run_dir, "rm", "ranking") if isinstance(r, RankingRecord)]
+    if not rankings:
+        raise DataError("the reward model's data holds no ranking to draw (only pair sets)", source=str(run_dir / "rm"))
     four = [r for r in rankings if len(r.completions) == 4] or rankings
     ranking = next((r for r in four if any(len(group) > 1 for group in r.ranking)), four[0])
     # the first sample of PPO's last logged iteration
