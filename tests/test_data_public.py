@@ -345,3 +345,44 @@ def test_convert_data_command(tmp_path):
     assert result.exit_code == 2 and "bad.jsonl, line 1, field 'passages': expected a list of passages" in message
     result = CliRunner().invoke(app, ["convert-data", "--layout", "nope", "--in", str(bad), "--out", str(out)])
     assert result.exit_code == 2 and "expected one of hh, qa-feedback" in result.output
+
+
+def test_split_held_out_keeps_prompts_apart_and_is_seeded():
+    from rlhfkit.data.public import split_held_out
+
+    records = [PreferenceRecord(prompt=f"q{i % 7}", chosen=f"a{i}", rejected=f"b{i}") for i in range(30)]
+    train, test = split_held_out(records, 0.2, seed=3)
+    assert len(train) + len(test) == 30 and len(test) >= 6  # whole prompts: at least the 6 asked for
+    assert not {r.prompt for r in train} & {r.prompt for r in test}
+    assert train == [r for r in records if r in train] and test == [r for r in records if r in test]  # input order
+    assert split_held_out(records, 0.2, seed=3) == (train, test)
+    assert split_held_out(records, 0.2, seed=4) != (train, test)
+    assert len(split_held_out(records, 5, seed=0)[1]) in (5, 8, 9)  # a count: groups of 4 or 5 records
+    with pytest.raises(ValueError, match="leaves none for training"):
+        split_held_out(records, 30)
+    with pytest.raises(ValueError, match="must be positive"):
+        split_held_out(records, 0)
+
+
+def test_convert_data_holds_out_a_test_part_of_the_real_hh_pairs(tmp_path):
+    from rlhfkit.cli_public import register
+
+    app = typer.Typer()
+    register(app)
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    args = ["convert-data", "--layout", "hh", "--in", str(shared(HH)), "--out", str(train), "--test-out", str(test),
+            "--test-size", "200", "--seed", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    train_records, test_records = read_records(train, "preference"), read_records(test, "preference")
+    assert summary["records"] == len(train_records) and summary["test_records"] == len(test_records)
+    assert 200 <= len(test_records) < 210
+    assert len(train_records) + len(test_records) == len(read_public(HH, "hh").records)
+    key = lambda r: json.dumps(r.prompt)  # noqa: E731
+    assert not {key(r) for r in train_records} & {key(r) for r in test_records}
+    again = tmp_path / "again.jsonl"
+    assert CliRunner().invoke(app, [*args[:-4], "--test-out", str(again), "--test-size", "200"]).exit_code == 0
+    assert again.read_bytes() == test.read_bytes()  # the default seed is 0: the same draw
+    result = CliRunner().invoke(app, [*args[:-4], "--test-size", "0"])
+    assert result.exit_code == 2 and "must be positive" in result.output

@@ -28,18 +28,33 @@ def register(app: typer.Typer) -> None:
                                                          "saved dataset directory or hf:NAME[:SPLIT].")],
         out: Annotated[Path, typer.Option(help="Output JSONL of rlhfkit records (.gz to compress).")],
         limit: Annotated[int | None, typer.Option(help="Write at most this many records.")] = None,
+        test_out: Annotated[Path | None, typer.Option(help="Also write a held-out part here (records whose "
+                                                           "prompts OUT does not have); OUT gets the rest.")] = None,
+        test_size: Annotated[float, typer.Option(help="Records held out for --test-out: a count, or a "
+                                                      "fraction when below 1.")] = 0.2,
+        seed: Annotated[int, typer.Option(help="Seed of the held-out draw.")] = 0,
     ) -> None:
         """Turn a public human-feedback layout (hh-rlhf, qa-feedback, Open-Assistant trees, self-instruct,
-        TRL formats) into rlhfkit records; rows that hold nothing to train on are skipped and counted."""
-        from rlhfkit.data.public import read_public
+        TRL formats) into rlhfkit records; rows that hold nothing to train on are skipped and counted.
+        With --test-out, a random part of the records (whole prompts, none shared with OUT) is held out."""
+        from rlhfkit.data.public import read_public, split_held_out
         from rlhfkit.data.readers import write_jsonl
 
         if layout not in LAYOUTS:
             raise typer.BadParameter(f"expected one of {', '.join(LAYOUTS)}", param_hint="--layout")
+        if test_out is not None and not test_size > 0:
+            raise typer.BadParameter(f"must be positive, got {test_size}", param_hint="--test-size")
         data = read_public(source, layout, limit=limit)
-        written = write_jsonl(out, data.records)
-        console.print_json(json.dumps({"rows": data.rows, "records": written, "skipped": dict(data.skipped),
-                                       "out": str(out)}))
+        summary: dict = {"rows": data.rows}
+        records = data.records
+        if test_out is not None:
+            try:
+                records, held_out = split_held_out(records, test_size, seed=seed)
+            except ValueError as error:
+                raise typer.BadParameter(str(error), param_hint="--test-size") from None
+            summary.update({"test_records": write_jsonl(test_out, held_out), "test_out": str(test_out)})
+        summary.update({"records": write_jsonl(out, records), "skipped": dict(data.skipped), "out": str(out)})
+        console.print_json(json.dumps(summary))
 
     @app.command("convert")
     @_fail_cleanly

@@ -430,3 +430,35 @@ def read_public(path: str | os.PathLike, layout: str, *, split: str | None = Non
         raise DataError(f"holds no {layout} records ({data.rows} rows read, skipped: {dict(data.skipped)})",
                         source=source)
     return data
+
+
+def split_held_out(records: list[Record], test_size: float, *, seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """``(train, test)``: a random held-out part of ``records`` that shares no prompt with the rest.
+
+    Records are grouped by prompt (hh-rlhf repeats some opening questions, a self-instruct task gives one
+    record per instance), the groups shuffled with ``seed``, and whole groups go to ``test`` until it holds
+    ``test_size`` records (a count, or a fraction of all records when below 1), so a held-out score never
+    rewards memorised prompts. Both parts keep the input order.
+
+    Raises:
+        ValueError: ``test_size`` is not positive, or leaves no record for training.
+    """
+    import json
+    import random
+
+    if not test_size > 0:
+        raise ValueError(f"the held-out size must be positive, got {test_size}")
+    wanted = round(test_size * len(records)) if test_size < 1 else int(test_size)
+    groups: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault(json.dumps(record.prompt, sort_keys=True), []).append(index)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    test: set[int] = set()
+    for group in order:
+        if len(test) >= wanted:
+            break
+        test.update(group)
+    if len(test) >= len(records):
+        raise ValueError(f"a held-out part of {wanted} of {len(records)} records leaves none for training")
+    return ([r for i, r in enumerate(records) if i not in test], [r for i, r in enumerate(records) if i in test])
