@@ -271,6 +271,11 @@ def read_texts(path: str | os.PathLike, *, split: str | None = None, limit: int 
     return documents
 
 
+def json_line(row: dict) -> str:
+    """One JSON line as rlhfkit writes them: UTF-8 text (not ASCII escapes), ending in a newline."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict | Record]) -> int:
     """Write rows as JSON lines, atomically, and return how many were written.
 
@@ -293,7 +298,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict | Record]) -> int:
                         row = record_to_dict(row)
                     elif not isinstance(row, dict):
                         raise TypeError(f"cannot write a {type(row).__name__} as a JSON line")
-                    sink.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+                    sink.write(json_line(row).encode("utf-8"))
                     count += 1
             raw.flush()
             os.fsync(raw.fileno())

@@ -21,11 +21,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlhfkit.data.records import DataError
+from rlhfkit.feedback.imports import IMPORT_KINDS, import_file
 from rlhfkit.feedback.store import EXPORT_KINDS, ROLES, Store, StoreError
 
 DEFAULT_DB = "sqlite:///feedback.db"
-IMPORT_KINDS = ("prompts", "samples", "pairs")
-MIN_PASSWORD_LENGTH = 8
 POSTGRES_DRIVERS = ("psycopg", "psycopg2")
 
 console = Console(stderr=True)
@@ -89,34 +88,37 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
     return value
 
 
-def read_import(path: Path, kind: str) -> tuple[list[dict], list[int] | None]:
-    """The records of an import file and, for JSON lines the store validates, the file line of each.
-
-    Prompts are read with rlhfkit's readers (JSONL, JSON, CSV with a ``prompt`` column, Parquet), which
-    validate them and name file lines themselves; samples and pairs are JSON lines, validated by the store.
-    """
-    from rlhfkit.data.readers import iter_jsonl, read_records
-    from rlhfkit.data.records import record_to_dict
-
-    if kind == "prompts":
-        records = read_records(path, "prompt")
-        return [record_to_dict(record) for record in records], None
-    if not path.name.lower().endswith((".jsonl", ".jsonl.gz")):
-        raise DataError(f"{kind} are read from JSON lines (.jsonl or .jsonl.gz)", source=str(path))
-    rows = list(iter_jsonl(path))
-    if not rows:
-        raise DataError("contains no records", source=str(path))
-    return [row for _, row in rows], [line for line, _ in rows]
-
-
 def register(app: typer.Typer) -> None:
-    """Add ``export`` and the ``feedback`` sub-app (add-user, import, progress, agreement) to ``app``.
-
-    ``rlhfkit serve`` joins them with the web app (``rlhfkit.feedback.app``, not built yet).
-    """
+    """Add ``serve``, ``export`` and the ``feedback`` sub-app (add-user, import, progress, agreement) to ``app``."""
     feedback = typer.Typer(help="The human-feedback app's database: accounts, imports, progress, agreement.",
                            no_args_is_help=True)
     app.add_typer(feedback, name="feedback")
+
+    @app.command("serve")
+    @_fail_cleanly
+    def serve(
+        db: DbOption = DEFAULT_DB,
+        host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+        secret_key: Annotated[str | None, typer.Option(
+            envvar="RLHFKIT_SECRET_KEY",
+            help="Key that signs session cookies (default: random, so a restart logs everyone out).")] = None,
+        secure_cookies: Annotated[bool, typer.Option(
+            help="Send the session cookie over HTTPS only (behind a TLS-terminating proxy).")] = False,
+    ) -> None:
+        """Run the human-feedback web app (labelers' queues and the admin's pages) on HOST:PORT."""
+        import uvicorn
+
+        from rlhfkit.feedback.app import create_app
+
+        with open_store(db, create=True) as store:
+            if not any(user.role == "admin" for user in store.users()):
+                console.print("no admin account yet: create one with "
+                              f"[bold]rlhfkit feedback add-user NAME --role admin --db {escape(db)}[/]")
+            console.print(f"serving the feedback app on http://{host}:{port} (database {escape(store.url)})",
+                          highlight=False)
+            web_app = create_app(store, secret_key=secret_key, https_only=secure_cookies)
+            uvicorn.run(web_app, host=host, port=port, log_level="warning")
 
     @app.command("export")
     @_fail_cleanly
@@ -143,7 +145,7 @@ def register(app: typer.Typer) -> None:
         db: DbOption = DEFAULT_DB,
     ) -> None:
         """Create a labeler or admin account (the password is stored as an argon2 hash)."""
-        from rlhfkit.feedback.security import hash_password
+        from rlhfkit.feedback.security import MIN_PASSWORD_LENGTH, hash_password
 
         _choice(role, ROLES, "--role")
         if len(password) < MIN_PASSWORD_LENGTH:
@@ -163,16 +165,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Add items for labelers: all of the file or, on the first bad record, nothing."""
         _choice(kind, IMPORT_KINDS, "--kind")
-        records, lines = read_import(path, kind)
         with open_store(db, create=True) as store:
-            method = {"prompts": store.import_prompts, "samples": store.import_samples, "pairs": store.import_pairs}
-            try:
-                count = method[kind](records, replicas=replicas, source=str(path))
-            except DataError as error:  # name the file line, not the record number
-                if lines is None or error.line is None:
-                    raise
-                raise DataError(error.message, source=error.source, line=lines[error.line - 1],
-                                field=error.field) from None
+            count = import_file(store, path, kind, replicas=replicas)
         print(json.dumps({"kind": kind, "items": count, "replicas": replicas, "db": store.url}))
 
     @feedback.command("progress")

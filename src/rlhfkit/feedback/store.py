@@ -630,6 +630,11 @@ class Store:
                 return existing
             return _answer(row)
 
+    def answer_of(self, user_id: int, item_id: int) -> Answer | None:
+        """The user's answer to the item (skips included), or None."""
+        with self._reader() as session:
+            return self._existing_answer(session, user_id, item_id)
+
     @staticmethod
     def _existing_answer(session: Session, user_id: int, item_id: int) -> Answer | None:
         row = session.scalar(select(AnswerRow).where(AnswerRow.user_id == user_id, AnswerRow.item_id == item_id))
@@ -677,6 +682,17 @@ class Store:
                 total["skipped"] += skips
                 total["complete_items"] += answered >= replicas
         return list(totals.values())
+
+    def user_progress(self, user_id: int) -> dict[str, dict[str, int]]:
+        """The user's own work per item kind: ``{kind: {"answered", "skipped"}}``."""
+        query = (select(ItemRow.kind, AnswerRow.skipped, func.count())
+                 .join(AnswerRow, AnswerRow.item_id == ItemRow.id).where(AnswerRow.user_id == user_id)
+                 .group_by(ItemRow.kind, AnswerRow.skipped))
+        counts = {kind: {"answered": 0, "skipped": 0} for kind in ITEM_KINDS}
+        with self._reader() as session:
+            for kind, skipped, count in session.execute(query):
+                counts[kind]["skipped" if skipped else "answered"] = count
+        return counts
 
     def _answered(self, kinds: tuple[str, ...]) -> list[tuple[ItemRow, AnswerRow, str]]:
         """(item, answer, username) of every non-skipped answer to items of ``kinds``, oldest answer first."""

@@ -1,0 +1,539 @@
+"""The feedback web app through its HTTP interface (FastAPI TestClient): every route, its authorization
+failures, CSRF, XSS escaping, login rate limiting and size limits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from rlhfkit.feedback.app import MAX_REQUEST_BYTES, create_app, ranking_payload
+from rlhfkit.feedback.security import LoginRateLimiter, hash_password
+from rlhfkit.feedback.store import Store, StoreError
+
+XSS = "<script>alert('owned')</script>"
+PASSWORDS = {"boss": "boss password", "ann": "ann password", "bob": "bob password"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    store.create_user("boss", hash_password(PASSWORDS["boss"]), "admin")
+    store.create_user("ann", hash_password(PASSWORDS["ann"]))
+    store.create_user("bob", hash_password(PASSWORDS["bob"]))
+    store.import_prompts([{"prompt": f"Write a poem {XSS}", "id": "p1"}])
+    store.import_samples([{"prompt": "Name a colour", "completions": ["red", f"blue {XSS}", "seven"], "id": "s1"}],
+                         replicas=2)
+    store.import_pairs([{"prompt": [{"role": "user", "content": "Say hi"}], "completions": ["hi", "go away"],
+                         "id": "ab1", "meta": {"models": ["ppo", "sft"]}}])
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def app(store, clock):
+    return create_app(store, secret_key="test secret", rate_limiter=LoginRateLimiter(3, 60, clock=clock))
+
+
+def client(app) -> TestClient:
+    return TestClient(app, follow_redirects=False)
+
+
+def page_token(response) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', response.text)
+    assert match, response.text
+    return match.group(1)
+
+
+def login(app, username: str, password: str | None = None) -> tuple[TestClient, str]:
+    """A client logged in through the login form, and its CSRF token."""
+    browser = client(app)
+    token = page_token(browser.get("/login"))
+    response = browser.post("/login", data={"username": username, "password": password or PASSWORDS[username],
+                                            "csrf_token": token})
+    assert response.status_code == 303, response.text
+    return browser, page_token(browser.get("/queue"))
+
+
+def open_item(browser: TestClient, kind: str) -> int:
+    response = browser.get(f"/next?kind={kind}")
+    assert response.status_code == 303
+    return int(response.headers["location"].rsplit("/", 1)[1])
+
+
+RANKING_FORM = {"rating_0": "6", "rating_1": "3", "rating_2": "1", "flags_2": "made_up_facts",
+                "rank_0": "1", "rank_1": "2", "rank_2": "3"}
+
+
+# ----------------------------------------------------------------------------------------- log in/out
+
+
+def test_pages_need_a_login(app):
+    browser = client(app)
+    for path in ("/", "/queue", "/next?kind=ranking", "/items/1", "/admin", "/admin/export/pairs"):
+        response = browser.get(path)
+        assert response.status_code == 303, path
+        assert response.headers["location"].startswith("/login?next=%2F"), path
+    for path in ("/api/me", "/api/next", "/api/admin/progress"):
+        assert browser.get(path).status_code == 401, path
+
+
+def test_login_sets_a_hardened_session_cookie_and_goes_to_the_home_of_the_role(app):
+    browser = client(app)
+    token = page_token(browser.get("/login"))
+    response = browser.post("/login", data={"username": "ann", "password": PASSWORDS["ann"], "csrf_token": token})
+    assert (response.status_code, response.headers["location"]) == (303, "/queue")
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "max-age=43200" in cookie
+    assert page_token(browser.get("/queue")) != token  # a fresh CSRF token at login
+    boss, _ = login(app, "boss")
+    assert boss.get("/").headers["location"] == "/admin"
+
+
+def test_login_follows_only_local_next_paths(app):
+    for target, expected in (("/items/1", "/items/1"), ("//evil.example/x", "/queue"),
+                             ("https://evil.example/", "/queue"), ("/\\evil.example", "/queue")):
+        browser = client(app)
+        token = page_token(browser.get("/login"))
+        response = browser.post("/login", data={"username": "ann", "password": PASSWORDS["ann"], "csrf_token": token,
+                                                "next": target})
+        assert response.headers["location"] == expected, target
+
+
+def test_wrong_password_and_unknown_user_are_refused_alike(app):
+    browser = client(app)
+    token = page_token(browser.get("/login"))
+    wrong = browser.post("/login", data={"username": "ann", "password": "nope", "csrf_token": token})
+    unknown = browser.post("/login", data={"username": "zed", "password": "nope", "csrf_token": token})
+    assert wrong.status_code == unknown.status_code == 401
+    assert "Wrong user name or password." in wrong.text and "Wrong user name or password." in unknown.text
+    assert browser.get("/queue").status_code == 303  # still logged out
+
+
+def test_login_rate_limit_per_account_then_released_after_the_window(app, clock):
+    browser = client(app)
+    token = page_token(browser.get("/login"))
+    for _ in range(3):
+        assert browser.post("/login", data={"username": "ann", "password": "x", "csrf_token": token}).status_code == 401
+    refused = browser.post("/login", data={"username": "ann", "password": PASSWORDS["ann"], "csrf_token": token})
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "60"
+    assert "Too many failed logins" in refused.text
+    api = client(app).post("/api/login", json={"username": "ann", "password": PASSWORDS["ann"]})
+    assert api.status_code == 429  # the same account through the API
+    clock.now += 61
+    ok = browser.post("/login", data={"username": "ann", "password": PASSWORDS["ann"], "csrf_token": token})
+    assert ok.status_code == 303
+
+
+def test_login_rate_limit_per_client_covers_password_spraying(app):
+    browser = client(app)
+    token = page_token(browser.get("/login"))
+    for name in ("ann", "bob", "zed"):  # one failure per account, three from this client
+        assert browser.post("/login", data={"username": name, "password": "x", "csrf_token": token}).status_code == 401
+    refused = browser.post("/login", data={"username": "boss", "password": PASSWORDS["boss"], "csrf_token": token})
+    assert refused.status_code == 429
+
+
+def test_rate_limiter_window_slides_and_success_clears():
+    clock = Clock()
+    limiter = LoginRateLimiter(2, 10, clock=clock)
+    limiter.failed("a")
+    clock.now += 6
+    limiter.failed("a")
+    assert limiter.retry_after("a") == 4 and limiter.retry_after("b") == 0
+    clock.now += 4
+    assert limiter.retry_after("a") == 0  # the first failure left the window
+    limiter.failed("a")
+    limiter.succeeded("a")
+    assert limiter.retry_after("a") == 0
+    with pytest.raises(ValueError):
+        LoginRateLimiter(0, 10)
+
+
+def test_logout_ends_the_session(app):
+    browser, token = login(app, "ann")
+    assert browser.post("/logout", data={"csrf_token": token}).headers["location"] == "/login"
+    assert browser.get("/queue").status_code == 303
+
+
+def test_deactivated_account_is_logged_out(app, store):
+    browser, _ = login(app, "ann")
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE users SET active = 0 WHERE username = 'ann'")
+    assert browser.get("/queue").status_code == 303
+    token = page_token(browser.get("/login"))
+    assert browser.post("/login", data={"username": "ann", "password": PASSWORDS["ann"],
+                                        "csrf_token": token}).status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------- CSRF
+
+
+def _post_routes(app) -> list[str]:
+    return sorted(route.path for route in app.routes if "POST" in getattr(route, "methods", ()))
+
+
+def test_every_form_post_needs_the_csrf_token(app):
+    browser, token = login(app, "boss")
+    item_id = open_item(browser, "demonstration")
+    paths = {path.replace("{item_id}", str(item_id)) for path in _post_routes(app) if path != "/api/login"}
+    assert paths == {"/login", "/logout", f"/items/{item_id}", f"/items/{item_id}/skip", "/admin/users",
+                     "/admin/import", f"/api/items/{item_id}/answer", f"/api/items/{item_id}/skip"}
+    for path in sorted(paths):
+        for data in ({}, {"csrf_token": "forged"}, {"csrf_token": ""}):
+            response = browser.post(path, data={"completion": "x", "reason": "x", **data})
+            assert response.status_code == 403, (path, data)
+        assert browser.post(path, json={"completion": "x"}, headers={"X-CSRF-Token": "forged"}).status_code == 403
+    assert store_answers(app) == 0
+    assert browser.get("/queue").status_code == 200  # still logged in: the forged logout did nothing
+    assert browser.post("/logout", data={"csrf_token": token}).status_code == 303
+
+
+def store_answers(app) -> int:
+    return sum(row["answers"] + row["skipped"] for row in app_store(app).progress())
+
+
+def app_store(app) -> Store:
+    for route in app.routes:  # the store is reachable through any endpoint's closure
+        for cell in getattr(getattr(route, "endpoint", None), "__closure__", None) or ():
+            if isinstance(cell.cell_contents, Store):
+                return cell.cell_contents
+    raise AssertionError("no store")
+
+
+def test_api_login_takes_json_only(app):
+    browser = client(app)
+    form = browser.post("/api/login", data={"username": "ann", "password": PASSWORDS["ann"]})
+    assert form.status_code == 415  # a cross-site form cannot log a victim in
+    response = browser.post("/api/login", json={"username": "ann", "password": PASSWORDS["ann"]})
+    assert response.status_code == 200 and response.json()["role"] == "labeler"
+    assert browser.get("/api/me").json()["csrf_token"] == response.json()["csrf_token"]
+    assert browser.post("/api/login", content=b"{nope", headers={"content-type": "application/json"}).status_code == 422
+    assert browser.post("/api/login", json=["ann"]).status_code == 422
+
+
+# ------------------------------------------------------------------------------------------ labeling
+
+
+def test_queue_shows_the_labelers_progress(app):
+    browser, token = login(app, "ann")
+    page = browser.get("/queue")
+    assert page.status_code == 200 and "Write demonstrations" in page.text and "Judge A/B pairs" in page.text
+    item_id = open_item(browser, "ab")
+    browser.post(f"/items/{item_id}", data={"csrf_token": token, "verdict": "a"})
+    assert "You answered 1, skipped 0." in browser.get("/queue").text
+
+
+def test_write_a_demonstration(app, store):
+    browser, token = login(app, "ann")
+    item_id = open_item(browser, "demonstration")
+    page = browser.get(f"/items/{item_id}")
+    assert page.status_code == 200 and "Write the response" in page.text
+    response = browser.post(f"/items/{item_id}", data={"csrf_token": token, "completion": "Roses\r\nare red"})
+    assert (response.status_code, response.headers["location"]) == (303, "/next?kind=demonstration")
+    [answer] = store.answers("demonstration")
+    assert answer.payload == {"completion": "Roses\nare red"}  # the browser's CRLF newlines normalised
+    again = browser.get(f"/items/{item_id}")
+    assert "You answered this item" in again.text
+    assert browser.get("/next?kind=demonstration").headers["location"] == "/queue"  # nothing left
+    assert "Nothing left to do" in browser.get("/queue").text
+
+
+def test_rate_flag_and_rank_with_ties(app, store):
+    browser, token = login(app, "ann")
+    item_id = open_item(browser, "ranking")
+    page = browser.get(f"/items/{item_id}")
+    assert page.text.count('draggable="true"') == 3 and "Makes up facts" in page.text
+    form = {**RANKING_FORM, "rank_0": "1", "rank_1": "1", "rank_2": "3", "csrf_token": token}
+    assert browser.post(f"/items/{item_id}", data=form).status_code == 303
+    [answer] = store.answers("ranking")
+    assert answer.payload == {"ratings": [6, 3, 1], "flags": [[], [], ["made_up_facts"]], "ranking": [[0, 1], [2]]}
+    [record] = store.export("rankings")
+    assert record["ranking"] == [[0, 1], [2]] and record["labeler"] == "ann"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rating_1": ""}, "Not saved: output B rating: choose a rating"),
+    ({"rating_1": "9"}, "expected an integer from 1 to 7"),
+    ({"rank_2": "zero"}, "is not a whole number"),
+    ({"rank_2": "0"}, "must be 1 (the best) or more"),
+    ({"rank_0": "1", "rank_1": "1", "rank_2": "1"}, "ties every completion"),
+    ({"flags_0": "boring"}, "expected a list of flags"),
+])
+def test_a_bad_ranking_is_refused_and_what_was_entered_is_kept(app, store, change, message):
+    browser, token = login(app, "ann")
+    item_id = open_item(browser, "ranking")
+    response = browser.post(f"/items/{item_id}", data={**RANKING_FORM, **change, "csrf_token": token})
+    assert response.status_code == 422
+    assert "Not saved:" in response.text and message in response.text
+    assert 'value="6" required\n               checked' in response.text or re.search(
+        r'name="rating_0" value="6"[^>]*checked', response.text)
+    assert store.answers("ranking") == []
+
+
+def test_ranking_payload_groups_places_best_first():
+    from starlette.datastructures import FormData
+
+    form = FormData([("rating_0", "2"), ("rating_1", "7"), ("rating_2", "7"), ("flags_0", "harmful"),
+                     ("flags_0", "fails_instruction"), ("rank_0", "5"), ("rank_1", "2"), ("rank_2", "2")])
+    assert ranking_payload(form, 3) == {"ratings": [2, 7, 7], "flags": [["harmful", "fails_instruction"], [], []],
+                                        "ranking": [[1, 2], [0]]}
+    with pytest.raises(StoreError, match="choose a place") as error:
+        ranking_payload(FormData([("rating_0", "1")]), 1)
+    assert error.value.field == "output A place"
+
+
+def test_judge_an_ab_pair_without_seeing_which_model_wrote_what(app, store):
+    browser, token = login(app, "ann")
+    item_id = open_item(browser, "ab")
+    page = browser.get(f"/items/{item_id}")
+    assert "go away" in page.text and "ppo" not in page.text and "sft" not in page.text
+    assert browser.post(f"/items/{item_id}", data={"csrf_token": token, "verdict": "b"}).status_code == 303
+    [record] = store.export("ab")
+    assert (record["verdict"], record["meta"]["models"]) == ("b", ["ppo", "sft"])
+
+
+def client_login_api(app, username: str) -> TestClient:
+    browser = client(app)
+    assert browser.post("/api/login", json={"username": username, "password": PASSWORDS[username]}).status_code == 200
+    return browser
+
+
+def test_bad_verdict_and_empty_demonstration_are_refused(app, store):
+    browser, token = login(app, "ann")
+    item_id = open_item(browser, "ab")
+    assert browser.post(f"/items/{item_id}", data={"csrf_token": token, "verdict": "c"}).status_code == 422
+    demo = open_item(browser, "demonstration")
+    response = browser.post(f"/items/{demo}", data={"csrf_token": token, "completion": "   "})
+    assert response.status_code == 422 and "is empty" in response.text
+    assert store.answers() == []
+
+
+def test_skip_with_a_reason(app, store):
+    browser, token = login(app, "ann")
+    item_id = open_item(browser, "demonstration")
+    refused = browser.post(f"/items/{item_id}/skip", data={"csrf_token": token, "reason": " "})
+    assert refused.status_code == 422 and "skip reason" in refused.text
+    response = browser.post(f"/items/{item_id}/skip", data={"csrf_token": token, "reason": "unclear prompt"})
+    assert response.status_code == 303
+    [answer] = store.answers()
+    assert answer.skipped and answer.payload == {"reason": "unclear prompt"}
+    assert "You skipped this item" in browser.get(f"/items/{item_id}").text
+
+
+def test_double_submit_writes_one_answer(app, store):
+    browser, token = login(app, "ann")
+    item_id = open_item(browser, "ab")
+    for verdict in ("a", "a", "b"):
+        assert browser.post(f"/items/{item_id}", data={"csrf_token": token, "verdict": verdict}).status_code == 303
+    [answer] = store.answers()
+    assert answer.payload == {"verdict": "a"}
+
+
+def test_unknown_kind_and_unknown_item_are_404(app):
+    browser, _ = login(app, "ann")
+    assert browser.get("/next?kind=poetry").status_code == 404
+    missing = browser.get("/items/999")
+    assert missing.status_code == 404 and "no such item in your queue" in missing.text
+    assert browser.get("/nowhere").status_code == 404
+
+
+# ------------------------------------------------------------------------------- cross-labeler access
+
+
+def test_a_labeler_cannot_see_or_answer_another_labelers_item(app, store):
+    ann, _ = login(app, "ann")
+    bob, bob_token = login(app, "bob")
+    item_id = open_item(ann, "demonstration")  # replicas=1: assigned to ann only
+    assert bob.get(f"/items/{item_id}").status_code == 404
+    assert bob.post(f"/items/{item_id}", data={"csrf_token": bob_token, "completion": "mine"}).status_code == 404
+    assert bob.post(f"/items/{item_id}/skip", data={"csrf_token": bob_token, "reason": "x"}).status_code == 404
+    api = bob.post(f"/api/items/{item_id}/answer", json={"completion": "mine"}, headers={"X-CSRF-Token": bob_token})
+    assert api.status_code == 404
+    assert bob.get("/next?kind=demonstration").headers["location"] == "/queue"  # nothing for bob
+    assert store.answers() == []
+
+
+def test_labelers_are_refused_every_admin_route(app, store):
+    browser, token = login(app, "ann")
+    for path in ("/admin", "/admin/export/rankings", "/admin/agreement.json", "/api/admin/progress"):
+        assert browser.get(path).status_code == 403, path
+    created = browser.post("/admin/users", data={"csrf_token": token, "username": "mallory",
+                                                 "password": "long password", "role": "admin"})
+    imported = browser.post("/admin/import", data={"csrf_token": token, "kind": "prompts", "replicas": "1"},
+                            files={"file": ("p.jsonl", b'{"prompt": "x"}\n')})
+    assert created.status_code == imported.status_code == 403
+    assert [user.username for user in store.users()] == ["boss", "ann", "bob"]
+    assert sum(row["items"] for row in store.progress()) == 3
+
+
+# ------------------------------------------------------------------------------------------------ XSS
+
+
+def test_user_text_is_escaped_everywhere(app, store):
+    browser, token = login(app, "ann")
+    for kind in ("demonstration", "ranking"):
+        page = browser.get(f"/items/{open_item(browser, kind)}")
+        assert XSS not in page.text and "&lt;script&gt;alert(&#39;owned&#39;)&lt;/script&gt;" in page.text
+    boss, boss_token = login(app, "boss")
+    boss.post("/admin/users", data={"csrf_token": boss_token, "username": f"x{XSS}", "password": "long password",
+                                    "role": "labeler"})
+    admin = boss.get("/admin")
+    assert XSS not in admin.text and "x&lt;script&gt;" in admin.text
+    policy = admin.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert admin.headers["x-frame-options"] == "DENY" and admin.headers["x-content-type-options"] == "nosniff"
+    assert admin.headers["cache-control"] == "no-store"
+
+
+def test_templates_have_no_inline_script():
+    from rlhfkit.feedback.app import HERE
+
+    for template in (HERE / "templates").glob("*.html"):
+        text = template.read_text(encoding="utf-8")
+        assert not re.search(r"<script(?![^>]*\bsrc=)", text), template.name
+        assert not re.search(r"\son[a-z]+=", text), template.name  # no inline event handlers (the CSP forbids them)
+        assert "|safe" not in text.replace(" ", ""), template.name
+
+
+# --------------------------------------------------------------------------------------------- admin
+
+
+def test_admin_page_shows_progress_agreement_and_accounts(app, store):
+    for name in ("ann", "bob"):
+        browser, token = login(app, name)
+        item_id = open_item(browser, "ranking")
+        browser.post(f"/items/{item_id}", data={**RANKING_FORM, "csrf_token": token})
+    boss, _ = login(app, "boss")
+    page = boss.get("/admin")
+    assert page.status_code == 200
+    assert "<td>ranking</td><td>1</td><td>1</td><td>2</td>" in page.text.replace("\n", "").replace("        ", "")
+    assert "1.000" in page.text  # ann and bob agree perfectly
+    report = boss.get("/admin/agreement.json").json()
+    assert report["overall"]["pairwise_agreement"] == 1.0 and report["per_item"][0]["labelers"] == ["ann", "bob"]
+    assert {row["kind"]: row["answers"] for row in boss.get("/api/admin/progress").json()["progress"]}["ranking"] == 2
+
+
+def test_admin_creates_accounts(app, store):
+    boss, token = login(app, "boss")
+    boss.post("/admin/users", data={"csrf_token": token, "username": "cara", "password": "cara password",
+                                    "role": "labeler"})
+    assert "Created the labeler account" in boss.get("/admin").text
+    for data, message in (({"username": "cara", "password": "long password", "role": "labeler"}, "is taken"),
+                          ({"username": "dan", "password": "short", "role": "labeler"}, "at least 8 characters"),
+                          ({"username": "dan", "password": "long password", "role": "root"}, "unknown role")):
+        boss.post("/admin/users", data={"csrf_token": token, **data})
+        assert message in boss.get("/admin").text, data
+    assert [user.username for user in store.users()] == ["boss", "ann", "bob", "cara"]
+    cara, _ = login(app, "cara", "cara password")
+    assert cara.get("/queue").status_code == 200
+
+
+def test_admin_imports_prompts_samples_and_pairs(app, store):
+    boss, token = login(app, "boss")
+    samples = b'{"prompt": "Q", "completions": ["x", "y", "z"]}\n{"prompt": "R", "completions": ["u", "v"]}\n'
+    response = boss.post("/admin/import", data={"csrf_token": token, "kind": "samples", "replicas": "3"},
+                         files={"file": ("samples.jsonl", samples)})
+    assert response.status_code == 303
+    assert "Imported 2 samples from samples.jsonl, 3 labeler(s) each." in boss.get("/admin").text
+    boss.post("/admin/import", data={"csrf_token": token, "kind": "prompts", "replicas": "1"},
+              files={"file": ("prompts.csv", b"prompt\nHello\nBye\n")})
+    progress = {row["kind"]: row for row in store.progress()}
+    assert (progress["ranking"]["items"], progress["ranking"]["answers_needed"]) == (3, 2 + 6)
+    assert progress["demonstration"]["items"] == 3
+
+
+def test_a_bad_import_names_file_line_and_field_and_writes_nothing(app, store):
+    boss, token = login(app, "boss")
+    bad = b'{"prompt": "Q", "completions": ["x", "y"]}\n\n{"prompt": "R", "completions": ["u"]}\n'
+    boss.post("/admin/import", data={"csrf_token": token, "kind": "samples", "replicas": "1"},
+              files={"file": ("bad.jsonl", bad)})
+    page = boss.get("/admin").text
+    assert "Nothing imported: bad.jsonl, line 3, field &#39;completions&#39;: needs at least 2 completions" in page
+    boss.post("/admin/import", data={"csrf_token": token, "kind": "samples", "replicas": "0"},
+              files={"file": ("ok.jsonl", b'{"prompt": "Q", "completions": ["x", "y"]}\n')})
+    assert "at least 1 labeler per item" in boss.get("/admin").text
+    boss.post("/admin/import", data={"csrf_token": token, "kind": "samples", "replicas": "1"})
+    assert "choose a file" in boss.get("/admin").text
+    assert sum(row["items"] for row in store.progress()) == 3
+
+
+def test_exports_are_what_the_trainers_read(app, store, tmp_path):
+    from rlhfkit.data.readers import read_records
+
+    ann, token = login(app, "ann")
+    item_id = open_item(ann, "ranking")
+    ann.post(f"/items/{item_id}", data={**RANKING_FORM, "csrf_token": token})
+    boss, _ = login(app, "boss")
+    response = boss.get("/admin/export/rankings")
+    assert response.status_code == 200
+    assert response.headers["content-disposition"] == 'attachment; filename="rankings.jsonl"'
+    rows = [json.loads(line) for line in response.text.splitlines()]
+    assert rows == list(store.export("rankings"))
+    path = tmp_path / "rankings.jsonl"
+    path.write_text(response.text, encoding="utf-8")
+    [record] = read_records(path, "ranking")
+    assert record.completions == ("red", f"blue {XSS}", "seven") and record.ranking == ((0,), (1,), (2,))
+    pairs = boss.get("/admin/export/pairs").text.splitlines()
+    assert len(pairs) == 3
+    assert boss.get("/admin/export/poems").status_code == 404
+
+
+# --------------------------------------------------------------------------------------------- JSON API
+
+
+def test_api_next_answer_and_skip(app, store):
+    browser = client_login_api(app, "ann")
+    token = browser.get("/api/me").json()["csrf_token"]
+    item = browser.get("/api/next", params={"kind": "ranking"}).json()["item"]
+    assert item == {"id": item["id"], "kind": "ranking", "prompt": "Name a colour",
+                    "completions": ["red", f"blue {XSS}", "seven"]}
+    payload = {"ratings": [7, 2, 1], "flags": [[], [], ["made_up_facts"]], "ranking": [0, 1, 2]}
+    answer = browser.post(f"/api/items/{item['id']}/answer", json=payload, headers={"X-CSRF-Token": token})
+    assert answer.status_code == 200 and answer.json()["answer"]["payload"]["ranking"] == [[0], [1], [2]]
+    bad = browser.post(f"/api/items/{item['id']}/answer", json=payload, headers={"X-CSRF-Token": token})
+    assert bad.json()["answer"]["id"] == answer.json()["answer"]["id"]  # a double submit returns the first answer
+    demo = browser.get("/api/next", params={"kind": "demonstration"}).json()["item"]
+    invalid = browser.post(f"/api/items/{demo['id']}/answer", json={"completion": 3}, headers={"X-CSRF-Token": token})
+    assert invalid.status_code == 422 and invalid.json()["field"] == "completion"
+    garbage = browser.post(f"/api/items/{demo['id']}/answer", content=b"{", headers={"X-CSRF-Token": token,
+                                                                                   "content-type": "application/json"})
+    assert garbage.status_code == 422
+    skipped = browser.post(f"/api/items/{demo['id']}/skip", json={"reason": "off topic"},
+                           headers={"X-CSRF-Token": token})
+    assert skipped.json()["answer"]["skipped"] is True
+    assert browser.get("/api/next", params={"kind": "demonstration"}).json() == {"item": None}
+    assert browser.get("/api/next", params={"kind": "poems"}).status_code == 422
+
+
+# ----------------------------------------------------------------------------------------- size limits
+
+
+def test_oversized_requests_are_refused(app, store):
+    boss, token = login(app, "boss")
+    big = boss.post("/admin/import", data={"csrf_token": token, "kind": "prompts", "replicas": "1"},
+                    files={"file": ("big.jsonl", b"x" * (MAX_REQUEST_BYTES + 1))})
+    assert big.status_code == 413
+    streamed = boss.post("/api/login", content=iter([b"x" * (1 << 20)] * 33),
+                         headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+    ann, ann_token = login(app, "ann")
+    item_id = open_item(ann, "demonstration")
+    long = ann.post(f"/items/{item_id}", data={"csrf_token": ann_token, "completion": "y" * 100_001})
+    assert long.status_code == 422 and "longer than 100000 characters" in long.text
+    assert sum(row["items"] for row in store.progress()) == 3 and store.answers() == []
