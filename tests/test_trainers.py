@@ -43,6 +43,14 @@ def test_run_directory_layout(tmp_path, tokenizer_dir, demo_files):
     assert metrics["eval/loss"] == records[-1]["eval/loss"]
 
 
+def test_eval_at_start_off_skips_only_the_step_0_evaluation(tmp_path, tokenizer_dir, demo_files):
+    config = sft_config(tmp_path, tokenizer_dir, demo_files, "run", max_steps=4, eval_every=2, eval_at_start=False)
+    metrics = build_sft_trainer(config).train()
+    evaluated = [r["step"] for r in read_metrics(tmp_path / "run") if "eval/loss" in r]
+    assert evaluated == [2, 4, 4]  # eval_every, then the final evaluation; none at step 0
+    assert "eval/loss" in metrics
+
+
 def test_training_lowers_held_out_loss(tmp_path, tokenizer_dir, demo_files):
     trainer = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "run", max_steps=30))
     before = trainer.evaluate()["eval/loss"]

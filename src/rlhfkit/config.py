@@ -108,6 +108,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0)
+    # evaluate before the first step too (the start of the eval curve); off saves an eval pass whose result is
+    # known, e.g. DPO's policy equal to its reference (every implicit reward 0)
+    eval_at_start: bool = True
     save_every: int | None = Field(None, gt=0)
     save_total_limit: int = Field(2, gt=0)
     resume: bool = True

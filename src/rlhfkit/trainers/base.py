@@ -266,7 +266,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_config(self.config, self.run_dir)
         self._resume()
-        if self.step == 0 and self.eval_examples:
+        if self.step == 0 and self.eval_examples and self.cfg.eval_at_start:
             self._log(self.evaluate())  # the starting point of the eval curve
         self.model.train()
         batches = self._micro_batches(self.step * self.cfg.grad_accum)
