@@ -537,3 +537,19 @@ def test_oversized_requests_are_refused(app, store):
     long = ann.post(f"/items/{item_id}", data={"csrf_token": ann_token, "completion": "y" * 100_001})
     assert long.status_code == 422 and "longer than 100000 characters" in long.text
     assert sum(row["items"] for row in store.progress()) == 3 and store.answers() == []
+
+
+def test_secure_cookies_for_https(store):
+    app = create_app(store, secret_key="k", https_only=True)
+    browser = client(app)
+    token = page_token(browser.get("/login"))
+    response = browser.post("/login", data={"username": "ann", "password": PASSWORDS["ann"], "csrf_token": token})
+    assert "secure" in response.headers["set-cookie"].lower()
+
+
+def test_a_session_signed_with_another_key_is_not_accepted(store):
+    browser, _ = login(create_app(store, secret_key="key one"), "ann")
+    other = create_app(store, secret_key="key two")
+    stolen = client(other)
+    stolen.cookies = browser.cookies
+    assert stolen.get("/queue").status_code == 303

@@ -211,3 +211,16 @@ def test_agreement_prints_a_table_and_writes_the_report(run, db, labeled, tmp_pa
     assert "0.667" in ann_row and "0.816" in ann_row  # Kendall tau-b 2/sqrt(6)
     assert "1 items answered by two or more labelers" in result.stdout
 
+
+
+def test_serve_creates_the_database_and_answers_on_127_0_0_1(tmp_path):
+    import urllib.request
+
+    from feedback_server import FeedbackServer
+
+    db = tmp_path / "new.db"
+    with FeedbackServer(db, log=tmp_path / "server.log") as server:
+        assert server.url.startswith("http://127.0.0.1:") and db.exists()
+        with urllib.request.urlopen(f"{server.url}/login", timeout=10) as response:
+            assert response.status == 200 and b"Log in" in response.read()
+    assert "no admin account yet" in server.output() and "rlhfkit feedback add-user" in server.output()

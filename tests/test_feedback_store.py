@@ -516,3 +516,20 @@ def test_a_killed_process_loses_nothing_it_committed(url, tmp_path):
         with store.engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
     store.close()
+
+
+def test_user_progress_and_answer_of(store, users):
+    ann, bob, _ = users
+    store.import_samples([{"prompt": "Q", "completions": ["a", "b", "c"]}, {"prompt": "R", "completions": ["x", "y"]}])
+    store.import_prompts([{"prompt": "Write"}])
+    first = _one(store, ann, "ranking")
+    store.submit(ann.id, first.id, RANKING)
+    skipped = _one(store, ann, "ranking")
+    store.skip(ann.id, skipped.id, "unclear")
+    assert store.user_progress(ann.id) == {"demonstration": {"answered": 0, "skipped": 0},
+                                           "ranking": {"answered": 1, "skipped": 1},
+                                           "ab": {"answered": 0, "skipped": 0}}
+    assert store.user_progress(bob.id)["ranking"] == {"answered": 0, "skipped": 0}
+    assert store.answer_of(ann.id, first.id).payload == RANKING
+    assert store.answer_of(ann.id, skipped.id).skipped
+    assert store.answer_of(bob.id, first.id) is None
