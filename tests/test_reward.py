@@ -270,6 +270,29 @@ def test_metrics_and_calibration_are_written(trained_rm):
     assert sum(b["count"] for b in calibration["calibration"]["bins"]) == calibration["pairs"]
 
 
+def test_a_reward_model_scores_with_the_window_it_was_trained_with(trained_rm):
+    from transformers import PretrainedConfig
+
+    from rlhfkit.models.reward import WINDOW_KEYS, reading_window
+
+    run, trainer, _ = trained_rm
+    saved = json.loads((run / "final" / "config.json").read_text())
+    assert [saved[key] for key in WINDOW_KEYS] == [160, 80]  # data.max_length, its default max_prompt_length
+    model, tokenizer = load_for_scoring(str(run / "final"))
+    assert reading_window(model.config) == (160, 80)
+    assert reading_window(model.config, 512, 256) == (160, 80)  # a wider request is cut to the training window
+    assert reading_window(model.config, 100, 30) == (100, 30)  # a narrower one is kept
+    assert reading_window(PretrainedConfig()) == (512, 256)  # no stored window: the defaults
+    record = trainer.train_records[0]
+    long_prompt = " ".join([record.prompt if isinstance(record.prompt, str) else record.prompt[-1]["content"]] * 40)
+    wide = score_texts(model, tokenizer, [long_prompt], [record.completions[0]], max_length=2048,
+                       max_prompt_length=1024, normalize=False)
+    assert wide == score_texts(model, tokenizer, [long_prompt], [record.completions[0]], max_length=160,
+                               max_prompt_length=80, normalize=False)
+    model.config.rlhfkit_max_length, model.config.rlhfkit_max_prompt_length = 2048, 1024
+    assert score_texts(model, tokenizer, [long_prompt], [record.completions[0]], normalize=False) != wide
+
+
 def test_normalised_reference_outputs_score_zero_and_plain_transformers_agrees(trained_rm, ranking_files):
     run, trainer, metrics = trained_rm
     final = run / "final"

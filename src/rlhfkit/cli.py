@@ -215,8 +215,10 @@ def score(
     task: Annotated[str | None, typer.Option(help="Also report agreement with this built-in task's gold "
                                                   "judge (pairs ordered by gold score).")] = None,
     batch_size: int = 32,
-    max_length: int = 512,
-    max_prompt_length: int = 256,
+    max_length: Annotated[int | None, typer.Option(help="Tokens read per (prompt, completion); default and "
+                                                        "upper bound: the model's training window (else 512).")] = None,
+    max_prompt_length: Annotated[int | None, typer.Option(help="Prompt tokens kept (its end); default and upper "
+                                                               "bound: the training window's (else 256).")] = None,
 ) -> None:
     """Add a reward to each record: `reward` for a completion, `rewards` for a completions list,
     `reward_chosen`/`reward_rejected` for a pair. Reports accuracy against the file's own rankings."""

@@ -48,6 +48,7 @@ from rlhfkit.models.load import DTYPES, apply_lora, load_tokenizer, position_ids
 
 MEAN_KEY = "rlhfkit_reward_mean"
 STD_KEY = "rlhfkit_reward_std"
+WINDOW_KEYS = ("rlhfkit_max_length", "rlhfkit_max_prompt_length")  # the input window it was trained with
 
 
 def is_decoder_only(config: PretrainedConfig) -> bool:
@@ -193,6 +194,29 @@ def set_normalization(config: PretrainedConfig, mean: float | None, std: float |
             setattr(config, key, float(value))
 
 
+def set_window(config: PretrainedConfig, max_length: int, max_prompt_length: int) -> None:
+    """Store the input window a reward model was trained with (``data.max_length``, ``data.max_prompt_length``)."""
+    for key, value in zip(WINDOW_KEYS, (max_length, max_prompt_length), strict=True):
+        setattr(config, key, int(value))
+
+
+def reading_window(config: PretrainedConfig, max_length: int | None = None,
+                   max_prompt_length: int | None = None) -> tuple[int, int]:
+    """The ``(max_length, max_prompt_length)`` a reward model scores with.
+
+    A model trained by rlhfkit stores its training window (:func:`set_window`) and reads at most that much, so
+    it scores PPO rollouts, ``rlhfkit score`` and ``rlhfkit eval`` samples as it saw its training pairs (a
+    prompt cut to its last 40 tokens in training is not read whole later); a longer request is cut to it, a
+    shorter one is kept. Without a stored window: the request, by default 512 and 256.
+    """
+    stored = [getattr(config, key, None) for key in WINDOW_KEYS]
+    window = []
+    for asked, trained, default in zip((max_length, max_prompt_length), stored, (512, 256), strict=True):
+        value = asked if asked is not None else trained if trained is not None else default
+        window.append(min(value, trained) if trained is not None else value)
+    return window[0], window[1]
+
+
 def normalized_rewards(raw: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:
     """``(raw - mean) / std`` with the reward model's stored normalisation: the one place it is applied.
 
@@ -204,15 +228,17 @@ def normalized_rewards(raw: torch.Tensor, config: PretrainedConfig) -> torch.Ten
 
 @torch.no_grad()
 def score_texts(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], completions: Sequence[str],
-                *, batch_size: int = 32, max_length: int = 512, max_prompt_length: int = 256,
+                *, batch_size: int = 32, max_length: int | None = None, max_prompt_length: int | None = None,
                 normalize: bool = True) -> list[float]:
     """Rewards of (prompt, completion) pairs, normalised by default (see :func:`normalized_rewards`).
 
+    The input window is :func:`reading_window` (the model's training window, at most; else 512 / 256).
     Sequences are scored in length-sorted batches (less padding), results returned in input order.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
     config = model.config
+    max_length, max_prompt_length = reading_window(config, max_length, max_prompt_length)
     decoder = is_decoder_only(config)
     rows = [encode_for_reward(tokenizer, p, [c], decoder=decoder, max_length=max_length,
                               max_prompt_length=max_prompt_length)[0][0]

@@ -48,6 +48,7 @@ from rlhfkit.models.reward import (
     score_texts,
     sequence_rewards,
     set_normalization,
+    set_window,
 )
 from rlhfkit.trainers.base import Trainer, TrainingError
 
@@ -264,13 +265,16 @@ class RewardTrainer:
         run_dir = self.trainer.run_dir
         accelerator = self.trainer.accelerator
         data, reward = self.config.data, self.config.reward
+        set_window(self.model.config, data.max_length, data.max_prompt_length)
+        if accelerator.is_main_process:
+            self._store(run_dir / "final", lambda saved: set_window(saved, data.max_length, data.max_prompt_length))
         if reward.normalize:
             prompts, completions = reference_texts(self.config, self.train_records)
             mean, std = normalize_reward_model(self.model, self.tokenizer, prompts, completions,
                                                with_std=reward.normalize_std, batch_size=self.eval_batch_size,
                                                max_length=data.max_length, max_prompt_length=data.max_prompt_length)
             if accelerator.is_main_process:
-                self._store_normalization(run_dir / "final", mean, std)
+                self._store(run_dir / "final", lambda saved: set_normalization(saved, mean, std))
             metrics.update({"reward_mean": mean, **({"reward_std": std} if std is not None else {})})
         if self.trainer.eval_examples and accelerator.is_main_process:
             self.model.eval()
@@ -283,11 +287,12 @@ class RewardTrainer:
         return metrics
 
     @staticmethod
-    def _store_normalization(final: Path, mean: float, std: float | None) -> None:
+    def _store(final: Path, update) -> None:
+        """Apply ``update`` to the saved model's config (normalisation, training window) and save it."""
         from transformers import AutoConfig
 
         saved = AutoConfig.from_pretrained(final)
-        set_normalization(saved, mean, std)
+        update(saved)
         saved.save_pretrained(final)
 
 
