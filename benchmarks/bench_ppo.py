@@ -15,13 +15,17 @@ iteration: ``ROLLOUT`` prompts, one sample each, up to ``RESPONSE_LENGTH`` new t
 last token, GAE (gamma 1, lambda 0.95), whitened advantages, ``EPOCHS`` passes in ``MINIBATCH``-sized
 minibatches (one optimizer step each), clipped policy and value losses (0.2, 0.2, vf_coef 0.1), AdamW
 lr 1e-5, constant schedule, fp32. TRL's GPU-minded defaults are switched off (bf16, gradient
-checkpointing, sample generations during training, checkpoints).
+checkpointing, sample generations during training, checkpoints). ``--mixed-precision bf16`` turns bf16
+autocast on in both (rlhfkit ``train.mixed_precision: bf16``; TRL ``bf16=True``), each library applying
+it where it does: rlhfkit to every forward of rollout and update, TRL to the update's forward (its
+generation, reference, value and reward passes of the rollout stay fp32).
 
 Runs alternate rlhfkit, TRL, rlhfkit, TRL, ... each in a fresh subprocess (so the peak RSS is that
 run's). A run does ``--warmup`` untimed iterations, then the timed ones; the time of an iteration is the
 wall time from the end of one update to the end of the next (rollout + scoring + update). Peak RSS is
 the process's high-water mark after the last timed iteration. Reported: medians over runs, and the
-rlhfkit/TRL ratios as medians of per-pair ratios; rlhfkit's rollout / update split comes from its
+rlhfkit/TRL ratios as medians of per-pair ratios (of wall time, and of the CPU time of the run's process,
+which is what to compare with ``--threads 1`` on a shared machine); rlhfkit's rollout / update split comes from its
 ``time/rollout_s`` and ``time/train_s`` metrics. Both libraries' mean generated length per iteration
 is printed: with random weights EOS is rare, so both generate the full length and do the same work.
 """
@@ -94,8 +98,8 @@ def run_rlhfkit(spec: dict, iteration_done) -> dict:
         "data": {"train": spec["prompts_path"], "max_length": 128, "max_prompt_length": 64},
         "train": {"output_dir": spec["output_dir"], "seed": SEED, "max_steps": total, "lr": LR,
                   "adam_betas": [0.9, 0.999], "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0,
-                  "max_grad_norm": None, "mixed_precision": "no", "log_every": 1, "save_every": None,
-                  "resume": False, "progress": False},
+                  "max_grad_norm": None, "mixed_precision": spec["mixed_precision"], "log_every": 1,
+                  "save_every": None, "resume": False, "progress": False},
         "ppo": {"reward_model": spec["reward_dir"], "value_model": spec["value_model"], "advantage": "gae",
                 "rollout_batch_size": ROLLOUT, "minibatch_size": MINIBATCH, "ppo_epochs": EPOCHS,
                 "max_new_tokens": RESPONSE_LENGTH, "temperature": 1.0, "kl_coef": KL_COEF, "kl_estimator": "k1",
@@ -142,9 +146,9 @@ def run_trl(spec: dict, iteration_done) -> dict:
         learning_rate=LR, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, lr_scheduler_type="constant",
         warmup_steps=0,  # TRL's PPO loop never clips gradients (rlhfkit: max_grad_norm None)
         # TRL's defaults that are wrong for a CPU / unequal work, set to rlhfkit's:
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, num_sample_generations=0,
-        dataloader_num_workers=0, dataloader_pin_memory=False, save_strategy="no", eval_strategy="no",
-        logging_steps=1, report_to="none", disable_tqdm=True)
+        bf16=spec["mixed_precision"] == "bf16", fp16=False, use_cpu=True, gradient_checkpointing=False,
+        num_sample_generations=0, dataloader_num_workers=0, dataloader_pin_memory=False, save_strategy="no",
+        eval_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True)
     policy = AutoModelForCausalLM.from_pretrained(spec["policy_dir"], dtype="float32")
     reference = AutoModelForCausalLM.from_pretrained(spec["policy_dir"], dtype="float32")
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward_dir"], dtype="float32")
@@ -171,6 +175,10 @@ def run_trl(spec: dict, iteration_done) -> dict:
 
 
 def run_child(spec: dict) -> dict:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     warmup, steps = spec["warmup"], spec["steps"]
     ends: list[float] = []
     lengths: list[int] = []
@@ -192,6 +200,7 @@ def run_child(spec: dict) -> dict:
     elapsed = ends[-1] - ends[warmup - 1]
     return {"lib": spec["lib"], "size": spec["size"], "s_per_iteration": elapsed / steps,
             "peak_rss_mib": peak["rss"], "generated_tokens": sum(lengths[warmup:]) / steps,
+            "cpu_s_per_iteration": (cpu["end"][1] - cpu["start"][1]) / steps, "threads": torch.get_num_threads(),
             "other_cpu": common.foreign_load(cpu["start"], cpu["end"], elapsed), **split}
 
 
@@ -209,28 +218,30 @@ def check_trl_python(python: str) -> str:
 # ---- report ---------------------------------------------------------------------------------------------
 def summarize(runs: list[dict]) -> dict:
     by_lib = {lib: [r for r in runs if r["lib"] == lib] for lib in LIBS}
-    keys = ("s_per_iteration", "peak_rss_mib", "generated_tokens")
+    keys = ("s_per_iteration", "cpu_s_per_iteration", "peak_rss_mib", "generated_tokens")
     summary = {lib: {key: common.median([r[key] for r in rs]) for key in keys} for lib, rs in by_lib.items()}
     for key in ("rollout_s", "update_s"):
         summary["rlhfkit"][key] = common.median([r[key] for r in by_lib["rlhfkit"]])
     pairs = list(zip(by_lib["rlhfkit"], by_lib["trl"], strict=True))
     summary["speedup"] = common.median([b["s_per_iteration"] / a["s_per_iteration"] for a, b in pairs])
+    summary["cpu_speedup"] = common.median([b["cpu_s_per_iteration"] / a["cpu_s_per_iteration"] for a, b in pairs])
     summary["rss_ratio"] = common.median([a["peak_rss_mib"] / b["peak_rss_mib"] for a, b in pairs])
     summary["max_other_cpu"] = max(r["other_cpu"] for r in runs)
     return summary
 
 
 def table(results: dict) -> str:
-    lines = [f"{'size':<6} {'library':<8} {'s/iteration':>12} {'peak RSS MiB':>13} {'tokens/seq':>11} "
-             f"{'rollout s':>10} {'update s':>9}", "-" * 75]
+    lines = [f"{'size':<6} {'library':<8} {'s/iteration':>12} {'CPU s/iter':>11} {'peak RSS MiB':>13} "
+             f"{'tokens/seq':>11} {'rollout s':>10} {'update s':>9}", "-" * 87]
     for size, entry in results.items():
         s = entry["summary"]
         for lib in LIBS:
             split = (f"{s[lib]['rollout_s']:>10.3f} {s[lib]['update_s']:>9.3f}" if lib == "rlhfkit" else "")
-            lines.append(f"{size:<6} {lib:<8} {s[lib]['s_per_iteration']:>12.3f} {s[lib]['peak_rss_mib']:>13.0f} "
-                         f"{s[lib]['generated_tokens']:>11.1f} {split}")
-        lines.append(f"{size:<6} {'rk/TRL':<8} {s['speedup']:>11.2f}x {s['rss_ratio']:>12.2f}x   "
-                     "(speed: > 1x rlhfkit faster; RSS: < 1x rlhfkit smaller)")
+            lines.append(f"{size:<6} {lib:<8} {s[lib]['s_per_iteration']:>12.3f} "
+                         f"{s[lib]['cpu_s_per_iteration']:>11.3f} "
+                         f"{s[lib]['peak_rss_mib']:>13.0f} {s[lib]['generated_tokens']:>11.1f} {split}")
+        lines.append(f"{size:<6} {'rk/TRL':<8} {s['speedup']:>11.2f}x {s['cpu_speedup']:>10.2f}x "
+                     f"{s['rss_ratio']:>12.2f}x   (speed: > 1x rlhfkit faster; RSS: < 1x rlhfkit smaller)")
         lines.append("")
     busy = max(e["summary"]["max_other_cpu"] for e in results.values())
     if busy > NOISY:
@@ -255,6 +266,11 @@ def main() -> None:
                         help="rlhfkit's value model: 'reward' (a network initialised from the reward model, the "
                              "same work as TRL) or 'head' (a value head on the policy's trunk: one backbone "
                              "pass instead of two; TRL's PPOTrainer has no such option)")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                        help="'bf16': mixed precision in both libraries (rlhfkit train.mixed_precision=bf16, TRL "
+                             "bf16=True); default 'no' (fp32)")
+    parser.add_argument("--threads", type=int, help="torch threads in every run (default: torch's, one per core); "
+                        "--threads 1 is steadier on a shared machine (compare CPU s/iteration then)")
     parser.add_argument("--json", help="also write all raw results to this file")
     parser.add_argument("--workdir", help="keep data, models and run directories here (default: a temp dir)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -291,11 +307,13 @@ def main() -> None:
                     common.wait_until_quiet(args.quiet_below, args.max_wait)
                     spec = {"lib": lib, "size": size, "policy_dir": policy_dir, "reward_dir": reward_dir,
                             "prompts_path": prompts_path, "output_dir": str(out), "warmup": args.warmup,
-                            "steps": steps[size], "value_model": args.rlhfkit_value_model}
+                            "steps": steps[size], "value_model": args.rlhfkit_value_model,
+                            "mixed_precision": args.mixed_precision, "threads": args.threads}
                     run = common.spawn_child(__file__, spec, sys.executable if lib == "rlhfkit" else args.trl_python)
                     shutil.rmtree(out, ignore_errors=True)
                     runs.append(run)
-                    print(f"  pair {pair + 1} {lib:<8} {run['s_per_iteration']:.3f} s/iteration  peak RSS "
+                    print(f"  pair {pair + 1} {lib:<8} {run['s_per_iteration']:.3f} s/iteration  "
+                          f"{run['cpu_s_per_iteration']:.3f} CPU s/iteration  peak RSS "
                           f"{run['peak_rss_mib']:.0f} MiB  {run['generated_tokens']:.1f} tokens/seq  other "
                           f"processes {run['other_cpu']:.0%} CPU", flush=True)
             results[size] = {"runs": runs, "summary": summarize(runs), "params": n_params}
@@ -305,7 +323,8 @@ def main() -> None:
             meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": common.cpu_model(),
                     "cpus": os.cpu_count(), "trl": trl_version,
                     "versions": common.versions("torch", "transformers", "accelerate", "rlhfkit"),
-                    "rlhfkit_value_model": args.rlhfkit_value_model, "rollout": ROLLOUT, "minibatch": MINIBATCH,
+                    "rlhfkit_value_model": args.rlhfkit_value_model, "mixed_precision": args.mixed_precision,
+                    "threads": args.threads, "rollout": ROLLOUT, "minibatch": MINIBATCH,
                     "epochs": EPOCHS, "response_length": RESPONSE_LENGTH,
                     "warmup": args.warmup, "steps": steps, "pairs": args.pairs}
             Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2), encoding="utf-8")

@@ -103,3 +103,12 @@ def test_an_override_of_a_yaml_alias_changes_only_its_own_section(tmp_path):
                     "sft: {train: *train}\n")
     config, _ = load_pipeline(path, ["sft.train.lr=0.5"])
     assert config.pretrain["train"]["lr"] == 0.1 and config.sft["train"]["lr"] == 0.5
+
+
+def test_bare_no_for_mixed_precision_means_no(tmp_path):
+    """YAML reads ``no`` as false; ``mixed_precision: no`` (file or --set) still means full precision."""
+    config = load_config(SFTConfig, write(tmp_path, GOOD + "  mixed_precision: no\n"))
+    assert config.train.mixed_precision == "no"
+    assert load_config(SFTConfig, write(tmp_path, GOOD), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError):
+        load_config(SFTConfig, write(tmp_path, GOOD), ["train.mixed_precision=yes"])

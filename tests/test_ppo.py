@@ -121,3 +121,72 @@ def test_resume_equals_uninterrupted_run(ppo_setup):
     for x, y in zip(straight_log, resumed_log, strict=True):
         assert x["objective/scores"] == pytest.approx(y["objective/scores"], abs=1e-5)
         assert x["kl_coef"] == pytest.approx(y["kl_coef"])
+
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one process-wide state whose precision cannot change once set: reset it around
+    tests that build trainers of different precisions (and leave it clean for the next test)."""
+    from accelerate.state import AcceleratorState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    reset()
+    yield reset
+    reset()
+
+
+def _autocast_spy(trainer) -> dict[str, list[bool]]:
+    """Record, for every forward of a decoder layer of each network, whether it ran under bf16 autocast."""
+    seen: dict[str, list[bool]] = {}
+    networks = {"policy": trainer._unwrapped_policy(), "reference": trainer.reference,
+                "value": trainer.accelerator.unwrap_model(trainer.value), "reward": trainer.reward_model}
+    for name, network in networks.items():
+        def hook(module, args, name=name):
+            seen.setdefault(name, []).append(torch.is_autocast_enabled("cpu")
+                                             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        network.model.layers[0].register_forward_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_mixed_precision_reaches_every_forward_of_rollout_and_update(ppo_setup, fresh_accelerate, precision):
+    trainer = PPOTrainer(ppo_config(ppo_setup, f"autocast-{precision}", f"train.mixed_precision={precision}"))
+    seen = _autocast_spy(trainer)
+    rollout = trainer.rollout(trainer._prompt_batch(0))
+    # generation: one policy forward per new token; the reference, value and reward networks: one each
+    assert len(seen["policy"]) == rollout.responses.size(1)
+    assert len(seen["reference"]) == len(seen["value"]) == len(seen["reward"]) == 1
+    trainer.update(rollout)
+    updates = trainer.ppo.ppo_epochs * rollout.responses.size(0) // trainer.ppo.minibatch_size
+    assert len(seen["policy"]) == rollout.responses.size(1) + updates and len(seen["value"]) == 1 + updates
+    expected = precision == "bf16"
+    assert {name: set(flags) for name, flags in seen.items()} == {name: {expected} for name in seen}
+
+
+def test_bf16_rollout_and_update_match_fp32_within_bf16_tolerance(ppo_setup, fresh_accelerate):
+    from rlhfkit.trainers.ppo import policy_forward, value_forward
+
+    fp32 = PPOTrainer(ppo_config(ppo_setup, "match-fp32", "train.mixed_precision=no"))
+    rollout = fp32.rollout(fp32._prompt_batch(0))
+    stats32 = fp32.update(rollout)
+    fresh_accelerate()
+    bf16 = PPOTrainer(ppo_config(ppo_setup, "match-bf16", "train.mixed_precision=bf16"))
+    batch = rollout.select(torch.arange(rollout.responses.size(0)))
+    mask = rollout.response_mask.float()
+    with torch.no_grad(), bf16.accelerator.autocast():  # the fp32 rollout's sequences, scored in bf16
+        ref16 = policy_forward(bf16.reference, batch, 1.0)[0] * mask
+        values16 = value_forward(bf16.value, batch) * mask
+    torch.testing.assert_close(ref16, rollout.ref_logprobs, atol=0.1, rtol=0)
+    assert (ref16 - rollout.ref_logprobs).abs().sum() / mask.sum() < 0.02
+    torch.testing.assert_close(values16, rollout.values, atol=0.05, rtol=0)
+    # a bf16 rollout: the policy is its own reference, so the KL is zero up to bf16 rounding
+    rollout16 = bf16.rollout(bf16._prompt_batch(1))
+    assert rollout16.logprobs.dtype == rollout16.ref_logprobs.dtype == torch.float32
+    assert (rollout16.logprobs - rollout16.ref_logprobs).abs().sum() / rollout16.response_mask.sum() < 0.02
+    # one update on the same rollout from the same weights: the same statistics within bf16 tolerance
+    stats16 = bf16.update(rollout)
+    for name in ("loss/policy_avg", "loss/value_avg", "objective/entropy", "val/ratio", "policy/approxkl_avg"):
+        assert stats16[name] == pytest.approx(stats32[name], abs=0.02), name

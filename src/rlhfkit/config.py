@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -115,6 +115,12 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, gt=0)
     resume: bool = True
     progress: bool = True
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _bare_no(cls, value: Any) -> Any:
+        """YAML reads a bare ``no`` as false: ``mixed_precision: no`` means ``"no"``."""
+        return "no" if value is False else value
 
 
 class PretrainConfig(Section):

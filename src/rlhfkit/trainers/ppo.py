@@ -234,7 +234,16 @@ class PPOTrainer:
     # ---- 1-3: rollout, scores, advantages ------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: list) -> Rollout:
-        """Sample, score and compute advantages for ``prompts`` (each ``samples_per_prompt`` times)."""
+        """Sample, score and compute advantages for ``prompts`` (each ``samples_per_prompt`` times).
+
+        With ``train.mixed_precision`` bf16/fp16 every forward of the rollout (generation, reference,
+        values, reward model) runs under one autocast region: the same precision as the update, and the
+        low-precision copies of the policy's weights are cast once for all generation steps, not per token.
+        """
+        with self.accelerator.autocast():
+            return self._rollout(prompts)
+
+    def _rollout(self, prompts: list) -> Rollout:
         ppo, tok = self.ppo, self.tokenizer
         prompts = [p for p in prompts for _ in range(ppo.samples_per_prompt)]  # prompt-major groups
         max_prompt = self.config.data.max_prompt_length
@@ -286,7 +295,7 @@ class PPOTrainer:
         return Rollout(queries, query_mask, responses, response_mask, logprobs, ref_logprobs, values, scores,
                        advantages, returns, prompts, texts)
 
-    def _values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # called under the rollout's autocast
         if self.ppo.value_model == "reward":
             return value_forward(self.value, batch)
         _, _, states = policy_forward(self.policy, batch, self.ppo.temperature, hidden=True)
@@ -340,7 +349,11 @@ class PPOTrainer:
         with torch.no_grad():
             stats["objective/entropy"] = masked_mean(entropy_from_logits(logits), mask).item()
         if self.value is not None:
-            values = self.value(states.float()) if hidden else value_forward(self.value, batch)
+            if hidden:
+                values = self.value(states.float())
+            else:  # value_forward calls the network's trunk, not its (autocast-wrapped) forward
+                with self.accelerator.autocast():
+                    values = value_forward(self.value, batch)
             vf_loss, vf_stats = value_loss(values, batch["values"], batch["returns"], mask, ppo.clip_range_value)
             loss = loss + ppo.vf_coef * vf_loss
             stats.update({"loss/value_avg": vf_loss.item(), "val/clipfrac_avg": vf_stats["clipfrac"].item()})
