@@ -92,6 +92,23 @@ def test_load_causal_lm_reads_a_gguf_file_as_a_plain_model(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
 
 
+@needs_gguf
+def test_a_reward_model_starts_from_a_gguf_file_with_its_backbone(converted):
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.reward import load_reward_model, score_texts
+
+    model, tokenizer = load_reward_model(ModelConfig(name_or_path=str(GGUF)))
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
+    assert not getattr(model, "is_quantized", False)
+    backbone = AutoModelForCausalLM.from_pretrained(converted).model.state_dict()
+    loaded = model.model.state_dict()
+    assert loaded.keys() == backbone.keys()
+    for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "norm.weight"):
+        torch.testing.assert_close(loaded[name], backbone[name])  # the de-quantised weights, not a fresh init
+    assert len(score_texts(model, tokenizer, [CHAT], ["Paris."], normalize=False)) == 1
+
+
 def test_gguf_path_errors(tmp_path):
     from rlhfkit.models.load import convert_gguf
 

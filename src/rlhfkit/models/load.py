@@ -45,17 +45,22 @@ def _gguf_location(path: str | Path) -> tuple[str, str]:
     return str(path.parent), path.name
 
 
-def load_gguf_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The causal LM in a ``.gguf`` file, de-quantised into a plain model that trains and saves as usual."""
+def load_gguf_model(path: str | Path, *, dtype: torch.dtype = torch.float32, model_class=AutoModelForCausalLM,
+                    **kwargs):
+    """The model in a ``.gguf`` file, de-quantised into a plain model that trains and saves as usual.
+
+    ``model_class`` is the transformers auto class (a causal LM by default; a reward model loads the same
+    backbone with ``AutoModelForSequenceClassification``); ``kwargs`` go to its ``from_pretrained``.
+    """
     directory, name = _gguf_location(path)
     try:
         from transformers import GgufConfig
     except ImportError:  # releases before GgufConfig always de-quantise a GGUF file into a plain model
-        return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+        return model_class.from_pretrained(directory, gguf_file=name, dtype=dtype, **kwargs)
     # newer ones may keep the weights packed, and mark even de-quantised ones as quantized (a model that
     # neither trains nor saves) unless dense weights are asked for
-    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype,
-                                                quantization_config=GgufConfig(dequantize=True))
+    return model_class.from_pretrained(directory, gguf_file=name, dtype=dtype,
+                                       quantization_config=GgufConfig(dequantize=True), **kwargs)
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:

@@ -44,7 +44,7 @@ from transformers import (
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.collators import encode_prompt
 from rlhfkit.data.records import Prompt
-from rlhfkit.models.load import DTYPES, apply_lora, load_tokenizer, position_ids_from_mask
+from rlhfkit.models.load import DTYPES, apply_lora, is_gguf, load_gguf_model, load_tokenizer, position_ids_from_mask
 
 MEAN_KEY = "rlhfkit_reward_mean"
 STD_KEY = "rlhfkit_reward_std"
@@ -88,8 +88,8 @@ def build_reward_model(tokenizer: PreTrainedTokenizerBase, preset: str = "tiny",
 def load_reward_model(config: ModelConfig, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The reward model described by ``config``, with its tokenizer.
 
-    From ``name_or_path`` (an SFT checkpoint, a base LM, an encoder or an earlier reward model) the
-    backbone weights are loaded and a one-output score head is added where the checkpoint has none (or
+    From ``name_or_path`` (an SFT checkpoint, a base LM or its ``.gguf`` file, an encoder or an earlier reward
+    model) the backbone weights are loaded and a one-output score head is added where the checkpoint has none (or
     a head of another size); from ``preset`` a random Llama is built. With ``config.lora`` the backbone
     gets LoRA adapters (peft task type SEQ_CLS) and the score head stays fully trainable.
     """
@@ -103,9 +103,14 @@ def load_reward_model(config: ModelConfig, *, seed: int = 0) -> tuple[PreTrained
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the new score head's initialisation
-                model, info = AutoModelForSequenceClassification.from_pretrained(
-                    config.name_or_path, num_labels=1, ignore_mismatched_sizes=True, dtype=DTYPES[config.dtype],
-                    trust_remote_code=config.trust_remote_code, output_loading_info=True)
+                options = {"num_labels": 1, "ignore_mismatched_sizes": True, "output_loading_info": True}
+                if is_gguf(config.name_or_path):  # a .gguf causal LM: its backbone, de-quantised
+                    model, info = load_gguf_model(config.name_or_path, dtype=DTYPES[config.dtype],
+                                                  model_class=AutoModelForSequenceClassification, **options)
+                else:
+                    model, info = AutoModelForSequenceClassification.from_pretrained(
+                        config.name_or_path, dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code,
+                        **options)
         finally:
             hf_logging.set_verbosity(verbosity)
         heads = {"score", "classifier", "pre_classifier"}
