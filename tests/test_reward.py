@@ -97,9 +97,11 @@ def test_k_completions_go_through_the_model_once(tokenizer, task):
                                     with_kwargs=True)
     embedded = []
     model.model.embed_tokens.register_forward_hook(lambda module, args, out: embedded.append(out.shape[0]))
-    loss, n_pairs, stats = make_loss_fn(RewardSection(), decoder=True)(model, batch)
+    loss, units, stats = make_loss_fn(RewardSection(), decoder=True)(model, batch)
     assert calls == [8] and embedded == [8]  # K forwards in one call, not K(K-1) (= 2 x 12 rows per pair)
-    assert int(n_pairs) == sum(len(r.pairs()) for r in records) == 12
+    assert int(units) == 2  # per-prompt weighting: the loss averages over the 2 prompts
+    _, units, _ = make_loss_fn(RewardSection(pair_weighting="per_pair"), decoder=True)(model, batch)
+    assert int(units) == sum(len(r.pairs()) for r in records) == 12  # ... or over the 12 pairs
     assert {"accuracy", "reward_margin"} <= set(stats)
 
     # the gathered pair rewards are those of each completion scored on its own, unpadded

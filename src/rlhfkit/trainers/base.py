@@ -8,6 +8,15 @@ checkpoints with optimizer/scheduler/RNG state, exact resume, and a plain HF ``f
 Data order is a pure function of (seed, micro-batch index): micro-batch ``i`` is slice
 ``i % n_batches`` of the permutation drawn for epoch ``i // n_batches``. Resuming at optimizer step
 ``s`` therefore continues at micro-batch ``s * grad_accum`` with nothing but ``s`` saved.
+
+Data parallelism (``torchrun`` / ``accelerate launch`` with N processes): ``train.batch_size`` is the
+global batch. Process ``r`` takes examples ``r, r + N, ...`` of each micro-batch, and its loss is
+weighted by its share of the micro-batch's units (tokens, pairs), so that the gradient DDP averages is
+the gradient of the whole micro-batch's loss: N processes train the same model as one process, step for
+step (tested to a tight tolerance). A final micro-batch of an epoch with fewer examples than processes
+is left out. Logged losses and token counts cover all processes, a stage's own per-batch metrics (a
+reward model's accuracy) process 0's share; only process 0 writes files. Engines that shard the weights
+(FSDP, DeepSpeed ZeRO) are refused until checkpoints gather them.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from rlhfkit.config import TrainConfig, save_config
 from rlhfkit.models.load import save_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
+SHARDED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate engines that shard the weights across processes
 STATE_FILE = "trainer_state.pt"
 
 # (model, batch) -> (loss to minimise, number of units it averages over[, {metric name: batch value}])
@@ -151,6 +161,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
     return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=total_steps)
 
 
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """The accelerate ``Accelerator`` of a run.
+
+    On a machine without a GPU it is told so (``cpu=True``), which is what makes ``torchrun`` processes
+    there join one gloo process group (data parallel on CPU). ``train.batch_size`` is the global batch, so
+    the learning-rate schedule takes one step per optimizer step whatever the number of processes
+    (accelerate's default would step it once per process).
+    """
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(cpu=not has_gpu, mixed_precision=resolve_mixed_precision(mixed_precision),
+                       step_scheduler_with_optimizer=False)
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """``auto``: bf16 on a GPU that supports it, else full precision (fp32 is fastest on CPU)."""
     if choice != "auto":
@@ -183,17 +206,31 @@ class Trainer:
         self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
         self.run_dir = Path(train.output_dir)
         set_seed(train.seed)  # dropout and any sampling draw from the global RNG (restored on resume)
-        self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(train.mixed_precision))
+        self.accelerator = make_accelerator(train.mixed_precision)
+        self.world = self.accelerator.num_processes
+        if self.accelerator.distributed_type.value in SHARDED_ENGINES:
+            raise TrainingError(f"{stage}: {self.accelerator.distributed_type.value} is not supported yet: rlhfkit "
+                                "saves checkpoints from process 0 without gathering sharded weights. Use data "
+                                "parallel (torchrun, or accelerate launch --multi_gpu) for now.")
+        if train.batch_size % self.world:
+            raise TrainingError(f"{stage}: train.batch_size ({train.batch_size}) is the global batch and must be a "
+                                f"multiple of the number of processes ({self.world})")
         if train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
-        self.n_batches = math.ceil(len(self.train_examples) / train.batch_size)
+        full, rest = divmod(len(self.train_examples), train.batch_size)
+        self.n_batches = full + (rest >= self.world)  # every process needs an example of the last batch
+        if self.n_batches == 0:
+            raise TrainingError(f"{stage}: {len(self.train_examples)} training examples for {self.world} processes")
         self.total_steps = train.max_steps or math.ceil(train.epochs * self.n_batches / train.grad_accum)
         optimizer = build_optimizer([model], train, stage)
         scheduler = build_scheduler(optimizer, train, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.metrics = MetricsLog(self.run_dir, stage)
         self.step = 0
+        if self.world > 1:
+            self.accelerator.print(f"[{stage}] data parallel over {self.world} processes "
+                                   f"({self.accelerator.distributed_type.value}, global batch {train.batch_size})")
 
     # ---- data order -------------------------------------------------------------------------
     def _micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -204,7 +241,8 @@ class Trainer:
             order = torch.randperm(len(self.train_examples),
                                    generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
             chunk = order[position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size].tolist()
-            batch = self.collator([self.train_examples[i] for i in chunk])
+            share = chunk[self.accelerator.process_index::self.world]
+            batch = self.collator([self.train_examples[i] for i in share])
             yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
             index += 1
 
@@ -319,13 +357,23 @@ class Trainer:
             batch = next(batches)
             last_micro = micro == self.cfg.grad_accum - 1
             with self.accelerator.no_sync(self.model) if not last_micro else nullcontext():
-                loss, _, *extra = self.loss_fn(self.model, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"[{self.stage}] non-finite loss ({loss.item()}) at step "
+                loss, units, *extra = self.loss_fn(self.model, batch)
+                tokens = batch["attention_mask"].sum()
+                weight = 1.0
+                if self.world > 1:  # this process's share of the micro-batch (see the module docstring)
+                    units = torch.as_tensor(units, dtype=torch.float32, device=loss.device)
+                    local = torch.stack([units, loss.detach().float() * units, tokens.float()])
+                    all_units, all_loss, tokens = self.accelerator.reduce(local, "sum").unbind()
+                    weight = units * self.world / all_units
+                    loss_value = all_loss / all_units
+                else:
+                    loss_value = loss.detach()
+                if not torch.isfinite(loss_value):
+                    raise TrainingError(f"[{self.stage}] non-finite loss ({loss_value.item()}) at step "
                                         f"{self.step + 1}; the last good checkpoint is kept in {self.run_dir}")
-                self.accelerator.backward(loss / self.cfg.grad_accum)
-            total += loss.item()
-            self._tokens_in_step += int(batch["attention_mask"].sum())
+                self.accelerator.backward(loss * weight / self.cfg.grad_accum)
+            total += loss_value.item()
+            self._tokens_in_step += int(tokens)
             for name, value in (extra[0] if extra else {}).items():
                 self._stats_in_step[name] = self._stats_in_step.get(name, 0.0) + float(value)
                 self._stat_counts[name] = self._stat_counts.get(name, 0) + 1

@@ -117,7 +117,9 @@ def make_loss_fn(reward: RewardSection, *, decoder: bool):
                             center_coef=reward.center_coef)
         margins = pair_margins(rewards.detach(), pairs.winner, pairs.loser)
         stats = {"accuracy": pairwise_accuracy(margins), "reward_margin": margins.mean()}
-        return loss, torch.tensor(len(pairs)), stats
+        # what the loss averages over: prompts (each one batch element, InstructGPT) or pairs
+        units = pairs.prompt.unique().numel() if reward.pair_weighting == "per_prompt" else len(pairs)
+        return loss, torch.tensor(units), stats
 
     return loss_fn
 
