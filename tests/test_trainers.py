@@ -1,10 +1,18 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import SFTConfig, load_config
 from rlhfkit.data.readers import write_jsonl
-from rlhfkit.trainers.base import TrainingError, checkpoints, read_metrics
+from rlhfkit.trainers.base import NONFINITE_FILE, TrainingError, checkpoints, read_metrics
 from rlhfkit.trainers.sft import build_sft_trainer
 
 
@@ -100,9 +108,67 @@ def test_non_finite_loss_stops_with_step_and_stage(tmp_path, tokenizer_dir, demo
         return (loss * float("nan") if calls["n"] == 3 else loss), n
 
     trainer.loss_fn = nan_at_step_three
-    with pytest.raises(TrainingError, match=r"\[sft\] non-finite loss .* at step 3"):
+    with pytest.raises(TrainingError, match=r"\[sft\] non-finite loss \(nan\) at step 3; the last good checkpoint "
+                                            r"is .*checkpoint-2; the step's examples are listed in .*nonfinite_batch"):
         trainer.train()
     assert [p.name for p in checkpoints(tmp_path / "nan")] == ["checkpoint-2"]
+    record = json.loads((tmp_path / "nan" / NONFINITE_FILE).read_text())
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(trainer.cfg.seed * 100_003))
+    assert record == {"stage": "sft", "step": 3, "what": "loss (nan)",
+                      "example_positions": sorted(order[16:24].tolist())}  # the third batch of epoch 0
+
+
+def test_non_finite_gradient_stops_before_the_update(tmp_path, tokenizer_dir, demo_files):
+    trainer = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "inf", save_every=2,
+                                           max_grad_norm=None))
+    real_loss, calls = trainer.loss_fn, {"n": 0}
+    first = next(trainer.model.parameters())
+
+    def infinite_gradient_at_step_three(model, batch):
+        calls["n"] += model.training
+        loss, n = real_loss(model, batch)
+        if calls["n"] == 3:  # a finite loss whose gradient is not
+            first.register_hook(lambda grad: grad * float("inf"))
+        return loss, n
+
+    trainer.loss_fn = infinite_gradient_at_step_three
+    with pytest.raises(TrainingError, match=r"non-finite gradient norm \((inf|nan)\) at step 3"):
+        trainer.train()
+    assert torch.isfinite(first).all()  # the update never ran
+    saved = load_file(tmp_path / "inf" / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in saved.values())
+    assert json.loads((tmp_path / "inf" / NONFINITE_FILE).read_text())["step"] == 3
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tokenizer_dir, demo_files):
+    """A real ``rlhfkit sft`` process killed with SIGKILL mid-run, then run again: same final weights."""
+    straight = sft_config(tmp_path, tokenizer_dir, demo_files, "straight", max_steps=60, save_every=3, log_every=3)
+    build_sft_trainer(straight).train()
+    killed = straight.model_dump(mode="json")
+    killed["train"]["output_dir"] = str(tmp_path / "k")
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(killed), encoding="utf-8")
+    command = [sys.executable, "-m", "rlhfkit", "sft", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(checkpoints(tmp_path / "k")) < 2 and time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (tmp_path / "k" / "final").exists()
+    last = checkpoints(tmp_path / "k")[-1]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {last}" in " ".join((result.stdout + result.stderr).split())
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "k")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    steps = [r["step"] for r in read_metrics(tmp_path / "k") if "loss" in r]
+    assert steps == list(range(3, 61, 3))  # no step logged twice, none missing
 
 
 def test_a_metric_is_averaged_over_the_micro_batches_that_report_it(tmp_path, tokenizer_dir, demo_files):

@@ -45,6 +45,7 @@ from rlhfkit.models.load import save_model
 CHECKPOINT_PREFIX = "checkpoint-"
 SHARDED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate engines that shard the weights across processes
 STATE_FILE = "trainer_state.pt"
+NONFINITE_FILE = "nonfinite_batch.json"  # written when a non-finite loss or gradient stops a run
 
 # (model, batch) -> (loss to minimise, number of units it averages over[, {metric name: batch value}])
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple]
@@ -233,8 +234,8 @@ class Trainer:
                                    f"({self.accelerator.distributed_type.value}, global batch {train.batch_size})")
 
     # ---- data order -------------------------------------------------------------------------
-    def _micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches from index ``start`` on, in the seeded order (see the module docstring)."""
+    def _micro_batches(self, start: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(training-set positions, micro-batch) from index ``start`` on, in the seeded order (module docstring)."""
         index = start
         while True:
             epoch, position = divmod(index, self.n_batches)
@@ -243,7 +244,7 @@ class Trainer:
             chunk = order[position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size].tolist()
             share = chunk[self.accelerator.process_index::self.world]
             batch = self.collator([self.train_examples[i] for i in share])
-            yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            yield chunk, {k: v.to(self.accelerator.device) for k, v in batch.items()}
             index += 1
 
     # ---- checkpoints --------------------------------------------------------------------------
@@ -255,6 +256,8 @@ class Trainer:
                         "scheduler": self.scheduler.state_dict(), "rng": rng_state()}, directory / STATE_FILE)
 
         final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        if final in checkpoints(self.run_dir):  # this very state is saved (the last periodic save, or a resume)
+            return final
         if self.accelerator.is_main_process:
             write_checkpoint(final, write, keep=self.cfg.save_total_limit)
         self.accelerator.wait_for_everyone()
@@ -353,8 +356,10 @@ class Trainer:
         # a metric is averaged over the micro-batches that report it (e.g. KTO's rewards of desirable
         # completions, absent from a batch without any)
         total, self._tokens_in_step, self._stats_in_step, self._stat_counts = 0.0, 0, {}, {}
+        positions: list[int] = []
         for micro in range(self.cfg.grad_accum):
-            batch = next(batches)
+            chunk, batch = next(batches)
+            positions += chunk
             last_micro = micro == self.cfg.grad_accum - 1
             with self.accelerator.no_sync(self.model) if not last_micro else nullcontext():
                 loss, units, *extra = self.loss_fn(self.model, batch)
@@ -369,22 +374,37 @@ class Trainer:
                 else:
                     loss_value = loss.detach()
                 if not torch.isfinite(loss_value):
-                    raise TrainingError(f"[{self.stage}] non-finite loss ({loss_value.item()}) at step "
-                                        f"{self.step + 1}; the last good checkpoint is kept in {self.run_dir}")
+                    self._stop_non_finite(f"loss ({loss_value.item()})", positions)
                 self.accelerator.backward(loss * weight / self.cfg.grad_accum)
             total += loss_value.item()
             self._tokens_in_step += int(tokens)
             for name, value in (extra[0] if extra else {}).items():
                 self._stats_in_step[name] = self._stats_in_step.get(name, 0.0) + float(value)
                 self._stat_counts[name] = self._stat_counts.get(name, 0) + 1
-        grad_norm = float("nan")
-        if self.cfg.max_grad_norm is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+        # the norm is measured (and, with max_grad_norm, clipped) before every update: a non-finite
+        # gradient stops the run before it reaches the weights
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else math.inf
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            self._stop_non_finite(f"gradient norm ({grad_norm})", positions)
         self._grad_norm = grad_norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / self.cfg.grad_accum
+
+    def _stop_non_finite(self, what: str, positions: list[int]) -> None:
+        """Stop the run on a non-finite loss or gradient: the weights are not updated, the last good
+        checkpoint stays, and ``nonfinite_batch.json`` names the step and the training examples of the step
+        (their positions in the training data)."""
+        step = self.step + 1
+        if self.accelerator.is_main_process:
+            record = {"stage": self.stage, "step": step, "what": what, "example_positions": sorted(positions)}
+            (self.run_dir / NONFINITE_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
+        last = checkpoints(self.run_dir)
+        kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved yet"
+        raise TrainingError(f"[{self.stage}] non-finite {what} at step {step}; {kept}; the step's examples are "
+                            f"listed in {self.run_dir / NONFINITE_FILE}")
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self.accelerator.is_main_process:
