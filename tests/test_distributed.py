@@ -93,3 +93,17 @@ def test_sharding_engines_are_refused_until_checkpoints_gather_them(monkeypatch,
     monkeypatch.setattr(base, "make_accelerator", lambda mixed_precision: ddp)
     with pytest.raises(base.TrainingError, match=r"batch_size \(3\) is the global batch and must be a multiple"):
         build_sft_trainer(config)
+
+
+@pytest.mark.slow
+def test_ppo_with_several_processes_is_refused_clearly(tmp_path, tokenizer_dir):
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump({"model": {"preset": "tiny", "tokenizer": str(tokenizer_dir)}, "data": {"train": str(tmp_path / "p.jsonl")},
+                                      "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
+                                      "ppo": {"reward_model": str(tmp_path / "rm")}}), encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlhfkit",
+               "ppo", "--config", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "several processes are not supported yet" in " ".join((result.stdout + result.stderr).split())
+    assert not (tmp_path / "run").exists()

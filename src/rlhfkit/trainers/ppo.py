@@ -161,10 +161,9 @@ class PPOTrainer:
     """The PPO loop; see the module docstring. ``train()`` runs (or resumes) to ``train.max_steps``."""
 
     def __init__(self, config: PPOConfig, console: Console | None = None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from rlhfkit.trainers.base import resolve_mixed_precision
+        from rlhfkit.trainers.base import make_accelerator
 
         if config.train.max_steps is None:
             raise TrainingError("ppo: set train.max_steps (the number of PPO iterations)")
@@ -172,7 +171,10 @@ class PPOTrainer:
         self.console = console or Console(stderr=True)
         self.run_dir = Path(config.train.output_dir)
         set_seed(config.train.seed)  # sampling draws from the global RNG (restored on resume)
-        self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision))
+        self.accelerator = make_accelerator(config.train.mixed_precision)
+        if self.accelerator.num_processes > 1:  # each process would write the same run directory
+            raise TrainingError("ppo: several processes are not supported yet (rollouts, advantage whitening and "
+                                "checkpoints are per process); run PPO in one process")
         policy, self.tokenizer = load_causal_lm(config.model, seed=config.train.seed)
         self.prompts = [r.prompt for r in read_records(config.data.train, "prompt", split=config.data.split,
                                                         limit=config.data.limit)]
