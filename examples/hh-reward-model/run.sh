@@ -21,8 +21,8 @@ timed nice -n 5 "$RLHFKIT" rm --config $EX/rm-minilm.yaml
 timed nice -n 5 "$RLHFKIT" pretrain --config $EX/pretrain-tiny.yaml
 timed nice -n 5 "$RLHFKIT" rm --config $EX/rm-tiny.yaml
 
-# 4. held-out accuracy of each, from the saved models (the same figure as the last eval/accuracy of training)
+# 4. held-out accuracy of each, from the saved models (the same figure as the last eval/accuracy of training;
+#    a reward model scores with the window it was trained with, here 96 tokens of which 40 of prompt)
 for model in rm-minilm rm-tiny; do
-    "$RLHFKIT" score --model $OUT/$model/final --data $OUT/data/test.jsonl --out $OUT/$model/test-scored.jsonl \
-        --max-length 96 --max-prompt-length 40
+    "$RLHFKIT" score --model $OUT/$model/final --data $OUT/data/test.jsonl --out $OUT/$model/test-scored.jsonl
 done
