@@ -1,0 +1,127 @@
+"""Peak memory of every rlhfkit stage: full fine-tuning, LoRA, and gradient checkpointing.
+
+Each (stage, setting) trains a few steps in a fresh process on the same saved random model and reports
+its peak RSS (``common.peak_rss_mib``). With LoRA the reference of DPO and PPO is the policy with its
+adapters disabled, so no frozen copy is kept; the full settings keep one. Nothing is downloaded.
+
+    python benchmarks/bench_memory.py                        # small (14.4M) model, every stage, 3 settings
+    python benchmarks/bench_memory.py --size tiny --stages dpo ppo --json memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import common
+
+STAGES = ("sft", "rm", "dpo", "ppo")
+SETTINGS = ("full", "lora", "checkpointing")
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"}
+BATCH_SIZE = 8
+STEPS = {"sft": 6, "rm": 6, "dpo": 6, "ppo": 2}
+
+
+def make_inputs(workdir: Path, size: str) -> dict:
+    """Demonstrations, rankings, prompts, a saved random policy and a reward model built from it."""
+    import torch
+
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models.reward import load_reward_model
+
+    data = common.make_data(workdir, n_examples=256)
+    rows = common.read_rows(data.train_path)
+    paths = {"demos": data.train_path, "rankings": str(workdir / "rankings.jsonl"),
+             "prompts": str(workdir / "prompts.jsonl")}
+    rankings = [{"prompt": rows[i]["prompt"], "completions": [rows[i + j]["completion"] for j in range(4)],
+                 "ranking": [0, 1, 2, 3]} for i in range(0, len(rows) - 3, 4)]
+    Path(paths["rankings"]).write_text("".join(json.dumps(r) + "\n" for r in rankings), encoding="utf-8")
+    Path(paths["prompts"]).write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows),
+                                      encoding="utf-8")
+    policy_dir, n_params = common.save_random_model(data.tokenizer_dir, size, workdir / "policy")
+    torch.manual_seed(0)
+    reward, tokenizer = load_reward_model(ModelConfig(name_or_path=policy_dir))
+    reward.save_pretrained(workdir / "reward", safe_serialization=True)
+    tokenizer.save_pretrained(workdir / "reward")
+    return {**paths, "policy": policy_dir, "reward": str(workdir / "reward"), "n_params": n_params}
+
+
+def stage_config(stage: str, setting: str, inputs: dict, output_dir: str):
+    """The stage's config for ``setting``: the same data, batch and steps; only LoRA / checkpointing differ."""
+    from rlhfkit.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
+
+    model = {"name_or_path": inputs["policy"], "dtype": "float32"}
+    if setting == "lora":
+        model["lora"] = dict(LORA)
+    train = {"output_dir": output_dir, "batch_size": BATCH_SIZE, "max_steps": STEPS[stage], "lr": 1e-4,
+             "warmup_steps": 0, "log_every": 1, "eval_every": None, "save_every": None, "resume": False,
+             "progress": False, "mixed_precision": "no", "gradient_checkpointing": setting == "checkpointing"}
+    data = {"max_length": 128, "max_prompt_length": 64}
+    if stage == "sft":
+        return load_config(SFTConfig, base={"model": model, "data": {**data, "train": inputs["demos"]}, "train": train})
+    if stage == "rm":
+        return load_config(RewardConfig, base={"model": model, "data": {**data, "train": inputs["rankings"]},
+                                               "train": train})
+    if stage == "dpo":
+        return load_config(DPOConfig, base={"model": model, "data": {**data, "train": inputs["rankings"]},
+                                            "train": train})
+    return load_config(PPOConfig, base={
+        "model": model, "data": {**data, "train": inputs["prompts"]}, "train": train,
+        "ppo": {"reward_model": inputs["reward"], "rollout_batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2,
+                "max_new_tokens": 48, "samples_to_log": 0}})
+
+
+def run_child(spec: dict) -> dict:
+    """Train one stage with one setting; report its peak RSS."""
+    from rich.console import Console
+
+    from rlhfkit.trainers.dpo import build_dpo_trainer
+    from rlhfkit.trainers.ppo import PPOTrainer
+    from rlhfkit.trainers.reward import build_reward_trainer
+    from rlhfkit.trainers.sft import build_sft_trainer
+
+    stage = spec["stage"]
+    config = stage_config(stage, spec["setting"], spec["inputs"], spec["output_dir"])
+    console = Console(stderr=True)
+    build = {"sft": build_sft_trainer, "rm": build_reward_trainer, "dpo": build_dpo_trainer, "ppo": PPOTrainer}[stage]
+    build(config, console).train()
+    return {"stage": stage, "setting": spec["setting"], "peak_rss_mib": round(common.peak_rss_mib(), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rlhfkit-memory-") as folder:
+        workdir = Path(folder)
+        inputs = make_inputs(workdir, args.size)
+        print(f"{args.size} model: {inputs['n_params'] / 1e6:.2f}M parameters, batch {BATCH_SIZE}", flush=True)
+        print(f"{'stage':<6} {'setting':<14} {'peak RSS MiB':>13} {'vs full':>8}", flush=True)
+        for stage in args.stages:
+            full = None
+            for setting in args.settings:
+                spec = {"stage": stage, "setting": setting, "inputs": inputs,
+                        "output_dir": str(workdir / f"{stage}-{setting}"), "lib": "rlhfkit", "size": args.size}
+                result = common.spawn_child(__file__, spec)
+                full = result["peak_rss_mib"] if setting == "full" else full
+                ratio = f"{result['peak_rss_mib'] / full:.2f}x" if full else "-"
+                print(f"{stage:<6} {setting:<14} {result['peak_rss_mib']:>13.1f} {ratio:>8}", flush=True)
+                results.append(result)
+    if args.json:
+        args.json.write_text(json.dumps({"size": args.size, "machine": common.cpu_model(), "runs": results},
+                                        indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
