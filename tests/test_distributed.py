@@ -98,9 +98,10 @@ def test_sharding_engines_are_refused_until_checkpoints_gather_them(monkeypatch,
 @pytest.mark.slow
 def test_ppo_with_several_processes_is_refused_clearly(tmp_path, tokenizer_dir):
     config = tmp_path / "ppo.yaml"
-    config.write_text(yaml.safe_dump({"model": {"preset": "tiny", "tokenizer": str(tokenizer_dir)}, "data": {"train": str(tmp_path / "p.jsonl")},
-                                      "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
-                                      "ppo": {"reward_model": str(tmp_path / "rm")}}), encoding="utf-8")
+    config.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny", "tokenizer": str(tokenizer_dir)}, "data": {"train": str(tmp_path / "p.jsonl")},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1}, "ppo": {"reward_model": str(tmp_path / "rm")}}),
+        encoding="utf-8")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlhfkit",
                "ppo", "--config", str(config)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
