@@ -61,7 +61,7 @@ def browser():
 
 
 def logged_in(browser, server, username: str):
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 1600}, accept_downloads=True)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -139,6 +139,9 @@ def test_labeler_rates_flags_and_ranks_by_drag_and_drop(browser, server):
     cards = page.locator(".rank-card")
     assert cards.count() == 3
     shot(page, server, "ranking")
+    # the viewport shows every card: a drag that scrolled the page could start or end elsewhere
+    last = cards.nth(2).bounding_box()
+    assert last["y"] + last["height"] <= page.viewport_size["height"]
     page.drag_and_drop(".rank-card[data-index='2']", ".rank-card[data-index='0']")  # C to the top
     order = [cards.nth(position).get_attribute("data-index") for position in range(3)]
     assert order == ["2", "0", "1"]
