@@ -144,14 +144,19 @@ class _BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(413, f"the request is larger than {self.max_bytes // 2**20} MiB")
+                    raise HTTPException(413, _too_large_message(self.max_bytes))
             return message
 
         await self.app(scope, limited_receive, send)
 
 
+def _too_large_message(max_bytes: int) -> str:
+    return f"the request is larger than {max_bytes // 2**20} MiB"
+
+
 def _too_large(max_bytes: int) -> Response:
-    return JSONResponse({"error": f"the request is larger than {max_bytes // 2**20} MiB"}, status_code=413)
+    """The 413 answer to a request whose Content-Length is over the limit (before the app runs)."""
+    return JSONResponse({"error": _too_large_message(max_bytes)}, status_code=413)
 
 
 # ------------------------------------------------------------------------------------- forms -> payloads
