@@ -48,7 +48,7 @@ def why_unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -61,7 +61,7 @@ class PostgresServer:
         self.bindir = bindir or find_postgres_bindir()
         if self.bindir is None:
             raise RuntimeError(why_unavailable())
-        self.port = _free_port()
+        self.port = free_port()
         self.directory: Path | None = None
         self._databases = 0
 

@@ -71,6 +71,8 @@ SESSION_COOKIE = "rlhfkit_session"
 SESSION_MAX_AGE_S = 12 * 3600
 FLAG_LABELS = {"fails_instruction": "Fails to follow the instruction", "harmful": "Harmful or offensive",
                "made_up_facts": "Makes up facts"}
+IMPORT_KIND_LABELS = {"prompts": "prompts: write demonstrations",
+                      "samples": "samples (K outputs per prompt): rate and rank", "pairs": "pairs: A/B judgements"}
 KIND_TITLES = {"demonstration": "Write demonstrations", "ranking": "Rate and rank outputs", "ab": "Judge A/B pairs"}
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -229,6 +231,11 @@ def _safe_next(target: str | None, default: str) -> str:
     return default
 
 
+def _home(user: User) -> str:
+    """Where a user lands: admins on the admin page, labelers on their queue."""
+    return "/admin" if user.role == "admin" else "/queue"
+
+
 def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
@@ -252,7 +259,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                                      undefined=jinja2.StrictUndefined)
     environment.globals.update(letter=_letter, flags=[(flag, FLAG_LABELS[flag]) for flag in FLAGS],
                                kind_titles=KIND_TITLES, rating_range=range(RATING_RANGE[0], RATING_RANGE[1] + 1),
-                               roles=ROLES, import_kinds=IMPORT_KINDS, export_kinds=EXPORT_KINDS, item_kinds=ITEM_KINDS)
+                               roles=ROLES, import_kinds=[(kind, IMPORT_KIND_LABELS[kind]) for kind in IMPORT_KINDS],
+                               export_kinds=EXPORT_KINDS, item_kinds=ITEM_KINDS)
     templates = Jinja2Templates(env=environment)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     # The last middleware added is the outermost: the size limit runs first.
@@ -350,7 +358,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     @app.get("/")
     def home(request: Request) -> Response:
         user = current_user(request)
-        return redirect("/admin" if user.role == "admin" else "/queue")
+        return redirect(_home(user))
 
     @app.get("/login")
     def login_page(request: Request, next: str = "") -> Response:
@@ -368,7 +376,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             if refused.retry_after:
                 response.headers["Retry-After"] = str(refused.retry_after)
             return response
-        return redirect(_safe_next(target, "/admin" if user.role == "admin" else "/queue"))
+        return redirect(_safe_next(target, _home(user)))
 
     @app.post("/logout", dependencies=[Depends(csrf_protected)])
     def logout(request: Request) -> Response:
@@ -560,5 +568,5 @@ def _form_values(item: Item, form: FormData | None) -> dict:
     for index in range(len(item.completions)):
         values[f"rating_{index}"] = text(f"rating_{index}")
         values[f"rank_{index}"] = text(f"rank_{index}")
-        values[f"flags_{index}"] = [flag for flag in form.getlist(f"flags_{index}")] if form is not None else []
+        values[f"flags_{index}"] = list(form.getlist(f"flags_{index}")) if form is not None else []
     return values
