@@ -230,6 +230,8 @@ def run_child(spec: dict) -> dict:
     warmup, steps = spec["warmup"], spec["steps"]
     total = warmup + steps
     ends: list[float] = []
+    tokens: list[int] = []   # prompt + chosen + prompt + rejected tokens of the step's pairs (the same in both)
+    flops: list[float] = []  # model FLOPs of each step (rlhfkit, full fine-tuning)
     peak: dict[str, float] = {}
     cpu: dict[str, tuple[float, float]] = {}
 
@@ -245,9 +247,19 @@ def run_child(spec: dict) -> dict:
     if spec["lib"] == "rlhfkit":
         trainer = build_rlhfkit(spec["model_dir"], spec["pairs_path"], spec["output_dir"], total, spec["variant"])
         optimizer_step = trainer._optimizer_step
+        # training passes over each row (prompt, chosen, rejected), plus the frozen reference copy's forward
+        counter = common.StepFlops(trainer, passes=4 if spec["variant"] == "ref" else 3)
+        collate = trainer.collator
+
+        def counting_collator(examples):
+            tokens.append(sum(len(e.prompt) * 2 + len(e.responses[0]) + len(e.responses[1]) for e in examples))
+            return collate(examples)
+
+        trainer.collator = counting_collator
 
         def timed_step(batches):
             loss = optimizer_step(batches)
+            flops.append(counter.take())
             step_done(time.perf_counter())
             return loss
 
@@ -256,23 +268,31 @@ def run_child(spec: dict) -> dict:
         from transformers import TrainerCallback
 
         class StepTimer(TrainerCallback):
+            trainer = None
+
             def on_step_end(self, args, state, control, **kwargs):
+                tokens.append(self.trainer._total_train_tokens - sum(tokens))  # its rows: prompt + response
                 step_done(time.perf_counter())
 
+        timer = StepTimer()
         trainer = build_trl(spec["model_dir"], spec["pairs_path"], spec["output_dir"], total, spec["variant"],
-                            [StepTimer()])
+                            [timer])
+        timer.trainer = trainer
     setup_s = time.perf_counter() - setup_start
     trainer.train()
     if len(ends) != total:
         raise RuntimeError(f"{spec['lib']}: expected {total} steps, saw {len(ends)}")
     elapsed = ends[-1] - ends[warmup - 1]
-    return {"lib": spec["lib"], "size": spec["size"], "variant": spec["variant"], "steps": steps,
+    result = {"tokens_per_s": sum(tokens[warmup:total]) / elapsed}
+    if flops and spec["variant"] != "lora":  # LoRA's backward skips the frozen weights' gradients: not counted
+        result["model_flops_per_s"] = sum(flops[warmup:]) / elapsed
+    return {**result, "lib": spec["lib"], "size": spec["size"], "variant": spec["variant"], "steps": steps,
             "s_per_step": elapsed / steps, "steps_per_s": steps / elapsed, "peak_rss_mib": peak["rss"],
             "setup_s": setup_s, "other_cpu": common.foreign_load(cpu["start"], cpu["end"], elapsed)}
 
 
 # ---- report ---------------------------------------------------------------------------------------------
-KEYS = ("s_per_step", "steps_per_s", "peak_rss_mib", "setup_s")
+KEYS = ("s_per_step", "steps_per_s", "tokens_per_s", "peak_rss_mib", "setup_s")
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -85,6 +85,29 @@ def make_inputs(workdir: Path, sizes: list[str]) -> tuple[str, dict[str, tuple[s
 
 
 # ---- one run in a child process --------------------------------------------------------------------------
+def rollout_flops_counter(trainer):
+    """Model FLOPs of one rlhfkit PPO / GRPO iteration, from its rollout's sequence lengths (prompt + response):
+    generation (one forward over the sequence, through the KV cache) and the reference pass, a forward of the
+    value network and one of the reward model, then ``ppo_epochs`` training passes of policy and value network
+    (a value head on the policy's trunk is a rounding error and not counted)."""
+    from rlhfkit.models.flops import TRAINING_MULTIPLIER, FlopModel, lengths_of
+
+    epochs = trainer.ppo.ppo_epochs
+    policy, reward = FlopModel(trainer._unwrapped_policy()), FlopModel(trainer.reward_model)
+    value = (FlopModel(trainer.accelerator.unwrap_model(trainer.value))
+             if trainer.value is not None and trainer.ppo.value_model == "reward" else None)
+
+    def count(rollout) -> float:
+        lengths = [q + r for q, r in zip(lengths_of(rollout.query_mask), lengths_of(rollout.response_mask),
+                                         strict=True)]
+        flops = (2 + TRAINING_MULTIPLIER * epochs) * policy.forward(lengths) + reward.forward(lengths)
+        if value is not None:
+            flops += (1 + TRAINING_MULTIPLIER * epochs) * value.forward(lengths)
+        return flops
+
+    return count
+
+
 def run_rlhfkit(spec: dict, iteration_done) -> dict:
     from rich.console import Console
 
@@ -107,17 +130,26 @@ def run_rlhfkit(spec: dict, iteration_done) -> dict:
                 "vf_coef": 0.1, "samples_to_log": 0}})
     trainer = PPOTrainer(config, Console(stderr=True))
     update = trainer.update
+    count_flops = rollout_flops_counter(trainer)
+    flops: list[float] = []
 
     def timed_update(rollout):
         stats = update(rollout)
-        iteration_done(time.perf_counter(), rollout.responses.size(1))
+        flops.append(count_flops(rollout))
+        iteration_done(time.perf_counter(), rollout.responses.size(1), rollout_tokens(rollout))
         return stats
 
     trainer.update = timed_update
     trainer.train()
     timed = read_metrics(Path(spec["output_dir"]))[spec["warmup"]:]
     return {"rollout_s": common.median([m["time/rollout_s"] for m in timed]),
-            "update_s": common.median([m["time/train_s"] for m in timed])}
+            "update_s": common.median([m["time/train_s"] for m in timed]),
+            "model_flops_per_iteration": sum(flops[spec["warmup"]:]) / spec["steps"]}
+
+
+def rollout_tokens(rollout) -> int:
+    """Prompt + generated tokens of a rollout (rlhfkit's)."""
+    return int(rollout.query_mask.sum() + rollout.response_mask.sum())
 
 
 def run_trl(spec: dict, iteration_done) -> dict:
@@ -154,18 +186,20 @@ def run_trl(spec: dict, iteration_done) -> dict:
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward_dir"], dtype="float32")
     value = AutoModelForSequenceClassification.from_pretrained(spec["reward_dir"], dtype="float32")
     lengths: list[int] = []
+    tokens: list[int] = []
     generate = ppo_trainer.batch_generation
 
     def measured_generation(model, queries, *rest, **kwargs):
         query_responses, logits = generate(model, queries, *rest, **kwargs)
         lengths.append(query_responses.size(1) - queries.size(1))
+        tokens.append(int((query_responses != tokenizer.pad_token_id).sum()))  # prompt + response, not padding
         return query_responses, logits
 
     ppo_trainer.batch_generation = measured_generation
 
     class IterationTimer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            iteration_done(time.perf_counter(), lengths[-1])
+            iteration_done(time.perf_counter(), lengths[-1], tokens[-1])
 
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward, value_model=value, train_dataset=dataset, callbacks=[IterationTimer()])
@@ -182,12 +216,14 @@ def run_child(spec: dict) -> dict:
     warmup, steps = spec["warmup"], spec["steps"]
     ends: list[float] = []
     lengths: list[int] = []
+    tokens: list[int] = []
     peak: dict[str, float] = {}
     cpu: dict[str, tuple[float, float]] = {}
 
-    def iteration_done(now: float, length: int) -> None:
+    def iteration_done(now: float, length: int, n_tokens: int) -> None:
         ends.append(now)
         lengths.append(length)
+        tokens.append(n_tokens)
         if len(ends) == warmup:
             cpu["start"] = common.cpu_snapshot()
         if len(ends) == warmup + steps:
@@ -198,8 +234,12 @@ def run_child(spec: dict) -> dict:
     if len(ends) != warmup + steps:
         raise RuntimeError(f"{spec['lib']}: expected {warmup + steps} iterations, saw {len(ends)}")
     elapsed = ends[-1] - ends[warmup - 1]
+    if "model_flops_per_iteration" in split:
+        split["model_flops_per_s"] = split["model_flops_per_iteration"] * steps / elapsed
     return {"lib": spec["lib"], "size": spec["size"], "s_per_iteration": elapsed / steps,
             "peak_rss_mib": peak["rss"], "generated_tokens": sum(lengths[warmup:]) / steps,
+            "tokens_per_s": sum(tokens[warmup:]) / elapsed,
+            "s_per_step": elapsed / steps / (EPOCHS * ROLLOUT // MINIBATCH),
             "cpu_s_per_iteration": (cpu["end"][1] - cpu["start"][1]) / steps, "threads": torch.get_num_threads(),
             "other_cpu": common.foreign_load(cpu["start"], cpu["end"], elapsed), **split}
 
@@ -218,7 +258,8 @@ def check_trl_python(python: str) -> str:
 # ---- report ---------------------------------------------------------------------------------------------
 def summarize(runs: list[dict]) -> dict:
     by_lib = {lib: [r for r in runs if r["lib"] == lib] for lib in LIBS}
-    keys = ("s_per_iteration", "cpu_s_per_iteration", "peak_rss_mib", "generated_tokens")
+    keys = ("s_per_iteration", "s_per_step", "tokens_per_s", "cpu_s_per_iteration", "peak_rss_mib",
+            "generated_tokens")
     summary = {lib: {key: common.median([r[key] for r in rs]) for key in keys} for lib, rs in by_lib.items()}
     for key in ("rollout_s", "update_s"):
         summary["rlhfkit"][key] = common.median([r[key] for r in by_lib["rlhfkit"]])

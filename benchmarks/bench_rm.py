@@ -180,12 +180,16 @@ def run_child(spec: dict) -> dict:
     ends: list[float] = []
     comparisons: list[int] = []
     sequences: list[int] = []
+    step_tokens: list[int] = []  # non-padding tokens through the model in each step
+    tokens: list[int] = []       # the same, per collated batch (rlhfkit)
+    flops: list[float] = []      # model FLOPs of each step (rlhfkit)
     peak: dict[str, float] = {}
 
-    def step_done(now: float, n_comparisons: int, n_sequences: int) -> None:
+    def step_done(now: float, n_comparisons: int, n_sequences: int, n_tokens: int) -> None:
         ends.append(now)
         comparisons.append(n_comparisons)
         sequences.append(n_sequences)
+        step_tokens.append(n_tokens)
         if len(ends) == total:
             peak["rss"] = common.peak_rss_mib()
 
@@ -198,14 +202,17 @@ def run_child(spec: dict) -> dict:
         def counting_collator(examples):  # count the work of each micro-batch as it is built
             batch = collate(examples)
             seen.append((int(batch["winner"].numel()), int(batch["input_ids"].shape[0])))
+            tokens.append(int(batch["attention_mask"].sum()))
             return batch
 
         trainer.collator = counting_collator
+        counter = common.StepFlops(trainer)
         optimizer_step = trainer._optimizer_step
 
         def timed_step(batches):
             loss = optimizer_step(batches)
-            step_done(time.perf_counter(), *seen[-1])
+            flops.append(counter.take())
+            step_done(time.perf_counter(), *seen[-1], tokens[-1])
             return loss
 
         trainer._optimizer_step = timed_step
@@ -217,11 +224,15 @@ def run_child(spec: dict) -> dict:
         pairs = common.read_rows(spec["pairs"])  # the same rankings' pairs, tokenized as rlhfkit does
 
         class StepTimer(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                step_done(time.perf_counter(), spec["trl_pairs_per_batch"], 2 * spec["trl_pairs_per_batch"])
+            trainer = None
 
-        trainer = build_trl(spec["model_dir"], pairs, spec["output_dir"], total, spec["trl_pairs_per_batch"],
-                            [StepTimer()])
+            def on_step_end(self, args, state, control, **kwargs):
+                n_tokens = self.trainer._total_train_tokens - sum(step_tokens)
+                step_done(time.perf_counter(), spec["trl_pairs_per_batch"], 2 * spec["trl_pairs_per_batch"], n_tokens)
+
+        timer = StepTimer()
+        trainer = build_trl(spec["model_dir"], pairs, spec["output_dir"], total, spec["trl_pairs_per_batch"], [timer])
+        timer.trainer = trainer
         rss_start = common.current_rss_mib()
         trainer.train()
     if len(ends) != total:
@@ -231,11 +242,13 @@ def run_child(spec: dict) -> dict:
             "comparisons_per_s": sum(comparisons[warmup:]) / elapsed,
             "sequences_per_s": sum(sequences[warmup:]) / elapsed,
             "comparisons_per_step": sum(comparisons[warmup:]) / steps, "peak_rss_mib": peak["rss"],
+            "tokens_per_s": sum(step_tokens[warmup:]) / elapsed,
+            **({"model_flops_per_s": sum(flops[warmup:]) / elapsed} if flops else {}),
             "rss_at_train_start_mib": rss_start, "threads": torch.get_num_threads()}
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-KEYS = ("comparisons_per_s", "sequences_per_s", "s_per_step", "peak_rss_mib")
+KEYS = ("comparisons_per_s", "sequences_per_s", "tokens_per_s", "s_per_step", "peak_rss_mib")
 
 
 def summarize(runs: list[dict]) -> dict:

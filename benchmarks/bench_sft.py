@@ -203,6 +203,7 @@ def run_child(spec: dict) -> dict:
     ends: list[float] = []       # perf_counter at the end of each optimizer step
     inner: list[float] = []      # duration of the step proper (see the README)
     tokens: list[int] = []       # non-padding tokens of each step
+    flops: list[float] = []      # model FLOPs of each step (rlhfkit)
     peak: dict[str, float] = {}
     cpu: dict[str, tuple[float, float]] = {}
 
@@ -218,12 +219,14 @@ def run_child(spec: dict) -> dict:
     if spec["lib"] == "rlhfkit":
         trainer = build_rlhfkit(spec["model_dir"], spec["train_path"], spec["output_dir"], total)
         optimizer_step = trainer._optimizer_step
+        counter = common.StepFlops(trainer)
 
         def timed_step(batches):  # wraps the loop's step (fetch + collate, fwd, bwd, clip, AdamW, scheduler)
             start = time.perf_counter()
             loss = optimizer_step(batches)
             now = time.perf_counter()
             inner.append(now - start)
+            flops.append(counter.take())
             step_done(now, trainer._tokens_in_step)
             return loss
 
@@ -234,7 +237,8 @@ def run_child(spec: dict) -> dict:
 
         own = [r["s_per_step"] for r in read_metrics(spec["output_dir"])
                if "s_per_step" in r and r["step"] > warmup]
-        extra = {"own_s_per_step_mean": sum(own) / len(own)}
+        extra = {"own_s_per_step_mean": sum(own) / len(own),
+                 "model_flops_per_s": sum(flops[warmup:]) / (ends[-1] - ends[warmup - 1])}
     else:
         from transformers import TrainerCallback
 

@@ -233,3 +233,80 @@ def versions(*packages: str) -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "not installed"
     return found
+
+
+def alternate_runs(script: str, pairs: int, spec_of, *, libs: tuple[str, ...] = ("rlhfkit", "trl"),
+                   python_of=None, quiet_below: float = 0.15, max_wait: float = 60, describe=None) -> list[dict]:
+    """``pairs`` pairs of runs, one per library, each in a fresh process, the order swapped every other pair
+    (A B, B A, ...) so that a slow drift of the machine weighs on both; ``spec_of(lib, pair)`` gives a run's
+    spec, ``python_of(lib)`` its interpreter, ``describe(run)`` the line printed after it."""
+    runs = []
+    for pair in range(pairs):
+        for lib in (libs if pair % 2 == 0 else tuple(reversed(libs))):
+            wait_until_quiet(quiet_below, max_wait)
+            run = spawn_child(script, spec_of(lib, pair), python_of(lib) if python_of else sys.executable)
+            runs.append(run)
+            if describe:
+                print(f"  pair {pair + 1} {lib:<8} {describe(run)}", flush=True)
+    return runs
+
+
+def paired(runs: list[dict], libs: tuple[str, str] = ("rlhfkit", "trl")) -> list[tuple[dict, dict]]:
+    """The runs of :func:`alternate_runs` as (first library's run, second library's run) pairs."""
+    first = [r for r in runs if r["lib"] == libs[0]]
+    second = [r for r in runs if r["lib"] == libs[1]]
+    return list(zip(first, second, strict=True))
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 10, threads: int | None = None) -> float:
+    """The fp32 matmul FLOP/s torch reaches on this machine: the best of ``repeats`` ``n x n @ n x n`` products
+    (2 n^3 FLOPs each) after a warm-up, with ``threads`` torch threads (default: torch's). The denominator of
+    model-FLOP utilisation."""
+    import time
+
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        for _ in range(2):
+            torch.mm(a, b, out=out)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        return 2 * n**3 / best
+    finally:
+        torch.set_num_threads(previous)
+
+
+class StepFlops:
+    """Model FLOPs of each optimizer step of an rlhfkit trainer, from the batches its collator builds.
+
+    ``passes`` counts forward-pass equivalents per sequence: 3 for training (forward + backward), plus 1 for
+    each frozen model that scores the same sequences every step (DPO's reference). See
+    :mod:`rlhfkit.models.flops`; FLOPs are counted on the real (non-padding) tokens of every row.
+    """
+
+    def __init__(self, trainer, passes: int = 3):
+        from rlhfkit.models.flops import FlopModel, lengths_of
+
+        self.model = FlopModel(trainer.accelerator.unwrap_model(trainer.model))
+        self.passes, self.lengths = passes, []
+        collate = trainer.collator
+
+        def counting_collator(examples):
+            batch = collate(examples)
+            self.lengths += lengths_of(batch["attention_mask"])
+            return batch
+
+        trainer.collator = counting_collator
+
+    def take(self) -> float:
+        """FLOPs of the batches collated since the last call."""
+        flops, self.lengths = self.passes * self.model.forward(self.lengths), []
+        return flops
