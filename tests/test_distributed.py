@@ -153,7 +153,7 @@ def test_ppo_global_counts_must_split_over_the_processes(monkeypatch, ppo_setup)
 
 
 UPDATE_OPTIONS = {  # each minibatch is the whole rollout: the same minibatches with 1 and 2 processes
-    "gae-reward-value": ["ppo.target_kl=1.0"],
+    "gae-reward-value": ["ppo.ppo_epochs=3", "ppo.target_kl=1e-6"],  # stops after the second epoch's step
     "value-head-ptx": ["ppo.value_model=head", "ppo.ptx_coef=0.5"],
 }
 
@@ -180,8 +180,26 @@ def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, nam
     for weight, tensor in weights_one.items():
         torch.testing.assert_close(two["weights"][weight], tensor, rtol=1e-4, atol=1e-5, msg=weight)
     assert two["stats"].keys() == stats_one.keys()
+    assert ("policy/early_stop" in stats_one) == ("ppo.target_kl=1e-6" in options)
     for stat, value in stats_one.items():
         assert two["stats"][stat] == pytest.approx(value, rel=1e-4, abs=1e-5), stat
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_and_gradient_accumulation_on_two_processes(ppo_setup, tmp_path):
+    from test_ppo import ppo_config
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.trainers.base import read_metrics
+
+    config = ppo_config(ppo_setup, "unused", "train.max_steps=1", "ppo.advantage=grpo", "ppo.samples_per_prompt=2",
+                        "model.lora.r=4", "train.grad_accum=2")
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    run("ppo", path, tmp_path / "run", 2)
+    rows = read_metrics(tmp_path / "run")
+    assert [(row["step"], row["rollout/sequences"]) for row in rows] == [(1, 4 * 2)]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # the LoRA policy, merged
 
 
 @pytest.mark.slow

@@ -545,8 +545,8 @@ class PPOTrainer:
             means = {name: values.mean().item() for name, values in per_sequence.items()}
             return means, {"sequences": rollout.responses.size(0), "tokens": int(n_tokens)}
         local = [values.float().sum() for values in per_sequence.values()]
-        *sums, sequences, tokens = self.reduce_sum(torch.stack([*local, torch.tensor(float(rollout.responses.size(0))),
-                                                                n_tokens.float()])).tolist()
+        sequences = torch.tensor(float(rollout.responses.size(0)), device=n_tokens.device)
+        *sums, sequences, tokens = self.reduce_sum(torch.stack([*local, sequences, n_tokens.float()])).tolist()
         means = {name: total / sequences for name, total in zip(per_sequence, sums, strict=True)}
         return means, {"sequences": int(sequences), "tokens": int(tokens)}
 
