@@ -207,7 +207,8 @@ def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_se
     from test_ppo import ppo_config
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.trainers.base import read_metrics
+    from rlhfkit.trainers.base import TrainingError, read_metrics
+    from rlhfkit.trainers.ppo import PPOTrainer
 
     config = ppo_config(ppo_setup, "unused", "train.max_steps=3", "train.save_every=1", "ppo.samples_per_prompt=2",
                         "ppo.adaptive_kl=true", "ppo.whiten_rewards=true", "ppo.kl_coef=0.2")
@@ -219,7 +220,7 @@ def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_se
     rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert {row["rollout/sequences"] for row in rows} == {4 * 2}  # both processes' shares
-    assert len({row["kl_coef"] for row in rows}) == 3  # the adaptive coefficient moved, the same on both
+    assert len({row["kl_coef"] for row in rows}) == 3  # the adaptive coefficient moves (from the pooled KL)
     AutoModelForCausalLM.from_pretrained(run_dir / "final")
     state = torch.load(run_dir / "checkpoint-3" / "trainer_state.pt", weights_only=False)
     first, second = state["rng_per_process"]
@@ -239,3 +240,8 @@ def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_se
     assert rows[2]["objective/scores"] == pytest.approx(straight_rows[2]["objective/scores"], abs=1e-5)
     samples = [json.loads(line)["step"] for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples == sorted(samples) and samples.count(3) == samples.count(1)
+    # the checkpoint holds two processes' sampling streams: one process refuses to resume it
+    more = config.model_copy(update={"train": config.train.model_copy(update={"output_dir": str(run_dir),
+                                                                                "max_steps": 4})})
+    with pytest.raises(TrainingError, match=r"written by 2 process\(es\) .* resume it with 2, not 1"):
+        PPOTrainer(more).train()

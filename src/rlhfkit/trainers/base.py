@@ -304,7 +304,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
-        self.metrics.truncate_after(self.step)
+        if self.accelerator.is_main_process:  # one writer: processes rewriting the file at once could lose lines
+            self.metrics.truncate_after(self.step)
+        self.accelerator.wait_for_everyone()
         self.accelerator.print(f"[{self.stage}] resumed from {latest} at step {self.step}")
 
     # ---- evaluation ---------------------------------------------------------------------------

@@ -97,7 +97,8 @@ VALUE_DIR = "value_model"
 class Rollout:
     """One iteration's sampled sequences and everything computed from them (no gradients).
 
-    Token tensors are ``[N, R]`` over response tokens; ``queries`` is ``[N, Q]`` left-padded.
+    Token tensors are ``[N, R]`` over response tokens; ``queries`` is ``[N, Q]`` left-padded. With several
+    processes a rollout is this process's share of the iteration's sequences.
     """
 
     queries: torch.Tensor
@@ -591,6 +592,10 @@ class PPOTrainer:
             return
         latest = found[-1]
         state = torch.load(latest / STATE_FILE, weights_only=False)
+        per_process = state.get("rng_per_process", [state["rng"]])  # one state per process that wrote it
+        if len(per_process) != self.world:
+            raise TrainingError(f"ppo: {latest} was written by {len(per_process)} process(es) and holds each one's "
+                                f"sampling RNG state; resume it with {len(per_process)}, not {self.world}")
         load_weights(self._unwrapped_policy(), latest)
         value = self.accelerator.unwrap_model(self.value) if self.value is not None else None
         if isinstance(value, ValueHead):
@@ -601,10 +606,6 @@ class PPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.ema = state["ema"]
-        per_process = state.get("rng_per_process", [state["rng"]])
-        if len(per_process) != self.world:
-            raise TrainingError(f"ppo: {latest} was written by {len(per_process)} process(es) and holds each one's "
-                                f"sampling RNG state; resume it with {len(per_process)}, not {self.world}")
         set_rng_state(per_process[self.rank])
         self.step = state["step"]
         if self.accelerator.is_main_process:
