@@ -54,3 +54,21 @@ def demo_run(tmp_path_factory):
 def tiny_model(tokenizer):
     torch.manual_seed(0)
     return build_causal_lm(tokenizer, "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(tmp_path_factory, tokenizer_dir, task):
+    """A tiny random policy, a reward model initialised from it, and train prompts (for the PPO tests)."""
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.data.readers import write_jsonl
+    from rlhfkit.models.load import load_causal_lm, save_model
+    from rlhfkit.models.reward import load_reward_model
+
+    directory = tmp_path_factory.mktemp("ppo")
+    policy, tokenizer = load_causal_lm(ModelConfig(preset="tiny", tokenizer=str(tokenizer_dir)))
+    save_model(policy, tokenizer, str(directory / "policy"))
+    reward, reward_tokenizer = load_reward_model(ModelConfig(name_or_path=str(directory / "policy")))
+    save_model(reward, reward_tokenizer, str(directory / "rm"))
+    write_jsonl(directory / "prompts.jsonl", [{"prompt": p} for p in task.prompts(32, seed=0)])
+    write_jsonl(directory / "corpus.jsonl", [{"text": t} for t in task.pretraining_corpus(40, seed=0)])
+    return directory

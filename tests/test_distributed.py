@@ -1,11 +1,15 @@
 """Data parallel training on CPU: ``torchrun`` with 2 processes (gloo) trains the same model as 1 process
-with the same global batch, for SFT, the reward model and DPO (real subprocesses of ``python -m rlhfkit``)."""
+with the same global batch, for SFT, the reward model and DPO (real subprocesses of ``python -m rlhfkit``);
+PPO's distributed statistics, its update on a fixed rollout (equal to one process's), and a whole PPO run
+under 2 processes that resumes exactly."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from safetensors.torch import load_file
 from test_reward import task_rankings
 
 from rlhfkit.data.readers import write_jsonl
+
+WORKERS = Path(__file__).parent / "distributed_workers.py"
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch without the gloo backend")
@@ -95,16 +101,147 @@ def test_sharding_engines_are_refused_until_checkpoints_gather_them(monkeypatch,
         build_sft_trainer(config)
 
 
+def torchrun_worker(kind: str, out, *args, processes: int = 2) -> None:
+    """Run ``tests/distributed_workers.py KIND OUT ARGS`` in ``processes`` torchrun processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(WORKERS), kind, str(out), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_distributed_statistics_equal_those_of_the_concatenated_rows(tmp_path):
+    from distributed_workers import STATISTICS_ROWS, statistics_data
+
+    from rlhfkit.algorithms.advantages import masked_mean, masked_whiten
+
+    torchrun_worker("statistics", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    values, mask = statistics_data()
+    torch.testing.assert_close(torch.cat([r["whiten"] for r in ranks]), masked_whiten(values, mask))
+    torch.testing.assert_close(torch.cat([r["whiten_unshifted"] for r in ranks]),
+                               masked_whiten(values, mask, shift_mean=False))
+    for rank in ranks:
+        torch.testing.assert_close(rank["mean"], masked_mean(values, mask))
+        # pooled: the token mean of all rows, and the mean of each process's maximum (one unit each)
+        maxima = torch.stack([values[rows].max() for rows in STATISTICS_ROWS[2]])
+        torch.testing.assert_close(rank["pooled"], torch.stack([masked_mean(values, mask), maxima.mean()]))
+    tokens = [mask[rows].sum().item() for rows in STATISTICS_ROWS[2]]
+    assert [r["share"][0].item() for r in ranks] == pytest.approx([t / sum(tokens) for t in tokens])
+    assert tokens[0] != tokens[1]  # the shares are unequal: the pooling is weighted, not a mean of means
+
+
+def test_ppo_global_counts_must_split_over_the_processes(monkeypatch, ppo_setup):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from test_ppo import ppo_config
+
+    from rlhfkit.trainers import base
+    from rlhfkit.trainers.ppo import PPOTrainer
+
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, process_index=0)
+    monkeypatch.setattr(base, "make_accelerator", lambda mixed_precision: ddp)
+    cases = {"ppo.rollout_batch_size=3": r"ppo.rollout_batch_size \(3\) is a global count and must be a multiple",
+             "ppo.minibatch_size=1": r"ppo.minibatch_size \(1\) is a global count",
+             "train.grad_accum=4": r"minibatch share \(ppo.minibatch_size / 2 = 2\) must be a multiple of train.grad"}
+    for override, message in cases.items():
+        extra = ["ppo.samples_per_prompt=4"] if override.startswith("ppo.rollout") else []  # 12 % 4 == 0
+        with pytest.raises(base.TrainingError, match=message):
+            PPOTrainer(ppo_config(ppo_setup, "refused", override, *extra))
+    # a process's share of the prompts is a contiguous slice: a prompt's samples stay on one process
+    assert PPOTrainer._prompt_share(SimpleNamespace(world=2, rank=1), list("abcdefgh")) == list("efgh")
+
+
+UPDATE_OPTIONS = {  # each minibatch is the whole rollout: the same minibatches with 1 and 2 processes
+    "gae-reward-value": ["ppo.ppo_epochs=3", "ppo.target_kl=1e-6"],  # stops after the second epoch's step
+    "value-head-ptx": ["ppo.value_model=head", "ppo.ptx_coef=0.5"],
+}
+
+
 @pytest.mark.slow
-def test_ppo_with_several_processes_is_refused_clearly(tmp_path, tokenizer_dir):
-    config = tmp_path / "ppo.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"preset": "tiny", "tokenizer": str(tokenizer_dir)}, "data": {"train": str(tmp_path / "p.jsonl")},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1}, "ppo": {"reward_model": str(tmp_path / "rm")}}),
-        encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlhfkit",
-               "ppo", "--config", str(config)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "several processes are not supported yet" in " ".join((result.stdout + result.stderr).split())
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("name", UPDATE_OPTIONS)
+def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, name):
+    from distributed_workers import trained_weights
+    from test_ppo import ppo_config
+
+    from rlhfkit.trainers.ppo import PPOTrainer
+
+    options = [*UPDATE_OPTIONS[name], f"ppo.ptx_data={ppo_setup / 'corpus.jsonl'}"]
+    one = PPOTrainer(ppo_config(ppo_setup, f"update-1-{name}", *options))
+    rollout = one.rollout(one._prompt_batch(0))
+    rollout.response_mask[0, 3:] = 0  # process 0's share has fewer tokens: the losses' weighting matters
+    rollout.response_mask[1, 7:] = 0
+    torch.save(rollout, tmp_path / "rollout.pt")
+    stats_one = one.update(rollout)
+    torchrun_worker("update", tmp_path, ppo_setup, tmp_path / "rollout.pt", *options)
+    two = torch.load(tmp_path / "update.pt", weights_only=False)
+    weights_one = trained_weights(one)
+    assert weights_one.keys() == two["weights"].keys()
+    for weight, tensor in weights_one.items():
+        torch.testing.assert_close(two["weights"][weight], tensor, rtol=1e-4, atol=1e-5, msg=weight)
+    assert two["stats"].keys() == stats_one.keys()
+    assert ("policy/early_stop" in stats_one) == ("ppo.target_kl=1e-6" in options)
+    for stat, value in stats_one.items():
+        assert two["stats"][stat] == pytest.approx(value, rel=1e-4, abs=1e-5), stat
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_and_gradient_accumulation_on_two_processes(ppo_setup, tmp_path):
+    from test_ppo import ppo_config
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.trainers.base import read_metrics
+
+    config = ppo_config(ppo_setup, "unused", "train.max_steps=1", "ppo.advantage=grpo", "ppo.samples_per_prompt=2",
+                        "model.lora.r=4", "train.grad_accum=2")
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    run("ppo", path, tmp_path / "run", 2)
+    rows = read_metrics(tmp_path / "run")
+    assert [(row["step"], row["rollout/sequences"]) for row in rows] == [(1, 4 * 2)]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # the LoRA policy, merged
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_setup, tmp_path):
+    from test_ppo import ppo_config
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.trainers.base import TrainingError, read_metrics
+    from rlhfkit.trainers.ppo import PPOTrainer
+
+    config = ppo_config(ppo_setup, "unused", "train.max_steps=3", "train.save_every=1", "ppo.samples_per_prompt=2",
+                        "ppo.adaptive_kl=true", "ppo.whiten_rewards=true", "ppo.kl_coef=0.2")
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    output = run("ppo", path, run_dir, 2)
+    assert "[ppo] data parallel over 2 processes (MULTI_CPU, 4 prompts per rollout, minibatch 4, global)" in output
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert {row["rollout/sequences"] for row in rows} == {4 * 2}  # both processes' shares
+    assert len({row["kl_coef"] for row in rows}) == 3  # the adaptive coefficient moves (from the pooled KL)
+    AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    state = torch.load(run_dir / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    first, second = state["rng_per_process"]
+    assert not torch.equal(first["torch"], second["torch"])  # each process draws its own samples
+    straight = load_file(run_dir / "final" / "model.safetensors")
+    straight_rows = rows
+
+    # resume at iteration 2 (as if the run had died during iteration 3): the same iteration 3 again
+    for leftover in ("checkpoint-3", "final"):
+        shutil.rmtree(run_dir / leftover)
+    run("ppo", path, run_dir, 2)
+    resumed = load_file(run_dir / "final" / "model.safetensors")
+    for weight, tensor in straight.items():
+        torch.testing.assert_close(resumed[weight], tensor, rtol=1e-5, atol=1e-6, msg=weight)
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3]  # no duplicated lines
+    assert rows[2]["objective/scores"] == pytest.approx(straight_rows[2]["objective/scores"], abs=1e-5)
+    samples = [json.loads(line)["step"] for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples == sorted(samples) and samples.count(3) == samples.count(1)
+    # the checkpoint holds two processes' sampling streams: one process refuses to resume it
+    more = config.model_copy(update={"train": config.train.model_copy(update={"output_dir": str(run_dir),
+                                                                                "max_steps": 4})})
+    with pytest.raises(TrainingError, match=r"written by 2 process\(es\) .* resume it with 2, not 1"):
+        PPOTrainer(more).train()

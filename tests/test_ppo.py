@@ -7,10 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhfkit.config import ModelConfig, PPOConfig, load_config
-from rlhfkit.data.readers import write_jsonl
-from rlhfkit.models.load import save_model
-from rlhfkit.models.reward import load_reward_model
+from rlhfkit.config import PPOConfig, load_config
 from rlhfkit.trainers.base import read_metrics
 from rlhfkit.trainers.ppo import PPOTrainer, response_masks, truncate_at_stop
 
@@ -26,21 +23,6 @@ def test_response_masks_stop_after_first_eos_or_last_real_token():
 def test_truncate_at_stop_cuts_after_the_earliest_stop_string():
     assert truncate_at_stop("One. The end. More text", ["The end.", "More"]) == "One. The end."
     assert truncate_at_stop("no stop here", ["The end."]) == "no stop here"
-
-
-@pytest.fixture(scope="module")
-def ppo_setup(tmp_path_factory, tokenizer_dir, task):
-    """A tiny random policy, a reward model initialised from it, and train prompts."""
-    directory = tmp_path_factory.mktemp("ppo")
-    from rlhfkit.models.load import load_causal_lm
-
-    policy, tokenizer = load_causal_lm(ModelConfig(preset="tiny", tokenizer=str(tokenizer_dir)))
-    save_model(policy, tokenizer, str(directory / "policy"))
-    reward, reward_tokenizer = load_reward_model(ModelConfig(name_or_path=str(directory / "policy")))
-    save_model(reward, reward_tokenizer, str(directory / "rm"))
-    write_jsonl(directory / "prompts.jsonl", [{"prompt": p} for p in task.prompts(32, seed=0)])
-    write_jsonl(directory / "corpus.jsonl", [{"text": t} for t in task.pretraining_corpus(40, seed=0)])
-    return directory
 
 
 def ppo_config(setup, name, *overrides):

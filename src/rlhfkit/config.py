@@ -233,7 +233,8 @@ class PPOSection(Section):
     One PPO *iteration* samples ``rollout_batch_size`` prompts x ``samples_per_prompt`` completions,
     scores them, then makes ``ppo_epochs`` passes over them in minibatches of ``minibatch_size``
     sequences (each one optimizer step; ``train.grad_accum`` splits it into micro-batches).
-    ``train.max_steps`` counts iterations.
+    ``train.max_steps`` counts iterations. Under several processes both sizes stay global counts (each a
+    multiple of the number of processes; see :mod:`rlhfkit.trainers.ppo`).
     """
 
     reward_model: str

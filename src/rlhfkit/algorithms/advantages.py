@@ -3,33 +3,72 @@
 Token tensors are ``[B, T]`` over response tokens with ``mask = 1`` on real tokens (responses are
 right-padded). Group estimators take one score per sample, laid out prompt-major: the ``k``
 samples of prompt ``i`` are ``scores[i * k:(i + 1) * k]``.
+
+Statistics over a batch split across processes (data parallel): :func:`masked_mean` and
+:func:`masked_whiten` take ``reduce_sum``, a function that sums a tensor over all processes (e.g.
+:func:`rlhfkit.trainers.base.sum_over_processes`). Only sums and counts are reduced, never whole tensors,
+and the result is the statistic of the concatenation of every process's rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]  # elementwise sum of a tensor over all processes
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is 1 (over all entries, or along ``dim``)."""
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                reduce_sum: ReduceSum | None = None) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (over all entries, or along ``dim``).
+
+    With ``reduce_sum`` (over all entries only) the masked sum and the count are summed over processes
+    first: the mean over every process's masked entries.
+    """
     mask = mask.to(values.dtype)
+    if reduce_sum is not None:
+        if dim is not None:
+            raise ValueError("masked_mean: reduce_sum is for the mean over all entries (dim=None)")
+        total, count = reduce_sum(torch.stack([(values * mask).sum(), mask.sum()])).unbind()
+        return total / count.clamp(min=1)
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise to unit variance over masked entries (and zero mean unless ``shift_mean`` is off)."""
-    mean = masked_mean(values, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce_sum: ReduceSum | None = None) -> torch.Tensor:
+    """Normalise to unit variance over masked entries (and zero mean unless ``shift_mean`` is off).
+
+    With ``reduce_sum`` the mean, the variance and the count are those of every process's masked entries
+    (three reductions of one or two numbers each: the mean, the squared deviations from it, the count).
+    """
+    mean = masked_mean(values, mask, reduce_sum=reduce_sum)
     centered = values - mean
-    variance = masked_mean(centered.square(), mask)
-    n = mask.sum()
+    variance = masked_mean(centered.square(), mask, reduce_sum=reduce_sum)
+    n = mask.sum() if reduce_sum is None else reduce_sum(mask.sum().to(values.dtype))
     if n > 1:  # unbiased, as the usual whitening of PPO implementations
         variance = variance * n / (n - 1)
     whitened = centered * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask.to(values.dtype)
+
+
+def pool_means(means: list[torch.Tensor], counts: list[torch.Tensor], reduce_sum: ReduceSum) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """Means over every process's units from each process's means, in one reduction.
+
+    ``means[i]`` is this process's mean of quantity ``i`` over its ``counts[i]`` units (tokens, sequences).
+    Returns the means over all processes' units (``sum(mean * count) / sum(count)``, equal on every process)
+    and this process's share of each quantity's units (``count / sum(count)``).
+    """
+    device = means[0].device
+    counts = torch.stack([torch.as_tensor(c, device=device).float() for c in counts])
+    sums, totals = reduce_sum(torch.cat([torch.stack(means).detach().float() * counts, counts])).chunk(2)
+    totals = totals.clamp(min=1)
+    return sums / totals, counts / totals
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

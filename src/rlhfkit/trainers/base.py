@@ -102,6 +102,29 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rng_states_of_processes() -> list[dict]:
+    """:func:`rng_state` of every process, in process order (on every process; a collective when several)."""
+    if not _process_group():
+        return [rng_state()]
+    states: list[dict | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of ``tensor`` over the processes of the default process group, as a new tensor
+    (``tensor`` itself without a process group): the ``reduce_sum`` of :mod:`rlhfkit.algorithms.advantages`."""
+    if not _process_group():
+        return tensor
+    total = tensor.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total
+
+
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load weights written by :func:`save_model` with ``merge_lora=False`` back into ``model``."""
     from safetensors.torch import load_file
@@ -299,7 +322,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
-        self.metrics.truncate_after(self.step)
+        if self.accelerator.is_main_process:  # one writer: processes rewriting the file at once could lose lines
+            self.metrics.truncate_after(self.step)
+        self.accelerator.wait_for_everyone()
         self.accelerator.print(f"[{self.stage}] resumed from {latest} at step {self.step}")
 
     # ---- evaluation ---------------------------------------------------------------------------

@@ -17,6 +17,31 @@ implementation details of RLHF with PPO", noted where they apply):
 
 Everything that decides the next iteration (weights, optimizer, scheduler, KL coefficient, EMA, RNG
 state, iteration count) is in the checkpoint, so a resumed run continues exactly.
+
+Data parallelism (``torchrun`` / ``accelerate launch`` with N processes). ``ppo.rollout_batch_size`` and
+``ppo.minibatch_size`` stay global counts and must be multiples of N:
+
+- Process ``r`` takes the ``r``-th contiguous slice of each iteration's prompts and samples, scores and
+  computes the advantages of its share; a prompt's ``samples_per_prompt`` samples stay on one process, so
+  the RLOO / GRPO group baselines are those of one process. Process 0 keeps the random stream of a
+  one-process run; process ``r > 0`` is reseeded with ``seed + r`` (accelerate's ``device_specific``
+  seed) after the weights are built, so every process draws different samples, reproducibly.
+- Statistics of the whole rollout are reduced over every process (sums and counts, never whole tensors):
+  the advantage whitening and reward whitening, the adaptive KL controller's input (so every process
+  keeps the same coefficient) and the logged rollout metrics (``rollout/sequences`` is the global count).
+- A minibatch is the union of each process's ``minibatch_size / N`` sequences (each process permutes its
+  own share). Every loss term is a token mean; each process weights its share by N x its share of the
+  micro-batch's tokens, so that the gradient DDP averages is the gradient of the whole micro-batch's loss.
+  The logged update statistics are pooled over every process's tokens, and the target-KL early stop uses
+  the pooled ``approxkl``: every process stops at the same minibatch. A value network initialised from the
+  reward model is called past its DDP wrapper (its own forward pools one score per sequence), so its
+  gradients are averaged explicitly before each optimizer step.
+- Only process 0 writes ``metrics.jsonl`` (with its share's ``samples.jsonl`` samples), checkpoints and
+  ``final/``; the others wait at barriers. A checkpoint holds every process's RNG state and is resumed
+  with the same number of processes.
+
+With a fixed rollout, an update on N processes gives the weights of one process (tested with 2 gloo
+processes); sampled runs differ from one-process runs only by their random streams.
 """
 
 from __future__ import annotations
@@ -34,7 +59,14 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForSequenceClassification
 
-from rlhfkit.algorithms.advantages import gae, grpo_advantages, masked_mean, masked_whiten, rloo_advantages
+from rlhfkit.algorithms.advantages import (
+    gae,
+    grpo_advantages,
+    masked_mean,
+    masked_whiten,
+    pool_means,
+    rloo_advantages,
+)
 from rlhfkit.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
 from rlhfkit.algorithms.logprobs import masked_lm_loss
 from rlhfkit.algorithms.ppo import entropy_from_logits, policy_loss, value_loss
@@ -52,8 +84,9 @@ from rlhfkit.trainers.base import (
     build_scheduler,
     checkpoints,
     load_weights,
-    rng_state,
+    rng_states_of_processes,
     set_rng_state,
+    sum_over_processes,
     write_checkpoint,
 )
 
@@ -64,7 +97,8 @@ VALUE_DIR = "value_model"
 class Rollout:
     """One iteration's sampled sequences and everything computed from them (no gradients).
 
-    Token tensors are ``[N, R]`` over response tokens; ``queries`` is ``[N, Q]`` left-padded.
+    Token tensors are ``[N, R]`` over response tokens; ``queries`` is ``[N, Q]`` left-padded. With several
+    processes a rollout is this process's share of the iteration's sequences.
     """
 
     queries: torch.Tensor
@@ -172,9 +206,10 @@ class PPOTrainer:
         self.run_dir = Path(config.train.output_dir)
         set_seed(config.train.seed)  # sampling draws from the global RNG (restored on resume)
         self.accelerator = make_accelerator(config.train.mixed_precision)
-        if self.accelerator.num_processes > 1:  # each process would write the same run directory
-            raise TrainingError("ppo: several processes are not supported yet (rollouts, advantage whitening and "
-                                "checkpoints are per process); run PPO in one process")
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self._check_global_counts()
+        # sums over every process of the rollout and update statistics (module docstring); None with one
+        self.reduce_sum = sum_over_processes if self.world > 1 else None
         policy, self.tokenizer = load_causal_lm(config.model, seed=config.train.seed)
         self.prompts = [r.prompt for r in read_records(config.data.train, "prompt", split=config.data.split,
                                                         limit=config.data.limit)]
@@ -209,6 +244,27 @@ class PPOTrainer:
                     if self.ppo.ema_decay else None)
         self.metrics = MetricsLog(self.run_dir, "ppo")
         self.step = 0
+        if self.rank > 0:  # its own sampling stream; the weights above were built from the shared seed
+            set_seed(config.train.seed, device_specific=True)
+        if self.world > 1:
+            self.accelerator.print(f"[ppo] data parallel over {self.world} processes "
+                                   f"({self.accelerator.distributed_type.value}, {self.ppo.rollout_batch_size} "
+                                   f"prompts per rollout, minibatch {self.ppo.minibatch_size}, global)")
+
+    def _check_global_counts(self) -> None:
+        """The global rollout and minibatch sizes must split evenly over the processes (and a process's
+        minibatch share over ``train.grad_accum`` micro-batches)."""
+        if self.world == 1:
+            return
+        for name in ("rollout_batch_size", "minibatch_size"):
+            size = getattr(self.ppo, name)
+            if size % self.world:
+                raise TrainingError(f"ppo: ppo.{name} ({size}) is a global count and must be a multiple of the "
+                                    f"number of processes ({self.world})")
+        share = self.ppo.minibatch_size // self.world
+        if share % self.cfg.grad_accum:
+            raise TrainingError(f"ppo: each process's minibatch share (ppo.minibatch_size / {self.world} = {share}) "
+                                f"must be a multiple of train.grad_accum ({self.cfg.grad_accum})")
 
     # ---- helpers -----------------------------------------------------------------------------
     def _unwrapped_policy(self):
@@ -224,19 +280,28 @@ class PPOTrainer:
             picked.append(self.prompts[order[position]])
         return picked
 
+    def _prompt_share(self, prompts: list) -> list:
+        """This process's contiguous slice of an iteration's prompts (all of them with one process)."""
+        size = len(prompts) // self.world
+        return prompts[self.rank * size:(self.rank + 1) * size]
+
     def _ptx_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Pretraining micro-batches: consecutive blocks, ``minibatch_size / grad_accum`` per micro-batch of
+        all processes, of which this process takes every N-th."""
         collate = PadCollator(self.tokenizer.pad_token_id)
         size = self.ppo.minibatch_size // self.cfg.grad_accum
         index = self.step * self.ppo.ppo_epochs * len(self.ptx_blocks)  # a deterministic place to resume
         while True:
             start = (index * size) % len(self.ptx_blocks)
-            yield collate([self.ptx_blocks[(start + i) % len(self.ptx_blocks)] for i in range(size)])
+            blocks = [self.ptx_blocks[(start + i) % len(self.ptx_blocks)] for i in range(size)]
+            yield collate(blocks[self.rank::self.world])
             index += 1
 
     # ---- 1-3: rollout, scores, advantages ------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: list) -> Rollout:
-        """Sample, score and compute advantages for ``prompts`` (each ``samples_per_prompt`` times).
+        """Sample, score and compute advantages for ``prompts`` (each ``samples_per_prompt`` times): this
+        process's share; the whitening statistics are those of every process's share.
 
         With ``train.mixed_precision`` bf16/fp16 every forward of the rollout (generation, reference,
         values, reward model) runs under one autocast region: the same precision as the update, and the
@@ -285,7 +350,7 @@ class PPOTrainer:
         if ppo.advantage == "gae":
             rewards = kl_penalized_rewards(scores, kl, response_mask, self.kl_controller.value)
             if ppo.whiten_rewards:
-                rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+                rewards = masked_whiten(rewards, response_mask, shift_mean=False, reduce_sum=self.reduce_sum)
             advantages, returns = gae(rewards, values, response_mask, ppo.gamma, ppo.lam)
         else:  # group baselines on the sequence reward (score minus the summed KL penalty)
             sequence_reward = scores - self.kl_controller.value * kl.sum(-1)
@@ -293,7 +358,7 @@ class PPOTrainer:
             advantages = estimator(sequence_reward, ppo.samples_per_prompt).unsqueeze(-1) * response_mask
             returns = None
         if ppo.whiten_advantages and ppo.advantage == "gae":
-            advantages = masked_whiten(advantages, response_mask)
+            advantages = masked_whiten(advantages, response_mask, reduce_sum=self.reduce_sum)
         return Rollout(queries, query_mask, responses, response_mask, logprobs, ref_logprobs, values, scores,
                        advantages, returns, prompts, texts)
 
@@ -305,28 +370,36 @@ class PPOTrainer:
 
     # ---- 4: update ---------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> dict[str, float]:
-        """``ppo_epochs`` passes of minibatch updates; returns averaged training statistics."""
+        """``ppo_epochs`` passes of minibatch updates over this process's ``rollout``; returns averaged
+        training statistics.
+
+        With N processes each one passes over its own share in minibatches of ``minibatch_size / N``
+        sequences (the same permutation seed on every process); the losses, statistics and the early stop
+        are those of the whole minibatch (:meth:`_micro_loss`, module docstring).
+        """
         ppo, n = self.ppo, rollout.responses.size(0)
-        micro = ppo.minibatch_size // self.cfg.grad_accum
+        minibatch = ppo.minibatch_size // self.world
+        micro = minibatch // self.cfg.grad_accum
         stats: dict[str, list[float]] = {}
         ptx = self._ptx_batches() if self.ptx_blocks else None
         generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
         for _ in range(ppo.ppo_epochs):
             order = torch.randperm(n, generator=generator)
-            for start in range(0, n, ppo.minibatch_size):
+            for start in range(0, n, minibatch):
                 approxkls = []
-                for micro_start in range(start, start + ppo.minibatch_size, micro):
+                for micro_start in range(start, start + minibatch, micro):
                     batch = rollout.select(order[micro_start:micro_start + micro])
-                    last_micro = micro_start + micro >= start + ppo.minibatch_size
+                    last_micro = micro_start + micro >= start + minibatch
                     with self.accelerator.no_sync(self.policy) if not last_micro else nullcontext():
-                        loss, step_stats = self._micro_loss(batch, next(ptx) if ptx else None)
-                        if not torch.isfinite(loss):
-                            raise TrainingError(f"[ppo] non-finite loss ({loss.item()}) at iteration {self.step + 1};"
+                        loss, loss_value, step_stats = self._micro_loss(batch, next(ptx) if ptx else None)
+                        if not math.isfinite(loss_value):
+                            raise TrainingError(f"[ppo] non-finite loss ({loss_value}) at iteration {self.step + 1};"
                                                 f" the last good checkpoint is kept in {self.run_dir}")
                         self.accelerator.backward(loss / self.cfg.grad_accum)
                     for name, value in step_stats.items():
                         stats.setdefault(name, []).append(value)
                     approxkls.append(step_stats["policy/approxkl_avg"])
+                self._average_bypassed_gradients()
                 if self.cfg.max_grad_norm is not None:
                     params = [p for group in self.optimizer.param_groups for p in group["params"]]
                     self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
@@ -340,16 +413,20 @@ class PPOTrainer:
         return {name: sum(v) / len(v) for name, v in stats.items()}
 
     def _micro_loss(self, batch: dict[str, torch.Tensor], ptx_batch: dict[str, torch.Tensor] | None):
+        """The loss of this process's micro-batch share to backpropagate, the whole micro-batch's loss value
+        and its statistics (:meth:`_pool`)."""
         ppo = self.ppo
         mask = batch["response_mask"]
+        tokens = mask.sum()
         hidden = self.value is not None and ppo.value_model == "head"
         logprobs, logits, states = policy_forward(self.policy, batch, ppo.temperature, hidden=hidden)
         pg_loss, pg_stats = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, ppo.clip_range)
-        loss = pg_loss
-        stats = {"loss/policy_avg": pg_loss.item(), "policy/approxkl_avg": pg_stats["approxkl"].item(),
-                 "policy/clipfrac_avg": pg_stats["clipfrac"].item(), "val/ratio": pg_stats["ratio"].item()}
+        # name: (a token mean over this process's share, its number of tokens); loss terms and their coefficients
+        means = {"loss/policy_avg": (pg_loss, tokens), "policy/approxkl_avg": (pg_stats["approxkl"], tokens),
+                 "policy/clipfrac_avg": (pg_stats["clipfrac"], tokens), "val/ratio": (pg_stats["ratio"], tokens)}
+        coefs = {"loss/policy_avg": 1.0}
         with torch.no_grad():
-            stats["objective/entropy"] = masked_mean(entropy_from_logits(logits), mask).item()
+            means["objective/entropy"] = (masked_mean(entropy_from_logits(logits), mask), tokens)
         if self.value is not None:
             if hidden:
                 values = self.value(states.float())
@@ -357,15 +434,49 @@ class PPOTrainer:
                 with self.accelerator.autocast():
                     values = value_forward(self.value, batch)
             vf_loss, vf_stats = value_loss(values, batch["values"], batch["returns"], mask, ppo.clip_range_value)
-            loss = loss + ppo.vf_coef * vf_loss
-            stats.update({"loss/value_avg": vf_loss.item(), "val/clipfrac_avg": vf_stats["clipfrac"].item()})
+            means.update({"loss/value_avg": (vf_loss, tokens), "val/clipfrac_avg": (vf_stats["clipfrac"], tokens)})
+            coefs["loss/value_avg"] = ppo.vf_coef
         if ptx_batch is not None:
             ptx_logits = self.policy(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"],
                                      use_cache=False).logits
             ptx_loss = masked_lm_loss(ptx_logits, ptx_batch["input_ids"], ptx_batch["loss_mask"])
-            loss = loss + ppo.ptx_coef * ptx_loss
-            stats["loss/ptx_avg"] = ptx_loss.item()
-        return loss, stats
+            means["loss/ptx_avg"] = (ptx_loss, ptx_batch["loss_mask"][:, 1:].sum())
+            coefs["loss/ptx_avg"] = ppo.ptx_coef
+        return self._pool(means, coefs)
+
+    def _pool(self, means: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              coefs: dict[str, float]) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """(loss to backpropagate, the micro-batch's loss value, {name: the micro-batch's statistic}).
+
+        ``means`` maps each loss term and statistic to its token mean over this process's share and its
+        number of tokens; the loss is ``sum(coef x term)``. With one process that is all. With N, the
+        micro-batch is every process's share: the means are pooled over every process's tokens (one
+        reduction; equal on every process, so the non-finite check and the early stop decide alike) and
+        each term is weighted by N x this process's share of its tokens, so that the gradient DDP averages
+        over processes is the gradient of the whole micro-batch's loss.
+        """
+        if self.reduce_sum is None:
+            loss = sum(coef * means[name][0] for name, coef in coefs.items())
+            return loss, loss.item(), {name: mean.item() for name, (mean, _) in means.items()}
+        names = list(means)
+        pooled, shares = pool_means([means[n][0] for n in names], [means[n][1] for n in names], self.reduce_sum)
+        stats, share = dict(zip(names, pooled.tolist(), strict=True)), dict(zip(names, shares, strict=True))
+        loss = sum(coef * means[name][0] * (share[name] * self.world) for name, coef in coefs.items())
+        return loss, sum(coef * stats[name] for name, coef in coefs.items()), stats
+
+    def _average_bypassed_gradients(self) -> None:
+        """Average the gradients of a value network initialised from the reward model over the processes.
+
+        :func:`value_forward` calls its trunk and score head directly, past its DDP wrapper (the network's own
+        forward pools one score per sequence), so DDP does not average its gradients; this does, once per
+        optimizer step, after gradient accumulation. Nothing to do with one process or a value head.
+        """
+        if self.world == 1 or self.value is None or self.ppo.value_model != "reward":
+            return
+        for param in self.value.parameters():
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad.div_(self.world)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -391,21 +502,20 @@ class PPOTrainer:
             task = progress.add_task("ppo", total=self.cfg.max_steps, completed=self.step, status="")
             while self.step < self.cfg.max_steps:
                 started = time.perf_counter()
-                rollout = self.rollout(self._prompt_batch(self.step))
+                rollout = self.rollout(self._prompt_share(self._prompt_batch(self.step)))
                 rollout_s = time.perf_counter() - started
                 train_stats = self.update(rollout)
                 train_s = time.perf_counter() - started - rollout_s
-                kl_sum = kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1").mul(rollout.response_mask).sum(-1)
                 coef = self.kl_controller.value
-                self.kl_controller.update(kl_sum.mean().item(), rollout.responses.size(0))
+                means, counts = self._rollout_statistics(rollout, coef)
+                self.kl_controller.update(means["objective/kl"], counts["sequences"])
                 self.step += 1
-                n_tokens = int(rollout.response_mask.sum() + rollout.query_mask.sum())
-                last = {"objective/scores": rollout.scores.mean().item(), "objective/kl": kl_sum.mean().item(),
-                        "objective/rlhf_reward": (rollout.scores - coef * kl_sum).mean().item(),
-                        **train_stats, "kl_coef": coef,
-                        "response_length": rollout.response_mask.sum(-1).float().mean().item(),
+                last = {"objective/scores": means["objective/scores"], "objective/kl": means["objective/kl"],
+                        "objective/rlhf_reward": means["objective/rlhf_reward"],
+                        **train_stats, "kl_coef": coef, "response_length": means["response_length"],
                         "lr": self.scheduler.get_last_lr()[0], "time/rollout_s": rollout_s, "time/train_s": train_s,
-                        "tokens_per_s": n_tokens * (1 + self.ppo.ppo_epochs) / (rollout_s + train_s)}
+                        "tokens_per_s": counts["tokens"] * (1 + self.ppo.ppo_epochs) / (rollout_s + train_s),
+                        "rollout/sequences": counts["sequences"]}
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
                     self._log(last, rollout)
                 progress.update(task, completed=self.step,
@@ -423,6 +533,24 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
         return last
 
+    def _rollout_statistics(self, rollout: Rollout, kl_coef: float) -> tuple[dict[str, float], dict[str, int]]:
+        """Per-sequence means over the whole rollout (every process's share: one reduction of sums) of the
+        score, the summed KL (the adaptive controller's input), the KL-penalised reward and the response
+        length; and the rollout's numbers of sequences and of tokens (prompts and responses)."""
+        kl_sum = kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1").mul(rollout.response_mask).sum(-1)
+        per_sequence = {"objective/scores": rollout.scores, "objective/kl": kl_sum,
+                        "objective/rlhf_reward": rollout.scores - kl_coef * kl_sum,
+                        "response_length": rollout.response_mask.sum(-1).float()}
+        n_tokens = rollout.response_mask.sum() + rollout.query_mask.sum()
+        if self.reduce_sum is None:
+            means = {name: values.mean().item() for name, values in per_sequence.items()}
+            return means, {"sequences": rollout.responses.size(0), "tokens": int(n_tokens)}
+        local = [values.float().sum() for values in per_sequence.values()]
+        sequences = torch.tensor(float(rollout.responses.size(0)), device=n_tokens.device)
+        *sums, sequences, tokens = self.reduce_sum(torch.stack([*local, sequences, n_tokens.float()])).tolist()
+        means = {name: total / sequences for name, total in zip(per_sequence, sums, strict=True)}
+        return means, {"sequences": int(sequences), "tokens": int(tokens)}
+
     def _log(self, metrics: dict[str, float], rollout: Rollout) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -434,13 +562,18 @@ class PPOTrainer:
                 handle.write(json.dumps(sample) + "\n")
 
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>`` from process 0 (the others wait); ``rng`` is process 0's RNG state and,
+        with several processes, ``rng_per_process`` every process's (each draws its own samples)."""
         directory = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        rng_states = rng_states_of_processes()  # a collective: every process takes part
 
         def write(tmp: Path) -> None:
             save_model(self._unwrapped_policy(), self.tokenizer, str(tmp), merge_lora=False)
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                     "scheduler": self.scheduler.state_dict(), "rng": rng_states[0],
                      "kl_controller": self.kl_controller.state_dict(), "ema": self.ema}
+            if self.world > 1:
+                state["rng_per_process"] = rng_states
             value = self.accelerator.unwrap_model(self.value) if self.value is not None else None
             if isinstance(value, ValueHead):
                 state["value_head"] = value.state_dict()
@@ -459,6 +592,10 @@ class PPOTrainer:
             return
         latest = found[-1]
         state = torch.load(latest / STATE_FILE, weights_only=False)
+        per_process = state.get("rng_per_process", [state["rng"]])  # one state per process that wrote it
+        if len(per_process) != self.world:
+            raise TrainingError(f"ppo: {latest} was written by {len(per_process)} process(es) and holds each one's "
+                                f"sampling RNG state; resume it with {len(per_process)}, not {self.world}")
         load_weights(self._unwrapped_policy(), latest)
         value = self.accelerator.unwrap_model(self.value) if self.value is not None else None
         if isinstance(value, ValueHead):
@@ -469,15 +606,21 @@ class PPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.ema = state["ema"]
-        set_rng_state(state["rng"])
+        set_rng_state(per_process[self.rank])
         self.step = state["step"]
+        if self.accelerator.is_main_process:
+            self._truncate_logs()
+            self.console.print(f"[ppo] resumed from {latest} at iteration {self.step}")
+        self.accelerator.wait_for_everyone()
+
+    def _truncate_logs(self) -> None:
+        """Drop the metrics and samples past the resumed iteration (written after the last checkpoint)."""
         self.metrics.truncate_after(self.step)
         samples = self.run_dir / "samples.jsonl"
         if samples.exists():
             kept = [line for line in samples.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
             samples.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.console.print(f"[ppo] resumed from {latest} at iteration {self.step}")
 
 
 def run_ppo(config: PPOConfig, console: Console | None = None) -> dict[str, float]:

@@ -1,0 +1,81 @@
+"""Programs that ``test_distributed.py`` runs under ``torchrun`` (each process runs the same command).
+
+``python -m torch.distributed.run --standalone --nproc_per_node N tests/distributed_workers.py KIND OUT ...``:
+
+- ``statistics OUT``: the distributed masked statistics on fixed data, each process holding a different
+  (and unequal) share of its rows; process ``r`` writes ``OUT/rank<r>.pt``.
+- ``update OUT SETUP ROLLOUT OVERRIDE...``: a PPO trainer of ``test_ppo.ppo_config(SETUP, ...)`` makes one
+  ``update()`` on its share of the saved rollout; process 0 writes the weights and statistics to ``OUT``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+# rows of the statistics data each process holds (unequal on purpose), by number of processes
+STATISTICS_ROWS = {2: [slice(0, 2), slice(2, 7)]}
+
+
+def statistics_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed values ``[7, 5]`` and a mask with a different number of ones in every row."""
+    values = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    lengths = torch.tensor([5, 1, 3, 4, 2, 5, 3])
+    return values, (torch.arange(5) < lengths.unsqueeze(-1)).long()
+
+
+def statistics(out: Path) -> None:
+    from rlhfkit.algorithms.advantages import masked_mean, masked_whiten, pool_means
+    from rlhfkit.trainers.base import sum_over_processes
+
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    values, mask = statistics_data()
+    rows = STATISTICS_ROWS[world][rank]
+    values, mask = values[rows], mask[rows]
+    pooled, share = pool_means([masked_mean(values, mask), values.max()], [mask.sum(), torch.tensor(1)],
+                               sum_over_processes)
+    torch.save({"whiten": masked_whiten(values, mask, reduce_sum=sum_over_processes),
+                "whiten_unshifted": masked_whiten(values, mask, shift_mean=False, reduce_sum=sum_over_processes),
+                "mean": masked_mean(values, mask, reduce_sum=sum_over_processes),
+                "pooled": pooled, "share": share}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def rollout_share(rollout, rank: int, world: int):
+    """Process ``rank``'s contiguous share of the rows of every field of a ``Rollout``."""
+    size = rollout.responses.size(0) // world
+    rows = slice(rank * size, (rank + 1) * size)
+    return dataclasses.replace(rollout, **{field.name: getattr(rollout, field.name)[rows]
+                                           for field in dataclasses.fields(rollout)
+                                           if getattr(rollout, field.name) is not None})
+
+
+def trained_weights(trainer) -> dict[str, torch.Tensor]:
+    """The policy's and the value network's parameters after an update (names prefixed by the network)."""
+    networks = {"policy": trainer._unwrapped_policy()}
+    if trainer.value is not None:
+        networks["value"] = trainer.accelerator.unwrap_model(trainer.value)
+    return {f"{prefix}.{name}": param.detach().clone() for prefix, network in networks.items()
+            for name, param in network.named_parameters()}
+
+
+def update(out: Path, setup: str, rollout_path: str, *overrides: str) -> None:
+    from test_ppo import ppo_config
+
+    from rlhfkit.trainers.ppo import PPOTrainer
+
+    trainer = PPOTrainer(ppo_config(Path(setup), "update-2", *overrides))
+    rollout = torch.load(rollout_path, weights_only=False)
+    stats = trainer.update(rollout_share(rollout, trainer.rank, trainer.world))
+    if trainer.accelerator.is_main_process:
+        torch.save({"weights": trained_weights(trainer), "stats": stats}, out / "update.pt")
+    trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    kind, target, *rest = sys.argv[1:]
+    {"statistics": statistics, "update": update}[kind](Path(target), *rest)
