@@ -12,9 +12,10 @@ this machine before and after (the best of the two), and prints one table: secon
 (PPO and GRPO: per iteration too, rollout included), tokens/s, peak RSS, the rlhfkit/TRL ratios (medians
 of the per-pair ratios), rlhfkit's model-FLOP utilisation, and each target of the project.
 
-TRL's PPO trainer was last shipped in trl 1.12.0: PPO runs TRL in its own environment (``--trl-ppo-python``,
-default ``.venv-trl112/bin/python`` when it exists; ``--make-trl-ppo-env`` creates it with this
-environment's torch, so no other build is downloaded). Without one, the PPO row is skipped with the reason.
+TRL's PPO trainer was last shipped in trl 1.12.0: TRL's PPO runs put a directory holding it first on their
+path (``--trl-ppo-path``, default ``.trl112``; ``--make-trl-ppo-env`` installs it there, without its
+dependencies: torch, transformers and the rest are this environment's). Without it the PPO row is skipped
+with the reason.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import common  # noqa: E402
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 SIZES = ("tiny", "small")
-TRL_PPO_ENV = HERE.parent / ".venv-trl112"
+TRL_PPO_PATH = HERE.parent / ".trl112"
 #: the project's speed targets (rlhfkit / TRL, medians of paired runs), per stage and setting
 SPEED_TARGETS = {("sft", ""): 1.0, ("rm", "K=4"): 1.5, ("dpo", "ref"): 1.2, ("dpo", "precompute"): 2.0,
                  ("ppo", ""): 1.5, ("grpo", ""): 1.2}
@@ -96,29 +97,21 @@ def stage_command(stage: str, args, json_path: Path) -> list[str] | None:
     if stage == "dpo":
         command += ["--variants", "ref", "precompute"]
     if stage == "ppo":
-        python = args.trl_ppo_python or (str(TRL_PPO_ENV / "bin" / "python")
-                                         if (TRL_PPO_ENV / "bin" / "python").exists() else None)
-        if python is None:
-            print("ppo: skipped: TRL's PPO needs trl 1.12 in its own environment; run "
-                  "`python -m benchmarks --make-trl-ppo-env` once, or pass --trl-ppo-python", flush=True)
+        path = Path(args.trl_ppo_path or TRL_PPO_PATH)
+        if not (path / "trl").is_dir():
+            print(f"ppo: skipped: TRL's PPO needs trl 1.12 in {path}; run `python -m benchmarks --make-trl-ppo-env` "
+                  "once, or pass --trl-ppo-path", flush=True)
             return None
-        command += ["--trl-python", python]
+        command += ["--trl-path", str(path)]
     return command
 
 
 def make_trl_ppo_env() -> None:
-    """``.venv-trl112``: trl 1.12.0 beside this environment's torch version (installed first, so no CUDA build
-    is pulled in on a CPU machine). Like ``make setup``'s ``.venv`` it sees the system's site-packages: an
-    optional package there changes what transformers imports (scipy: about 60 MiB of resident memory), so
-    both libraries must run with the same ones for their peak RSS to compare."""
-    import torch
-
-    python = TRL_PPO_ENV / "bin" / "python"
-    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(TRL_PPO_ENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", torch_pin], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "trl==1.12.0", "psutil", torch_pin], check=True)
-    print(f"made {TRL_PPO_ENV} (trl 1.12.0, {torch_pin})")
+    """trl 1.12.0 alone (``--no-deps``) in ``.trl112``: TRL's PPO runs put it first on their path and use this
+    environment's torch and transformers, the same files as rlhfkit's runs (so nothing else is downloaded)."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(TRL_PPO_PATH),
+                    "trl==1.12.0"], check=True)
+    print(f"installed trl 1.12.0 in {TRL_PPO_PATH}")
 
 
 # ---- one table from the stages' results --------------------------------------------------------------------
@@ -188,8 +181,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="rlhfkit/TRL run pairs per stage and size")
     parser.add_argument("--threads", type=int, help="torch threads in every run and in the matmul peak "
                                                     "(default: torch's, one per core)")
-    parser.add_argument("--trl-ppo-python", help="a Python with trl 1.12 for PPO (default: .venv-trl112/bin/python)")
-    parser.add_argument("--make-trl-ppo-env", action="store_true", help="create .venv-trl112 and exit")
+    parser.add_argument("--trl-ppo-path", help="a directory holding trl 1.12 for TRL's PPO runs (default: .trl112)")
+    parser.add_argument("--make-trl-ppo-env", action="store_true", help="install trl 1.12 in .trl112 and exit")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 warm-up + a few timed steps per run")
     parser.add_argument("--json", help="write the rows, every stage's raw results and the machine to this file")
     parser.add_argument("--markdown", help="write the table (markdown) and the machine to this file")

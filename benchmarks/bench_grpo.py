@@ -357,9 +357,7 @@ def main() -> None:
 
             runs = common.alternate_runs(
                 __file__, args.pairs, spec_of, quiet_below=args.quiet_below, max_wait=args.max_wait,
-                describe=lambda r: (f"{r['s_per_iteration']:.3f} s/iteration  {r['cpu_s_per_iteration']:.3f} CPU s  "
-                                    f"peak RSS {r['peak_rss_mib']:.0f} MiB  {r['generated_tokens']:.1f} tokens/seq  "
-                                    f"other processes {r['other_cpu']:.0%} CPU"))
+                describe=bench_ppo.describe_iteration_run)
             results[size] = {"runs": runs, "summary": summarize(runs), "params": n_params}
         print("\n" + table(results))
         print(f"\ntotal {time.perf_counter() - started:.0f} s")

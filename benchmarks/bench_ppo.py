@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """PPO speed and memory: rlhfkit's ``PPOTrainer`` vs TRL's (``trl.experimental.ppo``) on identical work.
 
-    python -m venv .venv-trl112 && .venv-trl112/bin/pip install torch==2.13.0 trl==1.12.0 psutil
-    python benchmarks/bench_ppo.py --trl-python .venv-trl112/bin/python     # tiny and small, 3 pairs each
+    pip install --no-deps --target .trl112 trl==1.12.0     # once (or: python -m benchmarks --make-trl-ppo-env)
+    python benchmarks/bench_ppo.py --trl-path .trl112       # tiny and small, 3 pairs each
 
 TRL's PPO trainer was last shipped in trl 1.12.0 (it was moved to ``trl.experimental`` and then
-removed), so TRL runs in its own environment, given by ``--trl-python``; rlhfkit runs in this one.
+removed), so TRL's runs put a directory holding trl 1.12 (``--trl-path``) first on their path; torch,
+transformers and the rest are this environment's, the very same files as rlhfkit's runs load (a
+separate environment maps other copies of the shared libraries, which alone moved the peak RSS by
+50 MiB in a test), so speed and memory compare the trainers and nothing else.
 
 Both libraries get the same saved random-init Llama as the policy (its frozen copy is the reference),
 the same saved reward model (the policy's weights with a seeded score head), a value model loaded from
@@ -244,18 +247,25 @@ def run_child(spec: dict) -> dict:
             "other_cpu": common.foreign_load(cpu["start"], cpu["end"], elapsed), **split}
 
 
-def check_trl_python(python: str) -> str:
-    """The trl version of ``python``; exits with instructions when it has no ``trl.experimental.ppo``."""
-    probe = subprocess.run([python, "-c", "import trl, trl.experimental.ppo; print(trl.__version__)"],
-                           capture_output=True, text=True)
+def check_trl_path(path: str) -> str:
+    """The version of the trl under ``path``; exits with instructions when it has no ``trl.experimental.ppo``."""
+    probe = subprocess.run([sys.executable, "-c", "import trl, trl.experimental.ppo; print(trl.__version__)"],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if probe.returncode != 0:
-        raise SystemExit(f"{python} has no trl.experimental.ppo (TRL's PPO was last shipped in trl 1.12.0); make "
-                         "an environment for it:\n  python -m venv .venv-trl112 && .venv-trl112/bin/pip install "
-                         "torch==2.13.0 trl==1.12.0 psutil\nthen pass --trl-python .venv-trl112/bin/python")
+        raise SystemExit(f"{path!r} holds no trl with trl.experimental.ppo (TRL's PPO was last shipped in trl 1.12.0); "
+                         "install it there:\n  pip install --no-deps --target .trl112 trl==1.12.0\n"
+                         "then pass --trl-path .trl112")
     return probe.stdout.strip()
 
 
 # ---- report ---------------------------------------------------------------------------------------------
+def describe_iteration_run(run: dict) -> str:
+    """The line printed after one PPO / GRPO run."""
+    return (f"{run['s_per_iteration']:.3f} s/iteration  {run['cpu_s_per_iteration']:.3f} CPU s  peak RSS "
+            f"{run['peak_rss_mib']:.0f} MiB  {run['generated_tokens']:.1f} tokens/seq  other processes "
+            f"{run['other_cpu']:.0%} CPU")
+
+
 def summarize(runs: list[dict]) -> dict:
     by_lib = {lib: [r for r in runs if r["lib"] == lib] for lib in LIBS}
     keys = ("s_per_iteration", "s_per_step", "tokens_per_s", "cpu_s_per_iteration", "peak_rss_mib",
@@ -293,8 +303,9 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trl-python", default=sys.executable,
-                        help="a Python with trl 1.12 (TRL's last release with PPO); default: this one")
+    parser.add_argument("--trl-path", default=".trl112",
+                        help="a directory holding trl 1.12 (TRL's last release with PPO), put first on the path of "
+                             "TRL's runs (default: .trl112)")
     parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_STEPS), choices=list(DEFAULT_STEPS))
     parser.add_argument("--pairs", type=int, default=3, help="rlhfkit/TRL run pairs per size")
     parser.add_argument("--steps-tiny", type=int, default=DEFAULT_STEPS["tiny"])
@@ -325,14 +336,14 @@ def main() -> None:
         return
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the timing starts at the end of a warm-up iteration)")
-    trl_version = check_trl_python(args.trl_python)
+    trl_version = check_trl_path(args.trl_path)
     steps = {"tiny": args.steps_tiny, "small": args.steps_small}
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ppo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
         prompts_path, models = make_inputs(workdir, args.sizes)
-        print(f"TRL {trl_version} from {args.trl_python}; {N_PROMPTS} prompts; rollout {ROLLOUT} x up to "
+        print(f"TRL {trl_version} from {args.trl_path}; {N_PROMPTS} prompts; rollout {ROLLOUT} x up to "
               f"{RESPONSE_LENGTH} tokens, {EPOCHS} epochs of minibatches of {MINIBATCH}; rlhfkit's value model: "
               f"{args.rlhfkit_value_model} (TRL's: a network initialised from the reward model)", flush=True)
         results: dict = {}
@@ -340,23 +351,19 @@ def main() -> None:
             policy_dir, reward_dir, n_params = models[size]
             print(f"\n{size} ({n_params / 1e6:.2f}M parameters): {args.pairs} pairs x ({args.warmup} warm-up + "
                   f"{steps[size]} timed iterations), alternating libraries, fresh process each", flush=True)
-            runs = []
-            for pair in range(args.pairs):
-                for lib in (LIBS if pair % 2 == 0 else tuple(reversed(LIBS))):
-                    out = workdir / f"run-{size}-{lib}-{pair}"
-                    shutil.rmtree(out, ignore_errors=True)
-                    common.wait_until_quiet(args.quiet_below, args.max_wait)
-                    spec = {"lib": lib, "size": size, "policy_dir": policy_dir, "reward_dir": reward_dir,
-                            "prompts_path": prompts_path, "output_dir": str(out), "warmup": args.warmup,
-                            "steps": steps[size], "value_model": args.rlhfkit_value_model,
-                            "mixed_precision": args.mixed_precision, "threads": args.threads}
-                    run = common.spawn_child(__file__, spec, sys.executable if lib == "rlhfkit" else args.trl_python)
-                    shutil.rmtree(out, ignore_errors=True)
-                    runs.append(run)
-                    print(f"  pair {pair + 1} {lib:<8} {run['s_per_iteration']:.3f} s/iteration  "
-                          f"{run['cpu_s_per_iteration']:.3f} CPU s/iteration  peak RSS "
-                          f"{run['peak_rss_mib']:.0f} MiB  {run['generated_tokens']:.1f} tokens/seq  other "
-                          f"processes {run['other_cpu']:.0%} CPU", flush=True)
+
+            def spec_of(lib: str, pair: int, size=size, policy_dir=policy_dir, reward_dir=reward_dir) -> dict:
+                out = workdir / f"run-{size}-{lib}-{pair}"
+                shutil.rmtree(out, ignore_errors=True)
+                return {"lib": lib, "size": size, "policy_dir": policy_dir, "reward_dir": reward_dir,
+                        "prompts_path": prompts_path, "output_dir": str(out), "warmup": args.warmup,
+                        "steps": steps[size], "value_model": args.rlhfkit_value_model,
+                        "mixed_precision": args.mixed_precision, "threads": args.threads}
+
+            runs = common.alternate_runs(
+                __file__, args.pairs, spec_of, quiet_below=args.quiet_below, max_wait=args.max_wait,
+                pythonpath_of=lambda lib: args.trl_path if lib == "trl" else None,
+                describe=describe_iteration_run)
             results[size] = {"runs": runs, "summary": summarize(runs), "params": n_params}
         print("\n" + table(results))
         print(f"\ntotal {time.perf_counter() - started:.0f} s")

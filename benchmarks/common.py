@@ -128,15 +128,19 @@ CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATAS
              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
-def spawn_child(script: str, spec: dict, python: str = sys.executable) -> dict:
+def spawn_child(script: str, spec: dict, python: str = sys.executable, pythonpath: str | None = None) -> dict:
     """Run ``python script --child SPEC`` in a fresh process; return the JSON it prints after ``RESULT ``.
 
+    ``pythonpath``: a directory put first on the child's ``sys.path`` (say, another release of a library).
     A failed run prints the end of its output and stops the benchmark.
     """
     import os
 
+    env = {**os.environ, **CHILD_ENV}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([python, str(Path(script).resolve()), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
+                          capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -236,15 +240,16 @@ def versions(*packages: str) -> dict[str, str]:
 
 
 def alternate_runs(script: str, pairs: int, spec_of, *, libs: tuple[str, ...] = ("rlhfkit", "trl"),
-                   python_of=None, quiet_below: float = 0.15, max_wait: float = 60, describe=None) -> list[dict]:
+                   pythonpath_of=None, quiet_below: float = 0.15, max_wait: float = 60, describe=None) -> list[dict]:
     """``pairs`` pairs of runs, one per library, each in a fresh process, the order swapped every other pair
     (A B, B A, ...) so that a slow drift of the machine weighs on both; ``spec_of(lib, pair)`` gives a run's
-    spec, ``python_of(lib)`` its interpreter, ``describe(run)`` the line printed after it."""
+    spec, ``pythonpath_of(lib)`` a directory first on its path (or None), ``describe(run)`` the line printed
+    after it."""
     runs = []
     for pair in range(pairs):
         for lib in (libs if pair % 2 == 0 else tuple(reversed(libs))):
             wait_until_quiet(quiet_below, max_wait)
-            run = spawn_child(script, spec_of(lib, pair), python_of(lib) if python_of else sys.executable)
+            run = spawn_child(script, spec_of(lib, pair), pythonpath=pythonpath_of(lib) if pythonpath_of else None)
             runs.append(run)
             if describe:
                 print(f"  pair {pair + 1} {lib:<8} {describe(run)}", flush=True)
