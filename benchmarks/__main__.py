@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -184,6 +183,7 @@ def main() -> None:
     parser.add_argument("--trl-ppo-path", help="a directory holding trl 1.12 for TRL's PPO runs (default: .trl112)")
     parser.add_argument("--make-trl-ppo-env", action="store_true", help="install trl 1.12 in .trl112 and exit")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 warm-up + a few timed steps per run")
+    parser.add_argument("--out", default="runs/bench", help="each stage's raw results, <stage>.json, go here")
     parser.add_argument("--json", help="write the rows, every stage's raw results and the machine to this file")
     parser.add_argument("--markdown", help="write the table (markdown) and the machine to this file")
     args = parser.parse_args()
@@ -198,18 +198,20 @@ def main() -> None:
     print(f"fp32 matmul (2048 x 2048, torch {'default' if not args.threads else args.threads} threads): "
           f"{peaks[0] / 1e9:.1f} GFLOP/s", flush=True)
     raw: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="benchmarks-") as tmp:
-        for stage in args.stages:
-            json_path = Path(tmp) / f"{stage}.json"
-            command = stage_command(stage, args, json_path)
-            if command is None:
-                continue
-            print(f"\n==== {stage}: {' '.join(Path(c).name if i < 2 else c for i, c in enumerate(command))}",
-                  flush=True)
-            done = subprocess.run(command)
-            if done.returncode != 0:
-                raise SystemExit(f"{stage}: its benchmark failed (exit {done.returncode}); see above")
-            raw[stage] = json.loads(json_path.read_text(encoding="utf-8"))
+    failed: list[str] = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stage in args.stages:
+        json_path = out_dir / f"{stage}.json"  # kept: a later stage's failure loses nothing measured
+        command = stage_command(stage, args, json_path)
+        if command is None:
+            continue
+        print(f"\n==== {stage}: {' '.join(Path(c).name if i < 2 else c for i, c in enumerate(command))}", flush=True)
+        if subprocess.run(command).returncode != 0:
+            print(f"{stage}: its benchmark failed (see above); going on with the other stages", flush=True)
+            failed.append(stage)
+            continue
+        raw[stage] = json.loads(json_path.read_text(encoding="utf-8"))
     peaks.append(common.matmul_flops_per_s(threads=args.threads))
     peak = max(peaks)
     rows = [row for stage, result in raw.items()
@@ -233,6 +235,8 @@ def main() -> None:
     if busy > 0.10:
         notes.append(f"WARNING: other processes used up to {busy:.0%} of the CPUs during timed runs: re-run on a "
                      "quiet machine before trusting the figures")
+    if failed:
+        notes.append(f"FAILED (no row): {', '.join(failed)}")
     print("\n" + text + "\n\n" + "\n".join(notes))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json:
@@ -240,6 +244,8 @@ def main() -> None:
                                               indent=1), encoding="utf-8")
     if args.markdown:
         Path(args.markdown).write_text(text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n", encoding="utf-8")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

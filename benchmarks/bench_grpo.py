@@ -17,8 +17,9 @@ no difference in work. TRL's GPU-minded defaults are switched off (bf16, gradien
 
 First a parity check of the update's loss: on one fixed minibatch (prompts of equal length, fixed responses
 with padding after EOS, fixed advantages, "old" log-probs a seeded perturbation of the policy's own, so that
-ratios move off 1 and some clip) rlhfkit's update loss (``PPOTrainer._micro_loss``) and TRL's
-``compute_loss`` agree to 1e-4 and their gradient norms to 1e-3 (relative), with ``beta=0``.
+ratios move off 1 and some clip) the response log-probs of both libraries, rlhfkit's update loss
+(``PPOTrainer._micro_loss``) and TRL's ``compute_loss`` agree to 1e-4 and their gradient norms to 1e-3
+(relative), with ``beta=0``.
 
 Then runs alternate rlhfkit / TRL (the order swapped every other pair), each in a fresh subprocess. A run
 does ``--warmup`` untimed iterations, then the timed ones; an iteration is timed from the end of one
@@ -56,7 +57,6 @@ TOLERANCE = 1e-4
 GRAD_NORM_RTOL = 1e-3
 DEFAULT_STEPS = {"tiny": 10, "small": 4}
 LIBS = ("rlhfkit", "trl")
-NOISY = 0.10
 SEQUENCES = PROMPTS * GROUP
 STEPS_PER_ITERATION = SEQUENCES // MINIBATCH * EPOCHS
 
@@ -163,7 +163,7 @@ def parity_check(size: str, policy_dir: str, reward_dir: str, prompts_path: str,
     old = (current + 0.3 * noise) * mask  # ratios between about 0.5 and 2: some tokens clip
     batch = {**fixed, "logprobs": old, "advantages": fixed["advantages"][:, None] * mask}
     rk.policy.train()
-    rk_loss, rk_stats = rk._micro_loss(batch, None)
+    rk_loss, _, rk_stats = rk._micro_loss(batch, None)
     rk_loss.backward()
 
     tr.model.train()
@@ -173,6 +173,11 @@ def parity_check(size: str, policy_dir: str, reward_dir: str, prompts_path: str,
               "old_per_token_logps": old, "num_items_in_batch": mask.sum()}
     tr_loss = tr.compute_loss(tr.model, inputs)
     tr_loss.backward()
+    with torch.no_grad():  # the loss above depends on the log-probs only through the ratio's gradient: also
+        trl_logps = tr._get_per_token_logps_and_entropies(  # compare the log-probs themselves
+            tr.model, torch.cat([fixed["queries"], fixed["responses"]], 1),
+            torch.cat([fixed["query_mask"], mask], 1), fixed["responses"].size(1))[0]
+    logp_diff = float(((trl_logps - current) * mask).abs().max())
 
     def grad_norm(model) -> float:
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
@@ -181,7 +186,10 @@ def parity_check(size: str, policy_dir: str, reward_dir: str, prompts_path: str,
     rk_gn, tr_gn = grad_norm(rk.policy), grad_norm(tr.model)
     result = {"size": size, "rlhfkit_loss": rk_loss.item(), "trl_loss": tr_loss.item(),
               "abs_diff": abs(rk_loss.item() - tr_loss.item()), "clipfrac": rk_stats["policy/clipfrac_avg"],
-              "rlhfkit_grad_norm": rk_gn, "trl_grad_norm": tr_gn, "tokens": int(mask.sum())}
+              "rlhfkit_grad_norm": rk_gn, "trl_grad_norm": tr_gn, "tokens": int(mask.sum()),
+              "max_logprob_diff": logp_diff}
+    if not logp_diff <= TOLERANCE:
+        raise ParityError(f"{size}: response log-probs differ by up to {logp_diff:.3g} > {TOLERANCE}")
     if not result["abs_diff"] <= TOLERANCE:
         raise ParityError(f"{size}: losses differ by {result['abs_diff']:.3g} > {TOLERANCE}: {result}")
     if abs(rk_gn - tr_gn) > GRAD_NORM_RTOL * max(rk_gn, tr_gn):
@@ -228,6 +236,7 @@ def run_child(spec: dict) -> dict:
 
         trainer.update = timed_update
         trainer.train()
+        split = bench_ppo.rollout_update_split(spec["output_dir"], warmup)
     else:
         from transformers import TrainerCallback
 
@@ -246,51 +255,19 @@ def run_child(spec: dict) -> dict:
 
         trainer._generate_and_score_completions = counted_generation
         trainer.train()
+        split = {}
     if len(ends) != total or len(tokens) != total:
         raise RuntimeError(f"{spec['lib']}: expected {total} iterations, saw {len(ends)} ({len(tokens)} rollouts)")
     elapsed = ends[-1] - ends[warmup - 1]
     prompt_tokens = sum(p for p, _ in tokens[warmup:]) / steps
     generated = sum(g for _, g in tokens[warmup:]) / steps
     extra = {"model_flops_per_s": sum(flops[warmup:]) / elapsed} if flops else {}
-    return {**extra, "lib": spec["lib"], "size": spec["size"], "s_per_iteration": elapsed / steps,
+    return {**split, **extra, "lib": spec["lib"], "size": spec["size"], "s_per_iteration": elapsed / steps,
             "s_per_step": elapsed / steps / STEPS_PER_ITERATION,
             "tokens_per_s": (prompt_tokens + generated) * steps / elapsed, "prompt_tokens": prompt_tokens,
             "generated_tokens": generated / SEQUENCES, "peak_rss_mib": peak["rss"],
             "cpu_s_per_iteration": (cpu["end"][1] - cpu["start"][1]) / steps, "threads": torch.get_num_threads(),
             "other_cpu": common.foreign_load(cpu["start"], cpu["end"], elapsed)}
-
-
-# ---- report ---------------------------------------------------------------------------------------------
-KEYS = ("s_per_iteration", "s_per_step", "tokens_per_s", "cpu_s_per_iteration", "peak_rss_mib", "generated_tokens")
-
-
-def summarize(runs: list[dict]) -> dict:
-    summary = {lib: {key: common.median([r[key] for r in runs if r["lib"] == lib]) for key in KEYS} for lib in LIBS}
-    pairs = common.paired(runs)
-    summary["speedup"] = common.median([b["s_per_iteration"] / a["s_per_iteration"] for a, b in pairs])
-    summary["cpu_speedup"] = common.median([b["cpu_s_per_iteration"] / a["cpu_s_per_iteration"] for a, b in pairs])
-    summary["rss_ratio"] = common.median([a["peak_rss_mib"] / b["peak_rss_mib"] for a, b in pairs])
-    summary["max_other_cpu"] = max(r["other_cpu"] for r in runs)
-    return summary
-
-
-def table(results: dict) -> str:
-    lines = [f"{'size':<6} {'library':<8} {'s/iteration':>12} {'s/step':>8} {'tokens/s':>9} {'CPU s/iter':>11} "
-             f"{'peak RSS MiB':>13} {'tokens/seq':>11}", "-" * 84]
-    for size, entry in results.items():
-        s = entry["summary"]
-        for lib in LIBS:
-            lines.append(f"{size:<6} {lib:<8} {s[lib]['s_per_iteration']:>12.3f} {s[lib]['s_per_step']:>8.3f} "
-                         f"{s[lib]['tokens_per_s']:>9.0f} {s[lib]['cpu_s_per_iteration']:>11.3f} "
-                         f"{s[lib]['peak_rss_mib']:>13.0f} {s[lib]['generated_tokens']:>11.1f}")
-        lines.append(f"{size:<6} {'rk/TRL':<8} {s['speedup']:>11.2f}x {'':>8} {'':>9} {s['cpu_speedup']:>10.2f}x "
-                     f"{s['rss_ratio']:>12.2f}x   (speed: > 1x rlhfkit faster; RSS: < 1x rlhfkit smaller)")
-        lines.append("")
-    busy = max(e["summary"]["max_other_cpu"] for e in results.values())
-    if busy > NOISY:
-        lines.append(f"WARNING: other processes used up to {busy:.0%} of the CPUs during timed iterations: "
-                     "the timings are not reliable; re-run on a quiet machine")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -339,6 +316,7 @@ def main() -> None:
                 raise SystemExit(2) from None
             parity[size] = p
             print(f"  {size:<5} rlhfkit {p['rlhfkit_loss']:.6f}  TRL {p['trl_loss']:.6f}  |diff| {p['abs_diff']:.1e}"
+                  f"  log-probs |diff| <= {p['max_logprob_diff']:.1e}"
                   f"  grad norm {p['rlhfkit_grad_norm']:.5f} vs {p['trl_grad_norm']:.5f}  clipped "
                   f"{p['clipfrac']:.0%} of {p['tokens']} tokens  OK")
 
@@ -358,8 +336,8 @@ def main() -> None:
             runs = common.alternate_runs(
                 __file__, args.pairs, spec_of, quiet_below=args.quiet_below, max_wait=args.max_wait,
                 describe=bench_ppo.describe_iteration_run)
-            results[size] = {"runs": runs, "summary": summarize(runs), "params": n_params}
-        print("\n" + table(results))
+            results[size] = {"runs": runs, "summary": bench_ppo.summarize(runs), "params": n_params}
+        print("\n" + bench_ppo.table(results))
         print(f"\ntotal {time.perf_counter() - started:.0f} s")
         if args.json:
             meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": common.cpu_model(),

@@ -115,7 +115,6 @@ def run_rlhfkit(spec: dict, iteration_done) -> dict:
     from rich.console import Console
 
     from rlhfkit.config import PPOConfig, load_config
-    from rlhfkit.trainers.base import read_metrics
     from rlhfkit.trainers.ppo import PPOTrainer
 
     total = spec["warmup"] + spec["steps"]
@@ -144,10 +143,17 @@ def run_rlhfkit(spec: dict, iteration_done) -> dict:
 
     trainer.update = timed_update
     trainer.train()
-    timed = read_metrics(Path(spec["output_dir"]))[spec["warmup"]:]
-    return {"rollout_s": common.median([m["time/rollout_s"] for m in timed]),
-            "update_s": common.median([m["time/train_s"] for m in timed]),
+    return {**rollout_update_split(spec["output_dir"], spec["warmup"]),
             "model_flops_per_iteration": sum(flops[spec["warmup"]:]) / spec["steps"]}
+
+
+def rollout_update_split(run_dir: str, warmup: int) -> dict:
+    """rlhfkit's median rollout and update seconds of the timed iterations (its own metrics)."""
+    from rlhfkit.trainers.base import read_metrics
+
+    timed = read_metrics(Path(run_dir))[warmup:]
+    return {"rollout_s": common.median([m["time/rollout_s"] for m in timed]),
+            "update_s": common.median([m["time/train_s"] for m in timed])}
 
 
 def rollout_tokens(rollout) -> int:

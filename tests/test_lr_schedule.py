@@ -44,6 +44,7 @@ def test_schedules_equal_transformers(schedule, tmp_path):
 
 def test_the_trainers_do_not_import_peft_without_lora():
     """peft costs resident memory in every run; it is imported where LoRA is set up, not before."""
-    code = "import sys, rlhfkit.trainers.ppo, rlhfkit.trainers.dpo, rlhfkit.trainers.reward; print('peft' in sys.modules)"
+    code = ("import sys, rlhfkit.trainers.ppo, rlhfkit.trainers.dpo, rlhfkit.trainers.reward; "
+            "print('peft' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"

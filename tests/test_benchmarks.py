@@ -1,0 +1,86 @@
+"""The one-table benchmark (``python -m benchmarks``): rows from the stages' runs, ratios, MFU and targets;
+and the FLOP count of a PPO iteration. The timed runs themselves need TRL and are not part of the suite."""
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("benchmarks_main", BENCHMARKS / "__main__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(BENCHMARKS))
+
+
+def _run(lib, **values):
+    return {"lib": lib, "other_cpu": 0.0, **values}
+
+
+def test_a_row_takes_medians_and_the_median_of_per_pair_ratios(bench):
+    runs = []
+    for rk, trl in ((100.0, 50.0), (90.0, 60.0), (120.0, 40.0)):  # per-pair ratios 2.0, 1.5, 3.0
+        runs += [_run("rlhfkit", tokens_per_s=rk, s_per_step=1 / rk, peak_rss_mib=500.0, model_flops_per_s=rk * 1e9),
+                 _run("trl", tokens_per_s=trl, s_per_step=1 / trl, peak_rss_mib=600.0)]
+    row = bench.row_of("sft", "", "small", runs, peak_flops=200e9)
+    assert row.speed == 2.0  # the median of 2.0, 1.5, 3.0, not the ratio of the medians (100 / 50)
+    assert row.rlhfkit_tokens_per_s == 100.0 and row.trl_tokens_per_s == 50.0
+    assert row.rss_ratio == pytest.approx(500 / 600)
+    assert row.mfu == pytest.approx(0.5)  # median 100 GFLOP/s over a 200 GFLOP/s peak
+    assert row.target == 1.0 and row.checks() == []
+
+
+def test_a_row_names_each_missed_target(bench):
+    runs = [_run("rlhfkit", steps_per_s=1.1, s_per_step=0.9, tokens_per_s=1.0, peak_rss_mib=700.0,
+                 model_flops_per_s=50e9),
+            _run("trl", steps_per_s=1.0, s_per_step=1.0, tokens_per_s=1.0, peak_rss_mib=600.0)]
+    row = bench.row_of("dpo", "ref", "small", runs, peak_flops=200e9)
+    assert row.checks() == ["speed 1.10x < 1.2x", "RSS 1.17x > 1x", "MFU 25% < 40%"]
+    tiny = bench.row_of("dpo", "ref", "tiny", runs, peak_flops=200e9)
+    assert "MFU 25% < 40%" not in tiny.checks()  # the MFU target is the small model's
+
+
+def test_iteration_stages_compare_iterations_per_second(bench):
+    runs = [_run("rlhfkit", s_per_iteration=2.0, s_per_step=0.5, tokens_per_s=10.0, peak_rss_mib=1.0),
+            _run("trl", s_per_iteration=3.0, s_per_step=0.75, tokens_per_s=7.0, peak_rss_mib=1.0)]
+    row = bench.row_of("grpo", "", "tiny", runs, peak_flops=1.0)
+    assert row.speed == pytest.approx(1.5) and row.rlhfkit_s_per_iteration == 2.0 and row.mfu is None
+    assert "**1.50x**" in bench.table([row]) and "speed 1.50x" not in bench.table([row])
+
+
+def test_ppo_stage_is_skipped_with_the_reason_without_trl_112(bench, tmp_path, capsys):
+    args = SimpleNamespace(sizes=["tiny"], pairs=1, threads=None, quick=False, trl_ppo_path=str(tmp_path))
+    assert bench.stage_command("ppo", args, tmp_path / "ppo.json") is None
+    assert "--make-trl-ppo-env" in capsys.readouterr().out
+    (tmp_path / "trl").mkdir()
+    assert bench.stage_command("ppo", args, tmp_path / "ppo.json")[-2:] == ["--trl-path", str(tmp_path)]
+
+
+def test_ppo_iteration_flops(bench, tokenizer):
+    """Generation + reference (2 forwards) + ppo_epochs training passes of the policy, the reward model's
+    forward, and 1 + 3 x epochs passes of a value network."""
+    import bench_ppo
+
+    from rlhfkit.models.build import build_causal_lm
+    from rlhfkit.models.flops import FlopModel
+
+    policy = build_causal_lm(tokenizer, "tiny", seed=0)
+    rollout = SimpleNamespace(query_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                              response_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    lengths = [4, 7]
+    one = FlopModel(policy).forward(lengths)
+    trainer = SimpleNamespace(ppo=SimpleNamespace(ppo_epochs=2, value_model="reward"), reward_model=policy,
+                              value=policy, accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                              _unwrapped_policy=lambda: policy)
+    assert bench_ppo.rollout_flops_counter(trainer)(rollout) == pytest.approx((2 + 6) * one + one + (1 + 6) * one)
+    trainer.value = None  # GRPO: no value network
+    assert bench_ppo.rollout_flops_counter(trainer)(rollout) == pytest.approx((2 + 6) * one + one)
