@@ -44,7 +44,7 @@ SPEED_TARGETS = {("sft", ""): 1.0, ("rm", "K=4"): 1.5, ("dpo", "ref"): 1.2, ("dp
 MFU_TARGET = 0.40  # training steps on the ~10M (small) model
 RSS_TARGET = 1.0   # peak RSS at most TRL's
 #: per stage: the rate (higher is faster) whose rlhfkit/TRL ratio is the speed, and what it counts
-SPEED_KEYS = {"sft": ("tokens_per_s", "completion-trained tokens/s"), "rm": ("comparisons_per_s", "comparisons/s"),
+SPEED_KEYS = {"sft": ("tokens_per_s", "tokens/s (prompt + completion)"), "rm": ("comparisons_per_s", "comparisons/s"),
               "dpo": ("steps_per_s", "steps/s (8 pairs each)"), "ppo": ("iterations_per_s", "iterations/s"),
               "grpo": ("iterations_per_s", "iterations/s")}
 

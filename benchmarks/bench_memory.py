@@ -6,6 +6,7 @@ adapters disabled, so no frozen copy is kept; the full settings keep one. Nothin
 
     python benchmarks/bench_memory.py                        # small (14.4M) model, every stage, 3 settings
     python benchmarks/bench_memory.py --size tiny --stages dpo ppo --json memory.json
+    python benchmarks/bench_memory.py --size base --stages dpo ppo --settings full lora   # 113M: weights dominate
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ SETTINGS = ("full", "lora", "checkpointing")
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"}
 BATCH_SIZE = 8
 STEPS = {"sft": 6, "rm": 6, "dpo": 6, "ppo": 2}
+#: model sizes: a preset and the sizes overriding it; ``base`` (113M parameters) is where weights, not
+#: activations, set the peak, so that what LoRA saves (gradients, AdamW state, the frozen reference) shows
+SIZES = {"tiny": ("tiny", {}), "small": ("small", {}),
+         "base": ("small", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12})}
 
 
 def make_inputs(workdir: Path, size: str) -> dict:
@@ -41,7 +46,8 @@ def make_inputs(workdir: Path, size: str) -> dict:
     Path(paths["rankings"]).write_text("".join(json.dumps(r) + "\n" for r in rankings), encoding="utf-8")
     Path(paths["prompts"]).write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows),
                                       encoding="utf-8")
-    policy_dir, n_params = common.save_random_model(data.tokenizer_dir, size, workdir / "policy")
+    preset, architecture = SIZES[size]
+    policy_dir, n_params = common.save_random_model(data.tokenizer_dir, preset, workdir / "policy", **architecture)
     torch.manual_seed(0)
     reward, tokenizer = load_reward_model(ModelConfig(name_or_path=policy_dir))
     reward.save_pretrained(workdir / "reward", safe_serialization=True)
@@ -93,7 +99,7 @@ def run_child(spec: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--size", default="small", choices=list(SIZES))
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")

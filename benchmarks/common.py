@@ -111,13 +111,15 @@ def make_data(workdir: Path, n_examples: int = 512, seed: int = 0) -> BenchData:
                      sum(p_lens) / len(p_lens), sum(c_lens) / len(c_lens))
 
 
-def save_random_model(tokenizer_dir: str, preset: str, out_dir: Path, seed: int = 0) -> tuple[str, int]:
-    """Build the random-init preset Llama, save it (with the tokenizer) in HF format; return (dir, n_params)."""
+def save_random_model(tokenizer_dir: str, preset: str, out_dir: Path, seed: int = 0,
+                      **architecture: int) -> tuple[str, int]:
+    """Build the random-init preset Llama (``architecture`` overrides its sizes), save it (with the tokenizer)
+    in HF format; return (dir, n_params)."""
     from rlhfkit.models.build import build_causal_lm
     from rlhfkit.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_causal_lm(tokenizer, preset, seed=seed)
+    model = build_causal_lm(tokenizer, preset, seed=seed, **architecture)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir), sum(p.numel() for p in model.parameters())
