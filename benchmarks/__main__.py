@@ -40,7 +40,7 @@ SIZES = ("tiny", "small")
 TRL_PPO_PATH = HERE.parent / ".trl112"
 #: the project's speed targets (rlhfkit / TRL, medians of paired runs), per stage and setting
 SPEED_TARGETS = {("sft", ""): 1.0, ("rm", "K=4"): 1.5, ("dpo", "ref"): 1.2, ("dpo", "precompute"): 2.0,
-                 ("ppo", ""): 1.5, ("grpo", ""): 1.2}
+                 ("ppo", ""): 1.5, ("grpo", ""): 1.2, ("ppo", "bf16"): 1.5, ("grpo", "bf16"): 1.2}
 MFU_TARGET = 0.40  # training steps on the ~10M (small) model
 RSS_TARGET = 1.0   # peak RSS at most TRL's
 #: per stage: the rate (higher is faster) whose rlhfkit/TRL ratio is the speed, and what it counts
@@ -95,6 +95,8 @@ def stage_command(stage: str, args, json_path: Path) -> list[str] | None:
         command += ["--steps-tiny", str(steps), "--steps-small", str(steps), "--warmup", "1"]
     if stage == "dpo":
         command += ["--variants", "ref", "precompute"]
+    if stage in ("ppo", "grpo"):
+        command += ["--mixed-precision", args.mixed_precision]
     if stage == "ppo":
         path = Path(args.trl_ppo_path or TRL_PPO_PATH)
         if not (path / "trl").is_dir():
@@ -147,7 +149,7 @@ def rows_of(stage: str, result: dict, peak_flops: float, k: int | None = None) -
         if stage == "dpo":
             rows += [row_of(stage, variant, size, e["runs"], peak_flops) for variant, e in entry.items()]
         else:
-            setting = f"K={k}" if stage == "rm" else ""
+            setting = {"rm": f"K={k}"}.get(stage, "bf16" if result["meta"].get("mixed_precision") == "bf16" else "")
             rows.append(row_of(stage, setting, size, entry["runs"], peak_flops))
     return rows
 
@@ -182,6 +184,8 @@ def main() -> None:
                                                     "(default: torch's, one per core)")
     parser.add_argument("--trl-ppo-path", help="a directory holding trl 1.12 for TRL's PPO runs (default: .trl112)")
     parser.add_argument("--make-trl-ppo-env", action="store_true", help="install trl 1.12 in .trl112 and exit")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                        help="PPO and GRPO: 'bf16' autocast in both libraries (default: fp32)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 warm-up + a few timed steps per run")
     parser.add_argument("--out", default="runs/bench", help="each stage's raw results, <stage>.json, go here")
     parser.add_argument("--json", help="write the rows, every stage's raw results and the machine to this file")
@@ -220,7 +224,8 @@ def main() -> None:
                "cpus": os.cpu_count(), "threads": args.threads or "torch default",
                "matmul_gflops": [p / 1e9 for p in peaks],
                "versions": common.versions("torch", "transformers", "trl", "accelerate", "peft", "rlhfkit"),
-               "trl_ppo": raw.get("ppo", {}).get("meta", {}).get("trl"), "pairs": args.pairs, "quick": args.quick}
+               "trl_ppo": raw.get("ppo", {}).get("meta", {}).get("trl"), "pairs": args.pairs, "quick": args.quick,
+               "mixed_precision": args.mixed_precision}
     text = table(rows)
     notes = [f"{machine['date']}, {machine['cpu']} ({machine['cpus']} CPUs), torch threads {machine['threads']}; "
              + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())

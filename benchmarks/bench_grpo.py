@@ -62,7 +62,8 @@ STEPS_PER_ITERATION = SEQUENCES // MINIBATCH * EPOCHS
 
 
 # ---- the two trainers, configured for the same work ---------------------------------------------------
-def build_rlhfkit(policy_dir: str, reward_dir: str, prompts_path: str, output_dir: str, iterations: int):
+def build_rlhfkit(policy_dir: str, reward_dir: str, prompts_path: str, output_dir: str, iterations: int,
+                  mixed_precision: str = "no"):
     from rich.console import Console
 
     from rlhfkit.config import PPOConfig, load_config
@@ -73,7 +74,7 @@ def build_rlhfkit(policy_dir: str, reward_dir: str, prompts_path: str, output_di
         "data": {"train": prompts_path, "max_length": 128, "max_prompt_length": 64},
         "train": {"output_dir": output_dir, "seed": SEED, "max_steps": iterations, "lr": LR,
                   "adam_betas": [0.9, 0.999], "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0,
-                  "max_grad_norm": None, "mixed_precision": "no", "log_every": 1, "save_every": None,
+                  "max_grad_norm": None, "mixed_precision": mixed_precision, "log_every": 1, "save_every": None,
                   "resume": False, "progress": False},
         "ppo": {"reward_model": reward_dir, "advantage": "grpo", "rollout_batch_size": PROMPTS,
                 "samples_per_prompt": GROUP, "minibatch_size": MINIBATCH, "ppo_epochs": EPOCHS,
@@ -83,7 +84,7 @@ def build_rlhfkit(policy_dir: str, reward_dir: str, prompts_path: str, output_di
 
 
 def build_trl(policy_dir: str, reward_dir: str, prompts_path: str, output_dir: str, iterations: int,
-              beta: float = BETA, callbacks=()):
+              mixed_precision: str = "no", beta: float = BETA, callbacks=()):
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -99,9 +100,10 @@ def build_trl(policy_dir: str, reward_dir: str, prompts_path: str, output_dir: s
         loss_type="bnpo", scale_rewards="group", learning_rate=LR, adam_beta1=0.9, adam_beta2=0.999,
         weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,  # 0: no clipping
         # TRL's defaults that are wrong for a CPU / unequal work, set to rlhfkit's:
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, dataloader_num_workers=0,
-        dataloader_pin_memory=False, model_init_kwargs={"dtype": "float32"}, save_strategy="no",
-        eval_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True, log_completions=False)
+        bf16=mixed_precision == "bf16", fp16=False, use_cpu=True, gradient_checkpointing=False,
+        dataloader_num_workers=0, dataloader_pin_memory=False, model_init_kwargs={"dtype": "float32"},
+        save_strategy="no", eval_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True,
+        log_completions=False)
     reward = AutoModelForSequenceClassification.from_pretrained(reward_dir, dtype="float32")
     reward_tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     trainer = GRPOTrainer(model=policy_dir, reward_funcs=reward, args=args,
@@ -221,7 +223,8 @@ def run_child(spec: dict) -> dict:
             cpu["end"] = common.cpu_snapshot()
             peak["rss"] = common.peak_rss_mib()
 
-    args = (spec["policy_dir"], spec["reward_dir"], spec["prompts_path"], spec["output_dir"], total)
+    args = (spec["policy_dir"], spec["reward_dir"], spec["prompts_path"], spec["output_dir"], total,
+            spec["mixed_precision"])
     if spec["lib"] == "rlhfkit":
         trainer = build_rlhfkit(*args)
         update = trainer.update
@@ -280,6 +283,9 @@ def main() -> None:
     parser.add_argument("--quiet-below", type=float, default=0.15,
                         help="before each run, wait until other processes use less than this share of the CPUs")
     parser.add_argument("--max-wait", type=float, default=60, help="longest wait (s) for a quiet machine per run")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                        help="'bf16': autocast in both libraries (rlhfkit train.mixed_precision=bf16: every forward of "
+                             "rollout and update; TRL bf16=True); default 'no' (fp32)")
     parser.add_argument("--threads", type=int, help="torch threads in every run (default: torch's, one per core)")
     parser.add_argument("--json", help="also write all raw results to this file")
     parser.add_argument("--workdir", help="keep data, models and run directories here (default: a temp dir)")
@@ -331,7 +337,7 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 return {"lib": lib, "size": size, "policy_dir": policy_dir, "reward_dir": reward_dir,
                         "prompts_path": prompts_path, "output_dir": str(out), "warmup": args.warmup,
-                        "steps": steps[size], "threads": args.threads}
+                        "steps": steps[size], "threads": args.threads, "mixed_precision": args.mixed_precision}
 
             runs = common.alternate_runs(
                 __file__, args.pairs, spec_of, quiet_below=args.quiet_below, max_wait=args.max_wait,
@@ -343,7 +349,8 @@ def main() -> None:
             meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": common.cpu_model(),
                     "cpus": os.cpu_count(), "versions": common.versions("torch", "transformers", "trl", "accelerate",
                                                                        "rlhfkit"),
-                    "threads": args.threads, "prompts": PROMPTS, "group": GROUP, "minibatch": MINIBATCH,
+                    "threads": args.threads, "mixed_precision": args.mixed_precision, "prompts": PROMPTS,
+                    "group": GROUP, "minibatch": MINIBATCH,
                     "epochs": EPOCHS, "response_length": RESPONSE_LENGTH, "beta": BETA,
                     "steps_per_iteration": STEPS_PER_ITERATION, "warmup": args.warmup, "steps": steps,
                     "pairs": args.pairs}

@@ -17,8 +17,10 @@ def bench():
     sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("benchmarks_main", BENCHMARKS / "__main__.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     yield module
+    del sys.modules[spec.name]
     sys.path.remove(str(BENCHMARKS))
 
 
@@ -58,11 +60,13 @@ def test_iteration_stages_compare_iterations_per_second(bench):
 
 
 def test_ppo_stage_is_skipped_with_the_reason_without_trl_112(bench, tmp_path, capsys):
-    args = SimpleNamespace(sizes=["tiny"], pairs=1, threads=None, quick=False, trl_ppo_path=str(tmp_path))
+    args = SimpleNamespace(sizes=["tiny"], pairs=1, threads=None, quick=False, trl_ppo_path=str(tmp_path),
+                           mixed_precision="bf16")
     assert bench.stage_command("ppo", args, tmp_path / "ppo.json") is None
     assert "--make-trl-ppo-env" in capsys.readouterr().out
     (tmp_path / "trl").mkdir()
-    assert bench.stage_command("ppo", args, tmp_path / "ppo.json")[-2:] == ["--trl-path", str(tmp_path)]
+    assert bench.stage_command("ppo", args, tmp_path / "ppo.json")[-4:] == ["--mixed-precision", "bf16", "--trl-path",
+                                                                         str(tmp_path)]
 
 
 def test_ppo_iteration_flops(bench, tokenizer):

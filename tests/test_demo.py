@@ -49,7 +49,9 @@ def test_the_demo_writes_the_report_and_the_illustration_of_its_own_run(demo_run
     summary = json.loads((demo_run / "summary.json").read_text())
     assert {"pretrain", "sft", "ppo", "dpo", "ppo@15", "dpo@200"} <= set(summary["models"])
     assert summary["models"]["sft"]["kl"] == pytest.approx(0.0, abs=1e-3)  # SFT is the reference
-    assert summary["models"]["ppo"]["kl"] > summary["models"]["ppo@15"]["kl"] > 0  # PPO moves away from SFT
+    # PPO moves away from SFT, at its middle checkpoint and at its end (which of the two is further depends on
+    # the machine's float kernels: 1.27 at iteration 15 and 1.04 at 30 on an AMX Xeon, the other way round on an EPYC)
+    assert summary["models"]["ppo"]["kl"] > 0.1 and summary["models"]["ppo@15"]["kl"] > 0.1
     assert set(summary["win_rates"]["dpo"]) == {"gold", "rm"}
     assert all(1.0 < m["heldout/ppl"] < 1e4 for m in summary["models"].values())  # the alignment tax is measured
     stages = ("data", "tokenizer", "pretrain", "sft", "sample", "rank", "rm", "ppo", "dpo", "eval", "report")
