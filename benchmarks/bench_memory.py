@@ -24,8 +24,8 @@ SETTINGS = ("full", "lora", "checkpointing")
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"}
 BATCH_SIZE = 8
 STEPS = {"sft": 6, "rm": 6, "dpo": 6, "ppo": 2}
-#: model sizes: a preset and the sizes overriding it; ``base`` (113M parameters) is where weights, not
-#: activations, set the peak, so that what LoRA saves (gradients, AdamW state, the frozen reference) shows
+#: model sizes: a preset and the sizes overriding it; ``base`` (113.7M parameters) is large enough for what
+#: LoRA saves (gradients, AdamW state, the frozen reference: about 1.7 GiB for DPO) to show in the peak
 SIZES = {"tiny": ("tiny", {}), "small": ("small", {}),
          "base": ("small", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12})}
 
