@@ -2,7 +2,7 @@
 
     python -m benchmarks                                  # SFT, RM, DPO, PPO, GRPO; tiny and small; 3 pairs each
     python -m benchmarks --stages sft dpo --sizes small --pairs 5 --json bench.json --markdown bench.md
-    python -m benchmarks --make-trl-ppo-env               # once: TRL 1.12 (its last PPO) in .venv-trl112
+    python -m benchmarks --make-trl-ppo-env               # once: trl 1.12 (TRL's last PPO) in .trl112
 
 Each stage is its own benchmark script (``bench_sft.py``, ``bench_rm.py``, ``bench_dpo.py``, ``bench_ppo.py``,
 ``bench_grpo.py``; their docstrings say what "the same work" means there): a parity check first (the same

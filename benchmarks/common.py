@@ -130,8 +130,8 @@ CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATAS
              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
-def spawn_child(script: str, spec: dict, python: str = sys.executable, pythonpath: str | None = None) -> dict:
-    """Run ``python script --child SPEC`` in a fresh process; return the JSON it prints after ``RESULT ``.
+def spawn_child(script: str, spec: dict, pythonpath: str | None = None) -> dict:
+    """Run ``script --child SPEC`` in a fresh process of this Python; return the JSON it prints after ``RESULT ``.
 
     ``pythonpath``: a directory put first on the child's ``sys.path`` (say, another release of a library).
     A failed run prints the end of its output and stops the benchmark.
@@ -141,7 +141,7 @@ def spawn_child(script: str, spec: dict, python: str = sys.executable, pythonpat
     env = {**os.environ, **CHILD_ENV}
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([python, str(Path(script).resolve()), "--child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
