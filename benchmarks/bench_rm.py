@@ -181,7 +181,6 @@ def run_child(spec: dict) -> dict:
     comparisons: list[int] = []
     sequences: list[int] = []
     step_tokens: list[int] = []  # non-padding tokens through the model in each step
-    tokens: list[int] = []       # the same, per collated batch (rlhfkit)
     flops: list[float] = []      # model FLOPs of each step (rlhfkit)
     peak: dict[str, float] = {}
 
@@ -202,7 +201,6 @@ def run_child(spec: dict) -> dict:
         def counting_collator(examples):  # count the work of each micro-batch as it is built
             batch = collate(examples)
             seen.append((int(batch["winner"].numel()), int(batch["input_ids"].shape[0])))
-            tokens.append(int(batch["attention_mask"].sum()))
             return batch
 
         trainer.collator = counting_collator
@@ -212,7 +210,7 @@ def run_child(spec: dict) -> dict:
         def timed_step(batches):
             loss = optimizer_step(batches)
             flops.append(counter.take())
-            step_done(time.perf_counter(), *seen[-1], tokens[-1])
+            step_done(time.perf_counter(), *seen[-1], trainer._tokens_in_step)
             return loss
 
         trainer._optimizer_step = timed_step
