@@ -88,3 +88,22 @@ def test_ppo_iteration_flops(bench, tokenizer):
     assert bench_ppo.rollout_flops_counter(trainer)(rollout) == pytest.approx((2 + 6) * one + one + (1 + 6) * one)
     trainer.value = None  # GRPO: no value network
     assert bench_ppo.rollout_flops_counter(trainer)(rollout) == pytest.approx((2 + 6) * one + one)
+
+
+def test_rlhfkit_bench_runs_python_m_benchmarks_with_its_arguments(tmp_path, monkeypatch):
+    """``rlhfkit bench ARGS`` is ``python -m benchmarks ARGS`` in the checkout; outside one it says what is missing."""
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app, benchmarks_checkout
+
+    assert benchmarks_checkout(tmp_path) == BENCHMARKS.parent  # found from the editable install
+    calls = []
+    monkeypatch.setattr("subprocess.call", lambda command, cwd: calls.append((command, cwd)) or 3)
+    result = CliRunner().invoke(app, ["bench", "--stages", "sft", "--quick", "--help"])
+    assert result.exit_code == 3  # the benchmarks' own exit status
+    assert calls == [([sys.executable, "-m", "benchmarks", "--stages", "sft", "--quick", "--help"], BENCHMARKS.parent)]
+
+    monkeypatch.setattr("rlhfkit.cli.__file__", str(tmp_path / "site-packages" / "rlhfkit" / "cli.py"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench"])
+    assert result.exit_code == 2 and "benchmarks/__main__.py" in result.output and "repository root" in result.output

@@ -439,6 +439,30 @@ def demo(config: ConfigOption = None, set_: SetOption = None) -> None:
     run_demo(load_config(DemoConfig, config, set_ or []), console)
 
 
+def benchmarks_checkout(cwd: Path | None = None) -> Path:
+    """The source checkout whose ``benchmarks/`` package ``rlhfkit bench`` runs: the current directory's, or
+    the one this rlhfkit is installed from (an editable install); the benchmarks are not part of the wheel."""
+    candidates = [cwd or Path.cwd(), Path(__file__).resolve().parents[2]]
+    for root in candidates:
+        if (root / "benchmarks" / "__main__.py").is_file():
+            return root
+    raise FileNotFoundError("rlhfkit bench runs the benchmarks of a source checkout (benchmarks/__main__.py), "
+                            f"found in none of {', '.join(str(c) for c in candidates)}: run it from the "
+                            "repository root")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+@_fail_cleanly
+def bench(ctx: typer.Context) -> None:
+    """Every stage against TRL in one table: ``python -m benchmarks`` with the same arguments (see --help)."""
+    import subprocess
+    import sys
+
+    root = benchmarks_checkout()
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], cwd=root))
+
+
 
 def _register_extensions() -> None:
     """Commands that live beside their subject: public data and GGUF conversion; the feedback app's database."""
