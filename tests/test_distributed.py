@@ -1,12 +1,15 @@
 """Data parallel training on CPU: ``torchrun`` with 2 processes (gloo) trains the same model as 1 process
 with the same global batch, for SFT, the reward model and DPO (real subprocesses of ``python -m rlhfkit``);
-PPO's distributed statistics, its update on a fixed rollout (equal to one process's), and a whole PPO run
-under 2 processes that resumes exactly."""
+so do ``accelerate launch`` with the shipped ``configs/accelerate/`` files for DDP and FSDP2 (whose
+checkpoints resume exactly); the engines that are not supported are refused. PPO's distributed
+statistics, its update on a fixed rollout (equal to one process's), and a whole PPO run under 2 processes
+that resumes exactly."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +23,7 @@ from test_reward import task_rankings
 from rlhfkit.data.readers import write_jsonl
 
 WORKERS = Path(__file__).parent / "distributed_workers.py"
+ACCELERATE_CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch without the gloo backend")
@@ -46,10 +50,24 @@ def configs(tmp_path_factory, task, tokenizer_dir):
     return paths
 
 
-def run(stage: str, config, out, processes: int) -> str:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
-        if processes > 1 else [sys.executable]
-    command = [*launcher, "-m", "rlhfkit", stage, "--config", str(config), "--set", f"train.output_dir={out}"]
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run(stage: str, config, out, processes: int, *overrides: str, accelerate_config: str | None = None) -> str:
+    """``python -m rlhfkit STAGE`` in one process, under ``torchrun`` with ``processes``, or under ``accelerate
+    launch --config_file configs/accelerate/<accelerate_config>`` (its number of processes)."""
+    if accelerate_config:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ACCELERATE_CONFIGS / accelerate_config), "--main_process_port", str(free_port())]
+    elif processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    else:
+        launcher = [sys.executable]
+    command = [*launcher, "-m", "rlhfkit", stage, "--config", str(config), "--set", f"train.output_dir={out}",
+               *(part for override in overrides for part in ("--set", override))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -60,45 +78,121 @@ def losses(run_dir) -> list[float]:
     return [row["loss"] for row in rows if "loss" in row]
 
 
+def assert_same_training(one, two, steps: int = 6) -> None:
+    """Run ``two`` logged the losses of run ``one`` and wrote its weights (``final/`` and the last checkpoint)."""
+    assert len(losses(one)) == len(losses(two)) == steps
+    assert losses(one) == pytest.approx(losses(two), rel=1e-5, abs=1e-6)
+    for directory in ("final", f"checkpoint-{steps}"):
+        weights_one = load_file(one / directory / "model.safetensors")
+        weights_two = load_file(two / directory / "model.safetensors")
+        assert weights_one.keys() == weights_two.keys()
+        for name, tensor in weights_one.items():
+            torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{directory}: {name}")
+
+
+@pytest.fixture(scope="module")
+def one_process(configs, tmp_path_factory):
+    """The run directory of each stage trained in one process (run once per stage, on demand)."""
+    done = {}
+
+    def trained(stage: str) -> Path:
+        if stage not in done:
+            done[stage] = tmp_path_factory.mktemp(f"one-{stage}")
+            run(stage, configs[stage], done[stage], 1)
+        return done[stage]
+    return trained
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
-def test_two_processes_train_what_one_process_trains(stage, configs, tmp_path):
-    run(stage, configs[stage], tmp_path / "one", 1)
+def test_two_processes_train_what_one_process_trains(stage, configs, one_process, tmp_path):
     output = run(stage, configs[stage], tmp_path / "two", 2)
     assert "data parallel over 2 processes (MULTI_CPU, global batch 8)" in output
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 6
-    assert one == pytest.approx(two, rel=1e-5, abs=1e-6)
-    weights_one = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    weights_two = load_file(tmp_path / "two" / "final" / "model.safetensors")
-    assert weights_one.keys() == weights_two.keys()
-    for name, tensor in weights_one.items():
-        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    moved = load_file(tmp_path / "one" / "checkpoint-6" / "model.safetensors")
-    assert all(torch.equal(moved[name], tensor) for name, tensor in weights_one.items())
+    assert_same_training(one_process(stage), tmp_path / "two")
+    final = load_file(one_process(stage) / "final" / "model.safetensors")
+    moved = load_file(one_process(stage) / "checkpoint-6" / "model.safetensors")
+    assert all(torch.equal(moved[name], tensor) for name, tensor in final.items())
 
 
-def test_sharding_engines_are_refused_until_checkpoints_gather_them(monkeypatch, tmp_path, tokenizer_dir, task):
+@pytest.mark.slow
+@pytest.mark.parametrize(("accelerate_config", "stage", "engine"), [
+    ("ddp-cpu.yaml", "sft", "MULTI_CPU"), ("fsdp-cpu.yaml", "sft", "FSDP"), ("fsdp-cpu.yaml", "rm", "FSDP"),
+    ("fsdp-cpu.yaml", "dpo", "FSDP")])
+def test_accelerate_configs_train_what_one_process_trains(accelerate_config, stage, engine, configs, one_process,
+                                                          tmp_path):
+    """``accelerate launch`` with the shipped CPU configs: under FSDP2 each process holds a shard of the weights,
+    and the gathered checkpoints and ``final/`` are those of one process (tied weights written once)."""
+    from transformers import AutoConfig
+
+    output = run(stage, configs[stage], tmp_path / "two", 2, accelerate_config=accelerate_config)
+    assert f"data parallel over 2 processes ({engine}, global batch 8)" in output
+    assert_same_training(one_process(stage), tmp_path / "two")
+    assert AutoConfig.from_pretrained(tmp_path / "two" / "final").architectures == \
+        AutoConfig.from_pretrained(one_process(stage) / "final").architectures  # not FSDP<class>
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_resume_exactly(configs, tmp_path):
+    from rlhfkit.config import SFTConfig, load_config
+    from rlhfkit.trainers.base import TrainingError
+    from rlhfkit.trainers.sft import build_sft_trainer
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run("sft", configs["sft"], straight, 2, "train.save_every=2", accelerate_config="fsdp-cpu.yaml")
+    state = torch.load(straight / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    assert "lm_head.weight" not in state["optimizer"]["state"]  # the full optimizer state, by parameter name
+    embeddings = load_file(straight / "checkpoint-4" / "model.safetensors")["model.embed_tokens.weight"]
+    assert state["optimizer"]["state"]["model.embed_tokens.weight"]["exp_avg"].shape == embeddings.shape  # unsharded
+    shutil.copytree(straight, resumed)
+    for leftover in ("checkpoint-6", "final"):  # as if the run had died after its checkpoint at step 4
+        shutil.rmtree(resumed / leftover)
+    output = run("sft", configs["sft"], resumed, 2, "train.save_every=2", accelerate_config="fsdp-cpu.yaml")
+    assert "resumed from" in output and "checkpoint-4 at step 4" in output
+    assert_same_training(straight, resumed)
+    assert [row["step"] for row in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())] == \
+        [1, 2, 3, 4, 5, 6]
+    # the optimizer state is keyed by parameter name: one process without FSDP refuses it (clearly)
+    config = load_config(SFTConfig, configs["sft"], [f"train.output_dir={resumed}", "train.max_steps=8"])
+    with pytest.raises(TrainingError, match=r"checkpoint-6 was written under FSDP; resume it under FSDP too"):
+        build_sft_trainer(config).train()
+
+
+def test_untested_engines_are_refused(monkeypatch, tmp_path, tokenizer_dir, task, ppo_setup):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
+    from test_ppo import ppo_config
 
     from rlhfkit.config import SFTConfig, load_config
     from rlhfkit.trainers import base
+    from rlhfkit.trainers.ppo import PPOTrainer
     from rlhfkit.trainers.sft import build_sft_trainer
 
+    # what accelerate launch sets for configs/accelerate/deepspeed-zero*.yaml, or an FSDP config of version 1
+    for env, message in [({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported: rlhfkit has not been"),
+                         ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "Megatron-LM is not supported"),
+                         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported")]:
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            with pytest.raises(base.TrainingError, match=message):
+                base.make_accelerator("no")
+
     write_jsonl(tmp_path / "demos.jsonl", task.demonstrations(task.prompts(8, seed=3), seed=3))
-    config = load_config(SFTConfig, base={
-        "model": {"preset": "tiny", "tokenizer": str(tokenizer_dir)}, "data": {"train": str(tmp_path / "demos.jsonl")},
-        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 3, "progress": False}})
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2)
+    sft = {"model": {"preset": "tiny", "tokenizer": str(tokenizer_dir)},
+           "data": {"train": str(tmp_path / "demos.jsonl")},
+           "train": {"output_dir": str(tmp_path / "run"), "batch_size": 3, "progress": False}}
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2, process_index=0)
     monkeypatch.setattr(base, "make_accelerator", lambda mixed_precision: fsdp)
-    with pytest.raises(base.TrainingError, match="FSDP is not supported yet"):
-        build_sft_trainer(config)
+    lora = load_config(SFTConfig, base={**sft, "model": {**sft["model"], "lora": {"r": 4}}})
+    with pytest.raises(base.TrainingError, match="LoRA under FSDP is not supported yet"):
+        build_sft_trainer(lora)
+    with pytest.raises(base.TrainingError, match="ppo: FSDP is not supported yet: sampling with generate needs"):
+        PPOTrainer(ppo_config(ppo_setup, "refused"))
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
     monkeypatch.setattr(base, "make_accelerator", lambda mixed_precision: ddp)
     with pytest.raises(base.TrainingError, match=r"batch_size \(3\) is the global batch and must be a multiple"):
-        build_sft_trainer(config)
+        build_sft_trainer(load_config(SFTConfig, base=sft))
 
 
 def torchrun_worker(kind: str, out, *args, processes: int = 2) -> None:

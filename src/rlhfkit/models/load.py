@@ -135,15 +135,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def save_model(model, tokenizer: PreTrainedTokenizerBase, directory: str, *, merge_lora: bool = True) -> None:
+def save_model(model, tokenizer: PreTrainedTokenizerBase, directory: str, *, merge_lora: bool = True,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save in plain HF format with the tokenizer.
 
     With LoRA, ``merge_lora`` writes the merged model (plain transformers loads it: the ``final/``
-    directory); without it only the adapters are written (checkpoints, for resume).
+    directory); without it only the adapters are written (checkpoints, for resume). ``state_dict``, when
+    given, is written instead of the model's own (the full weights gathered from FSDP shards).
     """
     if merge_lora and hasattr(model, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)

@@ -15,8 +15,15 @@ weighted by its share of the micro-batch's units (tokens, pairs), so that the gr
 the gradient of the whole micro-batch's loss: N processes train the same model as one process, step for
 step (tested to a tight tolerance). A final micro-batch of an epoch with fewer examples than processes
 is left out. Logged losses and token counts cover all processes, a stage's own per-batch metrics (a
-reward model's accuracy) process 0's share; only process 0 writes files. Engines that shard the weights
-(FSDP, DeepSpeed ZeRO) are refused until checkpoints gather them.
+reward model's accuracy) process 0's share; only process 0 writes files.
+
+Engines (chosen by ``accelerate launch --config_file configs/accelerate/...``, see :func:`make_accelerator`):
+DDP, and FSDP2 (torch ``fully_shard``, each process holding a shard of the weights, gradients and
+optimizer state). Under FSDP every process joins the gathering of the full model and optimizer state for
+a checkpoint and for ``final/``, process 0 writes them in the layout of a run without FSDP (but the
+optimizer state keyed by parameter name, so such a checkpoint resumes under FSDP only), and resume shards
+them again; 2 FSDP processes train the same model as 1 process (tested on CPU with gloo). LoRA under
+FSDP, FSDP version 1, DeepSpeed and Megatron-LM are refused: untested.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env, set_seed
 from pydantic import BaseModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import PreTrainedTokenizerBase
@@ -44,7 +51,8 @@ from rlhfkit.config import TrainConfig, save_config
 from rlhfkit.models.load import save_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
-SHARDED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate engines that shard the weights across processes
+# engines ``accelerate launch`` can ask for (through these environment flags) that rlhfkit refuses: untested
+UNTESTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 STATE_FILE = "trainer_state.pt"
 NONFINITE_FILE = "nonfinite_batch.json"  # written when a non-finite loss or gradient stops a run
 
@@ -125,8 +133,14 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def load_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Load weights written by :func:`save_model` with ``merge_lora=False`` back into ``model``."""
+def load_weights(model: torch.nn.Module, directory: Path,
+                 load_state_dict: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> None:
+    """Load weights written by :func:`save_model` with ``merge_lora=False`` back into ``model``.
+
+    ``load_state_dict(weights)`` puts the full state dict into the model and returns its missing and
+    unexpected keys: by default ``model.load_state_dict(weights, strict=False)``; under FSDP the loader
+    that shards them (:meth:`Trainer._resume`).
+    """
     from safetensors.torch import load_file
 
     if (directory / "adapter_model.safetensors").exists():
@@ -134,12 +148,12 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
 
         set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
         return
-    if (directory / "model.safetensors.index.json").exists():
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        load_sharded_checkpoint(model, str(directory), strict=False)
-        return
-    missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
+    index = directory / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+             if index.exists() else ["model.safetensors"])
+    weights = {name: tensor for file in files for name, tensor in load_file(directory / file).items()}
+    load_state_dict = load_state_dict or partial(model.load_state_dict, strict=False)
+    missing, unexpected = load_state_dict(weights)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
         raise TrainingError(f"{directory}: checkpoint does not match the model "
@@ -204,16 +218,48 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
-    """The accelerate ``Accelerator`` of a run.
+    """The accelerate ``Accelerator`` of a run, with the engine ``accelerate launch`` asked for.
 
     On a machine without a GPU it is told so (``cpu=True``), which is what makes ``torchrun`` processes
     there join one gloo process group (data parallel on CPU). ``train.batch_size`` is the global batch, so
     the learning-rate schedule takes one step per optimizer step whatever the number of processes
     (accelerate's default would step it once per process).
+
+    The engine comes from the environment ``accelerate launch --config_file`` sets (the files in
+    ``configs/accelerate/``): DDP, or FSDP version 2 (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION=2``), also on
+    CPU (:func:`_fsdp_on_cpu`). FSDP version 1, DeepSpeed and Megatron-LM stop the run here, untested.
     """
+    for flag, engine in UNTESTED_ENGINES.items():
+        if parse_flag_from_env(flag):
+            raise TrainingError(f"{engine} is not supported: rlhfkit has not been tested with it (its configs in "
+                                "configs/accelerate/ are untested). Use DDP or FSDP (fsdp_version: 2).")
+    fsdp = FullyShardedDataParallelPlugin() if parse_flag_from_env("ACCELERATE_USE_FSDP") else None
+    if fsdp is not None and fsdp.fsdp_version != 2:
+        raise TrainingError(f"FSDP version {fsdp.fsdp_version} is not supported (untested); set fsdp_version: 2 "
+                            "in the accelerate config (configs/accelerate/fsdp-*.yaml)")
     has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return Accelerator(cpu=not has_gpu, mixed_precision=resolve_mixed_precision(mixed_precision),
-                       step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=not has_gpu, mixed_precision=resolve_mixed_precision(mixed_precision),
+                              fsdp_plugin=fsdp, step_scheduler_with_optimizer=False)
+    if fsdp is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _fsdp_on_cpu(accelerator, fsdp)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """Switch a CPU run that asked for FSDP from DDP to accelerate's own FSDP2 code path.
+
+    accelerate (1.15) takes the FSDP plugin only for GPU-type devices (the ``MULTI_GPU, MULTI_XPU, ...``
+    branch of ``AcceleratorState.__init__``); with ``cpu=True`` it keeps ``MULTI_CPU`` and wraps the model
+    in DDP without a word. torch's ``fully_shard`` itself works on CPU with gloo, so this does what that
+    branch does on a GPU (the engine, the plugin, its mixed precision), and ``prepare``, ``no_sync``,
+    ``clip_grad_norm_`` and ``get_state_dict`` then run accelerate's FSDP2 code unchanged.
+    """
+    state = accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -257,10 +303,10 @@ class Trainer:
         set_seed(train.seed)  # dropout and any sampling draw from the global RNG (restored on resume)
         self.accelerator = make_accelerator(train.mixed_precision)
         self.world = self.accelerator.num_processes
-        if self.accelerator.distributed_type.value in SHARDED_ENGINES:
-            raise TrainingError(f"{stage}: {self.accelerator.distributed_type.value} is not supported yet: rlhfkit "
-                                "saves checkpoints from process 0 without gathering sharded weights. Use data "
-                                "parallel (torchrun, or accelerate launch --multi_gpu) for now.")
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded and hasattr(model, "merge_and_unload"):
+            raise TrainingError(f"{stage}: LoRA under FSDP is not supported yet (untested: the adapters' checkpoints "
+                                "and the merged final/ model are not gathered from the shards). Use DDP with LoRA.")
         if train.batch_size % self.world:
             raise TrainingError(f"{stage}: train.batch_size ({train.batch_size}) is the global batch and must be a "
                                 f"multiple of the number of processes ({self.world})")
@@ -296,16 +342,44 @@ class Trainer:
             index += 1
 
     # ---- checkpoints --------------------------------------------------------------------------
+    def _model_state(self) -> dict[str, torch.Tensor] | None:
+        """The full state dict to save the model from: under FSDP gathered from every process's shard (a
+        collective, so every process calls it; complete on process 0 only); otherwise None (the model's own)."""
+        if not self.sharded:
+            return None
+        weights = self.accelerator.get_state_dict(self.model)
+        # the gathered dict holds one copy per name of a tied parameter (embeddings and lm_head): share them
+        # again, so that save_pretrained, which finds tied weights by storage, writes one as without FSDP
+        first: dict[int, str] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            original = first.setdefault(id(param), name)
+            if original != name and name in weights:
+                weights[name] = weights[original]
+        return weights
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state dict: under FSDP the full one, keyed by parameter name, gathered like
+        :meth:`_model_state` (a collective, complete on process 0 only)."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` atomically (temp dir, then rename); keep the newest N."""
-        def write(directory: Path) -> None:
-            save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(directory), merge_lora=False)
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "rng": rng_state()}, directory / STATE_FILE)
-
         final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         if final in checkpoints(self.run_dir):  # this very state is saved (the last periodic save, or a resume)
             return final
+        weights, optimizer = self._model_state(), self._optimizer_state()  # on every process
+
+        def write(directory: Path) -> None:
+            save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(directory), merge_lora=False,
+                       state_dict=weights)
+            torch.save({"step": self.step, "optimizer": optimizer,
+                        "scheduler": self.scheduler.state_dict(), "rng": rng_state()}, directory / STATE_FILE)
+
         if self.accelerator.is_main_process:
             write_checkpoint(final, write, keep=self.cfg.save_total_limit)
         self.accelerator.wait_for_everyone()
@@ -317,8 +391,24 @@ class Trainer:
             return
         latest = found[-1]
         state = torch.load(latest / STATE_FILE, weights_only=False)
-        load_weights(self.accelerator.unwrap_model(self.model), latest)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # the optimizer state is keyed by parameter name under FSDP (:meth:`_optimizer_state`), else by index
+        by_name = any(isinstance(key, str) for key in state["optimizer"]["state"])
+        if state["optimizer"]["state"] and by_name != self.sharded:
+            raise TrainingError(f"{self.stage}: {latest} was written {'under' if by_name else 'without'} FSDP; "
+                                f"resume it {'under' if by_name else 'without'} FSDP too")
+        if self.sharded:  # every process reads the full state and keeps its shard of it
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True, strict=False)
+            load_weights(self.model, latest, partial(set_model_state_dict, self.model, options=full))
+            set_optimizer_state_dict(self.model, self.optimizer.optimizer, state["optimizer"], options=full)
+        else:
+            load_weights(self.accelerator.unwrap_model(self.model), latest)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
@@ -396,8 +486,10 @@ class Trainer:
             self._log(final_eval)
             last.update(final_eval)
         self.save_checkpoint()
+        weights = self._model_state()  # on every process
         if self.accelerator.is_main_process:
-            save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(self.run_dir / "final"))
+            save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(self.run_dir / "final"),
+                       state_dict=weights)
         self.accelerator.wait_for_everyone()
         return last
 

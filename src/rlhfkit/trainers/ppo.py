@@ -41,7 +41,9 @@ Data parallelism (``torchrun`` / ``accelerate launch`` with N processes). ``ppo.
   with the same number of processes.
 
 With a fixed rollout, an update on N processes gives the weights of one process (tested with 2 gloo
-processes); sampled runs differ from one-process runs only by their random streams.
+processes); sampled runs differ from one-process runs only by their random streams. FSDP is refused:
+``generate`` would need the policy's full parameters (unsharded for every rollout), and the checkpoints
+here are not gathered from shards.
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ class PPOTrainer:
     """The PPO loop; see the module docstring. ``train()`` runs (or resumes) to ``train.max_steps``."""
 
     def __init__(self, config: PPOConfig, console: Console | None = None):
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedType, set_seed
 
         from rlhfkit.trainers.base import make_accelerator
 
@@ -206,6 +208,10 @@ class PPOTrainer:
         self.run_dir = Path(config.train.output_dir)
         set_seed(config.train.seed)  # sampling draws from the global RNG (restored on resume)
         self.accelerator = make_accelerator(config.train.mixed_precision)
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise TrainingError("ppo: FSDP is not supported yet: sampling with generate needs the policy's full "
+                                "parameters, and PPO's checkpoints are not gathered from shards. Use DDP (torchrun, "
+                                "or configs/accelerate/ddp-*.yaml).")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self._check_global_counts()
         # sums over every process of the rollout and update statistics (module docstring); None with one

@@ -278,13 +278,14 @@ class RewardTrainer:
             if accelerator.is_main_process:
                 self._store(run_dir / "final", lambda saved: set_normalization(saved, mean, std))
             metrics.update({"reward_mean": mean, **({"reward_std": std} if std is not None else {})})
-        if self.trainer.eval_examples and accelerator.is_main_process:
+        if self.trainer.eval_examples:  # on every process: under FSDP each forward pass is a collective
             self.model.eval()
             found = ranking_margins(self.model, self.trainer.eval_examples, self.collator, decoder=self.decoder,
                                     batch_size=self.eval_batch_size, reward=reward)
-            report = {**ranking_metrics(found["margins"], found["k"], found["loss"]),
-                      "calibration": calibration_table(found["margins"], reward.calibration_bins)}
-            (run_dir / "calibration.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+            if accelerator.is_main_process:
+                report = {**ranking_metrics(found["margins"], found["k"], found["loss"]),
+                          "calibration": calibration_table(found["margins"], reward.calibration_bins)}
+                (run_dir / "calibration.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         accelerator.wait_for_everyone()
         return metrics
 
