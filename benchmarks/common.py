@@ -130,15 +130,16 @@ CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATAS
              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
-def spawn_child(script: str, spec: dict, pythonpath: str | None = None) -> dict:
+def spawn_child(script: str, spec: dict, pythonpath: str | None = None, env: dict[str, str] | None = None) -> dict:
     """Run ``script --child SPEC`` in a fresh process of this Python; return the JSON it prints after ``RESULT ``.
 
-    ``pythonpath``: a directory put first on the child's ``sys.path`` (say, another release of a library).
-    A failed run prints the end of its output and stops the benchmark.
+    ``pythonpath``: a directory put first on the child's ``sys.path`` (say, another release of a library);
+    ``env``: more environment variables for the child. A failed run prints the end of its output and stops
+    the benchmark.
     """
     import os
 
-    env = {**os.environ, **CHILD_ENV}
+    env = {**os.environ, **CHILD_ENV, **(env or {})}
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)],

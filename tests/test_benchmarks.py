@@ -90,6 +90,28 @@ def test_ppo_iteration_flops(bench, tokenizer):
     assert bench_ppo.rollout_flops_counter(trainer)(rollout) == pytest.approx((2 + 6) * one + one)
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_memory_phases_each_get_their_own_peak(bench):
+    """bench_memory's PhasePeaks: a phase that briefly holds 200 MiB peaks ~200 MiB above one that holds 20."""
+    import bench_memory
+
+    def hold(mib: int) -> None:
+        block = torch.ones(mib * 2**18)  # float32: mib MiB, touched
+        del block
+
+    owner = SimpleNamespace(big=lambda: hold(200), small=lambda: hold(20))
+    phases = bench_memory.PhasePeaks()
+    phases.wrap(owner, "big")
+    phases.wrap(owner, "small", "a small phase")
+    phases.start()
+    owner.big()
+    owner.small()
+    phases.end("other")
+    assert set(phases.peaks) == {"big", "a small phase", "other"}
+    assert phases.peaks["big"] - phases.peaks["a small phase"] > 150  # the big block is not counted twice
+    assert phases.peaks["big"] - phases.peaks["other"] > 150
+
+
 def test_rlhfkit_bench_runs_python_m_benchmarks_with_its_arguments(tmp_path, monkeypatch):
     """``rlhfkit bench ARGS`` is ``python -m benchmarks ARGS`` in the checkout; outside one it says what is missing."""
     from typer.testing import CliRunner
