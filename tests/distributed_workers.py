@@ -55,12 +55,14 @@ def rollout_share(rollout, rank: int, world: int):
 
 
 def trained_weights(trainer) -> dict[str, torch.Tensor]:
-    """The policy's and the value network's parameters after an update (names prefixed by the network)."""
-    networks = {"policy": trainer._unwrapped_policy()}
-    if trainer.value is not None:
-        networks["value"] = trainer.accelerator.unwrap_model(trainer.value)
-    return {f"{prefix}.{name}": param.detach().clone() for prefix, network in networks.items()
-            for name, param in network.named_parameters()}
+    """The policy's and the value network's weights after an update, named as in ``PolicyAndValue``
+    (``policy.``, ``value.``); under FSDP gathered from the shards (on every process, complete on process 0)."""
+    from rlhfkit.trainers.base import gather_model_state
+
+    weights = gather_model_state(trainer.accelerator, trainer.networks)
+    if weights is None:
+        weights = trainer.accelerator.unwrap_model(trainer.networks).state_dict()
+    return {name: tensor.detach().clone() for name, tensor in weights.items()}
 
 
 def update(out: Path, setup: str, rollout_path: str, *overrides: str) -> None:
@@ -71,8 +73,9 @@ def update(out: Path, setup: str, rollout_path: str, *overrides: str) -> None:
     trainer = PPOTrainer(ppo_config(Path(setup), "update-2", *overrides))
     rollout = torch.load(rollout_path, weights_only=False)
     stats = trainer.update(rollout_share(rollout, trainer.rank, trainer.world))
+    weights = trained_weights(trainer)  # a collective under FSDP
     if trainer.accelerator.is_main_process:
-        torch.save({"weights": trained_weights(trainer), "stats": stats}, out / "update.pt")
+        torch.save({"weights": weights, "stats": stats}, out / "update.pt")
     trainer.accelerator.wait_for_everyone()
 
 

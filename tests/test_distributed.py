@@ -56,17 +56,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run(stage: str, config, out, processes: int, *overrides: str, accelerate_config: str | None = None) -> str:
-    """``python -m rlhfkit STAGE`` in one process, under ``torchrun`` with ``processes``, or under ``accelerate
-    launch --config_file configs/accelerate/<accelerate_config>`` (its number of processes)."""
+def launcher(processes: int, accelerate_config: str | None = None) -> list[str]:
+    """The command that starts a Python program in one process, under ``torchrun`` with ``processes``, or under
+    ``accelerate launch --config_file configs/accelerate/<accelerate_config>`` (its number of processes)."""
     if accelerate_config:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(ACCELERATE_CONFIGS / accelerate_config), "--main_process_port", str(free_port())]
-    elif processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    else:
-        launcher = [sys.executable]
-    command = [*launcher, "-m", "rlhfkit", stage, "--config", str(config), "--set", f"train.output_dir={out}",
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ACCELERATE_CONFIGS / accelerate_config), "--main_process_port", str(free_port())]
+    if processes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return [sys.executable]
+
+
+def run(stage: str, config, out, processes: int, *overrides: str, accelerate_config: str | None = None) -> str:
+    """``python -m rlhfkit STAGE`` started by :func:`launcher`."""
+    command = [*launcher(processes, accelerate_config), "-m", "rlhfkit", stage, "--config", str(config), "--set", f"train.output_dir={out}",
                *(part for override in overrides for part in ("--set", override))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -195,10 +198,10 @@ def test_untested_engines_are_refused(monkeypatch, tmp_path, tokenizer_dir, task
         build_sft_trainer(load_config(SFTConfig, base=sft))
 
 
-def torchrun_worker(kind: str, out, *args, processes: int = 2) -> None:
-    """Run ``tests/distributed_workers.py KIND OUT ARGS`` in ``processes`` torchrun processes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(WORKERS), kind, str(out), *map(str, args)]
+def torchrun_worker(kind: str, out, *args, processes: int = 2, accelerate_config: str | None = None) -> None:
+    """Run ``tests/distributed_workers.py KIND OUT ARGS`` in ``processes`` torchrun processes (or those of
+    ``accelerate_config``, see :func:`launcher`)."""
+    command = [*launcher(processes, accelerate_config), str(WORKERS), kind, str(out), *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -249,12 +252,17 @@ def test_ppo_global_counts_must_split_over_the_processes(monkeypatch, ppo_setup)
 UPDATE_OPTIONS = {  # each minibatch is the whole rollout: the same minibatches with 1 and 2 processes
     "gae-reward-value": ["ppo.ppo_epochs=3", "ppo.target_kl=1e-6"],  # stops after the second epoch's step
     "value-head-ptx": ["ppo.value_model=head", "ppo.ptx_coef=0.5"],
+    "rloo": ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8"],
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", UPDATE_OPTIONS)
-def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, name):
+@pytest.mark.parametrize(("name", "accelerate_config"), [
+    ("gae-reward-value", None), ("value-head-ptx", None),
+    ("gae-reward-value", "fsdp-cpu.yaml"), ("value-head-ptx", "fsdp-cpu.yaml"), ("rloo", "fsdp-cpu.yaml")])
+def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, name, accelerate_config):
+    """A fixed rollout's update on 2 processes (DDP, or FSDP2 with each process holding a shard of the policy
+    and value network, gathered for the comparison) gives the weights and statistics of one process."""
     from distributed_workers import trained_weights
     from test_ppo import ppo_config
 
@@ -267,7 +275,8 @@ def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, nam
     rollout.response_mask[1, 7:] = 0
     torch.save(rollout, tmp_path / "rollout.pt")
     stats_one = one.update(rollout)
-    torchrun_worker("update", tmp_path, ppo_setup, tmp_path / "rollout.pt", *options)
+    torchrun_worker("update", tmp_path, ppo_setup, tmp_path / "rollout.pt", *options,
+                    accelerate_config=accelerate_config)
     two = torch.load(tmp_path / "update.pt", weights_only=False)
     weights_one = trained_weights(one)
     assert weights_one.keys() == two["weights"].keys()
