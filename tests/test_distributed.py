@@ -69,7 +69,8 @@ def launcher(processes: int, accelerate_config: str | None = None) -> list[str]:
 
 def run(stage: str, config, out, processes: int, *overrides: str, accelerate_config: str | None = None) -> str:
     """``python -m rlhfkit STAGE`` started by :func:`launcher`."""
-    command = [*launcher(processes, accelerate_config), "-m", "rlhfkit", stage, "--config", str(config), "--set", f"train.output_dir={out}",
+    command = [*launcher(processes, accelerate_config), "-m", "rlhfkit", stage, "--config", str(config),
+               "--set", f"train.output_dir={out}",
                *(part for override in overrides for part in ("--set", override))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -190,8 +191,10 @@ def test_untested_engines_are_refused(monkeypatch, tmp_path, tokenizer_dir, task
     lora = load_config(SFTConfig, base={**sft, "model": {**sft["model"], "lora": {"r": 4}}})
     with pytest.raises(base.TrainingError, match="LoRA under FSDP is not supported yet"):
         build_sft_trainer(lora)
-    with pytest.raises(base.TrainingError, match="ppo: FSDP is not supported yet: sampling with generate needs"):
-        PPOTrainer(ppo_config(ppo_setup, "refused"))
+    with pytest.raises(base.TrainingError, match="ppo: LoRA under FSDP is not supported yet"):
+        PPOTrainer(ppo_config(ppo_setup, "refused", "model.lora.r=4"))
+    with pytest.raises(base.TrainingError, match="ppo: ppo.ema_decay under FSDP is not supported yet"):
+        PPOTrainer(ppo_config(ppo_setup, "refused", "ppo.ema_decay=0.9"))
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
     monkeypatch.setattr(base, "make_accelerator", lambda mixed_precision: ddp)
     with pytest.raises(base.TrainingError, match=r"batch_size \(3\) is the global batch and must be a multiple"):
@@ -306,9 +309,14 @@ def test_grpo_with_lora_and_gradient_accumulation_on_two_processes(ppo_setup, tm
 
 
 @pytest.mark.slow
-def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_setup, tmp_path):
+@pytest.mark.parametrize(("accelerate_config", "engine"), [(None, "MULTI_CPU"), ("fsdp-cpu.yaml", "FSDP")])
+def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_setup, tmp_path, accelerate_config,
+                                                                          engine):
+    """A whole PPO run (GAE with a value network initialised from the reward model) under torchrun (DDP) or
+    FSDP2: its final/ and checkpoints are plain HF models (gathered from the shards under FSDP), and a run
+    resumed from a checkpoint ends on the weights of the uninterrupted run."""
     from test_ppo import ppo_config
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from rlhfkit.trainers.base import TrainingError, read_metrics
     from rlhfkit.trainers.ppo import PPOTrainer
@@ -318,23 +326,32 @@ def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_se
     path = tmp_path / "ppo.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     run_dir = tmp_path / "run"
-    output = run("ppo", path, run_dir, 2)
-    assert "[ppo] data parallel over 2 processes (MULTI_CPU, 4 prompts per rollout, minibatch 4, global)" in output
+    output = run("ppo", path, run_dir, 2, accelerate_config=accelerate_config)
+    assert f"[ppo] data parallel over 2 processes ({engine}, 4 prompts per rollout, minibatch 4, global)" in output
     rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert {row["rollout/sequences"] for row in rows} == {4 * 2}  # both processes' shares
     assert len({row["kl_coef"] for row in rows}) == 3  # the adaptive coefficient moves (from the pooled KL)
-    AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert policy.config.architectures == ["LlamaForCausalLM"]  # not FSDPLlamaForCausalLM
+    value = AutoModelForSequenceClassification.from_pretrained(run_dir / "checkpoint-3" / "value_model")
+    assert value.config.architectures == ["LlamaForSequenceClassification"]
     state = torch.load(run_dir / "checkpoint-3" / "trainer_state.pt", weights_only=False)
     first, second = state["rng_per_process"]
     assert not torch.equal(first["torch"], second["torch"])  # each process draws its own samples
+    if engine == "FSDP":  # the full optimizer state, by parameter name (policy.*, value.*)
+        embeddings = "policy.model.embed_tokens.weight"
+        assert state["optimizer"]["state"][embeddings]["exp_avg"].shape == policy.model.embed_tokens.weight.shape
     straight = load_file(run_dir / "final" / "model.safetensors")
+    checkpoint = load_file(run_dir / "checkpoint-3" / "model.safetensors")
+    assert straight.keys() == checkpoint.keys() and all(torch.equal(checkpoint[n], t) for n, t in straight.items())
     straight_rows = rows
 
     # resume at iteration 2 (as if the run had died during iteration 3): the same iteration 3 again
     for leftover in ("checkpoint-3", "final"):
         shutil.rmtree(run_dir / leftover)
-    run("ppo", path, run_dir, 2)
+    output = run("ppo", path, run_dir, 2, accelerate_config=accelerate_config)
+    assert "resumed from" in output  # (rich wraps the long path of the checkpoint)
     resumed = load_file(run_dir / "final" / "model.safetensors")
     for weight, tensor in straight.items():
         torch.testing.assert_close(resumed[weight], tensor, rtol=1e-5, atol=1e-6, msg=weight)

@@ -58,7 +58,8 @@ def test_every_option_trains_and_logs(ppo_setup, name):
         assert metric in metrics and metrics[metric] == metrics[metric], metric  # present and not NaN
     if "ppo.advantage=rloo" not in options and "ppo.advantage=grpo" not in options:
         assert "loss/value_avg" in metrics and "val/clipfrac_avg" in metrics
-    changed = any(not torch.equal(before[k], p) for k, p in trainer._unwrapped_policy().named_parameters() if k in before)
+    after = trainer._unwrapped_policy().named_parameters()
+    changed = any(not torch.equal(before[k], p) for k, p in after if k in before)
     assert changed
     run = ppo_setup / name
     assert (run / "final" / "config.json").exists()
