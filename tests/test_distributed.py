@@ -252,6 +252,22 @@ def test_ppo_global_counts_must_split_over_the_processes(monkeypatch, ppo_setup)
     assert PPOTrainer._prompt_share(SimpleNamespace(world=2, rank=1), list("abcdefgh")) == list("efgh")
 
 
+@pytest.mark.slow
+def test_fsdp_rollout_samples_with_the_gathered_policy_and_value_network(ppo_setup, tmp_path):
+    """Under FSDP2 ``generate`` and the value network run on the gathered weights: at the start the policy is
+    its reference (an unsharded copy), so the log-probs of the sampled tokens are the reference's, and the
+    values are those of the unsharded network the value network was initialised from. Process 0 samples 3
+    new tokens, process 1 up to 12: without ``synced_gpus`` the processes' forwards would not pair up."""
+    torchrun_worker("rollout", tmp_path, ppo_setup, accelerate_config="fsdp-cpu.yaml")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["rollout"].responses.size(1) == 3 < ranks[1]["rollout"].responses.size(1)
+    for rank in ranks:
+        rollout = rank["rollout"]
+        assert rollout.responses.size(0) == 2  # this process's share of the 4 prompts
+        torch.testing.assert_close(rollout.logprobs, rollout.ref_logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(rollout.values, rank["values"], atol=1e-5, rtol=1e-5)
+
+
 UPDATE_OPTIONS = {  # each minibatch is the whole rollout: the same minibatches with 1 and 2 processes
     "gae-reward-value": ["ppo.ppo_epochs=3", "ppo.target_kl=1e-6"],  # stops after the second epoch's step
     "value-head-ptx": ["ppo.value_model=head", "ppo.ptx_coef=0.5"],
