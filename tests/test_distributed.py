@@ -2,8 +2,9 @@
 with the same global batch, for SFT, the reward model and DPO (real subprocesses of ``python -m rlhfkit``);
 so do ``accelerate launch`` with the shipped ``configs/accelerate/`` files for DDP and FSDP2 (whose
 checkpoints resume exactly); the engines that are not supported are refused. PPO's distributed
-statistics, its update on a fixed rollout (equal to one process's), and a whole PPO run under 2 processes
-that resumes exactly."""
+statistics, its update on a fixed rollout (equal to one process's, under DDP and FSDP2), its FSDP rollout
+(sampled with the gathered weights), and a whole PPO run under 2 processes (DDP, FSDP2) that resumes
+exactly."""
 
 from __future__ import annotations
 

@@ -33,17 +33,37 @@ Data parallelism (``torchrun`` / ``accelerate launch`` with N processes). ``ppo.
   own share). Every loss term is a token mean; each process weights its share by N x its share of the
   micro-batch's tokens, so that the gradient DDP averages is the gradient of the whole micro-batch's loss.
   The logged update statistics are pooled over every process's tokens, and the target-KL early stop uses
-  the pooled ``approxkl``: every process stops at the same minibatch. A value network initialised from the
-  reward model is called past its DDP wrapper (its own forward pools one score per sequence), so its
-  gradients are averaged explicitly before each optimizer step.
+  the pooled ``approxkl``: every process stops at the same minibatch. The policy and the value network are
+  one prepared module (:class:`PolicyAndValue`) and every use of them is a call of its forward, so DDP
+  averages the gradients of both (a value network's trunk included).
 - Only process 0 writes ``metrics.jsonl`` (with its share's ``samples.jsonl`` samples), checkpoints and
   ``final/``; the others wait at barriers. A checkpoint holds every process's RNG state and is resumed
   with the same number of processes.
 
 With a fixed rollout, an update on N processes gives the weights of one process (tested with 2 gloo
-processes); sampled runs differ from one-process runs only by their random streams. FSDP is refused:
-``generate`` would need the policy's full parameters (unsharded for every rollout), and the checkpoints
-here are not gathered from shards.
+processes); sampled runs differ from one-process runs only by their random streams.
+
+FSDP2 (``accelerate launch --config_file configs/accelerate/fsdp-*.yaml``; :mod:`rlhfkit.trainers.base`)
+shards the policy and the value network (:class:`PolicyAndValue`: accelerate prepares one model per
+optimizer under FSDP2) over the processes, each decoder layer a unit of its own; all of the above holds.
+
+- Every forward gathers each unit's parameters in the FSDP hooks of its module, so nothing calls the
+  networks past :class:`PolicyAndValue`'s forward: ``generate`` runs inside it, with ``synced_gpus`` (a
+  process whose samples have all ended keeps running discarded forwards until every process's have, so
+  that the gathers pair up; transformers turns it on by itself only for its own FSDP wrapping).
+- The frozen reference and reward model are not sharded: a whole copy on every process, whose forwards
+  are no collectives. LoRA (whose reference is the policy without adapters) and ``ppo.ema_decay`` (the
+  EMA would be kept per shard) are refused under FSDP.
+- Gradients of the sharded parameters are reduce-scattered by FSDP itself (also those of a value head,
+  and of a policy used twice in a micro-batch for PPO-ptx); gradient clipping takes the norm over every
+  shard.
+- Checkpoints and ``final/`` are those of a run without FSDP, gathered from every process and written by
+  process 0 with the base loop's helpers, except that the optimizer state is keyed by parameter name (as
+  in the base loop; ``policy.`` / ``value.`` prefixed), so an FSDP checkpoint resumes under FSDP only.
+
+Tested on CPU with 2 gloo processes: a fixed rollout's update equals one process's (GAE with a value
+network or a value head with PPO-ptx, RLOO), the sampled log-probs and values are those of the unsharded
+networks, and a whole run resumes exactly.
 """
 
 from __future__ import annotations
