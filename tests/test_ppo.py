@@ -161,7 +161,7 @@ def test_bf16_rollout_and_update_match_fp32_within_bf16_tolerance(ppo_setup, fre
     mask = rollout.response_mask.float()
     with torch.no_grad(), bf16.accelerator.autocast():  # the fp32 rollout's sequences, scored in bf16
         ref16 = policy_forward(bf16.reference, batch, 1.0)[0] * mask
-        values16 = value_forward(bf16.value, batch) * mask
+        values16 = value_forward(bf16._unwrapped_value(), batch) * mask
     torch.testing.assert_close(ref16, rollout.ref_logprobs, atol=0.1, rtol=0)
     assert (ref16 - rollout.ref_logprobs).abs().sum() / mask.sum() < 0.02
     torch.testing.assert_close(values16, rollout.values, atol=0.05, rtol=0)
