@@ -271,6 +271,7 @@ def is_sharded(accelerator: Accelerator) -> bool:
 
 
 def refuse_lora_under_fsdp(stage: str, model: torch.nn.Module, sharded: bool) -> None:
+    """Stop a run of ``stage`` that would train a LoRA ``model`` under FSDP (untested)."""
     if sharded and hasattr(model, "merge_and_unload"):
         raise TrainingError(f"{stage}: LoRA under FSDP is not supported yet (untested: the adapters' checkpoints "
                             "and the merged final/ model are not gathered from the shards). Use DDP with LoRA.")
