@@ -97,8 +97,8 @@ def rollout_flops_counter(trainer):
 
     epochs = trainer.ppo.ppo_epochs
     policy, reward = FlopModel(trainer._unwrapped_policy()), FlopModel(trainer.reward_model)
-    value = (FlopModel(trainer.accelerator.unwrap_model(trainer.value))
-             if trainer.value is not None and trainer.ppo.value_model == "reward" else None)
+    value_network = trainer._unwrapped_value()
+    value = FlopModel(value_network) if value_network is not None and trainer.ppo.value_model == "reward" else None
 
     def count(rollout) -> float:
         lengths = [q + r for q, r in zip(lengths_of(rollout.query_mask), lengths_of(rollout.response_mask),

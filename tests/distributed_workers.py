@@ -6,6 +6,9 @@
   (and unequal) share of its rows; process ``r`` writes ``OUT/rank<r>.pt``.
 - ``update OUT SETUP ROLLOUT OVERRIDE...``: a PPO trainer of ``test_ppo.ppo_config(SETUP, ...)`` makes one
   ``update()`` on its share of the saved rollout; process 0 writes the weights and statistics to ``OUT``.
+- ``rollout OUT SETUP OVERRIDE...``: such a trainer samples its share of the first rollout, process 0 with
+  fewer new tokens than the others (its generation ends first); process ``r`` writes ``OUT/rank<r>.pt``: the
+  rollout, and the values of the unsharded reward model the value network was initialised from.
 """
 
 from __future__ import annotations
@@ -55,12 +58,14 @@ def rollout_share(rollout, rank: int, world: int):
 
 
 def trained_weights(trainer) -> dict[str, torch.Tensor]:
-    """The policy's and the value network's parameters after an update (names prefixed by the network)."""
-    networks = {"policy": trainer._unwrapped_policy()}
-    if trainer.value is not None:
-        networks["value"] = trainer.accelerator.unwrap_model(trainer.value)
-    return {f"{prefix}.{name}": param.detach().clone() for prefix, network in networks.items()
-            for name, param in network.named_parameters()}
+    """The policy's and the value network's weights after an update, named as in ``PolicyAndValue``
+    (``policy.``, ``value.``); under FSDP gathered from the shards (on every process, complete on process 0)."""
+    from rlhfkit.trainers.base import gather_model_state
+
+    weights = gather_model_state(trainer.accelerator, trainer.networks)
+    if weights is None:
+        weights = trainer.accelerator.unwrap_model(trainer.networks).state_dict()
+    return {name: tensor.detach().clone() for name, tensor in weights.items()}
 
 
 def update(out: Path, setup: str, rollout_path: str, *overrides: str) -> None:
@@ -71,11 +76,28 @@ def update(out: Path, setup: str, rollout_path: str, *overrides: str) -> None:
     trainer = PPOTrainer(ppo_config(Path(setup), "update-2", *overrides))
     rollout = torch.load(rollout_path, weights_only=False)
     stats = trainer.update(rollout_share(rollout, trainer.rank, trainer.world))
+    weights = trained_weights(trainer)  # a collective under FSDP
     if trainer.accelerator.is_main_process:
-        torch.save({"weights": trained_weights(trainer), "stats": stats}, out / "update.pt")
+        torch.save({"weights": weights, "stats": stats}, out / "update.pt")
+    trainer.accelerator.wait_for_everyone()
+
+
+def rollout(out: Path, setup: str, *overrides: str) -> None:
+    from test_ppo import ppo_config
+
+    from rlhfkit.trainers.ppo import PPOTrainer, value_forward
+
+    config = ppo_config(Path(setup), "rollout-2", *overrides)
+    trainer = PPOTrainer(config)
+    config.ppo.max_new_tokens = 3 if trainer.rank == 0 else 12
+    rollout = trainer.rollout(trainer._prompt_share(trainer._prompt_batch(0)))
+    batch = {name: getattr(rollout, name) for name in ("queries", "query_mask", "responses", "response_mask")}
+    with torch.no_grad():
+        values = value_forward(trainer.reward_model, batch) * rollout.response_mask
+    torch.save({"rollout": rollout, "values": values}, out / f"rank{trainer.rank}.pt")
     trainer.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
     kind, target, *rest = sys.argv[1:]
-    {"statistics": statistics, "update": update}[kind](Path(target), *rest)
+    {"statistics": statistics, "update": update, "rollout": rollout}[kind](Path(target), *rest)

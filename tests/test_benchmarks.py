@@ -83,10 +83,9 @@ def test_ppo_iteration_flops(bench, tokenizer):
     lengths = [4, 7]
     one = FlopModel(policy).forward(lengths)
     trainer = SimpleNamespace(ppo=SimpleNamespace(ppo_epochs=2, value_model="reward"), reward_model=policy,
-                              value=policy, accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-                              _unwrapped_policy=lambda: policy)
+                              _unwrapped_policy=lambda: policy, _unwrapped_value=lambda: policy)
     assert bench_ppo.rollout_flops_counter(trainer)(rollout) == pytest.approx((2 + 6) * one + one + (1 + 6) * one)
-    trainer.value = None  # GRPO: no value network
+    trainer._unwrapped_value = lambda: None  # GRPO: no value network
     assert bench_ppo.rollout_flops_counter(trainer)(rollout) == pytest.approx((2 + 6) * one + one)
 
 

@@ -2,8 +2,9 @@
 with the same global batch, for SFT, the reward model and DPO (real subprocesses of ``python -m rlhfkit``);
 so do ``accelerate launch`` with the shipped ``configs/accelerate/`` files for DDP and FSDP2 (whose
 checkpoints resume exactly); the engines that are not supported are refused. PPO's distributed
-statistics, its update on a fixed rollout (equal to one process's), and a whole PPO run under 2 processes
-that resumes exactly."""
+statistics, its update on a fixed rollout (equal to one process's, under DDP and FSDP2), its FSDP rollout
+(sampled with the gathered weights), and a whole PPO run under 2 processes (DDP, FSDP2) that resumes
+exactly."""
 
 from __future__ import annotations
 
@@ -56,17 +57,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run(stage: str, config, out, processes: int, *overrides: str, accelerate_config: str | None = None) -> str:
-    """``python -m rlhfkit STAGE`` in one process, under ``torchrun`` with ``processes``, or under ``accelerate
-    launch --config_file configs/accelerate/<accelerate_config>`` (its number of processes)."""
+def launcher(processes: int, accelerate_config: str | None = None) -> list[str]:
+    """The command that starts a Python program in one process, under ``torchrun`` with ``processes``, or under
+    ``accelerate launch --config_file configs/accelerate/<accelerate_config>`` (its number of processes)."""
     if accelerate_config:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(ACCELERATE_CONFIGS / accelerate_config), "--main_process_port", str(free_port())]
-    elif processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    else:
-        launcher = [sys.executable]
-    command = [*launcher, "-m", "rlhfkit", stage, "--config", str(config), "--set", f"train.output_dir={out}",
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ACCELERATE_CONFIGS / accelerate_config), "--main_process_port", str(free_port())]
+    if processes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return [sys.executable]
+
+
+def run(stage: str, config, out, processes: int, *overrides: str, accelerate_config: str | None = None) -> str:
+    """``python -m rlhfkit STAGE`` started by :func:`launcher`."""
+    command = [*launcher(processes, accelerate_config), "-m", "rlhfkit", stage, "--config", str(config),
+               "--set", f"train.output_dir={out}",
                *(part for override in overrides for part in ("--set", override))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -187,18 +192,20 @@ def test_untested_engines_are_refused(monkeypatch, tmp_path, tokenizer_dir, task
     lora = load_config(SFTConfig, base={**sft, "model": {**sft["model"], "lora": {"r": 4}}})
     with pytest.raises(base.TrainingError, match="LoRA under FSDP is not supported yet"):
         build_sft_trainer(lora)
-    with pytest.raises(base.TrainingError, match="ppo: FSDP is not supported yet: sampling with generate needs"):
-        PPOTrainer(ppo_config(ppo_setup, "refused"))
+    with pytest.raises(base.TrainingError, match="ppo: LoRA under FSDP is not supported yet"):
+        PPOTrainer(ppo_config(ppo_setup, "refused", "model.lora.r=4"))
+    with pytest.raises(base.TrainingError, match="ppo: ppo.ema_decay under FSDP is not supported yet"):
+        PPOTrainer(ppo_config(ppo_setup, "refused", "ppo.ema_decay=0.9"))
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
     monkeypatch.setattr(base, "make_accelerator", lambda mixed_precision: ddp)
     with pytest.raises(base.TrainingError, match=r"batch_size \(3\) is the global batch and must be a multiple"):
         build_sft_trainer(load_config(SFTConfig, base=sft))
 
 
-def torchrun_worker(kind: str, out, *args, processes: int = 2) -> None:
-    """Run ``tests/distributed_workers.py KIND OUT ARGS`` in ``processes`` torchrun processes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(WORKERS), kind, str(out), *map(str, args)]
+def torchrun_worker(kind: str, out, *args, processes: int = 2, accelerate_config: str | None = None) -> None:
+    """Run ``tests/distributed_workers.py KIND OUT ARGS`` in ``processes`` torchrun processes (or those of
+    ``accelerate_config``, see :func:`launcher`)."""
+    command = [*launcher(processes, accelerate_config), str(WORKERS), kind, str(out), *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -246,15 +253,36 @@ def test_ppo_global_counts_must_split_over_the_processes(monkeypatch, ppo_setup)
     assert PPOTrainer._prompt_share(SimpleNamespace(world=2, rank=1), list("abcdefgh")) == list("efgh")
 
 
+@pytest.mark.slow
+def test_fsdp_rollout_samples_with_the_gathered_policy_and_value_network(ppo_setup, tmp_path):
+    """Under FSDP2 ``generate`` and the value network run on the gathered weights: at the start the policy is
+    its reference (an unsharded copy), so the log-probs of the sampled tokens are the reference's, and the
+    values are those of the unsharded network the value network was initialised from. Process 0 samples 3
+    new tokens, process 1 up to 12: without ``synced_gpus`` the processes' forwards would not pair up."""
+    torchrun_worker("rollout", tmp_path, ppo_setup, accelerate_config="fsdp-cpu.yaml")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["rollout"].responses.size(1) == 3 < ranks[1]["rollout"].responses.size(1)
+    for rank in ranks:
+        rollout = rank["rollout"]
+        assert rollout.responses.size(0) == 2  # this process's share of the 4 prompts
+        torch.testing.assert_close(rollout.logprobs, rollout.ref_logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(rollout.values, rank["values"], atol=1e-5, rtol=1e-5)
+
+
 UPDATE_OPTIONS = {  # each minibatch is the whole rollout: the same minibatches with 1 and 2 processes
     "gae-reward-value": ["ppo.ppo_epochs=3", "ppo.target_kl=1e-6"],  # stops after the second epoch's step
     "value-head-ptx": ["ppo.value_model=head", "ppo.ptx_coef=0.5"],
+    "rloo": ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8"],
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", UPDATE_OPTIONS)
-def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, name):
+@pytest.mark.parametrize(("name", "accelerate_config"), [
+    ("gae-reward-value", None), ("value-head-ptx", None),
+    ("gae-reward-value", "fsdp-cpu.yaml"), ("value-head-ptx", "fsdp-cpu.yaml"), ("rloo", "fsdp-cpu.yaml")])
+def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, name, accelerate_config):
+    """A fixed rollout's update on 2 processes (DDP, or FSDP2 with each process holding a shard of the policy
+    and value network, gathered for the comparison) gives the weights and statistics of one process."""
     from distributed_workers import trained_weights
     from test_ppo import ppo_config
 
@@ -267,7 +295,8 @@ def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, nam
     rollout.response_mask[1, 7:] = 0
     torch.save(rollout, tmp_path / "rollout.pt")
     stats_one = one.update(rollout)
-    torchrun_worker("update", tmp_path, ppo_setup, tmp_path / "rollout.pt", *options)
+    torchrun_worker("update", tmp_path, ppo_setup, tmp_path / "rollout.pt", *options,
+                    accelerate_config=accelerate_config)
     two = torch.load(tmp_path / "update.pt", weights_only=False)
     weights_one = trained_weights(one)
     assert weights_one.keys() == two["weights"].keys()
@@ -297,9 +326,14 @@ def test_grpo_with_lora_and_gradient_accumulation_on_two_processes(ppo_setup, tm
 
 
 @pytest.mark.slow
-def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_setup, tmp_path):
+@pytest.mark.parametrize(("accelerate_config", "engine"), [(None, "MULTI_CPU"), ("fsdp-cpu.yaml", "FSDP")])
+def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_setup, tmp_path, accelerate_config,
+                                                                          engine):
+    """A whole PPO run (GAE with a value network initialised from the reward model) under torchrun (DDP) or
+    FSDP2: its final/ and checkpoints are plain HF models (gathered from the shards under FSDP), and a run
+    resumed from a checkpoint ends on the weights of the uninterrupted run."""
     from test_ppo import ppo_config
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from rlhfkit.trainers.base import TrainingError, read_metrics
     from rlhfkit.trainers.ppo import PPOTrainer
@@ -309,23 +343,32 @@ def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_se
     path = tmp_path / "ppo.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     run_dir = tmp_path / "run"
-    output = run("ppo", path, run_dir, 2)
-    assert "[ppo] data parallel over 2 processes (MULTI_CPU, 4 prompts per rollout, minibatch 4, global)" in output
+    output = run("ppo", path, run_dir, 2, accelerate_config=accelerate_config)
+    assert f"[ppo] data parallel over 2 processes ({engine}, 4 prompts per rollout, minibatch 4, global)" in output
     rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert {row["rollout/sequences"] for row in rows} == {4 * 2}  # both processes' shares
     assert len({row["kl_coef"] for row in rows}) == 3  # the adaptive coefficient moves (from the pooled KL)
-    AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert policy.config.architectures == ["LlamaForCausalLM"]  # not FSDPLlamaForCausalLM
+    value = AutoModelForSequenceClassification.from_pretrained(run_dir / "checkpoint-3" / "value_model")
+    assert value.config.architectures == ["LlamaForSequenceClassification"]
     state = torch.load(run_dir / "checkpoint-3" / "trainer_state.pt", weights_only=False)
     first, second = state["rng_per_process"]
     assert not torch.equal(first["torch"], second["torch"])  # each process draws its own samples
+    if engine == "FSDP":  # the full optimizer state, by parameter name (policy.*, value.*)
+        embeddings = "policy.model.embed_tokens.weight"
+        assert state["optimizer"]["state"][embeddings]["exp_avg"].shape == policy.model.embed_tokens.weight.shape
     straight = load_file(run_dir / "final" / "model.safetensors")
+    checkpoint = load_file(run_dir / "checkpoint-3" / "model.safetensors")
+    assert straight.keys() == checkpoint.keys() and all(torch.equal(checkpoint[n], t) for n, t in straight.items())
     straight_rows = rows
 
     # resume at iteration 2 (as if the run had died during iteration 3): the same iteration 3 again
     for leftover in ("checkpoint-3", "final"):
         shutil.rmtree(run_dir / leftover)
-    run("ppo", path, run_dir, 2)
+    output = run("ppo", path, run_dir, 2, accelerate_config=accelerate_config)
+    assert "resumed from" in output  # (rich wraps the long path of the checkpoint)
     resumed = load_file(run_dir / "final" / "model.safetensors")
     for weight, tensor in straight.items():
         torch.testing.assert_close(resumed[weight], tensor, rtol=1e-5, atol=1e-6, msg=weight)

@@ -50,7 +50,7 @@ def test_every_option_trains_and_logs(ppo_setup, name):
     ptx = [f"ppo.ptx_data={ppo_setup / 'corpus.jsonl'}"] if "ppo.ptx_coef=0.5" in options else []
     config = ppo_config(ppo_setup, name, *options, *ptx)
     trainer = PPOTrainer(config)
-    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainer._unwrapped_policy().named_parameters() if p.requires_grad}
     metrics = trainer.train()
     for metric in ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
                  "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "val/ratio",
@@ -58,7 +58,8 @@ def test_every_option_trains_and_logs(ppo_setup, name):
         assert metric in metrics and metrics[metric] == metrics[metric], metric  # present and not NaN
     if "ppo.advantage=rloo" not in options and "ppo.advantage=grpo" not in options:
         assert "loss/value_avg" in metrics and "val/clipfrac_avg" in metrics
-    changed = any(not torch.equal(before[k], p) for k, p in trainer.policy.named_parameters() if k in before)
+    after = trainer._unwrapped_policy().named_parameters()
+    changed = any(not torch.equal(before[k], p) for k, p in after if k in before)
     assert changed
     run = ppo_setup / name
     assert (run / "final" / "config.json").exists()
@@ -124,7 +125,7 @@ def _autocast_spy(trainer) -> dict[str, list[bool]]:
     """Record, for every forward of a decoder layer of each network, whether it ran under bf16 autocast."""
     seen: dict[str, list[bool]] = {}
     networks = {"policy": trainer._unwrapped_policy(), "reference": trainer.reference,
-                "value": trainer.accelerator.unwrap_model(trainer.value), "reward": trainer.reward_model}
+                "value": trainer._unwrapped_value(), "reward": trainer.reward_model}
     for name, network in networks.items():
         def hook(module, args, name=name):
             seen.setdefault(name, []).append(torch.is_autocast_enabled("cpu")
@@ -160,7 +161,7 @@ def test_bf16_rollout_and_update_match_fp32_within_bf16_tolerance(ppo_setup, fre
     mask = rollout.response_mask.float()
     with torch.no_grad(), bf16.accelerator.autocast():  # the fp32 rollout's sequences, scored in bf16
         ref16 = policy_forward(bf16.reference, batch, 1.0)[0] * mask
-        values16 = value_forward(bf16.value, batch) * mask
+        values16 = value_forward(bf16._unwrapped_value(), batch) * mask
     torch.testing.assert_close(ref16, rollout.ref_logprobs, atol=0.1, rtol=0)
     assert (ref16 - rollout.ref_logprobs).abs().sum() / mask.sum() < 0.02
     torch.testing.assert_close(values16, rollout.values, atol=0.05, rtol=0)

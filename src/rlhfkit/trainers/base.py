@@ -139,7 +139,7 @@ def load_weights(model: torch.nn.Module, directory: Path,
 
     ``load_state_dict(weights)`` puts the full state dict into the model and returns its missing and
     unexpected keys: by default ``model.load_state_dict(weights, strict=False)``; under FSDP the loader
-    that shards them (:meth:`Trainer._resume`).
+    that shards them (:func:`state_loader`).
     """
     from safetensors.torch import load_file
 
@@ -262,6 +262,96 @@ def _fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugi
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+# ---- FSDP: gathered state for checkpoints and final/, sharded again on resume ------------------
+# Shared by the base loop and PPO. Each function is a collective under FSDP (every process calls it, in
+# the same order); without FSDP it is the plain model's or optimizer's own state.
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether the run's engine shards the weights over the processes (FSDP2)."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def refuse_lora_under_fsdp(stage: str, model: torch.nn.Module, sharded: bool) -> None:
+    """Stop a run of ``stage`` that would train a LoRA ``model`` under FSDP (untested)."""
+    if sharded and hasattr(model, "merge_and_unload"):
+        raise TrainingError(f"{stage}: LoRA under FSDP is not supported yet (untested: the adapters' checkpoints "
+                            "and the merged final/ model are not gathered from the shards). Use DDP with LoRA.")
+
+
+def gather_model_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict to save ``model`` (as prepared) from: under FSDP gathered from every process's
+    shard (complete on process 0 only); otherwise None (save the model's own)."""
+    if not is_sharded(accelerator):
+        return None
+    weights = accelerator.get_state_dict(model)
+    # the gathered dict holds one copy per name of a tied parameter (embeddings and lm_head): share them
+    # again, so that save_pretrained, which finds tied weights by storage, writes one as without FSDP
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        original = first.setdefault(id(param), name)
+        if original != name and name in weights:
+            weights[name] = weights[original]
+    return weights
+
+
+def submodule_state(weights: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
+    """The entries of a :func:`gather_model_state` dict under submodule ``prefix``, without it (None stays None)."""
+    if weights is None:
+        return None
+    return {name[len(prefix) + 1:]: tensor for name, tensor in weights.items() if name.startswith(prefix + ".")}
+
+
+def gather_optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> dict:
+    """The state dict of ``optimizer`` (as prepared, over ``model``'s parameters): under FSDP the full one,
+    keyed by parameter name (complete on process 0 only); otherwise the optimizer's own, keyed by index."""
+    if not is_sharded(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer.optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def check_optimizer_layout(stage: str, directory: Path, optimizer_state: dict, sharded: bool) -> None:
+    """Refuse to resume a checkpoint written under FSDP without it, or the other way round: the optimizer
+    state is keyed by parameter name under FSDP (:func:`gather_optimizer_state`), else by index."""
+    by_name = any(isinstance(key, str) for key in optimizer_state["state"])
+    if optimizer_state["state"] and by_name != sharded:
+        raise TrainingError(f"{stage}: {directory} was written {'under' if by_name else 'without'} FSDP; "
+                            f"resume it {'under' if by_name else 'without'} FSDP too")
+
+
+def state_loader(accelerator: Accelerator, model: torch.nn.Module,
+                 prefix: str = "") -> Callable[[dict[str, torch.Tensor]], Any]:
+    """The ``load_state_dict`` of :func:`load_weights` for submodule ``prefix`` of ``model`` (as prepared;
+    the whole model by default): under FSDP every process passes the full weights and keeps its shard of
+    them, otherwise ``load_state_dict(weights, strict=False)`` of the unwrapped submodule."""
+    if not is_sharded(accelerator):
+        return partial(accelerator.unwrap_model(model).get_submodule(prefix).load_state_dict, strict=False)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    own = f"{prefix}." if prefix else ""
+
+    def load(weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        missing, unexpected = set_model_state_dict(model, {own + name: t for name, t in weights.items()},
+                                                   options=options)
+        # the submodule's own names, as its load_state_dict would report them
+        return ([name[len(own):] for name in missing if name.startswith(own)],
+                [name[len(own):] if name.startswith(own) else name for name in unexpected])
+    return load
+
+
+def load_optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Put a checkpoint's optimizer state back (under FSDP: every process keeps its shard of the full state)."""
+    if not is_sharded(accelerator):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer.optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """``auto``: bf16 on a GPU that supports it, else full precision.
 
@@ -303,10 +393,8 @@ class Trainer:
         set_seed(train.seed)  # dropout and any sampling draw from the global RNG (restored on resume)
         self.accelerator = make_accelerator(train.mixed_precision)
         self.world = self.accelerator.num_processes
-        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
-        if self.sharded and hasattr(model, "merge_and_unload"):
-            raise TrainingError(f"{stage}: LoRA under FSDP is not supported yet (untested: the adapters' checkpoints "
-                                "and the merged final/ model are not gathered from the shards). Use DDP with LoRA.")
+        self.sharded = is_sharded(self.accelerator)
+        refuse_lora_under_fsdp(stage, model, self.sharded)
         if train.batch_size % self.world:
             raise TrainingError(f"{stage}: train.batch_size ({train.batch_size}) is the global batch and must be a "
                                 f"multiple of the number of processes ({self.world})")
@@ -342,37 +430,13 @@ class Trainer:
             index += 1
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def _model_state(self) -> dict[str, torch.Tensor] | None:
-        """The full state dict to save the model from: under FSDP gathered from every process's shard (a
-        collective, so every process calls it; complete on process 0 only); otherwise None (the model's own)."""
-        if not self.sharded:
-            return None
-        weights = self.accelerator.get_state_dict(self.model)
-        # the gathered dict holds one copy per name of a tied parameter (embeddings and lm_head): share them
-        # again, so that save_pretrained, which finds tied weights by storage, writes one as without FSDP
-        first: dict[int, str] = {}
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            original = first.setdefault(id(param), name)
-            if original != name and name in weights:
-                weights[name] = weights[original]
-        return weights
-
-    def _optimizer_state(self) -> dict:
-        """The optimizer's state dict: under FSDP the full one, keyed by parameter name, gathered like
-        :meth:`_model_state` (a collective, complete on process 0 only)."""
-        if not self.sharded:
-            return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.optimizer.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` atomically (temp dir, then rename); keep the newest N."""
         final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         if final in checkpoints(self.run_dir):  # this very state is saved (the last periodic save, or a resume)
             return final
-        weights, optimizer = self._model_state(), self._optimizer_state()  # on every process
+        weights = gather_model_state(self.accelerator, self.model)  # on every process
+        optimizer = gather_optimizer_state(self.accelerator, self.model, self.optimizer)
 
         def write(directory: Path) -> None:
             save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(directory), merge_lora=False,
@@ -391,24 +455,9 @@ class Trainer:
             return
         latest = found[-1]
         state = torch.load(latest / STATE_FILE, weights_only=False)
-        # the optimizer state is keyed by parameter name under FSDP (:meth:`_optimizer_state`), else by index
-        by_name = any(isinstance(key, str) for key in state["optimizer"]["state"])
-        if state["optimizer"]["state"] and by_name != self.sharded:
-            raise TrainingError(f"{self.stage}: {latest} was written {'under' if by_name else 'without'} FSDP; "
-                                f"resume it {'under' if by_name else 'without'} FSDP too")
-        if self.sharded:  # every process reads the full state and keeps its shard of it
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            full = StateDictOptions(full_state_dict=True, strict=False)
-            load_weights(self.model, latest, partial(set_model_state_dict, self.model, options=full))
-            set_optimizer_state_dict(self.model, self.optimizer.optimizer, state["optimizer"], options=full)
-        else:
-            load_weights(self.accelerator.unwrap_model(self.model), latest)
-            self.optimizer.load_state_dict(state["optimizer"])
+        check_optimizer_layout(self.stage, latest, state["optimizer"], self.sharded)
+        load_weights(self.accelerator.unwrap_model(self.model), latest, state_loader(self.accelerator, self.model))
+        load_optimizer_state(self.accelerator, self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
@@ -486,7 +535,7 @@ class Trainer:
             self._log(final_eval)
             last.update(final_eval)
         self.save_checkpoint()
-        weights = self._model_state()  # on every process
+        weights = gather_model_state(self.accelerator, self.model)  # on every process
         if self.accelerator.is_main_process:
             save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(self.run_dir / "final"),
                        state_dict=weights)

@@ -33,17 +33,37 @@ Data parallelism (``torchrun`` / ``accelerate launch`` with N processes). ``ppo.
   own share). Every loss term is a token mean; each process weights its share by N x its share of the
   micro-batch's tokens, so that the gradient DDP averages is the gradient of the whole micro-batch's loss.
   The logged update statistics are pooled over every process's tokens, and the target-KL early stop uses
-  the pooled ``approxkl``: every process stops at the same minibatch. A value network initialised from the
-  reward model is called past its DDP wrapper (its own forward pools one score per sequence), so its
-  gradients are averaged explicitly before each optimizer step.
+  the pooled ``approxkl``: every process stops at the same minibatch. The policy and the value network are
+  one prepared module (:class:`PolicyAndValue`) and every use of them is a call of its forward, so DDP
+  averages the gradients of both (a value network's trunk included).
 - Only process 0 writes ``metrics.jsonl`` (with its share's ``samples.jsonl`` samples), checkpoints and
   ``final/``; the others wait at barriers. A checkpoint holds every process's RNG state and is resumed
   with the same number of processes.
 
 With a fixed rollout, an update on N processes gives the weights of one process (tested with 2 gloo
-processes); sampled runs differ from one-process runs only by their random streams. FSDP is refused:
-``generate`` would need the policy's full parameters (unsharded for every rollout), and the checkpoints
-here are not gathered from shards.
+processes); sampled runs differ from one-process runs only by their random streams.
+
+FSDP2 (``accelerate launch --config_file configs/accelerate/fsdp-*.yaml``; :mod:`rlhfkit.trainers.base`)
+shards the policy and the value network (:class:`PolicyAndValue`: accelerate prepares one model per
+optimizer under FSDP2) over the processes, each decoder layer a unit of its own; all of the above holds.
+
+- Every forward gathers each unit's parameters in the FSDP hooks of its module, so nothing calls the
+  networks past :class:`PolicyAndValue`'s forward: ``generate`` runs inside it, with ``synced_gpus`` (a
+  process whose samples have all ended keeps running discarded forwards until every process's have, so
+  that the gathers pair up; transformers turns it on by itself only for its own FSDP wrapping).
+- The frozen reference and reward model are not sharded: a whole copy on every process, whose forwards
+  are no collectives. LoRA (whose reference is the policy without adapters) and ``ppo.ema_decay`` (the
+  EMA would be kept per shard) are refused under FSDP.
+- Gradients of the sharded parameters are reduce-scattered by FSDP itself (also those of a value head,
+  and of a policy used twice in a micro-batch for PPO-ptx); gradient clipping takes the norm over every
+  shard.
+- Checkpoints and ``final/`` are those of a run without FSDP, gathered from every process and written by
+  process 0 with the base loop's helpers, except that the optimizer state is keyed by parameter name (as
+  in the base loop; ``policy.`` / ``value.`` prefixed), so an FSDP checkpoint resumes under FSDP only.
+
+Tested on CPU with 2 gloo processes: a fixed rollout's update equals one process's (GAE with a value
+network or a value head with PPO-ptx, RLOO), the sampled log-probs and values are those of the unsharded
+networks, and a whole run resumes exactly.
 """
 
 from __future__ import annotations
@@ -84,10 +104,18 @@ from rlhfkit.trainers.base import (
     TrainingError,
     build_optimizer,
     build_scheduler,
+    check_optimizer_layout,
     checkpoints,
+    gather_model_state,
+    gather_optimizer_state,
+    is_sharded,
+    load_optimizer_state,
     load_weights,
+    refuse_lora_under_fsdp,
     rng_states_of_processes,
     set_rng_state,
+    state_loader,
+    submodule_state,
     sum_over_processes,
     write_checkpoint,
 )
@@ -164,12 +192,53 @@ def value_forward(value_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden state before each response token (InstructGPT initialises the value function from the RM)."""
     input_ids, attention_mask, position_ids = _sequence_inputs(
         batch["queries"], batch["query_mask"], batch["responses"], batch["response_mask"])
-    model = getattr(value_model, "module", value_model)  # DDP wrapper
-    trunk = getattr(model, model.base_model_prefix)
+    trunk = getattr(value_model, value_model.base_model_prefix)
     width = batch["responses"].size(1)
     states = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False).last_hidden_state[:, -width - 1:-1]
-    return model.score(states).squeeze(-1).float()
+    return value_model.score(states).squeeze(-1).float()
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The trained networks, the policy and the value network (a :class:`ValueHead`, a reward-model-shaped
+    network, or None), as the one module accelerate prepares with the optimizer.
+
+    Every use of them is a call of this module, ``networks(task, ...)``, which runs the method ``task``
+    (:meth:`generate`, :meth:`policy_outputs`, :meth:`values`, :meth:`lm_logits`) inside ``forward``, so
+    that the engine's hooks see every call: FSDP2 (which accelerate applies to one model per optimizer)
+    gathers a unit's parameters in the hooks of its forward, so a call past it (``generate``, a value
+    network's trunk) would meet the root's parameters as shards; DDP averages the gradients of whatever a
+    call through its forward used, the value network's included.
+    """
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module | None):
+        super().__init__()
+        self.policy, self.value = policy, value
+        # the layer classes FSDP's TRANSFORMER_BASED_WRAP shards as units of their own
+        self._no_split_modules = sorted({name for network in (policy, value)
+                                         for name in getattr(network, "_no_split_modules", None) or []})
+
+    def forward(self, task: str, *args, **kwargs):
+        return getattr(self, task)(*args, **kwargs)
+
+    def generate(self, **kwargs):
+        """``generate`` of the policy (with ``synced_gpus`` under FSDP: see :meth:`PPOTrainer._rollout`)."""
+        return self.policy.generate(**kwargs)
+
+    def policy_outputs(self, batch: dict[str, torch.Tensor], temperature: float, *, hidden: bool = False):
+        """:func:`policy_forward` of the policy."""
+        return policy_forward(self.policy, batch, temperature, hidden=hidden)
+
+    def values(self, batch: dict[str, torch.Tensor], states: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token values ``[N, R]``: the value head on the policy's ``states`` (from :meth:`policy_outputs`
+        with ``hidden=True``), or :func:`value_forward` of a reward-model-shaped value network."""
+        if isinstance(self.value, ValueHead):
+            return self.value(states.float())
+        return value_forward(self.value, batch)
+
+    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The policy's logits on pretraining text (PPO-ptx)."""
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def response_masks(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +266,7 @@ class PPOTrainer:
     """The PPO loop; see the module docstring. ``train()`` runs (or resumes) to ``train.max_steps``."""
 
     def __init__(self, config: PPOConfig, console: Console | None = None):
-        from accelerate.utils import DistributedType, set_seed
+        from accelerate.utils import set_seed
 
         from rlhfkit.trainers.base import make_accelerator
 
@@ -208,22 +277,24 @@ class PPOTrainer:
         self.run_dir = Path(config.train.output_dir)
         set_seed(config.train.seed)  # sampling draws from the global RNG (restored on resume)
         self.accelerator = make_accelerator(config.train.mixed_precision)
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            raise TrainingError("ppo: FSDP is not supported yet: sampling with generate needs the policy's full "
-                                "parameters, and PPO's checkpoints are not gathered from shards. Use DDP (torchrun, "
-                                "or configs/accelerate/ddp-*.yaml).")
+        self.sharded = is_sharded(self.accelerator)
+        if self.sharded and self.ppo.ema_decay:
+            raise TrainingError("ppo: ppo.ema_decay under FSDP is not supported yet (the EMA would be kept per shard "
+                                "and is not gathered for checkpoints and final-ema/). Use DDP with ppo.ema_decay.")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self._check_global_counts()
         # sums over every process of the rollout and update statistics (module docstring); None with one
         self.reduce_sum = sum_over_processes if self.world > 1 else None
         policy, self.tokenizer = load_causal_lm(config.model, seed=config.train.seed)
+        refuse_lora_under_fsdp("ppo", policy, self.sharded)
         self.prompts = [r.prompt for r in read_records(config.data.train, "prompt", split=config.data.split,
                                                         limit=config.data.limit)]
         self.reward_model, self.reward_tokenizer = load_for_scoring(self.ppo.reward_model)
-        # with LoRA the reference is the policy with its adapters disabled: no second copy in memory
+        # with LoRA the reference is the policy with its adapters disabled: no second copy in memory. The
+        # reference and the reward model are frozen and never prepared: a whole copy on every process, also
+        # under FSDP (their forwards are no collectives)
         lora = hasattr(policy, "disable_adapter")
         self.reference = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
-        modules = [policy]
         if self.ppo.advantage != "gae":
             value = None
         elif self.ppo.value_model == "reward":
@@ -233,17 +304,16 @@ class PPOTrainer:
                                     "use ppo.value_model=head")
         else:
             value = ValueHead(policy.config.hidden_size)
-        if value is not None:
-            modules.append(value)
+        modules = [policy] if value is None else [policy, value]
         self.ptx_blocks = (pack_texts(self.tokenizer, read_texts(self.ppo.ptx_data), self.config.data.max_length)
                            if self.ppo.ptx_coef > 0 else [])
         updates_per_epoch = self.ppo.rollout_batch_size * self.ppo.samples_per_prompt // self.ppo.minibatch_size
         self.total_updates = self.cfg.max_steps * self.ppo.ppo_epochs * updates_per_epoch
         optimizer = build_optimizer(modules, self.cfg, "ppo", lr_scales=[1.0, self.ppo.value_lr_scale][:len(modules)])
         scheduler = build_scheduler(optimizer, self.cfg, self.total_updates)
-        prepared = self.accelerator.prepare(*modules, optimizer, scheduler)
-        self.policy, self.value = prepared[0], (prepared[1] if value is not None else None)
-        self.optimizer, self.scheduler = prepared[-2], prepared[-1]
+        self.networks, self.optimizer, self.scheduler = self.accelerator.prepare(PolicyAndValue(policy, value),
+                                                                                optimizer, scheduler)
+        self.has_value = value is not None
         self.kl_controller = (AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
                               if self.ppo.adaptive_kl else FixedKLController(self.ppo.kl_coef))
         self.ema = ({n: p.detach().clone() for n, p in self._unwrapped_policy().named_parameters() if p.requires_grad}
@@ -274,7 +344,12 @@ class PPOTrainer:
 
     # ---- helpers -----------------------------------------------------------------------------
     def _unwrapped_policy(self):
-        return self.accelerator.unwrap_model(self.policy)
+        """The policy itself (its parameters are shards under FSDP: call it through ``self.networks``)."""
+        return self.accelerator.unwrap_model(self.networks).policy
+
+    def _unwrapped_value(self) -> torch.nn.Module | None:
+        """The value network itself (a :class:`ValueHead`, a reward-model-shaped network, or None)."""
+        return self.accelerator.unwrap_model(self.networks).value
 
     def _prompt_batch(self, iteration: int) -> list:
         """The prompts of an iteration: consecutive slices of per-epoch seeded permutations."""
@@ -327,18 +402,26 @@ class PPOTrainer:
         policy.eval()
         sampling = {"do_sample": True, "temperature": ppo.temperature, "top_k": ppo.top_k or None, "top_p": ppo.top_p}
         stop = {"stop_strings": ppo.stop_strings, "tokenizer": tok} if ppo.stop_strings else {}
-        out = policy.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=ppo.max_new_tokens,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                              return_dict_in_generate=True, output_logits=True, **sampling, **stop)
+        # under FSDP every forward gathers each layer's parameters from every process: synced_gpus keeps a
+        # process whose sequences have ended running (discarded) forwards until every process's have, so
+        # all run the same number (transformers detects only its own FSDP wrapping, not accelerate's)
+        out = self.networks("generate", input_ids=queries, attention_mask=query_mask,
+                            max_new_tokens=ppo.max_new_tokens, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True,
+                            synced_gpus=self.sharded and self.world > 1, **sampling, **stop)
         policy.train()
         responses = out.sequences[:, queries.size(1):]
         response_mask, finished = response_masks(responses, tok.eos_token_id, tok.pad_token_id)
         raw_logits = torch.stack(out.logits, dim=1)[:, :responses.size(1)].float() / ppo.temperature
         logprobs = torch.log_softmax(raw_logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1) * response_mask
         batch = {"queries": queries, "query_mask": query_mask, "responses": responses, "response_mask": response_mask}
-        with policy.disable_adapter() if self.reference is None else nullcontext():
-            ref_logprobs = policy_forward(self.reference or policy, batch, ppo.temperature)[0] * response_mask
-        values = self._values(batch) * response_mask if self.value is not None else None
+        if self.reference is None:  # LoRA (never under FSDP): the policy without its adapters
+            with policy.disable_adapter():
+                ref_logprobs = self.networks("policy_outputs", batch, ppo.temperature)[0]
+        else:
+            ref_logprobs = policy_forward(self.reference, batch, ppo.temperature)[0]
+        ref_logprobs = ref_logprobs * response_mask
+        values = self._values(batch) * response_mask if self.has_value else None
 
         texts = []
         for row, mask in zip(responses.tolist(), response_mask.tolist(), strict=True):
@@ -368,11 +451,11 @@ class PPOTrainer:
         return Rollout(queries, query_mask, responses, response_mask, logprobs, ref_logprobs, values, scores,
                        advantages, returns, prompts, texts)
 
-    def _values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # called under the rollout's autocast
-        if self.ppo.value_model == "reward":
-            return value_forward(self.value, batch)
-        _, _, states = policy_forward(self.policy, batch, self.ppo.temperature, hidden=True)
-        return self.value(states.float())
+    def _values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The value network's per-token values of a rollout batch (a value head: on the policy's states)."""
+        states = (self.networks("policy_outputs", batch, self.ppo.temperature, hidden=True)[2]
+                  if self.ppo.value_model == "head" else None)
+        return self.networks("values", batch, states)
 
     # ---- 4: update ---------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> dict[str, float]:
@@ -396,7 +479,7 @@ class PPOTrainer:
                 for micro_start in range(start, start + minibatch, micro):
                     batch = rollout.select(order[micro_start:micro_start + micro])
                     last_micro = micro_start + micro >= start + minibatch
-                    with self.accelerator.no_sync(self.policy) if not last_micro else nullcontext():
+                    with self.accelerator.no_sync(self.networks) if not last_micro else nullcontext():
                         loss, loss_value, step_stats = self._micro_loss(batch, next(ptx) if ptx else None)
                         if not math.isfinite(loss_value):
                             raise TrainingError(f"[ppo] non-finite loss ({loss_value}) at iteration {self.step + 1};"
@@ -405,10 +488,9 @@ class PPOTrainer:
                     for name, value in step_stats.items():
                         stats.setdefault(name, []).append(value)
                     approxkls.append(step_stats["policy/approxkl_avg"])
-                self._average_bypassed_gradients()
-                if self.cfg.max_grad_norm is not None:
-                    params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                    self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                if self.cfg.max_grad_norm is not None:  # the norm over every process's shard under FSDP: accelerate
+                    # recognises the prepared model by the exact list of its parameters
+                    self.accelerator.clip_grad_norm_(self.networks.parameters(), self.cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -424,8 +506,8 @@ class PPOTrainer:
         ppo = self.ppo
         mask = batch["response_mask"]
         tokens = mask.sum()
-        hidden = self.value is not None and ppo.value_model == "head"
-        logprobs, logits, states = policy_forward(self.policy, batch, ppo.temperature, hidden=hidden)
+        hidden = self.has_value and ppo.value_model == "head"
+        logprobs, logits, states = self.networks("policy_outputs", batch, ppo.temperature, hidden=hidden)
         pg_loss, pg_stats = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, ppo.clip_range)
         # name: (a token mean over this process's share, its number of tokens); loss terms and their coefficients
         means = {"loss/policy_avg": (pg_loss, tokens), "policy/approxkl_avg": (pg_stats["approxkl"], tokens),
@@ -433,18 +515,13 @@ class PPOTrainer:
         coefs = {"loss/policy_avg": 1.0}
         with torch.no_grad():
             means["objective/entropy"] = (masked_mean(entropy_from_logits(logits), mask), tokens)
-        if self.value is not None:
-            if hidden:
-                values = self.value(states.float())
-            else:  # value_forward calls the network's trunk, not its (autocast-wrapped) forward
-                with self.accelerator.autocast():
-                    values = value_forward(self.value, batch)
+        if self.has_value:
+            values = self.networks("values", batch, states)
             vf_loss, vf_stats = value_loss(values, batch["values"], batch["returns"], mask, ppo.clip_range_value)
             means.update({"loss/value_avg": (vf_loss, tokens), "val/clipfrac_avg": (vf_stats["clipfrac"], tokens)})
             coefs["loss/value_avg"] = ppo.vf_coef
         if ptx_batch is not None:
-            ptx_logits = self.policy(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"],
-                                     use_cache=False).logits
+            ptx_logits = self.networks("lm_logits", ptx_batch["input_ids"], ptx_batch["attention_mask"])
             ptx_loss = masked_lm_loss(ptx_logits, ptx_batch["input_ids"], ptx_batch["loss_mask"])
             means["loss/ptx_avg"] = (ptx_loss, ptx_batch["loss_mask"][:, 1:].sum())
             coefs["loss/ptx_avg"] = ppo.ptx_coef
@@ -469,20 +546,6 @@ class PPOTrainer:
         stats, share = dict(zip(names, pooled.tolist(), strict=True)), dict(zip(names, shares, strict=True))
         loss = sum(coef * means[name][0] * (share[name] * self.world) for name, coef in coefs.items())
         return loss, sum(coef * stats[name] for name, coef in coefs.items()), stats
-
-    def _average_bypassed_gradients(self) -> None:
-        """Average the gradients of a value network initialised from the reward model over the processes.
-
-        :func:`value_forward` calls its trunk and score head directly, past its DDP wrapper (the network's own
-        forward pools one score per sequence), so DDP does not average its gradients; this does, once per
-        optimizer step, after gradient accumulation. Nothing to do with one process or a value head.
-        """
-        if self.world == 1 or self.value is None or self.ppo.value_model != "reward":
-            return
-        for param in self.value.parameters():
-            if param.grad is not None:
-                torch.distributed.all_reduce(param.grad)
-                param.grad.div_(self.world)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -529,9 +592,10 @@ class PPOTrainer:
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                     self.save_checkpoint()
         self.save_checkpoint()
+        weights = submodule_state(gather_model_state(self.accelerator, self.networks), "policy")  # on every process
         if self.accelerator.is_main_process:
             policy = self._unwrapped_policy()
-            save_model(policy, self.tokenizer, str(self.run_dir / "final"))
+            save_model(policy, self.tokenizer, str(self.run_dir / "final"), state_dict=weights)
             if self.ema is not None:
                 ema_policy = copy.deepcopy(policy)
                 ema_policy.load_state_dict(self.ema, strict=False)
@@ -569,22 +633,30 @@ class PPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` from process 0 (the others wait); ``rng`` is process 0's RNG state and,
-        with several processes, ``rng_per_process`` every process's (each draws its own samples)."""
+        with several processes, ``rng_per_process`` every process's (each draws its own samples).
+
+        The layout of the base loop's checkpoints (:meth:`rlhfkit.trainers.base.Trainer.save_checkpoint`),
+        plus the value network (``value_model/``, or ``value_head`` in the state file); under FSDP every
+        process joins the gathering of the full weights and optimizer state (keyed by parameter name, with
+        the ``policy.`` / ``value.`` prefixes of :class:`PolicyAndValue`)."""
         directory = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step}"
-        rng_states = rng_states_of_processes()  # a collective: every process takes part
+        rng_states = rng_states_of_processes()  # collectives: every process takes part
+        weights = gather_model_state(self.accelerator, self.networks)
+        optimizer = gather_optimizer_state(self.accelerator, self.networks, self.optimizer)
 
         def write(tmp: Path) -> None:
-            save_model(self._unwrapped_policy(), self.tokenizer, str(tmp), merge_lora=False)
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+            save_model(self._unwrapped_policy(), self.tokenizer, str(tmp), merge_lora=False,
+                       state_dict=submodule_state(weights, "policy"))
+            state = {"step": self.step, "optimizer": optimizer,
                      "scheduler": self.scheduler.state_dict(), "rng": rng_states[0],
                      "kl_controller": self.kl_controller.state_dict(), "ema": self.ema}
             if self.world > 1:
                 state["rng_per_process"] = rng_states
-            value = self.accelerator.unwrap_model(self.value) if self.value is not None else None
+            value, value_weights = self._unwrapped_value(), submodule_state(weights, "value")
             if isinstance(value, ValueHead):
-                state["value_head"] = value.state_dict()
+                state["value_head"] = value_weights if value_weights is not None else value.state_dict()
             elif value is not None:
-                value.save_pretrained(tmp / VALUE_DIR)
+                value.save_pretrained(tmp / VALUE_DIR, state_dict=value_weights)
             torch.save(state, tmp / STATE_FILE)
 
         if self.accelerator.is_main_process:
@@ -602,13 +674,17 @@ class PPOTrainer:
         if len(per_process) != self.world:
             raise TrainingError(f"ppo: {latest} was written by {len(per_process)} process(es) and holds each one's "
                                 f"sampling RNG state; resume it with {len(per_process)}, not {self.world}")
-        load_weights(self._unwrapped_policy(), latest)
-        value = self.accelerator.unwrap_model(self.value) if self.value is not None else None
+        check_optimizer_layout("ppo", latest, state["optimizer"], self.sharded)
+        load_weights(self._unwrapped_policy(), latest, state_loader(self.accelerator, self.networks, "policy"))
+        value = self._unwrapped_value()
         if isinstance(value, ValueHead):
-            value.load_state_dict(state["value_head"])
+            missing, unexpected = state_loader(self.accelerator, self.networks, "value")(state["value_head"])
+            if missing or unexpected:
+                raise TrainingError(f"{latest}: the value head does not match (missing {missing}, "
+                                    f"unexpected {unexpected})")
         elif value is not None:
-            load_weights(value, latest / VALUE_DIR)
-        self.optimizer.load_state_dict(state["optimizer"])
+            load_weights(value, latest / VALUE_DIR, state_loader(self.accelerator, self.networks, "value"))
+        load_optimizer_state(self.accelerator, self.networks, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.ema = state["ema"]
