@@ -154,17 +154,18 @@ def parity_check(size: str, policy_dir: str, reward_dir: str, prompts_path: str,
 
     rk = build_rlhfkit(policy_dir, reward_dir, prompts_path, str(workdir / f"parity-{size}-rlhfkit"), 1)
     tr = build_trl(policy_dir, reward_dir, prompts_path, str(workdir / f"parity-{size}-trl"), 1, beta=0.0)
-    rk_state, tr_state = rk.policy.state_dict(), tr.model.state_dict()
+    rk_policy = rk._unwrapped_policy()
+    rk_state, tr_state = rk_policy.state_dict(), tr.model.state_dict()
     if rk_state.keys() != tr_state.keys() or not all(torch.equal(rk_state[k], tr_state[k]) for k in rk_state):
         raise ParityError(f"{size}: the two libraries did not load the same policy weights")
     fixed = fixed_minibatch(rk.tokenizer, prompts_path)
     mask = fixed["response_mask"]
     with torch.no_grad():
-        current = policy_forward(rk.policy, fixed, 1.0)[0]
+        current = policy_forward(rk_policy, fixed, 1.0)[0]
     noise = torch.randn(current.shape, generator=torch.Generator().manual_seed(SEED + 1))
     old = (current + 0.3 * noise) * mask  # ratios between about 0.5 and 2: some tokens clip
     batch = {**fixed, "logprobs": old, "advantages": fixed["advantages"][:, None] * mask}
-    rk.policy.train()
+    rk_policy.train()
     rk_loss, _, rk_stats = rk._micro_loss(batch, None)
     rk_loss.backward()
 
@@ -185,7 +186,7 @@ def parity_check(size: str, policy_dir: str, reward_dir: str, prompts_path: str,
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
                                                            if p.grad is not None])))
 
-    rk_gn, tr_gn = grad_norm(rk.policy), grad_norm(tr.model)
+    rk_gn, tr_gn = grad_norm(rk_policy), grad_norm(tr.model)
     result = {"size": size, "rlhfkit_loss": rk_loss.item(), "trl_loss": tr_loss.item(),
               "abs_diff": abs(rk_loss.item() - tr_loss.item()), "clipfrac": rk_stats["policy/clipfrac_avg"],
               "rlhfkit_grad_norm": rk_gn, "trl_grad_norm": tr_gn, "tokens": int(mask.sum()),
