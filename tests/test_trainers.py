@@ -59,6 +59,16 @@ def test_eval_at_start_off_skips_only_the_step_0_evaluation(tmp_path, tokenizer_
     assert "eval/loss" in metrics
 
 
+def test_eval_every_need_not_be_a_multiple_of_log_every(tmp_path, tokenizer_dir, demo_files):
+    config = sft_config(tmp_path, tokenizer_dir, demo_files, "run", max_steps=6, log_every=4, eval_every=3,
+                        eval_at_start=False)
+    build_sft_trainer(config).train()
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if "eval/loss" in r] == [3, 6, 6]  # step 3 is no log step
+    assert [r["step"] for r in records if "loss" in r] == [4, 6]
+    assert "loss" not in next(r for r in records if r["step"] == 3)  # an evaluation of its own
+
+
 def test_training_lowers_held_out_loss(tmp_path, tokenizer_dir, demo_files):
     trainer = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "run", max_steps=30))
     before = trainer.evaluate()["eval/loss"]

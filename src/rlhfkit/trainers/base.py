@@ -514,16 +514,23 @@ class Trainer:
                 for name, value in self._stats_in_step.items():
                     window_stats[name] = window_stats.get(name, 0.0) + value
                     window_counts[name] = window_counts.get(name, 0) + self._stat_counts[name]
-                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                log_now = self.step % self.cfg.log_every == 0 or self.step == self.total_steps
+                record: dict[str, float] = {}
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     loss = window_loss / window_steps
-                    last = {"loss": loss, **({"ppl": math.exp(min(loss, 50.0))} if self.log_ppl else {}),
-                            **{name: total / window_counts[name] for name, total in window_stats.items()},
-                            "lr": self.scheduler.get_last_lr()[0], "grad_norm": self._grad_norm,
-                            "tokens_per_s": window_tokens / elapsed, "s_per_step": elapsed / window_steps}
-                    if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-                        last.update(self.evaluate())
-                    self._log(last)
+                    last = record = {
+                        "loss": loss, **({"ppl": math.exp(min(loss, 50.0))} if self.log_ppl else {}),
+                        **{name: total / window_counts[name] for name, total in window_stats.items()},
+                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": self._grad_norm,
+                        "tokens_per_s": window_tokens / elapsed, "s_per_step": elapsed / window_steps}
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:  # also between log steps
+                    evaluated = self.evaluate()
+                    record.update(evaluated)
+                    last.update(evaluated)
+                if record:
+                    self._log(record)
+                if log_now:
                     progress.update(task, status=f"loss {loss:.3f}")
                     window_loss, window_steps, window_tokens, window_stats, window_counts = 0.0, 0, 0, {}, {}
                     window_start = time.perf_counter()
