@@ -13,12 +13,11 @@ BASE=$MODELS/SmolLM2-135M-Instruct
 # 1. the pairs: the same seeded split as example 1 (300 held-out pairs, prompts disjoint from training)
 "$RLHFKIT" convert-data --layout hh --in "$DATA" --out $OUT/data/train.jsonl \
     --test-out $OUT/data/test.jsonl --test-size 300 --seed 0
-head -n 20 $OUT/data/test.jsonl > $OUT/data/test-20.jsonl   # the first 20 held-out pairs: evaluated on CPU
 
-# 2. DPO; data.eval (the held-out pairs) gives eval/rewards/accuracies at the end
+# 2. DPO; data.eval (the held-out pairs) gives eval/rewards/accuracies every 100 steps
 timed nice -n 5 "$RLHFKIT" dpo --config examples/hh-dpo-smollm2/dpo.yaml
 
 # 3. replies to held-out prompts before (the base model) and after DPO, greedy, side by side in eval/samples/
 RM=runs/examples/hh-reward-model/rm-minilm/final
-timed nice -n 5 "$RLHFKIT" eval --models base=$BASE,dpo=$OUT/dpo/final --prompts $OUT/data/test.jsonl --limit 4 \
-    --temperature 0 --max-new-tokens 48 --batch-size 4 --out $OUT/eval $( [ -d $RM ] && echo --reward-model $RM )
+timed nice -n 5 "$RLHFKIT" eval --models base=$BASE,dpo=$OUT/dpo/final --prompts $OUT/data/test.jsonl --limit 16 \
+    --temperature 0 --max-new-tokens 48 --batch-size 8 --out $OUT/eval $( [ -d $RM ] && echo --reward-model $RM )
