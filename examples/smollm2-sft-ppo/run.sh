@@ -20,7 +20,7 @@ timed nice -n 5 "$RLHFKIT" sft --config examples/smollm2-sft-ppo/sft.yaml
 # 3. PPO against the reward model of example 1, on hh-rlhf prompts
 timed nice -n 5 "$RLHFKIT" ppo --config examples/smollm2-sft-ppo/ppo.yaml
 
-# 4. SFT vs PPO on 4 held-out hh-rlhf prompts (neither the reward model nor PPO saw them): reward-model score,
+# 4. SFT vs PPO on 16 held-out hh-rlhf prompts (neither the reward model nor PPO saw them): reward-model score,
 #    win rate by the reward model, replies side by side in eval/samples/
 timed nice -n 5 "$RLHFKIT" eval --models sft=$OUT/sft/final,ppo=$OUT/ppo/final --prompts $HH/data/test.jsonl \
-    --limit 4 --temperature 0.7 --max-new-tokens 24 --batch-size 4 --reward-model $HH/rm-minilm/final --out $OUT/eval
+    --limit 16 --temperature 0.7 --max-new-tokens 24 --batch-size 8 --reward-model $HH/rm-minilm/final --out $OUT/eval
