@@ -25,7 +25,9 @@ seconds per step and the share of the CPUs other processes used meanwhile (the t
 the machine was busy; ``--threads 1`` gives steadier numbers on a shared machine).
 
 Each library keeps its own AdamW implementation: rlhfkit ``foreach=True``, TRL (transformers' default
-``optim="adamw_torch_fused"``) ``fused=True``; same hyper-parameters.
+``optim="adamw_torch_fused"``) ``fused=True``; same hyper-parameters. Each keeps its default batch order:
+rlhfkit groups examples of similar length (``train.group_by_length``), TRL samples at random;
+``--trl-group-by-length`` gives TRL its ``LengthGroupedSampler`` too.
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ def trl_dataset(tokenizer, train_path: str):
     return Dataset.from_dict({"prompt": prompts, "completion": [r["completion"] for r in rows]})
 
 
-def build_trl(model_dir: str, train_path: str, output_dir: str, max_steps: int, callbacks=()):
+def build_trl(model_dir: str, train_path: str, output_dir: str, max_steps: int, callbacks=(),
+              group_by_length: bool = False):
+    """TRL's SFTTrainer; ``group_by_length``: its ``LengthGroupedSampler`` (off in TRL by default; rlhfkit's
+    ``train.group_by_length``, on by default, does the same)."""
     from transformers import AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -102,6 +107,7 @@ def build_trl(model_dir: str, train_path: str, output_dir: str, max_steps: int, 
         bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, packing=False, padding_free=False,
         dataloader_num_workers=0, dataloader_pin_memory=False, torch_compile=False,
         model_init_kwargs={"dtype": "float32"},
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
         max_length=MAX_LENGTH, completion_only_loss=True,
         eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=1,
         report_to="none", disable_tqdm=True,
@@ -256,7 +262,8 @@ def run_child(spec: dict) -> dict:
                 step_done(now, self.trainer._total_train_tokens - previous)
 
         timer = StepTimer()
-        trainer = build_trl(spec["model_dir"], spec["train_path"], spec["output_dir"], total, [timer])
+        trainer = build_trl(spec["model_dir"], spec["train_path"], spec["output_dir"], total, [timer],
+                            spec.get("trl_group_by_length", False))
         timer.trainer = trainer
         rss_start = common.current_rss_mib()
         trainer.train()
@@ -327,6 +334,8 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2,
                         help="re-run a run during which other processes used over 10%% of the CPUs, this many times")
     parser.add_argument("--threads", type=int, help="torch threads in every run (default: torch's, one per core)")
+    parser.add_argument("--trl-group-by-length", action="store_true",
+                        help="TRL with train_sampling_strategy='group_by_length' (rlhfkit groups by length by default)")
     parser.add_argument("--json", help="also write all raw results to this file")
     parser.add_argument("--workdir", help="keep data, models and run directories here (default: a temp dir)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -385,7 +394,7 @@ def main() -> None:
                         run = common.spawn_child(__file__, {
                             "lib": lib, "size": size, "model_dir": models[size][0], "train_path": data.train_path,
                             "output_dir": str(out), "warmup": args.warmup, "steps": steps[size],
-                            "threads": args.threads})
+                            "threads": args.threads, "trl_group_by_length": args.trl_group_by_length})
                         shutil.rmtree(out, ignore_errors=True)
                         print(f"  pair {pair + 1} {lib:<8} {run['s_per_step']:.4f} s/step  "
                               f"{run['tokens_per_s']:8.0f} tokens/s  peak RSS {run['peak_rss_mib']:.0f} MiB  "
@@ -403,7 +412,8 @@ def main() -> None:
             meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": common.cpu_model(),
                     "cpus": os.cpu_count(), "versions": common.versions("torch", "transformers", "trl",
                                                                        "accelerate", "datasets", "rlhfkit"),
-                    "batch_size": BATCH_SIZE, "warmup": args.warmup, "steps": steps, "pairs": args.pairs,
+                    "batch_size": BATCH_SIZE, "trl_group_by_length": args.trl_group_by_length,
+                    "warmup": args.warmup, "steps": steps, "pairs": args.pairs,
                     "data": data.__dict__}
             Path(args.json).write_text(json.dumps({"meta": meta, "parity": parity, "results": results}, indent=1))
     finally:

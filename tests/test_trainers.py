@@ -1,4 +1,5 @@
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import SFTConfig, load_config
 from rlhfkit.data.readers import write_jsonl
-from rlhfkit.trainers.base import NONFINITE_FILE, TrainingError, checkpoints, read_metrics
+from rlhfkit.trainers.base import NONFINITE_FILE, TrainingError, checkpoints, epoch_order, read_metrics
 from rlhfkit.trainers.sft import build_sft_trainer
 
 
@@ -123,9 +124,9 @@ def test_non_finite_loss_stops_with_step_and_stage(tmp_path, tokenizer_dir, demo
         trainer.train()
     assert [p.name for p in checkpoints(tmp_path / "nan")] == ["checkpoint-2"]
     record = json.loads((tmp_path / "nan" / NONFINITE_FILE).read_text())
-    order = torch.randperm(64, generator=torch.Generator().manual_seed(trainer.cfg.seed * 100_003))
+    order = epoch_order(64, 8, trainer.cfg.seed * 100_003, trainer.lengths)
     assert record == {"stage": "sft", "step": 3, "what": "loss (nan)",
-                      "example_positions": sorted(order[16:24].tolist())}  # the third batch of epoch 0
+                      "example_positions": sorted(order[16:24])}  # the third batch of epoch 0
 
 
 def test_non_finite_gradient_stops_before_the_update(tmp_path, tokenizer_dir, demo_files):
@@ -201,3 +202,42 @@ def test_a_metric_is_averaged_over_the_micro_batches_that_report_it(tmp_path, to
     last = [row for row in read_metrics(tmp_path / "stats") if "loss" in row][-1]
     assert last["sometimes"] == pytest.approx(4.0)
     assert last["always"] == pytest.approx(2.5)
+
+
+def _padding(order, lengths, batch_size):
+    """Padded positions when the batches of ``order`` are each padded to their longest example."""
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_epoch_order_without_lengths_is_the_seeded_permutation():
+    assert epoch_order(10, 4, seed=7) == torch.randperm(10, generator=torch.Generator().manual_seed(7)).tolist()
+
+
+def test_epoch_order_grouped_by_length_cuts_padding_and_keeps_the_last_partial_batch():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 100) for _ in range(1003)]
+    grouped = epoch_order(1003, 8, seed=3, lengths=lengths)
+    plain = epoch_order(1003, 8, seed=3)
+    assert sorted(grouped) == list(range(1003))  # every example once
+    assert grouped[-3:] == plain[-3:]  # the partial batch is the permutation's tail, as without grouping
+    assert grouped == epoch_order(1003, 8, seed=3, lengths=lengths)  # a function of the seed alone
+    assert grouped != epoch_order(1003, 8, seed=4, lengths=lengths)
+    assert _padding(grouped, lengths, 8) < 0.1 * _padding(plain, lengths, 8)
+    batches = [grouped[i:i + 8] for i in range(0, 1000, 8)]
+    for batch in batches:  # each batch sorted longest first, and all its members from one group of 50 batches
+        assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+        assert len({plain.index(i) // (8 * 50) for i in batch}) == 1
+    first_lengths = [lengths[b[0]] for b in batches]
+    assert first_lengths != sorted(first_lengths, reverse=True)  # the batches themselves are shuffled
+
+
+def test_group_by_length_changes_only_the_order(tmp_path, tokenizer_dir, demo_files):
+    grouped = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "grouped"))
+    plain = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "plain", group_by_length=False))
+    assert grouped.lengths == [len(e.input_ids) for e in grouped.train_examples] and plain.lengths is None
+    first_grouped, _ = next(grouped._micro_batches(0))
+    first_plain, _ = next(plain._micro_batches(0))
+    assert first_plain == epoch_order(64, 8, seed=0)[:8]
+    widths = [len(grouped.train_examples[i].input_ids) for i in first_grouped]
+    assert widths == sorted(widths, reverse=True)

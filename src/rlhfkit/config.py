@@ -98,6 +98,8 @@ class TrainConfig(Section):
     batch_size: int = Field(8, gt=0)
     eval_batch_size: int | None = Field(None, gt=0)
     grad_accum: int = Field(1, gt=0)
+    # batches of examples of similar length (less padding; see rlhfkit.trainers.base.epoch_order)
+    group_by_length: bool = True
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.95)

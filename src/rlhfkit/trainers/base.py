@@ -6,8 +6,9 @@ mixed precision where the device has it, evaluation, a progress bar, ``metrics.j
 checkpoints with optimizer/scheduler/RNG state, exact resume, and a plain HF ``final/`` model.
 
 Data order is a pure function of (seed, micro-batch index): micro-batch ``i`` is slice
-``i % n_batches`` of the permutation drawn for epoch ``i // n_batches``. Resuming at optimizer step
-``s`` therefore continues at micro-batch ``s * grad_accum`` with nothing but ``s`` saved.
+``i % n_batches`` of the order drawn for epoch ``i // n_batches`` (:func:`epoch_order`: a seeded
+permutation, by default grouped by length so that a micro-batch holds little padding). Resuming at
+optimizer step ``s`` therefore continues at micro-batch ``s * grad_accum`` with nothing but ``s`` saved.
 
 Data parallelism (``torchrun`` / ``accelerate launch`` with N processes): ``train.batch_size`` is the
 global batch. Process ``r`` takes examples ``r, r + N, ...`` of each micro-batch, and its loss is
@@ -55,11 +56,36 @@ CHECKPOINT_PREFIX = "checkpoint-"
 UNTESTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 STATE_FILE = "trainer_state.pt"
 NONFINITE_FILE = "nonfinite_batch.json"  # written when a non-finite loss or gradient stops a run
+LENGTH_GROUP_BATCHES = 50  # micro-batches per length-sorted group of :func:`epoch_order` (as transformers' 50)
 
 # (model, batch) -> (loss to minimise, number of units it averages over[, {metric name: batch value}])
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple]
 # (model, eval examples) -> {metric name: value}; logged with an ``eval/`` prefix
 EvalFn = Callable[[torch.nn.Module, Sequence[Any]], dict[str, float]]
+
+
+def epoch_order(n_examples: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None) -> list[int]:
+    """The order of the training examples in one epoch, from ``seed`` alone.
+
+    Without ``lengths``: a random permutation. With them, grouped by length (the bucketing of
+    fairseq and of transformers' ``LengthGroupedSampler``): the permutation's full batches are cut into
+    groups of :data:`LENGTH_GROUP_BATCHES` batches, each group is sorted by length (longest first) and
+    cut into batches again, and the batches are shuffled; a last partial batch stays last. Which
+    examples meet in a batch and the order of the batches stay random, but a batch holds examples of
+    similar lengths, so little of it is padding.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    if lengths is None:
+        return order
+    full = n_examples // batch_size * batch_size
+    group = batch_size * LENGTH_GROUP_BATCHES
+    batches = []
+    for start in range(0, full, group):
+        members = sorted(order[start:min(start + group, full)], key=lambda i: -lengths[i])
+        batches += [members[b:b + batch_size] for b in range(0, len(members), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]] + order[full:]
 
 
 class TrainingError(RuntimeError):
@@ -376,19 +402,23 @@ class Trainer:
     (e.g. a reward model's ``accuracy``), averaged over the logging window and logged with the loss.
     ``eval_fn(model, eval_examples)``, when given, replaces the default evaluation (token-weighted loss
     and perplexity) with the stage's own metrics; ``log_ppl=False`` leaves perplexity out of the logs
-    of stages whose loss is not a language-model loss.
+    of stages whose loss is not a language-model loss. ``example_length(example)`` is the width of the
+    row(s) the collator pads an example into (default: ``len(example.input_ids)``), by which
+    ``train.group_by_length`` groups the batches.
     """
 
     def __init__(self, *, stage: str, config: BaseModel, train: TrainConfig, model: torch.nn.Module,
                  tokenizer: PreTrainedTokenizerBase, train_examples: Sequence[Any],
                  eval_examples: Sequence[Any] = (), collator: Callable, loss_fn: LossFn,
-                 eval_fn: EvalFn | None = None, log_ppl: bool = True):
+                 eval_fn: EvalFn | None = None, log_ppl: bool = True,
+                 example_length: Callable[[Any], int] = lambda example: len(example.input_ids)):
         if not train_examples:
             raise TrainingError(f"{stage}: no training examples")
         self.stage, self.config, self.cfg = stage, config, train
         self.tokenizer, self.collator, self.loss_fn = tokenizer, collator, loss_fn
         self.eval_fn, self.log_ppl = eval_fn, log_ppl
         self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
+        self.lengths = [example_length(e) for e in self.train_examples] if train.group_by_length else None
         self.run_dir = Path(train.output_dir)
         set_seed(train.seed)  # dropout and any sampling draw from the global RNG (restored on resume)
         self.accelerator = make_accelerator(train.mixed_precision)
@@ -419,11 +449,13 @@ class Trainer:
     def _micro_batches(self, start: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
         """(training-set positions, micro-batch) from index ``start`` on, in the seeded order (module docstring)."""
         index = start
+        order_epoch, order = None, []
         while True:
             epoch, position = divmod(index, self.n_batches)
-            order = torch.randperm(len(self.train_examples),
-                                   generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
-            chunk = order[position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size].tolist()
+            if epoch != order_epoch:
+                order_epoch, order = epoch, epoch_order(len(self.train_examples), self.cfg.batch_size,
+                                                        self.cfg.seed * 100_003 + epoch, self.lengths)
+            chunk = order[position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size]
             share = chunk[self.accelerator.process_index::self.world]
             batch = self.collator([self.train_examples[i] for i in share])
             yield chunk, {k: v.to(self.accelerator.device) for k, v in batch.items()}

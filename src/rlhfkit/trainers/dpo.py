@@ -105,6 +105,11 @@ class PreferenceCollator:
     def __init__(self, pad_token_id: int, *, share_prompt: bool = True):
         self.pad_token_id, self.share_prompt = pad_token_id, share_prompt
 
+    def row_width(self, example: PreferenceExample) -> int:
+        """The width of the widest row ``example`` is laid out in."""
+        widths = [len(r) for r in example.responses]
+        return len(example.prompt) + (sum(widths) if self.share_prompt else max(widths))
+
     def _rows(self, examples: Sequence[PreferenceExample]):
         """(ids, positions, segments, [(column, predictor column, response index)]) per row, unpadded."""
         rows, seq = [], 0
@@ -557,7 +562,7 @@ def build_dpo_trainer(config: DPOConfig, console: Console | None = None) -> Trai
     loss_fn = PreferenceLoss(config.dpo, reference)
     trainer = Trainer(stage="dpo", config=config, train=config.train, model=model, tokenizer=tokenizer,
                       train_examples=splits["train"], eval_examples=splits.get("eval", ()), collator=collator,
-                      loss_fn=loss_fn, log_ppl=False)
+                      loss_fn=loss_fn, log_ppl=False, example_length=collator.row_width)
     if reference is not None:
         reference.to(trainer.accelerator.device)
     loss_fn.autocast = trainer.accelerator.autocast

@@ -247,7 +247,7 @@ class RewardTrainer:
             collator=self.collator, loss_fn=make_loss_fn(config.reward, decoder=self.decoder),
             eval_fn=make_eval_fn(self.collator, decoder=self.decoder, batch_size=self.eval_batch_size,
                                  reward=config.reward),
-            log_ppl=False)
+            log_ppl=False, example_length=lambda example: max(map(len, example.sequences)))
 
     def _read(self, path: str) -> list[RankingRecord]:
         return read_records(path, "ranking", split=self.config.data.split, limit=self.config.data.limit)
