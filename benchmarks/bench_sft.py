@@ -62,7 +62,7 @@ LIBS = ("rlhfkit", "trl")
 
 
 # ---- the two trainers, configured for the same work ---------------------------------------------------
-def build_rlhfkit(model_dir: str, train_path: str, output_dir: str, max_steps: int):
+def build_rlhfkit(model_dir: str, train_path: str, output_dir: str, max_steps: int, torch_compile: bool = False):
     from rich.console import Console
 
     from rlhfkit.config import SFTConfig, load_config
@@ -74,7 +74,8 @@ def build_rlhfkit(model_dir: str, train_path: str, output_dir: str, max_steps: i
         "train": {"output_dir": output_dir, "seed": SEED, "batch_size": BATCH_SIZE, "grad_accum": 1,
                   "lr": LR, "adam_betas": list(BETAS), "weight_decay": 0.0, "scheduler": "constant",
                   "warmup_steps": 0, "max_grad_norm": 1.0, "max_steps": max_steps, "mixed_precision": "no",
-                  "gradient_checkpointing": False, "log_every": 1, "eval_every": None, "save_every": None,
+                  "gradient_checkpointing": False, "torch_compile": torch_compile, "log_every": 1,
+                  "eval_every": None, "save_every": None,
                   "resume": False, "progress": False}})
     return build_sft_trainer(config, console=Console(stderr=True))
 
@@ -223,7 +224,8 @@ def run_child(spec: dict) -> dict:
             peak["rss"] = common.peak_rss_mib()
 
     if spec["lib"] == "rlhfkit":
-        trainer = build_rlhfkit(spec["model_dir"], spec["train_path"], spec["output_dir"], total)
+        trainer = build_rlhfkit(spec["model_dir"], spec["train_path"], spec["output_dir"], total,
+                                spec.get("torch_compile", False))
         optimizer_step = trainer._optimizer_step
         counter = common.StepFlops(trainer)
 
@@ -278,7 +280,8 @@ def run_child(spec: dict) -> dict:
     timed_tokens = sum(tokens[warmup:])
     return {"lib": spec["lib"], "size": spec["size"], "steps": steps, "s_per_step": elapsed / steps,
             "tokens_per_s": timed_tokens / elapsed, "tokens_per_step": timed_tokens / steps,
-            "inner_s_per_step": sum(inner[warmup:]) / steps, "peak_rss_mib": peak["rss"],
+            "inner_s_per_step": sum(inner[warmup:]) / steps, "warmup_s": sum(inner[:warmup]),
+            "peak_rss_mib": peak["rss"],
             "other_cpu": common.foreign_load(cpu["start"], cpu["end"], elapsed),
             "cpu_s_per_step": (cpu["end"][1] - cpu["start"][1]) / steps, "threads": torch.get_num_threads(),
             "rss_at_train_start_mib": rss_start, "peak_rss_at_exit_mib": common.peak_rss_mib(), **extra}
@@ -336,6 +339,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads in every run (default: torch's, one per core)")
     parser.add_argument("--trl-group-by-length", action="store_true",
                         help="TRL with train_sampling_strategy='group_by_length' (rlhfkit groups by length by default)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="rlhfkit with train.torch_compile (compiled in the warm-up steps; TRL stays eager)")
     parser.add_argument("--json", help="also write all raw results to this file")
     parser.add_argument("--workdir", help="keep data, models and run directories here (default: a temp dir)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -394,7 +399,8 @@ def main() -> None:
                         run = common.spawn_child(__file__, {
                             "lib": lib, "size": size, "model_dir": models[size][0], "train_path": data.train_path,
                             "output_dir": str(out), "warmup": args.warmup, "steps": steps[size],
-                            "threads": args.threads, "trl_group_by_length": args.trl_group_by_length})
+                            "threads": args.threads, "trl_group_by_length": args.trl_group_by_length,
+                            "torch_compile": args.torch_compile})
                         shutil.rmtree(out, ignore_errors=True)
                         print(f"  pair {pair + 1} {lib:<8} {run['s_per_step']:.4f} s/step  "
                               f"{run['tokens_per_s']:8.0f} tokens/s  peak RSS {run['peak_rss_mib']:.0f} MiB  "
@@ -413,6 +419,7 @@ def main() -> None:
                     "cpus": os.cpu_count(), "versions": common.versions("torch", "transformers", "trl",
                                                                        "accelerate", "datasets", "rlhfkit"),
                     "batch_size": BATCH_SIZE, "trl_group_by_length": args.trl_group_by_length,
+                    "torch_compile": args.torch_compile,
                     "warmup": args.warmup, "steps": steps, "pairs": args.pairs,
                     "data": data.__dict__}
             Path(args.json).write_text(json.dumps({"meta": meta, "parity": parity, "results": results}, indent=1))

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import PPOConfig, load_config
-from rlhfkit.trainers.base import read_metrics
+from rlhfkit.trainers.base import TrainingError, read_metrics
 from rlhfkit.trainers.ppo import PPOTrainer, response_masks, truncate_at_stop
 
 
@@ -42,6 +42,11 @@ OPTIONS = {
     "grpo-lora-ptx": ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "model.lora.r=4", "ppo.ptx_coef=0.5",
                       "train.grad_accum=2"],
 }
+
+
+def test_torch_compile_is_refused_with_a_message(ppo_setup):
+    with pytest.raises(TrainingError, match="ppo: train.torch_compile is not supported yet"):
+        PPOTrainer(ppo_config(ppo_setup, "compile", "train.torch_compile=true"))
 
 
 @pytest.mark.parametrize("name", OPTIONS)

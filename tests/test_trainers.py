@@ -13,7 +13,14 @@ from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import SFTConfig, load_config
 from rlhfkit.data.readers import write_jsonl
-from rlhfkit.trainers.base import NONFINITE_FILE, TrainingError, checkpoints, epoch_order, read_metrics
+from rlhfkit.trainers.base import (
+    NONFINITE_FILE,
+    TrainingError,
+    checkpoints,
+    compile_repeated_blocks,
+    epoch_order,
+    read_metrics,
+)
 from rlhfkit.trainers.sft import build_sft_trainer
 
 
@@ -241,3 +248,24 @@ def test_group_by_length_changes_only_the_order(tmp_path, tokenizer_dir, demo_fi
     assert first_plain == epoch_order(64, 8, seed=0)[:8]
     widths = [len(grouped.train_examples[i].input_ids) for i in first_grouped]
     assert widths == sorted(widths, reverse=True)
+
+
+def test_torch_compile_compiles_each_layer_and_trains_like_eager(tmp_path, tokenizer_dir, demo_files):
+    eager = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "eager", max_steps=3))
+    compiled = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "compiled", max_steps=3,
+                                            torch_compile=True))
+    layers = compiled.accelerator.unwrap_model(compiled.model).model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert eager.accelerator.unwrap_model(eager.model).model.layers[0]._compiled_call_impl is None
+    eager.train()
+    compiled.train()
+    losses = [[r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r] for name in ("eager", "compiled")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert a.keys() == b.keys()  # the saved model has the plain layout
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_compile_repeated_blocks_falls_back_to_the_whole_model():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert compile_repeated_blocks(model) == 1 and model._compiled_call_impl is not None

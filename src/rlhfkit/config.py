@@ -108,6 +108,9 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    # torch.compile each repeated block (rlhfkit.trainers.base.compile_repeated_blocks); off by default: the
+    # compile takes about a minute on a CPU and pays back only on long runs (figures in benchmarks/README.md)
+    torch_compile: bool = False
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0)
     # evaluate before the first step too (the start of the eval curve); off saves an eval pass whose result is

@@ -296,6 +296,20 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def compile_repeated_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` (inductor, dynamic shapes), in place, each block ``model`` repeats: the modules of the
+    classes its ``_no_split_modules`` name (a decoder layer). Regional compilation: the layers share one compiled
+    graph, so the compile costs one layer, and varying batch shapes do not recompile. ``nn.Module.compile``
+    leaves the weights and state-dict keys as they are. A model that names no block is compiled whole.
+    Returns the number of modules compiled.
+    """
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    blocks = [module for module in model.modules() if type(module).__name__ in names] or [model]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def refuse_lora_under_fsdp(stage: str, model: torch.nn.Module, sharded: bool) -> None:
     """Stop a run of ``stage`` that would train a LoRA ``model`` under FSDP (untested)."""
     if sharded and hasattr(model, "merge_and_unload"):
@@ -431,6 +445,10 @@ class Trainer:
         if train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        if train.torch_compile:
+            if self.sharded:
+                raise TrainingError(f"{stage}: train.torch_compile under FSDP is not supported yet (untested)")
+            compile_repeated_blocks(model)
         full, rest = divmod(len(self.train_examples), train.batch_size)
         self.n_batches = full + (rest >= self.world)  # every process needs an example of the last batch
         if self.n_batches == 0:

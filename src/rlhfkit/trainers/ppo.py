@@ -272,6 +272,9 @@ class PPOTrainer:
 
         if config.train.max_steps is None:
             raise TrainingError("ppo: set train.max_steps (the number of PPO iterations)")
+        if config.train.torch_compile:
+            raise TrainingError("ppo: train.torch_compile is not supported yet (untested with the rollout's generate; "
+                                "pretrain, sft, rm and dpo take it)")
         self.config, self.cfg, self.ppo = config, config.train, config.ppo
         self.console = console or Console(stderr=True)
         self.run_dir = Path(config.train.output_dir)
