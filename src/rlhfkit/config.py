@@ -109,7 +109,7 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     # torch.compile each repeated block (rlhfkit.trainers.base.compile_repeated_blocks); off by default: the
-    # compile takes about a minute on a CPU and pays back only on long runs (figures in benchmarks/README.md)
+    # compile takes 10-60 s on a CPU and gains little on length-grouped batches (README, Performance)
     torch_compile: bool = False
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0)
