@@ -23,8 +23,8 @@ DDP, and FSDP2 (torch ``fully_shard``, each process holding a shard of the weigh
 optimizer state). Under FSDP every process joins the gathering of the full model and optimizer state for
 a checkpoint and for ``final/``, process 0 writes them in the layout of a run without FSDP (but the
 optimizer state keyed by parameter name, so such a checkpoint resumes under FSDP only), and resume shards
-them again; 2 FSDP processes train the same model as 1 process (tested on CPU with gloo). LoRA under
-FSDP, FSDP version 1, DeepSpeed and Megatron-LM are refused: untested.
+them again; 2 FSDP processes train the same model as 1 process (tested on CPU with gloo). LoRA and
+``train.torch_compile`` under FSDP, FSDP version 1, DeepSpeed and Megatron-LM are refused: untested.
 """
 
 from __future__ import annotations
