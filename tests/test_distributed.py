@@ -192,6 +192,9 @@ def test_untested_engines_are_refused(monkeypatch, tmp_path, tokenizer_dir, task
     lora = load_config(SFTConfig, base={**sft, "model": {**sft["model"], "lora": {"r": 4}}})
     with pytest.raises(base.TrainingError, match="LoRA under FSDP is not supported yet"):
         build_sft_trainer(lora)
+    compiled = load_config(SFTConfig, base={**sft, "train": {**sft["train"], "torch_compile": True}})
+    with pytest.raises(base.TrainingError, match="sft: train.torch_compile under FSDP is not supported yet"):
+        build_sft_trainer(compiled)
     with pytest.raises(base.TrainingError, match="ppo: LoRA under FSDP is not supported yet"):
         PPOTrainer(ppo_config(ppo_setup, "refused", "model.lora.r=4"))
     with pytest.raises(base.TrainingError, match="ppo: ppo.ema_decay under FSDP is not supported yet"):

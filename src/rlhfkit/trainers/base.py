@@ -439,6 +439,8 @@ class Trainer:
         self.world = self.accelerator.num_processes
         self.sharded = is_sharded(self.accelerator)
         refuse_lora_under_fsdp(stage, model, self.sharded)
+        if train.torch_compile and self.sharded:
+            raise TrainingError(f"{stage}: train.torch_compile under FSDP is not supported yet (untested)")
         if train.batch_size % self.world:
             raise TrainingError(f"{stage}: train.batch_size ({train.batch_size}) is the global batch and must be a "
                                 f"multiple of the number of processes ({self.world})")
@@ -446,8 +448,6 @@ class Trainer:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
         if train.torch_compile:
-            if self.sharded:
-                raise TrainingError(f"{stage}: train.torch_compile under FSDP is not supported yet (untested)")
             compile_repeated_blocks(model)
         full, rest = divmod(len(self.train_examples), train.batch_size)
         self.n_batches = full + (rest >= self.world)  # every process needs an example of the last batch
