@@ -267,6 +267,50 @@ def score(
     console.print_json(json.dumps(summary))
 
 
+@app.command("best-of-n")
+@_fail_cleanly
+def best_of_n(
+    model: Annotated[str, typer.Option(help="Policy directory (HF format), e.g. runs/sft/final.")],
+    reward_model: Annotated[str, typer.Option(help="Reward model directory that picks, e.g. runs/rm/final.")],
+    prompts: Annotated[Path, typer.Option(help="Prompt records: JSONL, JSON, parquet, CSV or dataset dir.")],
+    out: Annotated[Path, typer.Option(help="Output JSONL: {prompt, completion, reward, n} per prompt.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Completions sampled per prompt; the best is kept.")] = 16,
+    max_new_tokens: int = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding (all n would be equal).")] = 1.0,
+    top_p: float = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per generate() and reward-model call.")] = 32,
+    seed: int = 0,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+) -> None:
+    """Best-of-n: sample n completions per prompt, keep the one the reward model scores highest.
+
+    The output is SFT data (prompt + completion), for rejection-sampling fine-tuning as in Llama 2:
+    `rlhfkit sft --set data.train=best.jsonl`. Its KL to the policy is log n - (n - 1) / n."""
+    from rlhfkit.data.readers import read_records, write_jsonl
+    from rlhfkit.evaluate.overoptimisation import best_of_n_kl
+    from rlhfkit.models.load import load_causal_lm
+    from rlhfkit.models.reward import load_for_scoring
+    from rlhfkit.rollout.best_of_n import sample_best_of_n
+    from rlhfkit.rollout.generate import SamplingConfig
+
+    records = read_records(prompts, "prompt", limit=limit)
+    policy, tok = load_causal_lm(ModelConfig(name_or_path=model))
+    scorer = load_for_scoring(reward_model)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, batch_size=batch_size)
+    with console.status(f"sampling {len(records)} prompts x {n} and scoring them"):
+        picks = sample_best_of_n(policy, tok, scorer, [r.prompt for r in records], n, sampling, seed=seed,
+                                 score_batch_size=batch_size)
+    rows = [{"prompt": r.prompt, "completion": pick.text, "reward": pick.score, "n": n,
+             **({"id": r.id} if r.id is not None else {})} for r, pick in zip(records, picks, strict=True)]
+    count = write_jsonl(out, rows)
+    every = [s for pick in picks for s in pick.scores]
+    console.print(f"{count} best-of-{n} completions written to {out}")
+    console.print_json(json.dumps({"prompts": count, "n": n, "reward/best_mean": sum(p.score for p in picks) / count,
+                                   "reward/sample_mean": sum(every) / len(every), "kl_analytic": best_of_n_kl(n)}))
+
+
 @app.command()
 @_fail_cleanly
 def ppo(config: ConfigOption = None, set_: SetOption = None) -> None:
@@ -307,6 +351,8 @@ def evaluate(
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.7,
     batch_size: int = 32,
     seed: int = 0,
+    best_of_n: Annotated[int, typer.Option(min=0, help="Also a '<baseline>-bo<N>' row: best-of-N of the baseline "
+                                                       "picked by --reward-model, with the analytic KL.")] = 0,
 ) -> None:
     """Compare models on the same prompts: gold judge, reward model, KL to a reference, win rates."""
     from rlhfkit.data.readers import read_records, read_texts, write_jsonl
@@ -317,6 +363,8 @@ def evaluate(
     named = _named_models(models)
     if baseline is not None and baseline not in named:
         raise ConfigError(f"--baseline {baseline!r} is not one of --models ({', '.join(named)})")
+    if best_of_n and not reward_model:
+        raise ConfigError("--best-of-n needs --reward-model (it picks the best of the N samples)")
     try:
         judge = get_task(task) if task else None
     except ValueError as error:
@@ -325,7 +373,8 @@ def evaluate(
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
     report, samples = evaluate_models(named, [r.prompt for r in records], sampling, task=judge,
                                       reward_model=reward_model, reference=reference, baseline=baseline,
-                                      heldout_texts=read_texts(heldout_text) if heldout_text else (), seed=seed)
+                                      heldout_texts=read_texts(heldout_text) if heldout_text else (), seed=seed,
+                                      best_of_n=best_of_n)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     for name, rows in samples.items():

@@ -119,6 +119,14 @@ class EvalStage(Section):
     # > 0: also sample this many completions per prompt from the reference and check how often the reward
     # model orders them as the task's gold judge does
     rm_gold_samples: int = Field(0, ge=0)
+    # > 0: also a "<baseline>-bo<N>" row: best-of-N of the baseline picked by the reward model (analytic KL)
+    best_of_n: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _best_of_n_needs_a_reward_model(self) -> EvalStage:
+        if self.best_of_n and not self.reward_model:
+            raise ValueError("eval.best_of_n needs eval.reward_model (it picks the best of the n samples)")
+        return self
 
 
 class ReportStage(Section):
@@ -405,7 +413,7 @@ def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, c
     report, samples = evaluate_models(models, prompts, sampling, task=task, reward_model=section.reward_model,
                                       reference=section.reference, baseline=section.baseline,
                                       heldout_texts=read_texts(section.heldout_text) if section.heldout_text else (),
-                                      seed=config.seed)
+                                      seed=config.seed, best_of_n=section.best_of_n)
     shutil.rmtree(runner.out_dir / "samples", ignore_errors=True)  # no stale samples of models left out now
     for name, rows in samples.items():
         write_jsonl(runner.out_dir / "samples" / f"{name}.jsonl", rows)

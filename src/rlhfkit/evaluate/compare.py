@@ -10,6 +10,11 @@ Every model samples one completion per prompt with the same sampling settings an
 * ``eos_rate``, ``length/tokens``, ``distinct/1``, ``distinct/2`` (diversity);
 * ``heldout/ppl``: perplexity on held-out raw text, when given (the alignment tax).
 
+With ``best_of_n = N`` and a reward model, one more row, ``<baseline>-bo<N>``: best-of-N of the baseline
+policy picked by the reward model (an independent draw, seed + 1), judged like the others. Its ``kl`` is the
+analytic ``log N - (N - 1) / N`` to the baseline policy (``kl_analytic: true``), the reference's KL when, as
+usual, the baseline is the reference.
+
 Win rates (:func:`rlhfkit.evaluate.metrics.win_rate`) of every model against a baseline, judged by the
 gold judge and by the reward model, with bootstrap intervals.
 """
@@ -26,8 +31,10 @@ from rlhfkit.algorithms.logprobs import sequence_logprobs
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.collators import Example, PadCollator, encode_prompt
 from rlhfkit.evaluate.metrics import distinct_n, win_rate
+from rlhfkit.evaluate.overoptimisation import best_of_n_kl
 from rlhfkit.models.load import load_causal_lm, position_ids_from_mask
 from rlhfkit.models.reward import load_for_scoring, score_texts
+from rlhfkit.rollout.best_of_n import sample_best_of_n
 from rlhfkit.rollout.generate import Generation, SamplingConfig, generate
 from rlhfkit.tasks.base import Task
 
@@ -82,10 +89,11 @@ def _stderr(values: Sequence[float]) -> float:
 def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: SamplingConfig, *,
                     task: Task | None = None, reward_model: str | None = None, reference: str | None = None,
                     baseline: str | None = None, heldout_texts: Sequence[str] = (),
-                    seed: int = 0) -> tuple[dict, dict[str, list[dict]]]:
+                    seed: int = 0, best_of_n: int = 0) -> tuple[dict, dict[str, list[dict]]]:
     """Sample, judge and compare ``models`` (name -> checkpoint directory) on ``prompts``.
 
-    With ``heldout_texts`` (raw text the models were not trained on) each model's ``heldout/ppl`` too.
+    With ``heldout_texts`` (raw text the models were not trained on) each model's ``heldout/ppl`` too. With
+    ``best_of_n > 0`` (needs ``reward_model``) the ``<baseline>-bo<N>`` row of the module docstring too.
 
     Returns ``(report, samples)``: ``report["models"][name]`` holds the metrics of the module docstring,
     ``report["win_rates"][name]`` the win rates against ``baseline`` (default: the first model) by
@@ -96,14 +104,25 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
     baseline = baseline or next(iter(models))
     if baseline not in models:
         raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(models)}")
+    runs = [(name, path, 0) for name, path in models.items()]
+    if best_of_n > 0:
+        if not reward_model:
+            raise ValueError("best_of_n needs a reward model to pick the best of the samples")
+        if f"{baseline}-bo{best_of_n}" in models:
+            raise ValueError(f"a model is already named {baseline}-bo{best_of_n}, the best-of-n row's name")
+        runs.append((f"{baseline}-bo{best_of_n}", models[baseline], best_of_n))
     scorer = load_for_scoring(reward_model) if reward_model else None
     ref = load_causal_lm(ModelConfig(name_or_path=reference))[0] if reference else None
     temperature = sampling.temperature or 1.0
     report: dict = {"prompts": len(prompts), "baseline": baseline, "models": {}, "win_rates": {}}
     samples: dict[str, list[dict]] = {}
-    for name, path in models.items():
+    for name, path, n in runs:
         model, tokenizer = load_causal_lm(ModelConfig(name_or_path=path))
-        generations = generate(model, tokenizer, prompts, sampling, seed=seed)
+        if n:
+            generations = [pick.best for pick in sample_best_of_n(model, tokenizer, scorer, prompts, n, sampling,
+                                                                  seed=seed + 1)]
+        else:
+            generations = generate(model, tokenizer, prompts, sampling, seed=seed)
         texts = [g.text for g in generations]
         rows = [{"prompt": p, "completion": t} for p, t in zip(prompts, texts, strict=True)]
         metrics = {"eos_rate": sum(g.finished for g in generations) / len(generations),
@@ -119,15 +138,17 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
             metrics["rm/score"] = sum(rewards) / len(rewards)
             for row, value in zip(rows, rewards, strict=True):
                 row["rm"] = value
-        if ref is not None:
+        if n:
+            metrics.update({"kl": best_of_n_kl(n), "kl_analytic": True})
+        elif ref is not None:
             ours = response_logprobs(model, tokenizer, prompts, generations, temperature=temperature)
             theirs = response_logprobs(ref, tokenizer, prompts, generations, temperature=temperature)
             metrics["kl"] = sum(a - b for a, b in zip(ours, theirs, strict=True)) / len(ours)
-        if heldout_texts:
+        if heldout_texts and not n:  # best-of-n is no autoregressive model: no perplexity of its own
             metrics["heldout/ppl"] = text_perplexity(model, tokenizer, heldout_texts)
         report["models"][name] = metrics
         samples[name] = rows
-    for name in models:
+    for name in samples:
         if name == baseline:
             continue
         report["win_rates"][name] = {
@@ -148,7 +169,8 @@ def comparison_rows(report: dict) -> tuple[list[str], list[list[str]]]:
                f"win rate vs {baseline} (RM)": lambda m, w: _interval(w.get("rm")),
                f"win rate vs {baseline} (human)": lambda m, w: _interval(w.get("human")),
                "RM score": lambda m, w: f"{m['rm/score']:.2f}" if "rm/score" in m else "",
-               "KL to reference": lambda m, w: f"{m['kl']:.2f}" if "kl" in m else "",
+               "KL to reference": lambda m, w: (f"{m['kl']:.2f}" + (" (analytic)" if m.get("kl_analytic") else "")
+                                                if "kl" in m else ""),
                "held-out ppl": lambda m, w: f"{m['heldout/ppl']:.2f}" if "heldout/ppl" in m else "",
                "ended with EOS": lambda m, w: f"{m['eos_rate']:.0%}",
                "tokens": lambda m, w: f"{m['length/tokens']:.1f}",
