@@ -101,6 +101,11 @@ def test_evaluate_models_judges_compares_and_measures_kl(saved_models, task):
     assert set(report["win_rates"]) == {"two"} and set(report["win_rates"]["two"]) == {"gold", "rm"}
     assert len(samples["two"]) == 12 and {"prompt", "completion", "gold", "rm"} <= set(samples["two"][0])
     assert one["gold/score"] == pytest.approx(sum(r["gold"] for r in samples["one"]) / 12)
+    topics = [task.gold_details(r["prompt"], r["completion"])["topic"] for r in samples["one"]]
+    assert one["gold/criteria"]["topic"] == pytest.approx(sum(topics) / 12)  # every type has a topic criterion
+    questions = [r for r in samples["one"] if task.spec(r["prompt"]).kind == "question"]
+    answers = [task.gold_details(r["prompt"], r["completion"])["answer"] for r in questions]
+    assert one["gold/criteria"].get("answer") == (pytest.approx(sum(answers) / len(answers)) if answers else None)
     with pytest.raises(ValueError, match="baseline 'three'"):
         evaluate_models(paths, prompts, sampling, baseline="three")
 

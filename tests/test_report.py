@@ -38,14 +38,14 @@ def run_dir(tmp_path, task):
     for name, gold, kl in (("sft", 0.3, 0.0), ("ppo@1", 0.35, 1.0), ("ppo", 0.4, 2.0), ("dpo", 0.38, 1.5)):
         models[name] = {"gold/score": gold, "gold/stderr": 0.01, "rm/score": gold - 0.3, "kl": kl,
                         "eos_rate": 1.0, "length/tokens": 20.0, "distinct/1": 0.3, "distinct/2": 0.5,
-                        "heldout/ppl": 3.0 + kl}
+                        "heldout/ppl": 3.0 + kl, "gold/criteria": {"topic": 0.5 + kl / 10, "length": 1.0}}
         if "@" not in name:
             write_jsonl(tmp_path / "samples" / f"{name}.jsonl",
                         [{"prompt": p, "completion": f"<{name}> answer & more", "gold": gold} for p in prompts])
     wins = {"win_rate": 0.6, "low": 0.5, "high": 0.7, "wins": 6, "ties": 0, "losses": 4}
     summary = {"task": "tinyworld", "eval_prompts": 3, "baseline": "sft", "models": models,
                "win_rates": {n: {"gold": wins, "rm": wins} for n in models if n != "sft"},
-               "reward_model": {"gold/accuracy": 0.65, "gold/pairs": 100}}
+               "reward_model": {"gold/accuracy": 0.65, "gold/pairs": 100, "labeler/accuracy": 0.68}}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     return tmp_path
 
@@ -65,7 +65,8 @@ def test_report_is_self_contained_with_every_section(run_dir):
     assert len(images) == 4 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "60.0% [50.0%, 70.0%]" in page  # win rate with its interval
     assert "&lt;ppo&gt; answer &amp; more" in page  # samples are escaped, side by side
-    assert "65.0% of 100 pairs" in page
+    assert "65.0% of 100 pairs" in page and "68.0% of the same pairs" in page  # the RM and its ceiling
+    assert "<th>on topic</th>" in page and "<td>70%</td>" in page  # PPO's topic criterion rate
     assert "<th>held-out ppl</th>" in page and "<td>5.00</td>" in page  # PPO's alignment tax column
 
 

@@ -15,7 +15,7 @@ from rlhfkit.algorithms.ranking import expand_pairs, ranking_loss
 from rlhfkit.config import RewardConfig, RewardSection, load_config
 from rlhfkit.data.readers import read_records, write_jsonl
 from rlhfkit.data.records import RankingRecord
-from rlhfkit.evaluate.gold import gold_pairwise_accuracy
+from rlhfkit.evaluate.gold import gold_pairwise_accuracy, labeler_gold_accuracy
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.reward import (
     MEAN_KEY,
@@ -374,6 +374,24 @@ def test_gold_pairwise_accuracy(task):
     gold = [[task.gold_score(p, c) for c in cs] for p, cs in zip(prompts, completions, strict=True)]
     assert gold_pairwise_accuracy(task, prompts, completions, gold)["gold/accuracy"] == 1.0
     assert gold_pairwise_accuracy(task, prompts, completions, [[-g for g in gs] for gs in gold])["gold/accuracy"] == 0.0
+
+
+def test_labeler_gold_accuracy_is_the_labelers_agreement_on_the_same_pairs(task):
+    from rlhfkit.tasks.tinyworld import TinyWorld
+
+    prompts = task.prompts(200, seed=7)
+    completions = [[d["completion"] for d in task.demonstrations([p] * 4, seed=i)] for i, p in enumerate(prompts)]
+    # a noiseless labeler without a length bias orders every pair as gold does; with the length bias and no
+    # noise it disagrees only where a longer answer is worse by less than the bias
+    assert labeler_gold_accuracy(TinyWorld(labeler_bias=0.0, temperature=0.0), prompts, completions) == 1.0
+    biased = labeler_gold_accuracy(TinyWorld(temperature=0.0), prompts, completions)
+    assert 0.85 < biased < 1.0
+    # the default labeler (temperature 0.5) agrees about 73 % of the time on demonstrations (docs/tasks.md)
+    noisy = labeler_gold_accuracy(task, prompts, completions, seed=1, repeats=5)
+    assert 0.68 < noisy < 0.78
+    assert noisy == labeler_gold_accuracy(task, prompts, completions, seed=1, repeats=5)  # seeded
+    # pure noise (a huge temperature) is at chance
+    assert abs(labeler_gold_accuracy(TinyWorld(temperature=1e6), prompts, completions, repeats=5) - 0.5) < 0.05
 
 
 # ---- sampling and ranking commands -------------------------------------------------------------------------

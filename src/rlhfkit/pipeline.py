@@ -427,6 +427,7 @@ def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, c
     (runner.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     rm = summary.get("reward_model")
     caption = (f"reward model orders {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} sample pairs as the gold judge"
+               + (f" (the simulated labelers: {rm['labeler/accuracy']:.1%})" if "labeler/accuracy" in rm else "")
                if rm else None)
     console.print(comparison_table(summary, f"{len(prompts)} held-out prompts ({config.task or section.prompts})",
                                    caption))

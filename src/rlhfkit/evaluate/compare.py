@@ -2,7 +2,8 @@
 
 Every model samples one completion per prompt with the same sampling settings and seed. Per model:
 
-* ``gold/score`` (mean) and ``gold/stderr`` when a built-in task judges;
+* ``gold/score`` (mean), ``gold/stderr`` and ``gold/criteria`` (the mean of each of the judge's criteria,
+  :func:`criterion_means`) when a built-in task judges;
 * ``rm/score``: the mean (normalised) reward-model score when a reward model is given;
 * ``kl``: KL(model || reference) estimated on the model's own samples, the mean over samples of
   ``sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)`` (the k1 estimator, unbiased), with both
@@ -80,6 +81,17 @@ def text_perplexity(model, tokenizer, texts: Sequence[str], *, max_length: int =
     return math.exp(-total / predicted)
 
 
+def criterion_means(task: Task, prompts: Sequence, texts: Sequence[str]) -> dict[str, float]:
+    """The mean of each of the gold judge's criteria (:meth:`Task.gold_details`) over the completions it
+    applies to (a criterion of one prompt type is averaged over that type's prompts only): which failures
+    a model's gold score is made of, e.g. ``topic``, the share of completions about the prompt's subject."""
+    values: dict[str, list[float]] = {}
+    for prompt, text in zip(prompts, texts, strict=True):
+        for name, value in task.gold_details(prompt, text).items():
+            values.setdefault(name, []).append(value)
+    return {name: sum(v) / len(v) for name, v in sorted(values.items())}
+
+
 def _stderr(values: Sequence[float]) -> float:
     n = len(values)
     mean = sum(values) / n
@@ -130,7 +142,8 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
                    "distinct/1": distinct_n(texts, 1), "distinct/2": distinct_n(texts, 2)}
         if task is not None:
             gold = [task.gold_score(p, t) for p, t in zip(prompts, texts, strict=True)]
-            metrics.update({"gold/score": sum(gold) / len(gold), "gold/stderr": _stderr(gold)})
+            metrics.update({"gold/score": sum(gold) / len(gold), "gold/stderr": _stderr(gold),
+                            "gold/criteria": criterion_means(task, prompts, texts)})
             for row, value in zip(rows, gold, strict=True):
                 row["gold"] = value
         if scorer is not None:
@@ -168,6 +181,8 @@ def comparison_rows(report: dict) -> tuple[list[str], list[list[str]]]:
                f"win rate vs {baseline} (gold)": lambda m, w: _interval(w.get("gold")),
                f"win rate vs {baseline} (RM)": lambda m, w: _interval(w.get("rm")),
                f"win rate vs {baseline} (human)": lambda m, w: _interval(w.get("human")),
+               "on topic": lambda m, w: (f"{m['gold/criteria']['topic']:.0%}"
+                                         if "topic" in m.get("gold/criteria", {}) else ""),
                "RM score": lambda m, w: f"{m['rm/score']:.2f}" if "rm/score" in m else "",
                "KL to reference": lambda m, w: (f"{m['kl']:.2f}" + (" (analytic)" if m.get("kl_analytic") else "")
                                                 if "kl" in m else ""),

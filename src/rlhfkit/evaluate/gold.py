@@ -31,12 +31,36 @@ def gold_pairwise_accuracy(task: Task, prompts: Sequence[str], completions: Sequ
     return {"gold/accuracy": agree / total if total else float("nan"), "gold/pairs": total}
 
 
+def labeler_gold_accuracy(task: Task, prompts: Sequence[str], completions: Sequence[Sequence[str]], *,
+                          seed: int = 0, repeats: int = 5) -> float:
+    """How often the task's simulated labeler orders two completions of a prompt as the gold judge does.
+
+    The ceiling a reward model trained on that labeler's rankings is measured against: the same pairs as
+    :func:`gold_pairwise_accuracy` (gold ties skipped), each prompt's completions ranked ``repeats`` times
+    (independent draws of the labeler's noise, averaged: a lower-variance estimate of its expected
+    agreement). InstructGPT reports ~73 % agreement between its labelers (Ouyang et al. 2022, section 5.1).
+    """
+    import random
+
+    rng = random.Random(seed)
+    accuracies = []
+    for _ in range(repeats):
+        positions = []  # a completion's labeler score: minus its group's place in the ranking
+        for prompt, texts in zip(prompts, completions, strict=True):
+            place = {i: -g for g, group in enumerate(task.rank(prompt, list(texts), rng=rng)) for i in group}
+            positions.append([place[i] for i in range(len(texts))])
+        accuracies.append(gold_pairwise_accuracy(task, prompts, completions, positions)["gold/accuracy"])
+    return sum(accuracies) / len(accuracies)
+
+
 def reward_model_gold_accuracy(task: Task, reward_model: str, policy: str, prompts: Sequence[str], *, k: int,
                                sampling, seed: int = 0) -> dict[str, float]:
     """How often ``reward_model`` orders ``k`` fresh samples of ``policy`` per prompt as the gold judge does.
 
     The reward model's accuracy on the distribution it is used on (samples of the policy it was trained
     to judge), against the truth rather than against noisy labelers; see :func:`gold_pairwise_accuracy`.
+    ``labeler/accuracy`` is the simulated labeler's own agreement with gold on the same pairs
+    (:func:`labeler_gold_accuracy`): the ceiling of a reward model learnt from its rankings.
     """
     from rlhfkit.config import ModelConfig
     from rlhfkit.models.load import load_causal_lm
@@ -49,4 +73,5 @@ def reward_model_gold_accuracy(task: Task, reward_model: str, policy: str, promp
     rewards = iter(score_texts(scorer, scorer_tokenizer, [p for p, group in zip(prompts, groups, strict=True)
                                                           for _ in group],
                                [text for group in groups for text in group], batch_size=64))
-    return gold_pairwise_accuracy(task, prompts, groups, [[next(rewards) for _ in group] for group in groups])
+    result = gold_pairwise_accuracy(task, prompts, groups, [[next(rewards) for _ in group] for group in groups])
+    return {**result, "labeler/accuracy": labeler_gold_accuracy(task, prompts, groups, seed=seed)}
