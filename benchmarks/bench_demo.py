@@ -34,6 +34,34 @@ def _children_cpu() -> float:
     return times.children_user + times.children_system
 
 
+def alignment_report(summary: dict) -> str:
+    """The demo's alignment figures and targets (issue "Alignment you can see") from its ``summary.json``:
+    every model's gold score, topic rate, KL and gold win rate against SFT with its 95 % interval; PPO and
+    DPO's target (win rate >= 65 %, interval's lower end >= 60 %); the reward model's agreement with the gold
+    judge against the simulated labelers' own on the same pairs (target: within 3 points)."""
+    lines = []
+    for name, m in summary["models"].items():
+        win = summary["win_rates"].get(name, {}).get("gold")
+        topic = m.get("gold/criteria", {}).get("topic")
+        lines.append(f"  {name:<10} gold {m['gold/score']:.3f} +/- {m['gold/stderr']:.3f}"
+                     + (f"  on topic {topic:.0%}" if topic is not None else "")
+                     + (f"  KL {m['kl']:.2f}" if "kl" in m else "")
+                     + (f"  win vs {summary['baseline']} {win['win_rate']:.1%} [{win['low']:.1%}, {win['high']:.1%}]"
+                        if win else ""))
+    for name in ("ppo", "dpo"):
+        win = summary["win_rates"].get(name, {}).get("gold")
+        if win:
+            met = win["win_rate"] >= 0.65 and win["low"] >= 0.60
+            lines.append(f"target {name}: gold win rate >= 65 %, lower end >= 60 %: {'met' if met else 'MISSED'}")
+    rm = summary.get("reward_model", {})
+    if "labeler/accuracy" in rm:
+        gap = rm["labeler/accuracy"] - rm["gold/accuracy"]
+        lines.append(f"reward model agrees with gold on {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} SFT sample "
+                     f"pairs, the simulated labelers on {rm['labeler/accuracy']:.1%}: within 3 points "
+                     f"{'met' if gap <= 0.03 else 'MISSED'}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", action="append", default=[], help="demo override, e.g. ppo.max_steps=50")
@@ -59,8 +87,7 @@ def main() -> None:
             print(f"{stage:<18} {seconds:>8.1f}")
         print(f"{'command (wall)':<18} {wall:>8.1f}   target {TARGET_S} s: {'met' if wall <= TARGET_S else 'MISSED'}")
         print(f"other processes used {other:.0%} of the CPUs meanwhile")
-        for name, metrics in summary["models"].items():
-            print(f"  {name:<10} gold {metrics['gold/score']:.3f} +/- {metrics['gold/stderr']:.3f}")
+        print(alignment_report(summary))
     finally:
         if not args.keep:
             shutil.rmtree(out.parent, ignore_errors=True)

@@ -128,3 +128,25 @@ def test_rlhfkit_bench_runs_python_m_benchmarks_with_its_arguments(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["bench"])
     assert result.exit_code == 2 and "benchmarks/__main__.py" in result.output and "repository root" in result.output
+
+
+def test_bench_demo_reports_the_alignment_targets(bench):
+    """bench_demo's alignment report: win rates with intervals, the targets met or missed, the RM's ceiling."""
+    import bench_demo
+
+    def win(rate, low):
+        return {"gold": {"win_rate": rate, "low": low, "high": rate + 0.04}}
+
+    summary = {"baseline": "sft",
+               "models": {"sft": {"gold/score": 0.4, "gold/stderr": 0.01, "kl": 0.0, "gold/criteria": {"topic": 0.47}},
+                          "ppo": {"gold/score": 0.5, "gold/stderr": 0.01, "kl": 1.2},
+                          "dpo": {"gold/score": 0.45, "gold/stderr": 0.01, "kl": 0.5}},
+               "win_rates": {"ppo": win(0.66, 0.61), "dpo": win(0.66, 0.59)},
+               "reward_model": {"gold/accuracy": 0.62, "gold/pairs": 900, "labeler/accuracy": 0.66}}
+    text = bench_demo.alignment_report(summary)
+    assert "on topic 47%" in text and "win vs sft 66.0% [61.0%, 70.0%]" in text
+    assert "target ppo: gold win rate >= 65 %, lower end >= 60 %: met" in text
+    assert "target dpo: gold win rate >= 65 %, lower end >= 60 %: MISSED" in text  # its interval starts at 59 %
+    assert "62.0% of 900 SFT sample pairs, the simulated labelers on 66.0%: within 3 points MISSED" in text
+    summary["reward_model"]["gold/accuracy"] = 0.64
+    assert "within 3 points met" in bench_demo.alignment_report(summary)
