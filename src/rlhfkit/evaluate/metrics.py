@@ -1,4 +1,4 @@
-"""Pure functions over evaluation results: win rates with bootstrap intervals, diversity."""
+"""Pure functions over evaluation results: win rates and means with bootstrap intervals, diversity."""
 
 from __future__ import annotations
 
@@ -33,3 +33,21 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct-n (Li et al. 2016): distinct word n-grams over all word n-grams of ``texts``."""
     grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def mean_interval(values: Sequence[float], *, n_bootstrap: int = 1000, confidence: float = 0.95,
+                  seed: int = 0) -> dict[str, float]:
+    """The mean of per-prompt ``values`` and its percentile-bootstrap interval ``low`` / ``high``.
+
+    The prompts are resampled with replacement ``n_bootstrap`` times, as in :func:`win_rate`. For the
+    difference of two models on the same prompts, pass the per-prompt differences (a paired bootstrap).
+    """
+    if not values:
+        raise ValueError("mean_interval needs at least one value")
+    values = [float(v) for v in values]
+    n = len(values)
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_bootstrap))
+    tail = (1 - confidence) / 2
+    return {"mean": sum(values) / n, "low": means[int(tail * (n_bootstrap - 1))],
+            "high": means[round((1 - tail) * (n_bootstrap - 1))]}

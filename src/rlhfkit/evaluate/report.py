@@ -3,6 +3,7 @@
 Sections: the models judged on held-out prompts (gold score, win rates with bootstrap intervals, reward
 model score, KL to SFT); the training curves of every stage; reward over-optimisation (the proxy reward
 model's score against the gold score of PPO's rollouts over training, as in Gao et al. 2022); the
+best-of-n and PPO study of ``examples/overoptimisation`` when the run holds its ``study.json``; the
 reward-vs-KL frontier of the PPO and DPO checkpoints (as in the DPO paper's figure 2); side-by-side
 samples of SFT, PPO and DPO for the same prompts.
 """
@@ -128,6 +129,17 @@ def _frontier(summary: dict) -> str | None:
     return _png(figure)
 
 
+def _overoptimisation_study(run_dir: Path) -> str | None:
+    """The figure of ``examples/overoptimisation/study.py`` (best-of-n and PPO: gold and proxy against
+    sqrt(KL), with Gao et al. 2022's fitted curves) when the run holds its ``overoptimisation/study.json``."""
+    path = run_dir / "overoptimisation" / "study.json"
+    if not path.exists():
+        return None
+    from rlhfkit.evaluate.overoptimisation import study_figure
+
+    return _png(study_figure(json.loads(path.read_text(encoding="utf-8"))))
+
+
 def _gold_bars(summary: dict) -> str | None:
     models = {name: m for name, m in summary["models"].items() if "gold/score" in m and "@" not in name}
     if not models:
@@ -203,6 +215,7 @@ def write_report(run_dir: str | Path, *, samples: int = 8) -> Path:
                         f"fresh SFT samples of held-out prompts as the gold judge does{ceiling}.</p>")
     plots = (("Gold score", _gold_bars(summary)), ("Training curves", _curves(run_dir)),
              ("Reward over-optimisation", _overoptimisation(run_dir, task)),
+             ("Reward over-optimisation study", _overoptimisation_study(run_dir)),
              ("Reward vs KL frontier", _frontier(summary)))
     for title, png in plots:
         if png is not None:
