@@ -36,8 +36,8 @@ def tokenizer(tokenizer_dir):
 def demo_run(tmp_path_factory):
     """The embedded default (``rlhfkit demo``), shared by the end-to-end tests (about eight minutes, once).
 
-    Only the evaluation is larger (800 held-out prompts instead of 400), so that the gold-judge
-    comparisons of SFT, PPO and DPO are less noisy. The directory holds ``data/`` (task corpus,
+    Only the evaluation is larger (800 held-out prompts instead of 400, and a best-of-16 row of SFT), so
+    that the gold-judge comparisons of SFT, PPO and DPO are less noisy. The directory holds ``data/`` (task corpus,
     demonstrations, prompts), ``tokenizer/``, ``pretrain/final``, ``sft/final``, ``sample/`` and ``rank/``
     (the SFT samples and their rankings), ``rm/final``, ``ppo/`` and ``dpo/`` (with their half-way
     checkpoints), ``samples/``, ``summary.json``, ``report.html`` and ``illustration.svg`` / ``.png``.
@@ -45,7 +45,7 @@ def demo_run(tmp_path_factory):
     from rlhfkit.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    config = DemoConfig(out_dir=str(out), eval_prompts=800)
+    config = DemoConfig(out_dir=str(out), eval_prompts=800, best_of_n=16)
     run_demo(config)
     return out
 

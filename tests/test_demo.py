@@ -88,6 +88,6 @@ def test_running_the_demo_again_skips_every_finished_stage(demo_run):
 
     before = {p.parent.name: p.read_text() for p in demo_run.glob("*/stage.json")}
     assert len(before) == 11
-    summary = run_demo(DemoConfig(out_dir=str(demo_run), eval_prompts=800), Console(quiet=True))
+    summary = run_demo(DemoConfig(out_dir=str(demo_run), eval_prompts=800, best_of_n=16), Console(quiet=True))
     assert {p.parent.name: p.read_text() for p in demo_run.glob("*/stage.json")} == before
     assert summary["seconds"]["total"] > 60  # the recorded seconds of the first run, not of this one
