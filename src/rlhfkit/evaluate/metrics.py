@@ -20,13 +20,9 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float], *, n_bootstrap:
     if not scores:
         raise ValueError("win_rate needs at least one prompt")
     outcomes = [0.5 if abs(a - b) <= tie_eps else float(a > b) for a, b in zip(scores, baseline, strict=True)]
-    n = len(outcomes)
-    rng = random.Random(seed)
-    means = sorted(sum(outcomes[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_bootstrap))
-    tail = (1 - confidence) / 2
-    return {"win_rate": sum(outcomes) / n, "low": means[int(tail * (n_bootstrap - 1))],
-            "high": means[round((1 - tail) * (n_bootstrap - 1))], "wins": outcomes.count(1.0),
-            "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
+    interval = mean_interval(outcomes, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+    return {"win_rate": interval["mean"], "low": interval["low"], "high": interval["high"],
+            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
