@@ -31,7 +31,7 @@ from rich.table import Table
 from rlhfkit.algorithms.logprobs import sequence_logprobs
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.collators import Example, PadCollator, encode_prompt
-from rlhfkit.evaluate.metrics import distinct_n, win_rate
+from rlhfkit.evaluate.metrics import distinct_n, standard_error, win_rate
 from rlhfkit.evaluate.overoptimisation import best_of_n_kl
 from rlhfkit.models.load import load_causal_lm, position_ids_from_mask
 from rlhfkit.models.reward import load_for_scoring, score_texts
@@ -92,12 +92,6 @@ def criterion_means(task: Task, prompts: Sequence, texts: Sequence[str]) -> dict
     return {name: sum(v) / len(v) for name, v in sorted(values.items())}
 
 
-def _stderr(values: Sequence[float]) -> float:
-    n = len(values)
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / n)
-
-
 def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: SamplingConfig, *,
                     task: Task | None = None, reward_model: str | None = None, reference: str | None = None,
                     baseline: str | None = None, heldout_texts: Sequence[str] = (),
@@ -142,7 +136,7 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
                    "distinct/1": distinct_n(texts, 1), "distinct/2": distinct_n(texts, 2)}
         if task is not None:
             gold = [task.gold_score(p, t) for p, t in zip(prompts, texts, strict=True)]
-            metrics.update({"gold/score": sum(gold) / len(gold), "gold/stderr": _stderr(gold),
+            metrics.update({"gold/score": sum(gold) / len(gold), "gold/stderr": standard_error(gold),
                             "gold/criteria": criterion_means(task, prompts, texts)})
             for row, value in zip(rows, gold, strict=True):
                 row["gold"] = value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -23,6 +24,13 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float], *, n_bootstrap:
     interval = mean_interval(outcomes, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
     return {"win_rate": interval["mean"], "low": interval["low"], "high": interval["high"],
             "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """The standard error of the mean of ``values``: the sample standard deviation over ``sqrt(n)``."""
+    n = len(values)
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / n)
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:

@@ -74,7 +74,7 @@ class OveroptimisationFit:
         """The fitted gold score at ``d = sqrt(KL)`` (``d >= 0``)."""
         if d < 0:
             raise ValueError(f"d = sqrt(KL) must be >= 0, got {d}")
-        return self.alpha * d - self.beta * _penalty(self.form)(d)
+        return _curve(self.form, self.alpha, self.beta, d)
 
 
 def _d_squared(d: float) -> float:
@@ -88,6 +88,18 @@ def _d_log_d(d: float) -> float:
 def _penalty(form: FitForm) -> Callable[[float], float]:
     """``g(d)``, the term ``beta`` multiplies (with a minus sign)."""
     return {"best_of_n": _d_squared, "rl": _d_log_d}[form]
+
+
+def _curve(form: FitForm, alpha: float, beta: float, d: float) -> float:
+    """``R(d) = alpha * d - beta * g(d)``, Gao et al.'s gold-score curve of ``form``."""
+    return alpha * d - beta * _penalty(form)(d)
+
+
+def _sums_of_squares(values: Sequence[float], predictions: Sequence[float]) -> tuple[float, float]:
+    """The residual and the total sum of squares of ``predictions`` of ``values`` (``r2 = 1 - res / tot``)."""
+    residual = sum((y - f) ** 2 for y, f in zip(values, predictions, strict=True))
+    mean = sum(values) / len(values)
+    return residual, sum((y - mean) ** 2 for y in values)
 
 
 def _peak(form: FitForm, alpha: float, beta: float) -> float | None:
@@ -130,12 +142,10 @@ def _fit(form: FitForm, d: Sequence[float], gold: Sequence[float]) -> Overoptimi
                          "with d > 0 must not all lie at d = 1, where log d = 0; use at least 2 distinct d > 0)")
     alpha = (suy * svv - svy * suv) / det
     beta = -(svy * suu - suy * suv) / det  # the coefficient of v is -beta
-    residual = sum((y - (alpha * a - beta * b)) ** 2 for a, b, y in zip(u, v, gold, strict=True))
-    mean = sum(gold) / len(gold)
-    spread = sum((y - mean) ** 2 for y in gold)
+    residual, spread = _sums_of_squares(gold, [_curve(form, alpha, beta, x) for x in d])
     r2 = 1.0 - residual / spread if spread > 0 else (1.0 if residual <= 1e-24 else float("nan"))
     peak = _peak(form, alpha, beta)
-    value = None if peak is None else alpha * peak - beta * g(peak)
+    value = None if peak is None else _curve(form, alpha, beta, peak)
     return OveroptimisationFit(form=form, alpha=alpha, beta=beta, r2=r2, points=len(d), peak_d=peak,
                                peak_kl=None if peak is None else peak * peak, peak_value=value)
 
@@ -272,17 +282,15 @@ def _fit_entry(form: FitForm, points: Sequence[dict[str, Any]], baseline: float)
 
 
 def _predict(entry: dict[str, Any], d: float) -> float:
-    return OveroptimisationFit(entry["form"], entry["alpha"], entry["beta"], entry["r2"], entry["points"],
-                               None, None, None).predict(d)
+    """The gold score over the initial policy's at ``d`` of a :func:`_fit_entry` fit."""
+    return _curve(entry["form"], entry["alpha"], entry["beta"], d)
 
 
 def _goodness(points: Sequence[dict[str, Any]], predictions: Sequence[float], baseline: float,
               parameters: int) -> dict[str, Any]:
     """r2 and the adjusted r2 ``1 - (SS_res / (N - p)) / (SS_tot / (N - 1))`` of ``predictions`` of gold - baseline."""
     values = [p["gold"] - baseline for p in points]
-    residual = sum((y - f) ** 2 for y, f in zip(values, predictions, strict=True))
-    mean = sum(values) / len(values)
-    spread = sum((y - mean) ** 2 for y in values)
+    residual, spread = _sums_of_squares(values, predictions)
     n = len(values)
     r2 = 1 - residual / spread if spread > 0 else float("nan")
     adjusted = 1 - (residual / (n - parameters)) / (spread / (n - 1)) if spread > 0 and n > parameters else None

@@ -24,6 +24,7 @@ matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rlhfkit.evaluate.compare import comparison_rows  # noqa: E402
+from rlhfkit.evaluate.metrics import standard_error  # noqa: E402
 from rlhfkit.trainers.base import read_metrics  # noqa: E402
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
@@ -89,10 +90,8 @@ def _overoptimisation(run_dir: Path, task) -> str | None:
         means, halves = [], []
         for i in range(len(steps)):
             pooled = [v for s in steps[max(0, i - window + 1):i + 1] for v in values[s]]
-            mean = sum(pooled) / len(pooled)
-            spread = (sum((v - mean) ** 2 for v in pooled) / max(len(pooled) - 1, 1) / len(pooled)) ** 0.5
-            means.append(mean)
-            halves.append(1.96 * spread)
+            means.append(sum(pooled) / len(pooled))
+            halves.append(1.96 * standard_error(pooled))
         axis.plot(steps, means, color=color, label=label)
         axis.fill_between(steps, [m - h for m, h in zip(means, halves, strict=True)],
                           [m + h for m, h in zip(means, halves, strict=True)], color=color, alpha=0.2)
