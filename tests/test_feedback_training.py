@@ -7,8 +7,9 @@ import json
 import pytest
 
 from rlhfkit.config import RewardConfig, SFTConfig, load_config
-from rlhfkit.data.readers import DataFileNotFoundError, is_database_url, read_records
+from rlhfkit.data.readers import DataFileNotFoundError, read_records
 from rlhfkit.data.records import DataError
+from rlhfkit.feedback.source import is_database_url
 from rlhfkit.feedback.store import Store
 from rlhfkit.trainers.reward import build_reward_trainer
 from rlhfkit.trainers.sft import build_sft_trainer

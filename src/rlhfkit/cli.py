@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from rlhfkit.config import ConfigError, ModelConfig, PretrainConfig, RewardConfig, SFTConfig, load_config
+from rlhfkit import cli_public, workflows
+from rlhfkit.cli_common import console, fail_cleanly
+from rlhfkit.config import ConfigError, PretrainConfig, RewardConfig, SFTConfig, load_config
 from rlhfkit.data.records import DataError
-from rlhfkit.trainers.base import TrainingError
+from rlhfkit.feedback import cli as feedback_cli
+from rlhfkit.rollout.generate import SamplingConfig
 
 app = typer.Typer(help="Align language models with human feedback: SFT, reward models, PPO, DPO.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console(stderr=True)
 
 
 @app.callback()
@@ -31,21 +31,6 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML 
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: a.b=value (repeatable).")]
 
 
-def _fail_cleanly(function):
-    """Show configuration, data and training errors and missing files as one clear message (exit code 2)."""
-    import functools
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except (ConfigError, DataError, TrainingError, FileNotFoundError) as error:
-            console.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 def _train(config_class, run, config: Path | None, overrides: list[str] | None) -> None:
     """Load a stage config (file + ``--set`` overrides), run the stage, print its last metrics."""
     metrics = run(load_config(config_class, config, overrides or []), console)
@@ -53,7 +38,7 @@ def _train(config_class, run, config: Path | None, overrides: list[str] | None) 
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def pretrain(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Pretrain a causal LM on raw text (next-token prediction)."""
     from rlhfkit.trainers.pretrain import run_pretrain
@@ -62,7 +47,7 @@ def pretrain(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def sft(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Supervised fine-tuning on demonstrations (loss on the response only)."""
     from rlhfkit.trainers.sft import run_sft
@@ -71,7 +56,7 @@ def sft(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def dpo(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Train a policy from preferences: DPO, IPO, robust DPO, hinge, ORPO or KTO (dpo.loss)."""
     from rlhfkit.config import DPOConfig
@@ -81,7 +66,7 @@ def dpo(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def tokenizer(
     data: Annotated[Path, typer.Option(help="Text records ({'text': ...} JSONL or .txt) to train on.")],
     out: Annotated[Path, typer.Option(help="Directory for the tokenizer (HF format).")],
@@ -96,7 +81,7 @@ def tokenizer(
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def generate(
     model: Annotated[str, typer.Option(help="Model directory (HF format) or hub id.")],
     prompts: Annotated[Path, typer.Option(help="Prompt records: JSONL, JSON, parquet, CSV or dataset dir.")],
@@ -109,24 +94,13 @@ def generate(
     seed: int = 0,
 ) -> None:
     """Sample one completion per prompt from a checkpoint (stops at EOS)."""
-    from rlhfkit.data.readers import read_records, write_jsonl
-    from rlhfkit.models.load import load_causal_lm
-    from rlhfkit.rollout.generate import SamplingConfig
-    from rlhfkit.rollout.generate import generate as sample
-
-    records = read_records(prompts, "prompt")
-    policy, tok = load_causal_lm(ModelConfig(name_or_path=model))
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              top_k=top_k, batch_size=batch_size)
-    generations = sample(policy, tok, [r.prompt for r in records], sampling, seed=seed)
-    rows = [{"prompt": r.prompt, "completion": g.text, "finished": g.finished,
-             **({"id": r.id} if r.id is not None else {})} for r, g in zip(records, generations, strict=True)]
-    count = write_jsonl(out, rows)
-    console.print(f"{count} completions written to {out}")
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              batch_size=batch_size)
+    workflows.generate_completions(model, prompts, out, sampling, seed=seed, console=console)
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def sample(
     model: Annotated[str, typer.Option(help="Policy directory (HF format), e.g. runs/sft/final.")],
     prompts: Annotated[Path, typer.Option(help="Prompt records: JSONL, JSON, parquet, CSV or dataset dir.")],
@@ -140,23 +114,13 @@ def sample(
     seed: int = 0,
 ) -> None:
     """Sample K completions per prompt from a checkpoint, to be ranked (step 2 of InstructGPT)."""
-    from rlhfkit.data.readers import read_records, write_jsonl
-    from rlhfkit.models.load import load_causal_lm
-    from rlhfkit.rollout.generate import SamplingConfig, generate_k
-
-    records = read_records(prompts, "prompt")
-    policy, tok = load_causal_lm(ModelConfig(name_or_path=model))
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              top_k=top_k, batch_size=batch_size)
-    groups = generate_k(policy, tok, [r.prompt for r in records], k, sampling, seed=seed)
-    rows = [{"prompt": r.prompt, "completions": [g.text for g in group],
-             **({"id": r.id} if r.id is not None else {})} for r, group in zip(records, groups, strict=True)]
-    count = write_jsonl(out, rows)
-    console.print(f"{count} prompts x {k} completions written to {out}")
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              batch_size=batch_size)
+    workflows.sample_completions(model, prompts, out, sampling, k=k, seed=seed, console=console)
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def rank(
     task: Annotated[str, typer.Option(help="Built-in task whose simulated labeler ranks (e.g. tinyworld).")],
     samples: Annotated[Path, typer.Option(help="JSONL from `rlhfkit sample`: {prompt, completions}.")],
@@ -165,39 +129,11 @@ def rank(
     temperature: Annotated[float | None, typer.Option(help="Labeler noise (default: the task's).")] = None,
 ) -> None:
     """Rank sampled completions with a built-in task's simulated labeler (noisy, ties for equal texts)."""
-    import random
-
-    from rlhfkit.data.readers import iter_jsonl, write_jsonl
-    from rlhfkit.data.records import DataError
-    from rlhfkit.tasks import get_task
-
-    try:
-        judge = get_task(task)
-    except ValueError as error:
-        raise DataError(str(error)) from None
-    rng = random.Random(seed)
-    records, skipped, dropped = [], 0, 0
-    for line, row in iter_jsonl(samples):
-        prompt, completions = row.get("prompt"), row.get("completions")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError("expected a non-empty string (the task's prompts are text)", source=str(samples),
-                            line=line, field="prompt")
-        if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
-            raise DataError("expected a list of strings", source=str(samples), line=line, field="completions")
-        record = judge.rank_samples(prompt, completions, rng=rng, temperature=temperature,
-                                    id=None if row.get("id") is None else str(row["id"]))
-        dropped += sum(not c.strip() for c in completions)
-        if record is None:
-            skipped += 1
-        else:
-            records.append(record)
-    count = write_jsonl(out, records)
-    console.print(f"{count} rankings written to {out}" + (f"; {dropped} empty completions dropped" if dropped else "")
-                  + (f"; {skipped} prompts skipped (fewer than 2 distinct non-empty completions)" if skipped else ""))
+    workflows.rank_samples(samples, out, task=task, seed=seed, temperature=temperature, console=console)
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def rm(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Train a reward model on K-way rankings or pairwise preferences (InstructGPT loss)."""
     from rlhfkit.trainers.reward import run_reward
@@ -206,7 +142,7 @@ def rm(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def score(
     model: Annotated[str, typer.Option(help="Reward model directory, e.g. runs/rm/final.")],
     data: Annotated[Path, typer.Option(help="JSONL with prompt + completion, completions or chosen/rejected.")],
@@ -222,53 +158,13 @@ def score(
 ) -> None:
     """Add a reward to each record: `reward` for a completion, `rewards` for a completions list,
     `reward_chosen`/`reward_rejected` for a pair. Reports accuracy against the file's own rankings."""
-    from rlhfkit.data.readers import write_jsonl
-    from rlhfkit.data.records import parse_record
-    from rlhfkit.models.reward import load_for_scoring, score_texts
-    from rlhfkit.trainers.reward import iter_scorable
-
-    rows = list(iter_scorable(data))
-    reward_model, tok = load_for_scoring(model)
-    flat = [(prompt, text) for _, _, prompt, texts, _ in rows for text in texts]
-    rewards = score_texts(reward_model, tok, [p for p, _ in flat], [t for _, t in flat], batch_size=batch_size,
-                          max_length=max_length, max_prompt_length=max_prompt_length, normalize=not raw)
-    out_rows, per_row, agree, pairs, start = [], [], 0.0, 0, 0
-    for line, row, _, texts, field in rows:
-        values, start = rewards[start:start + len(texts)], start + len(texts)
-        per_row.append(values)
-        if field == "completion":
-            out_rows.append({**row, "reward": values[0]})
-        elif field == "chosen":
-            out_rows.append({**row, "reward_chosen": values[0], "reward_rejected": values[1]})
-        else:
-            out_rows.append({**row, "rewards": values})
-        if field == "chosen" or "ranking" in row or "pairs" in row:
-            for w, lo in parse_record(row, "ranking", source=str(data), line=line).pairs():
-                pairs += 1
-                agree += 1.0 if values[w] > values[lo] else 0.5 if values[w] == values[lo] else 0.0
-    write_jsonl(out, out_rows)
-    summary = {"records": len(out_rows), "completions": len(rewards),
-               "reward_mean": sum(rewards) / len(rewards), "normalized": not raw}
-    if pairs:
-        summary.update({"accuracy": agree / pairs, "pairs": pairs})
-    if task is not None:
-        from rlhfkit.data.records import DataError
-        from rlhfkit.evaluate.gold import gold_pairwise_accuracy
-        from rlhfkit.tasks import get_task
-
-        try:
-            judge = get_task(task)
-        except ValueError as error:
-            raise DataError(str(error)) from None
-        scored = [(r[2], r[3], v) for r, v in zip(rows, per_row, strict=True) if len(r[3]) >= 2]
-        summary.update(gold_pairwise_accuracy(judge, [s[0] for s in scored], [s[1] for s in scored],
-                                              [s[2] for s in scored]))
-    console.print(f"{len(out_rows)} records scored, written to {out}")
+    summary = workflows.score_records(model, data, out, normalize=not raw, task=task, batch_size=batch_size,
+                                      max_length=max_length, max_prompt_length=max_prompt_length, console=console)
     console.print_json(json.dumps(summary))
 
 
 @app.command("best-of-n")
-@_fail_cleanly
+@fail_cleanly
 def best_of_n(
     model: Annotated[str, typer.Option(help="Policy directory (HF format), e.g. runs/sft/final.")],
     reward_model: Annotated[str, typer.Option(help="Reward model directory that picks, e.g. runs/rm/final.")],
@@ -287,32 +183,15 @@ def best_of_n(
 
     The output is SFT data (prompt + completion), for rejection-sampling fine-tuning as in Llama 2:
     `rlhfkit sft --set data.train=best.jsonl`. Its KL to the policy is log n - (n - 1) / n."""
-    from rlhfkit.data.readers import read_records, write_jsonl
-    from rlhfkit.evaluate.overoptimisation import best_of_n_kl
-    from rlhfkit.models.load import load_causal_lm
-    from rlhfkit.models.reward import load_for_scoring
-    from rlhfkit.rollout.best_of_n import sample_best_of_n
-    from rlhfkit.rollout.generate import SamplingConfig
-
-    records = read_records(prompts, "prompt", limit=limit)
-    policy, tok = load_causal_lm(ModelConfig(name_or_path=model))
-    scorer = load_for_scoring(reward_model)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              top_k=top_k, batch_size=batch_size)
-    with console.status(f"sampling {len(records)} prompts x {n} and scoring them"):
-        picks = sample_best_of_n(policy, tok, scorer, [r.prompt for r in records], n, sampling, seed=seed,
-                                 score_batch_size=batch_size)
-    rows = [{"prompt": r.prompt, "completion": pick.text, "reward": pick.score, "n": n,
-             **({"id": r.id} if r.id is not None else {})} for r, pick in zip(records, picks, strict=True)]
-    count = write_jsonl(out, rows)
-    every = [s for pick in picks for s in pick.scores]
-    console.print(f"{count} best-of-{n} completions written to {out}")
-    console.print_json(json.dumps({"prompts": count, "n": n, "reward/best_mean": sum(p.score for p in picks) / count,
-                                   "reward/sample_mean": sum(every) / len(every), "kl_analytic": best_of_n_kl(n)}))
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              batch_size=batch_size)
+    summary = workflows.best_of_n(model, reward_model, prompts, out, sampling, n=n, seed=seed, limit=limit,
+                                  console=console)
+    console.print_json(json.dumps(summary))
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def ppo(config: ConfigOption = None, set_: SetOption = None) -> None:
     """PPO (or RLOO / GRPO) of a policy against a frozen reward model, with a KL penalty to the reference."""
     from rlhfkit.config import PPOConfig
@@ -335,7 +214,7 @@ def _named_models(spec: str) -> dict[str, str]:
 
 
 @app.command("eval")
-@_fail_cleanly
+@fail_cleanly
 def evaluate(
     models: Annotated[str, typer.Option(help="NAME=PATH pairs, comma-separated: sft=runs/sft/final,ppo=...")],
     prompts: Annotated[Path, typer.Option(help="Held-out prompt records (JSONL, JSON, parquet, CSV, dataset).")],
@@ -355,31 +234,18 @@ def evaluate(
                                                        "picked by --reward-model, with the analytic KL.")] = 0,
 ) -> None:
     """Compare models on the same prompts: gold judge, reward model, KL to a reference, win rates."""
-    from rlhfkit.data.readers import read_records, read_texts, write_jsonl
-    from rlhfkit.evaluate.compare import comparison_table, evaluate_models
-    from rlhfkit.rollout.generate import SamplingConfig
-    from rlhfkit.tasks import get_task
+    from rlhfkit.evaluate.compare import comparison_table
 
     named = _named_models(models)
     if baseline is not None and baseline not in named:
         raise ConfigError(f"--baseline {baseline!r} is not one of --models ({', '.join(named)})")
     if best_of_n and not reward_model:
         raise ConfigError("--best-of-n needs --reward-model (it picks the best of the N samples)")
-    try:
-        judge = get_task(task) if task else None
-    except ValueError as error:
-        raise ConfigError(f"--task: {error}") from None
-    records = read_records(prompts, "prompt", limit=limit)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
-    report, samples = evaluate_models(named, [r.prompt for r in records], sampling, task=judge,
-                                      reward_model=reward_model, reference=reference, baseline=baseline,
-                                      heldout_texts=read_texts(heldout_text) if heldout_text else (), seed=seed,
-                                      best_of_n=best_of_n)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    for name, rows in samples.items():
-        write_jsonl(out / "samples" / f"{name}.jsonl", rows)
-    console.print(comparison_table(report, f"{len(records)} prompts from {prompts}"))
+    evaluation = workflows.evaluate(named, prompts, out / "eval.json", sampling, task=task, reward_model=reward_model,
+                                    reference=reference, baseline=baseline, heldout_text=heldout_text, limit=limit,
+                                    seed=seed, best_of_n=best_of_n)
+    console.print(comparison_table(evaluation.report, f"{len(evaluation.prompts)} prompts from {prompts}"))
     console.print(f"written to {out / 'eval.json'} and {out / 'samples'}/")
 
 
@@ -389,7 +255,7 @@ app.add_typer(human_app, name="human")
 
 
 @human_app.command("pairs")
-@_fail_cleanly
+@fail_cleanly
 def human_pairs(
     run_dir: Annotated[Path, typer.Argument(help="A run with samples/<model>.jsonl (pipeline, demo or eval).")],
     models: Annotated[str, typer.Option(help="Models to compare with the baseline, comma-separated.")],
@@ -417,7 +283,7 @@ def human_pairs(
 
 
 @human_app.command("verdicts")
-@_fail_cleanly
+@fail_cleanly
 def human_verdicts(
     run_dir: Annotated[Path, typer.Argument(help="The run the pairs came from (its summary.json is updated).")],
     verdicts: Annotated[Path, typer.Option(help="A/B verdicts: rlhfkit export --kind ab.")],
@@ -447,7 +313,7 @@ def human_verdicts(
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def report(run_dir: Annotated[Path, typer.Argument(help="A pipeline run directory (with summary.json).")]) -> None:
     """Write RUN_DIR/report.html: models, win rates, training curves, over-optimisation, KL frontier, samples."""
     from rlhfkit.evaluate.report import write_report
@@ -456,7 +322,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A pipeline run director
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def illustrate(run_dir: Annotated[Path, typer.Argument(help="A pipeline run directory.")],
                out: Annotated[Path | None, typer.Option(help="Directory for the files (default: RUN_DIR).")] = None,
                ) -> None:
@@ -468,7 +334,7 @@ def illustrate(run_dir: Annotated[Path, typer.Argument(help="A pipeline run dire
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def pipeline(config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML: stages and their sections.")],
              set_: SetOption = None) -> None:
     """Run the stages a pipeline config lists, each in its own run directory; finished stages are skipped."""
@@ -480,7 +346,7 @@ def pipeline(config: Annotated[Path, typer.Option("--config", "-c", help="Pipeli
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def demo(config: ConfigOption = None, set_: SetOption = None) -> None:
     """The embedded default, offline: tiny model, pretrain, SFT, sample and rank, RM, PPO, DPO, evaluation."""
     from rlhfkit.demo import DemoConfig, run_demo
@@ -502,7 +368,7 @@ def benchmarks_checkout(cwd: Path | None = None) -> Path:
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
              add_help_option=False)
-@_fail_cleanly
+@fail_cleanly
 def bench(ctx: typer.Context) -> None:
     """Every stage against TRL in one table: ``python -m benchmarks`` with the same arguments (see --help)."""
     import subprocess
@@ -512,14 +378,6 @@ def bench(ctx: typer.Context) -> None:
     raise typer.Exit(subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], cwd=root))
 
 
-
-def _register_extensions() -> None:
-    """Commands that live beside their subject: public data and GGUF conversion; the feedback app's database."""
-    from rlhfkit.cli_public import register as register_public
-    from rlhfkit.feedback.cli import register as register_feedback
-
-    register_public(app)
-    register_feedback(app)
-
-
-_register_extensions()
+# commands that live beside their subject: public data and GGUF conversion; the feedback app's database
+cli_public.register(app)
+feedback_cli.register(app)

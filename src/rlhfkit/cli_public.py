@@ -1,7 +1,7 @@
 """Commands for public data and models: ``rlhfkit convert-data`` and ``rlhfkit convert``.
 
-``cli.py`` adds them to its app with :func:`register` (after its ``_fail_cleanly`` and ``console``, which
-these commands share: data errors and missing files end with one clear message and exit code 2).
+``cli.py`` adds them to its app with :func:`register`; like every command, they report on the shared console and
+end a data error or a missing file with one clear message and exit code 2 (:mod:`rlhfkit.cli_common`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ from typing import Annotated
 
 import typer
 
+from rlhfkit.cli_common import console, fail_cleanly
 from rlhfkit.data.public import LAYOUTS
 
 
 def register(app: typer.Typer) -> None:
     """Add ``convert-data`` and ``convert`` to ``app`` (the ``rlhfkit`` app of :mod:`rlhfkit.cli`)."""
-    from rlhfkit.cli import _fail_cleanly, console
-
     @app.command("convert-data")
-    @_fail_cleanly
+    @fail_cleanly
     def convert_data(
         layout: Annotated[str, typer.Option(help=f"The input's layout: {', '.join(LAYOUTS)}.")],
         source: Annotated[str, typer.Option("--in", help="Input file (.jsonl, .jsonl.gz, .json, .parquet, ...), "
@@ -57,7 +56,7 @@ def register(app: typer.Typer) -> None:
         console.print_json(json.dumps(summary))
 
     @app.command("convert")
-    @_fail_cleanly
+    @fail_cleanly
     def convert(
         gguf: Annotated[Path, typer.Argument(help="A .gguf model file (needs the gguf package: rlhfkit[gguf]).")],
         out: Annotated[Path, typer.Option(help="Directory for the Hugging Face checkpoint.")],

@@ -32,10 +32,31 @@ from pathlib import Path
 from pydantic import Field
 from rich.console import Console
 
-from rlhfkit.config import Section
+from rlhfkit.config import (
+    DataConfig,
+    DPOConfig,
+    DPOSection,
+    ModelConfig,
+    PPOConfig,
+    PPOSection,
+    PretrainConfig,
+    RewardConfig,
+    Section,
+    SFTConfig,
+    TrainConfig,
+)
 from rlhfkit.data.readers import write_jsonl
 from rlhfkit.models.tokenizer import train_bpe_tokenizer
-from rlhfkit.pipeline import STAGES, PipelineConfig, StageRunner, run_pipeline
+from rlhfkit.pipeline import (
+    STAGES,
+    EvalStage,
+    PipelineConfig,
+    RankStage,
+    ReportStage,
+    SampleStage,
+    StageRunner,
+    run_pipeline,
+)
 from rlhfkit.tasks import get_task
 
 
@@ -129,52 +150,64 @@ def _tokenizer_texts(data: Path):
             yield from (row[k] for k in ("text", "prompt", "completion") if k in row)
 
 
-def _train(config: DemoConfig, schedule: StageSchedule, *, log_every: int = 25) -> dict:
-    return {"max_steps": schedule.max_steps, "lr": schedule.lr, "batch_size": schedule.batch_size,
-            "warmup_steps": schedule.warmup_steps, "log_every": log_every, "eval_every": schedule.max_steps,
-            "save_every": max(schedule.max_steps // 2, 1)}
+def _train(config: DemoConfig, stage: str, schedule: StageSchedule, *, log_every: int = 25, **settings) -> TrainConfig:
+    """A stage's optimisation loop: its schedule, evaluated at its end, saved half-way (a point of the KL frontier)."""
+    return TrainConfig(output_dir=str(Path(config.out_dir) / stage), max_steps=schedule.max_steps, lr=schedule.lr,
+                       batch_size=schedule.batch_size, warmup_steps=schedule.warmup_steps, log_every=log_every,
+                       eval_every=schedule.max_steps, save_every=max(schedule.max_steps // 2, 1), **settings)
 
 
 def demo_pipeline(config: DemoConfig) -> PipelineConfig:
-    """The demo's stages as a pipeline config; ``{data:...}`` and ``{tokenizer}`` are the demo's own stages."""
-    lengths = {"max_length": config.max_length, "max_prompt_length": config.max_length // 2}
+    """The demo's stages as a pipeline config; ``{data:...}`` and ``{tokenizer}`` are the demo's own stages.
+
+    Every section is built as its stage's typed config (so each setting is checked here, and each default has one
+    home: the demo's in :class:`DemoConfig`, the others in :mod:`rlhfkit.config`); the pipeline config holds the
+    settings they were given.
+    """
+    def data(train: str, **more) -> DataConfig:
+        return DataConfig(train=train, max_length=config.max_length, max_prompt_length=config.max_length // 2, **more)
+
     new_tokens = config.max_length // 2
-    ppo = config.ppo
+    ppo, dpo = config.ppo, config.dpo
+    sft_policy = ModelConfig(name_or_path="{sft}")
     models = {"pretrain": "{pretrain}", "sft": "{sft}", "ppo": "{ppo}", "dpo": "{dpo}"}
-    for name, schedule in (("ppo", config.ppo), ("dpo", config.dpo)):  # half-way: a point of the KL frontier
+    for name, schedule in (("ppo", ppo), ("dpo", dpo)):  # half-way: a point of the KL frontier
         half = schedule.max_steps // 2
         if half >= 1:
             models[f"{name}@{half}"] = f"{{{name}:checkpoint-{half}}}"
-    return PipelineConfig(
-        out_dir=config.out_dir, seed=config.seed, task=config.task, stages=list(STAGES),
-        pretrain={"model": {"preset": config.preset, "tokenizer": "{tokenizer}",
-                            "architecture": {"hidden_size": config.hidden_size,
-                                             "num_hidden_layers": config.num_hidden_layers}},
-                  "data": {"train": "{data:corpus.jsonl}", "max_length": config.max_length},
-                  "train": _train(config, config.pretrain)},
-        sft={"model": {"name_or_path": "{pretrain}"},
-             "data": {"train": "{data:sft_train.jsonl}", "eval": "{data:sft_eval.jsonl}", **lengths},
-             "train": _train(config, config.sft)},
-        sample={"model": "{sft}", "prompts": "{data:rank_prompts.jsonl}", "k": config.k,
-                "max_new_tokens": new_tokens, "temperature": config.sample_temperature, "batch_size": 128},
-        rank={},
-        rm={"model": {"name_or_path": "{sft}"}, "data": {"train": "{rank}", **lengths},
-            "train": _train(config, config.rm, log_every=50)},
-        ppo={"model": {"name_or_path": "{sft}"}, "data": {"train": "{data:sft_train.jsonl}", **lengths},
-             "train": {**_train(config, ppo, log_every=1), "scheduler": "constant"},
-             "ppo": {"reward_model": "{rm}", "rollout_batch_size": ppo.rollout_batch_size,
-                     "minibatch_size": ppo.minibatch_size, "ppo_epochs": ppo.ppo_epochs, "kl_coef": ppo.kl_coef,
-                     "max_new_tokens": new_tokens, "temperature": config.sample_temperature,
-                     # every rollout is logged: the report plots their proxy against their gold score
-                     "samples_to_log": ppo.rollout_batch_size}},
-        dpo={"model": {"name_or_path": "{sft}"}, "data": {"train": "{rank}", **lengths},
-             "train": _train(config, config.dpo, log_every=50),
-             "dpo": {"beta": config.dpo.beta, "precompute_reference": True}},
-        eval={"models": models, "prompts": "{data:eval_prompts.jsonl}", "reward_model": "{rm}",
-              "reference": "{sft}", "baseline": "sft", "heldout_text": "{data:heldout_text.jsonl}",
-              "max_new_tokens": new_tokens, "temperature": config.eval_temperature, "rm_gold_samples": config.k,
-              "best_of_n": config.best_of_n},
-        report={})
+    sections: dict[str, Section] = {
+        "pretrain": PretrainConfig(
+            model=ModelConfig(preset=config.preset, tokenizer="{tokenizer}",
+                              architecture={"hidden_size": config.hidden_size,
+                                            "num_hidden_layers": config.num_hidden_layers}),
+            data=DataConfig(train="{data:corpus.jsonl}", max_length=config.max_length),
+            train=_train(config, "pretrain", config.pretrain)),
+        "sft": SFTConfig(model=ModelConfig(name_or_path="{pretrain}"),
+                         data=data("{data:sft_train.jsonl}", eval="{data:sft_eval.jsonl}"),
+                         train=_train(config, "sft", config.sft)),
+        "sample": SampleStage(model="{sft}", prompts="{data:rank_prompts.jsonl}", k=config.k,
+                              max_new_tokens=new_tokens, temperature=config.sample_temperature, batch_size=128),
+        "rank": RankStage(),
+        "rm": RewardConfig(model=sft_policy, data=data("{rank}"), train=_train(config, "rm", config.rm, log_every=50)),
+        "ppo": PPOConfig(model=sft_policy, data=data("{data:sft_train.jsonl}"),
+                         train=_train(config, "ppo", ppo, log_every=1, scheduler="constant"),
+                         ppo=PPOSection(reward_model="{rm}", rollout_batch_size=ppo.rollout_batch_size,
+                                        minibatch_size=ppo.minibatch_size, ppo_epochs=ppo.ppo_epochs,
+                                        kl_coef=ppo.kl_coef, max_new_tokens=new_tokens,
+                                        temperature=config.sample_temperature,
+                                        # every rollout is logged: the report plots their proxy against their gold
+                                        samples_to_log=ppo.rollout_batch_size)),
+        "dpo": DPOConfig(model=sft_policy, data=data("{rank}"), train=_train(config, "dpo", dpo, log_every=50),
+                         dpo=DPOSection(beta=dpo.beta, precompute_reference=True)),
+        "eval": EvalStage(models=models, prompts="{data:eval_prompts.jsonl}", reward_model="{rm}", reference="{sft}",
+                          baseline="sft", heldout_text="{data:heldout_text.jsonl}", max_new_tokens=new_tokens,
+                          temperature=config.eval_temperature, rm_gold_samples=config.k, best_of_n=config.best_of_n),
+        "report": ReportStage(),
+    }
+    return PipelineConfig(out_dir=config.out_dir, seed=config.seed, task=config.task,
+                          stages=[stage.name for stage in STAGES],
+                          **{name: section.model_dump(mode="json", exclude_unset=True)
+                             for name, section in sections.items()})
 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict:

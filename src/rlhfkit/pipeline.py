@@ -14,7 +14,9 @@ A pipeline config names the stages to run and holds one section per stage::
     rm: {model: {name_or_path: "{sft}"}, data: {train: "{rank}"}, train: {max_steps: 500}}
     ...
 
-``{stage}`` in any string stands for that stage's output (:data:`OUTPUTS`): a trainer's ``final/``
+The stages, their order, sections and outputs are defined once, in :data:`STAGES`.
+
+``{stage}`` in any string stands for that stage's output (:attr:`Stage.output`): a trainer's ``final/``
 model, the sample stage's ``samples.jsonl``, the rank stage's ``rankings.jsonl``; ``{stage:NAME}`` for
 ``NAME`` inside the stage's directory (``{ppo:checkpoint-15}``). Those references are the pipeline's
 dependency graph. Trainer stages write to ``out_dir/<stage>`` (``train.output_dir`` is set for them).
@@ -32,21 +34,23 @@ config, of the files it reads and of the stages it depends on:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from rich.console import Console
 
+from rlhfkit import workflows
 from rlhfkit.config import (
     ConfigError,
     DPOConfig,
-    ModelConfig,
     PPOConfig,
     PretrainConfig,
     RewardConfig,
@@ -57,13 +61,8 @@ from rlhfkit.config import (
     save_config,
     validate_config,
 )
+from rlhfkit.rollout.generate import SamplingConfig
 
-TRAINERS = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}
-STAGES = ("pretrain", "sft", "sample", "rank", "rm", "ppo", "dpo", "eval", "report")
-StageName = Literal["pretrain", "sft", "sample", "rank", "rm", "ppo", "dpo", "eval", "report"]
-# what ``{stage}`` stands for, inside the stage's directory
-OUTPUTS = {**{name: "final" for name in TRAINERS}, "sample": "samples.jsonl", "rank": "rankings.jsonl",
-           "eval": "eval.json"}
 _REFERENCE = re.compile(r"\{([a-z_]+)(?::([^{}]+))?\}")
 
 
@@ -135,26 +134,121 @@ class ReportStage(Section):
     illustrate: bool = True
 
 
-SECTIONS: dict[str, type[Section]] = {**TRAINERS, "sample": SampleStage, "rank": RankStage, "eval": EvalStage,
-                                      "report": ReportStage}
+@dataclass(frozen=True)
+class Stage:
+    """One stage a pipeline can run: its section's schema, its work, and what ``{name}`` stands for."""
+
+    name: str
+    section: type[Section]
+    # runs the stage, its section validated and its references resolved, in ``out_dir/<name>``
+    work: Callable[[Any, PipelineConfig, StageRunner, Console], None]
+    # what ``{name}`` stands for, inside the stage's directory ("": the directory)
+    output: str = ""
+    # a trainer: ``train.output_dir`` is the stage's directory and ``train.seed`` defaults to the pipeline's
+    trains: bool = False
+    # the stage may be listed without a section of its own (its defaults are a complete config)
+    defaults_suffice: bool = False
+    # the stage reads the whole run directory, so it depends on every stage before it
+    reads_the_run: bool = False
 
 
-class PipelineConfig(Section):
-    """Which stages to run, in order, and one section per stage (see the module docstring)."""
+def _trainer(name: str, config: type[Section], run: str) -> Stage:
+    """The stage of a trainer: ``run`` (``module.function``, imported when the stage runs, so that a pipeline loads
+    only the trainers it uses) trains on the stage's config; its output is the ``final/`` model."""
+    module, function = run.rsplit(".", 1)
+
+    def work(section: Section, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+        getattr(importlib.import_module(module), function)(section, console)
+
+    return Stage(name, config, work, output="final", trains=True)
+
+
+def _sample(section: SampleStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+    sampling = SamplingConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                              top_p=section.top_p, top_k=section.top_k, batch_size=section.batch_size)
+    workflows.sample_completions(section.model, section.prompts, runner.output("sample"), sampling, k=section.k,
+                                 seed=config.seed, limit=section.limit, finished_only=section.finished_only,
+                                 console=console)
+
+
+def _rank(section: RankStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+    if section.feedback:
+        workflows.collect_rankings(section.feedback, runner.output("rank"), console=console)
+    else:
+        workflows.rank_samples(section.samples, runner.output("rank"), task=config.task, seed=config.seed,
+                               temperature=section.labeler_temperature, console=console)
+
+
+def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+    from rlhfkit.evaluate.compare import comparison_table
+    from rlhfkit.evaluate.gold import reward_model_gold_accuracy
+
+    sampling = SamplingConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                              batch_size=section.batch_size)
+    models = {name: path for name, path in section.models.items() if Path(path).exists()}
+    for name in section.models.keys() - models.keys():
+        console.print(f"[yellow]eval: {name} ({section.models[name]}) does not exist, left out[/]")
+    samples_dir = runner.out_dir / "samples"
+    shutil.rmtree(samples_dir, ignore_errors=True)  # no stale samples of models left out now
+    evaluation = workflows.evaluate(models, section.prompts, runner.output("eval"), sampling, samples_dir=samples_dir,
+                                    task=config.task, reward_model=section.reward_model, reference=section.reference,
+                                    baseline=section.baseline, heldout_text=section.heldout_text, limit=section.limit,
+                                    seed=config.seed, best_of_n=section.best_of_n)
+    report, task, prompts = evaluation.report, evaluation.task, evaluation.prompts
+    summary: dict = {"task": config.task, "eval_prompts": len(prompts), "baseline": report["baseline"],
+                     "models": report["models"], "win_rates": report["win_rates"]}
+    if section.rm_gold_samples and task and section.reward_model and section.reference:
+        summary["reward_model"] = reward_model_gold_accuracy(
+            task, section.reward_model, section.reference, prompts, k=section.rm_gold_samples, sampling=sampling,
+            seed=config.seed + 1)
+    (runner.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    rm = summary.get("reward_model")
+    caption = (f"reward model orders {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} sample pairs as the gold judge"
+               + (f" (the simulated labelers: {rm['labeler/accuracy']:.1%})" if "labeler/accuracy" in rm else "")
+               if rm else None)
+    console.print(comparison_table(summary, f"{len(prompts)} held-out prompts ({config.task or section.prompts})",
+                                   caption))
+
+
+def _report(section: ReportStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+    from rlhfkit.evaluate.illustrate import illustrate
+    from rlhfkit.evaluate.report import write_report
+
+    console.print(f"report: {write_report(runner.out_dir)}")
+    if section.illustrate:
+        svg, png = illustrate(runner.out_dir)
+        console.print(f"illustration: {svg}, {png}")
+
+
+# Every stage, in pipeline order: the one list the pipeline's config, checks and runs are derived from.
+STAGES: tuple[Stage, ...] = (
+    _trainer("pretrain", PretrainConfig, "rlhfkit.trainers.pretrain.run_pretrain"),
+    _trainer("sft", SFTConfig, "rlhfkit.trainers.sft.run_sft"),
+    Stage("sample", SampleStage, _sample, output="samples.jsonl"),
+    Stage("rank", RankStage, _rank, output="rankings.jsonl", defaults_suffice=True),
+    _trainer("rm", RewardConfig, "rlhfkit.trainers.reward.run_reward"),
+    _trainer("ppo", PPOConfig, "rlhfkit.trainers.ppo.run_ppo"),
+    _trainer("dpo", DPOConfig, "rlhfkit.trainers.dpo.run_dpo"),
+    Stage("eval", EvalStage, _evaluate, output="eval.json"),
+    Stage("report", ReportStage, _report, defaults_suffice=True, reads_the_run=True),
+)
+STAGE: dict[str, Stage] = {stage.name: stage for stage in STAGES}
+
+
+class PipelineSettings(Section):
+    """The pipeline's own keys: where it writes, its seed and task, and which stages to run, in order."""
 
     out_dir: str = "runs/pipeline"
     seed: int = 0
     task: str | None = None
-    stages: list[StageName] = Field(min_length=1)
-    pretrain: dict[str, Any] | None = None
-    sft: dict[str, Any] | None = None
-    sample: dict[str, Any] | None = None
-    rank: dict[str, Any] | None = None
-    rm: dict[str, Any] | None = None
-    ppo: dict[str, Any] | None = None
-    dpo: dict[str, Any] | None = None
-    eval: dict[str, Any] | None = None
-    report: dict[str, Any] | None = None
+    stages: list[Literal[tuple(STAGE)]] = Field(min_length=1)
+
+
+# ... and one section per stage, validated as the stage's config once references are resolved (resolve_stages)
+PipelineConfig = create_model(
+    "PipelineConfig", __base__=PipelineSettings, __module__=__name__,
+    __doc__="Which stages to run, in order, and one section per stage (see the module docstring).",
+    **{stage.name: (dict[str, Any] | None, None) for stage in STAGES})
 
 
 def file_digest(path: Path) -> str:
@@ -181,7 +275,7 @@ class StageRunner:
 
     def output(self, stage: str, name: str | None = None) -> Path:
         """Where ``{stage}`` (or ``{stage:name}``) points."""
-        return self.out_dir / stage / (name or OUTPUTS.get(stage, ""))
+        return self.out_dir / stage / (name or (STAGE[stage].output if stage in STAGE else ""))
 
     def resolve(self, value: Any, where: str = "") -> tuple[Any, set[str]]:
         """``value`` with every ``{stage}`` reference replaced by its path; also the stages it refers to."""
@@ -189,8 +283,8 @@ class StageRunner:
 
         def replace(match: re.Match) -> str:
             stage = match.group(1)
-            if stage not in STAGES and stage not in self.fingerprints:
-                raise ConfigError(f"{where}: {{{stage}}} is not a stage (known: {', '.join(STAGES)})")
+            if stage not in STAGE and stage not in self.fingerprints:
+                raise ConfigError(f"{where}: {{{stage}}} is not a stage (known: {', '.join(STAGE)})")
             used.add(stage)
             return str(self.output(stage, match.group(2)))
 
@@ -290,25 +384,24 @@ def resolve_stages(config: PipelineConfig, runner: StageRunner, *, source: str =
     """Every listed stage's validated config (``{stage}`` references resolved) and the stages it uses."""
     if len(set(config.stages)) != len(config.stages):
         raise ConfigError(f"{source}: stages: each stage may be listed once, got {config.stages}")
-    if [s for s in STAGES if s in config.stages] != list(config.stages):
-        raise ConfigError(f"{source}: stages: list them in pipeline order ({', '.join(STAGES)}), got {config.stages}")
+    if [name for name in STAGE if name in config.stages] != list(config.stages):
+        raise ConfigError(f"{source}: stages: list them in pipeline order ({', '.join(STAGE)}), got {config.stages}")
     resolved = {}
-    for stage in config.stages:
-        section = getattr(config, stage)
-        if section is None and stage not in ("rank", "report"):
-            raise ConfigError(f"{source}: stages lists {stage!r} but the config has no {stage!r} section")
+    for name in config.stages:
+        stage, section = STAGE[name], getattr(config, name)
+        if section is None and not stage.defaults_suffice:
+            raise ConfigError(f"{source}: stages lists {name!r} but the config has no {name!r} section")
         tree = dict(section or {})
-        if stage in TRAINERS:
+        if stage.trains:
             if not isinstance(tree.get("train", {}), dict):
-                raise ConfigError(f"{source}: {stage}.train must be a section")
-            tree["train"] = {"seed": config.seed, **tree.get("train", {}), "output_dir": str(runner.out_dir / stage)}
+                raise ConfigError(f"{source}: {name}.train must be a section")
+            tree["train"] = {"seed": config.seed, **tree.get("train", {}), "output_dir": str(runner.out_dir / name)}
         # validate as written (so errors point at the file), then resolve references, defaults' included
-        cls = SECTIONS[stage]
-        written = validate_config(cls, tree, source=source, lines=lines, prefix=(stage,))
-        values, used = runner.resolve(written.model_dump(mode="json"), stage)
-        if stage == "report":  # it reads the whole run directory
+        written = validate_config(stage.section, tree, source=source, lines=lines, prefix=(name,))
+        values, used = runner.resolve(written.model_dump(mode="json"), name)
+        if stage.reads_the_run:
             used |= set(runner.fingerprints) | set(resolved)
-        resolved[stage] = (cls.model_validate(values), used)
+        resolved[name] = (stage.section.model_validate(values), used)
     if "rank" in resolved and not resolved["rank"][0].feedback and config.task is None:
         raise ConfigError(f"{source}: the rank stage needs `task:` (its simulated labeler) or `rank.feedback:` "
                           "(a feedback-app database URL)")
@@ -323,9 +416,9 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None, *, sour
     runner.adopt_finished(list(config.stages))
     stages = resolve_stages(config, runner, source=source, lines=lines)
     save_config(config, runner.out_dir)
-    for stage, (section, used) in stages.items():
-        runner.run(stage, section.model_dump(mode="json"), used,
-                   lambda stage=stage, section=section: _STAGE_WORK[stage](section, config, runner, console))
+    for name, (section, used) in stages.items():
+        runner.run(name, section.model_dump(mode="json"), used,
+                   lambda name=name, section=section: STAGE[name].work(section, config, runner, console))
     seconds = {**runner.seconds, "total": round(sum(runner.seconds.values()), 1)}
     summary_path = runner.out_dir / "summary.json"
     if summary_path.exists():
@@ -334,115 +427,4 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None, *, sour
         summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return seconds
 
-
-def _train(section: Section, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
-    from rlhfkit.trainers.dpo import run_dpo
-    from rlhfkit.trainers.ppo import run_ppo
-    from rlhfkit.trainers.pretrain import run_pretrain
-    from rlhfkit.trainers.reward import run_reward
-    from rlhfkit.trainers.sft import run_sft
-
-    run = {PretrainConfig: run_pretrain, SFTConfig: run_sft, RewardConfig: run_reward, PPOConfig: run_ppo,
-           DPOConfig: run_dpo}[type(section)]
-    run(section, console)
-
-
-def _sample(section: SampleStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
-    from rlhfkit.data.readers import read_records, write_jsonl
-    from rlhfkit.models.load import load_causal_lm
-    from rlhfkit.rollout.generate import SamplingConfig, generate_k
-
-    records = read_records(section.prompts, "prompt", limit=section.limit)
-    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=section.model))
-    sampling = SamplingConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
-                              top_p=section.top_p, top_k=section.top_k, batch_size=section.batch_size)
-    groups = generate_k(policy, tokenizer, [r.prompt for r in records], section.k, sampling, seed=config.seed)
-    rows = [{"prompt": r.prompt, "completions": [g.text for g in group if g.finished or not section.finished_only],
-             **({"id": r.id} if r.id is not None else {})} for r, group in zip(records, groups, strict=True)]
-    count = write_jsonl(runner.output("sample"), rows)
-    console.print(f"{count} prompts x {section.k} samples written to {runner.output('sample')}")
-
-
-def _rank(section: RankStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
-    import random
-
-    from rlhfkit.data.readers import iter_jsonl, write_jsonl
-    from rlhfkit.data.records import DataError
-
-    out = runner.output("rank")
-    if section.feedback:
-        from rlhfkit.feedback.store import Store
-
-        store = Store(section.feedback)
-        try:
-            count = write_jsonl(out, store.export("rankings"))
-        finally:
-            store.close()
-        console.print(f"{count} rankings exported from {section.feedback} to {out}")
-        return
-    from rlhfkit.tasks import get_task
-
-    task = get_task(config.task)
-    rng = random.Random(config.seed)
-    records = []
-    for line, row in iter_jsonl(section.samples):
-        if not isinstance(row.get("completions"), list):
-            raise DataError("expected a list of strings", source=section.samples, line=line, field="completions")
-        record = task.rank_samples(row["prompt"], row["completions"], rng=rng, temperature=section.labeler_temperature,
-                                   id=None if row.get("id") is None else str(row["id"]))
-        if record is not None:
-            records.append(record)
-    count = write_jsonl(out, records)
-    console.print(f"{count} rankings by the {config.task} simulated labeler written to {out}")
-
-
-def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
-    from rlhfkit.data.readers import read_records, read_texts, write_jsonl
-    from rlhfkit.evaluate.compare import comparison_table, evaluate_models
-    from rlhfkit.evaluate.gold import reward_model_gold_accuracy
-    from rlhfkit.rollout.generate import SamplingConfig
-    from rlhfkit.tasks import get_task
-
-    task = get_task(config.task) if config.task else None
-    prompts = [r.prompt for r in read_records(section.prompts, "prompt", limit=section.limit)]
-    sampling = SamplingConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
-                              batch_size=section.batch_size)
-    models = {name: path for name, path in section.models.items() if Path(path).exists()}
-    for name in section.models.keys() - models.keys():
-        console.print(f"[yellow]eval: {name} ({section.models[name]}) does not exist, left out[/]")
-    report, samples = evaluate_models(models, prompts, sampling, task=task, reward_model=section.reward_model,
-                                      reference=section.reference, baseline=section.baseline,
-                                      heldout_texts=read_texts(section.heldout_text) if section.heldout_text else (),
-                                      seed=config.seed, best_of_n=section.best_of_n)
-    shutil.rmtree(runner.out_dir / "samples", ignore_errors=True)  # no stale samples of models left out now
-    for name, rows in samples.items():
-        write_jsonl(runner.out_dir / "samples" / f"{name}.jsonl", rows)
-    summary: dict = {"task": config.task, "eval_prompts": len(prompts), "baseline": report["baseline"],
-                     "models": report["models"], "win_rates": report["win_rates"]}
-    if section.rm_gold_samples and task and section.reward_model and section.reference:
-        summary["reward_model"] = reward_model_gold_accuracy(
-            task, section.reward_model, section.reference, prompts, k=section.rm_gold_samples, sampling=sampling,
-            seed=config.seed + 1)
-    runner.output("eval").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (runner.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    rm = summary.get("reward_model")
-    caption = (f"reward model orders {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} sample pairs as the gold judge"
-               + (f" (the simulated labelers: {rm['labeler/accuracy']:.1%})" if "labeler/accuracy" in rm else "")
-               if rm else None)
-    console.print(comparison_table(summary, f"{len(prompts)} held-out prompts ({config.task or section.prompts})",
-                                   caption))
-
-
-def _report(section: ReportStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
-    from rlhfkit.evaluate.illustrate import illustrate
-    from rlhfkit.evaluate.report import write_report
-
-    console.print(f"report: {write_report(runner.out_dir)}")
-    if section.illustrate:
-        svg, png = illustrate(runner.out_dir)
-        console.print(f"illustration: {svg}, {png}")
-
-
-_STAGE_WORK: dict[str, Callable[[Any, PipelineConfig, StageRunner, Console], None]] = {
-    **dict.fromkeys(TRAINERS, _train), "sample": _sample, "rank": _rank, "eval": _evaluate, "report": _report}
 

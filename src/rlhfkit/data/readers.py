@@ -13,6 +13,8 @@ Sources :func:`read_records` understands:
   picks the split of a ``DatasetDict``, "train" by default).
 * ``hf:NAME`` or ``hf:NAME:SPLIT``: a dataset on the Hugging Face Hub, through
   ``datasets.load_dataset`` (needs the network unless it is cached).
+* any location a registered data source owns (:mod:`rlhfkit.data.sources`): the feedback app's database
+  URL (``sqlite:///feedback.db``), whose exported answers are numbered "record N".
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from rlhfkit.data.records import (
     parse_record,
     record_to_dict,
 )
+from rlhfkit.data.sources import source_of
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
 HUB_PREFIX = "hf:"
@@ -206,44 +209,6 @@ def _rows(path: str | os.PathLike, split: str | None) -> tuple[str, str, Iterato
     return str(path), "line", enumerate(_load_csv(path), start=2)
 
 
-DATABASE_EXPORTS = {"demonstration": "demonstrations", "ranking": "rankings", "preference": "pairs"}
-DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
-
-
-def is_database_url(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a SQLAlchemy URL of a feedback database (``sqlite:///f.db``, ``postgresql+psycopg://``)."""
-    if not isinstance(path, str) or "://" not in path:
-        return False
-    return path.split("://", 1)[0].split("+", 1)[0].lower() in DATABASE_SCHEMES
-
-
-def _database_rows(url: str, kind: str, split: str | None) -> tuple[str, str, Iterator[tuple[int, Any]]]:
-    """The labelers' answers in a feedback database, exported as records of ``kind`` (see ``Store.export``)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from rlhfkit.feedback.store import Store
-
-    parsed = make_url(url)
-    source = parsed.render_as_string(hide_password=True)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
-        raise DataFileNotFoundError("no such database file", source=source)
-    if kind not in DATABASE_EXPORTS:
-        raise DataError(f"a feedback database holds {', '.join(DATABASE_EXPORTS)} records, not {kind} records",
-                        source=source)
-    if split is not None:
-        raise DataError(f"is a feedback database without splits; split {split!r} cannot apply", source=source)
-    store = Store(url, migrate=False)
-    try:
-        rows = list(store.export(DATABASE_EXPORTS[kind]))
-    except SQLAlchemyError as error:
-        raise DataError(f"cannot read the feedback database: {getattr(error, 'orig', None) or error}",
-                        source=source) from None
-    finally:
-        store.close()
-    return source, "record", enumerate(rows, start=1)
-
-
 def read_records(
     path: str | os.PathLike,
     kind: str,
@@ -251,20 +216,21 @@ def read_records(
     split: str | None = None,
     limit: int | None = None,
 ) -> list[Record]:
-    """Read and validate every record of ``kind`` from a file, dataset directory or ``hf:`` name.
+    """Read and validate every record of ``kind`` from a file, dataset directory, ``hf:`` name or registered source.
 
     Args:
         path: a ``.jsonl``, ``.jsonl.gz``, ``.json``, ``.json.gz``, ``.parquet`` or ``.csv`` file, a
-            directory written by ``save_to_disk``, ``hf:NAME`` / ``hf:NAME:SPLIT``, or the URL of a feedback
-            database (``sqlite:///feedback.db``, ``postgresql+psycopg://...``): its labelers' answers, as
-            ``rlhfkit export`` writes them (demonstrations, rankings, or preference pairs).
+            directory written by ``save_to_disk``, ``hf:NAME`` / ``hf:NAME:SPLIT``, or a location that a
+            registered data source owns (:mod:`rlhfkit.data.sources`), such as the URL of a feedback database
+            (``sqlite:///feedback.db``, ``postgresql+psycopg://...``): its labelers' answers, as ``rlhfkit export``
+            writes them (demonstrations, rankings, or preference pairs).
         kind: one of :data:`~rlhfkit.data.records.RECORD_KINDS`.
         split: the split of a ``DatasetDict`` directory or Hub dataset ("train" when None); must
             be None for a single file or dataset.
         limit: read at most this many records (the first ones).
 
     Raises:
-        DataFileNotFoundError: the path does not exist.
+        DataFileNotFoundError: the path (or a source's database file) does not exist.
         DataError: an unsupported source, an unreadable row, an invalid record, or no records.
         ValueError: an unknown ``kind`` or a ``limit`` below 1.
     """
@@ -272,7 +238,12 @@ def read_records(
         raise ValueError(f"unknown record kind {kind!r}; expected one of {RECORD_KINDS}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    source, unit, rows = _database_rows(path, kind, split) if is_database_url(path) else _rows(path, split)
+    registered = source_of(path)
+    if registered is not None:
+        found = registered.rows(path, kind, split)
+        source, unit, rows = found.source, found.unit, found.rows
+    else:
+        source, unit, rows = _rows(path, split)
     records: list[Record] = []
     for position, obj in rows:
         records.append(parse_record(obj, kind, source=source, line=position, unit=unit))

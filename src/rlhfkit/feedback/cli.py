@@ -8,9 +8,8 @@ rest of the ``rlhfkit`` command line.
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -20,40 +19,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rlhfkit.data.records import DataError
+from rlhfkit.cli_common import console, fail_cleanly
 from rlhfkit.feedback.imports import IMPORT_KINDS, import_file
 from rlhfkit.feedback.store import EXPORT_KINDS, ROLES, Store, StoreError
 
 DEFAULT_DB = "sqlite:///feedback.db"
 POSTGRES_DRIVERS = ("psycopg", "psycopg2")
 
-console = Console(stderr=True)
 DbOption = Annotated[str, typer.Option("--db", help="SQLAlchemy URL (postgresql+psycopg://...) or SQLite file path.")]
-
-
-def _fail_cleanly(function: Callable) -> Callable:
-    """Show data, store and connection errors and missing files as one clear message (exit code 2)."""
-    from sqlalchemy.exc import ArgumentError, OperationalError
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except (DataError, StoreError, FileNotFoundError, ArgumentError) as error:
-            console.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False)
-            raise typer.Exit(2) from None
-        except OperationalError as error:  # the database cannot be reached or opened
-            console.print(f"[bold red]error:[/] cannot use the database: {escape(str(error.orig))}", markup=True,
-                          highlight=False)
-            raise typer.Exit(2) from None
-        except ModuleNotFoundError as error:
-            if error.name not in POSTGRES_DRIVERS:
-                raise
-            console.print(f"[bold red]error:[/] the PostgreSQL driver is not installed ({escape(str(error))}): "
-                          + escape("pip install 'rlhfkit[postgres]'"), markup=True, highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def database_url(db: str) -> str:
@@ -67,19 +40,34 @@ def database_url(db: str) -> str:
 
 @contextmanager
 def open_store(db: str, *, create: bool) -> Iterator[Store]:
-    """The store at ``db``, closed afterwards; unless ``create``, a missing SQLite file is an error."""
-    from sqlalchemy.engine import make_url
+    """The store at ``db``, closed afterwards; unless ``create``, a missing SQLite file is an error.
 
-    url = database_url(db)
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        if not create and not Path(parsed.database).exists():
-            raise FileNotFoundError(f"{parsed.database}: no such database file")
-    store = Store(url)
+    A database that cannot be used (an unknown or malformed URL, no connection, a missing PostgreSQL
+    driver), here or while the store is in use, is a :class:`StoreError` that says why.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
     try:
-        yield store
-    finally:
-        store.close()
+        url = database_url(db)
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            if not create and not Path(parsed.database).exists():
+                raise FileNotFoundError(f"{parsed.database}: no such database file")
+        store = Store(url)
+        try:
+            yield store
+        finally:
+            store.close()
+    except ArgumentError as error:
+        raise StoreError(str(error)) from None
+    except OperationalError as error:  # the database cannot be reached or opened
+        raise StoreError(f"cannot use the database: {error.orig}") from None
+    except ModuleNotFoundError as error:
+        if error.name not in POSTGRES_DRIVERS:
+            raise
+        raise StoreError(f"the PostgreSQL driver is not installed ({error}): pip install 'rlhfkit[postgres]'") \
+            from None
 
 
 def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
@@ -95,7 +83,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(feedback, name="feedback")
 
     @app.command("serve")
-    @_fail_cleanly
+    @fail_cleanly
     def serve(
         db: DbOption = DEFAULT_DB,
         host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
@@ -121,7 +109,7 @@ def register(app: typer.Typer) -> None:
             uvicorn.run(web_app, host=host, port=port, log_level="warning")
 
     @app.command("export")
-    @_fail_cleanly
+    @fail_cleanly
     def export(
         kind: Annotated[str, typer.Option(help=f"What to export: {', '.join(EXPORT_KINDS)}.")],
         out: Annotated[Path, typer.Option(help="Output JSONL file (.gz to compress).")],
@@ -136,7 +124,7 @@ def register(app: typer.Typer) -> None:
         print(json.dumps({"kind": kind, "records": count, "out": str(out)}))
 
     @feedback.command("add-user")
-    @_fail_cleanly
+    @fail_cleanly
     def add_user(
         username: Annotated[str, typer.Argument(help="The account's login name.")],
         password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True,
@@ -155,7 +143,7 @@ def register(app: typer.Typer) -> None:
         print(json.dumps({"id": user.id, "username": user.username, "role": user.role}))
 
     @feedback.command("import")
-    @_fail_cleanly
+    @fail_cleanly
     def import_(
         path: Annotated[Path, typer.Argument(help="Records: JSONL (prompts also CSV with a 'prompt' column).")],
         kind: Annotated[str, typer.Option(help="prompts (to write demonstrations for), samples (K completions "
@@ -170,7 +158,7 @@ def register(app: typer.Typer) -> None:
         print(json.dumps({"kind": kind, "items": count, "replicas": replicas, "db": store.url}))
 
     @feedback.command("progress")
-    @_fail_cleanly
+    @fail_cleanly
     def progress(db: DbOption = DEFAULT_DB) -> None:
         """How far the labelers are, per item kind."""
         with open_store(db, create=False) as store:
@@ -185,7 +173,7 @@ def register(app: typer.Typer) -> None:
         Console().print(table)
 
     @feedback.command("agreement")
-    @_fail_cleanly
+    @fail_cleanly
     def agreement(
         db: DbOption = DEFAULT_DB,
         out: Annotated[Path | None, typer.Option(help="Also write the full report (per item too) as JSON.")] = None,

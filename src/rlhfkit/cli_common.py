@@ -1,0 +1,38 @@
+"""What every ``rlhfkit`` command shares: the console it reports on, and how it ends on a user's mistake.
+
+:mod:`rlhfkit.cli`, :mod:`rlhfkit.cli_public` and :mod:`rlhfkit.feedback.cli` import both from here, so the
+command modules need not import each other.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from rlhfkit.config import ConfigError
+from rlhfkit.data.records import DataError
+from rlhfkit.feedback.store import StoreError
+from rlhfkit.trainers.base import TrainingError
+
+console = Console(stderr=True)
+
+# errors that a user can fix (a config key, a record, a file, a database): a message, not a traceback
+USER_ERRORS = (ConfigError, DataError, TrainingError, StoreError, FileNotFoundError)
+
+
+def fail_cleanly(function: Callable) -> Callable:
+    """Show configuration, data, training and store errors and missing files as one clear message (exit code 2)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except USER_ERRORS as error:
+            console.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
