@@ -120,7 +120,10 @@ def rank_samples(samples: str | Path, out: str | Path, *, task: str, seed: int =
     rng = random.Random(seed)
     records, skipped, dropped = [], 0, 0
     for row in read_samples(samples):
-        record = judge.rank_samples(row.prompt, row.completions, rng=rng, temperature=temperature, id=row.id)
+        try:
+            record = judge.rank_samples(row.prompt, row.completions, rng=rng, temperature=temperature, id=row.id)
+        except ValueError as error:  # a prompt the task did not write: its labeler has nothing to judge by
+            raise DataError(str(error), source=str(samples), line=row.line, field="prompt") from None
         dropped += sum(not c.strip() for c in row.completions)
         if record is None:
             skipped += 1
