@@ -152,15 +152,15 @@ class Stage:
     reads_the_run: bool = False
 
 
-def _trainer(name: str, config: type[Section], run: str) -> Stage:
+def _trainer(name: str, schema: type[Section], run: str) -> Stage:
     """The stage of a trainer: ``run`` (``module.function``, imported when the stage runs, so that a pipeline loads
     only the trainers it uses) trains on the stage's config; its output is the ``final/`` model."""
     module, function = run.rsplit(".", 1)
 
-    def work(section: Section, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
+    def work(section: Section, pipeline: PipelineConfig, runner: StageRunner, console: Console) -> None:
         getattr(importlib.import_module(module), function)(section, console)
 
-    return Stage(name, config, work, output="final", trains=True)
+    return Stage(name, schema, work, output="final", trains=True)
 
 
 def _sample(section: SampleStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
