@@ -81,6 +81,7 @@ class PPOSchedule(StageSchedule):
     rollout_batch_size: int = Field(64, gt=0)
     minibatch_size: int = Field(16, gt=0)
     ppo_epochs: int = Field(2, gt=0)
+    # the demo's own default, given to the typed PPOSection as ppo.kl_coef (the library's default is PPOSection's)
     kl_coef: float = Field(0.1, ge=0)
 
 
@@ -151,7 +152,8 @@ def _tokenizer_texts(data: Path):
 
 
 def _train(config: DemoConfig, stage: str, schedule: StageSchedule, *, log_every: int = 25, **settings) -> TrainConfig:
-    """A stage's optimisation loop: its schedule, evaluated at its end, saved half-way (a point of the KL frontier)."""
+    """A stage's optimisation loop: its schedule, evaluated at its end, saved half-way (a point of the KL frontier);
+    ``output_dir`` is the stage's directory, as the pipeline sets it."""
     return TrainConfig(output_dir=str(Path(config.out_dir) / stage), max_steps=schedule.max_steps, lr=schedule.lr,
                        batch_size=schedule.batch_size, warmup_steps=schedule.warmup_steps, log_every=log_every,
                        eval_every=schedule.max_steps, save_every=max(schedule.max_steps // 2, 1), **settings)
