@@ -139,3 +139,23 @@ def test_eval_command_writes_the_report_and_samples(saved_models, task, tmp_path
     result = runner.invoke(cli.app, ["eval", "--models", f"a={paths['one']}", "--prompts",
                                      str(tmp_path / "prompts.jsonl"), "--baseline", "z"])
     assert result.exit_code == 2 and "--baseline 'z'" in result.output, result.output
+
+
+def test_inter_labeler_agreement_compares_two_independent_labelers():
+    from rlhfkit.evaluate.gold import inter_labeler_agreement, labeler_gold_accuracy
+    from rlhfkit.tasks.tinyworld import TinyWorld
+
+    task = TinyWorld()
+    prompts = task.prompts(100, seed=3)
+    completions = [[d["completion"] for d in task.demonstrations([p] * 4, seed=i)] for i, p in enumerate(prompts)]
+    # without noise two labelers rank alike; with pure noise they agree on half the pairs
+    assert inter_labeler_agreement(TinyWorld(temperature=0.0), prompts, completions) == 1.0
+    assert abs(inter_labeler_agreement(TinyWorld(temperature=1e6), prompts, completions) - 0.5) < 0.05
+    # the default labeler lies between, below its agreement with gold (each labeler errs on its own),
+    # and the estimate is seeded
+    default = inter_labeler_agreement(task, prompts, completions, seed=1)
+    assert 0.55 < default < labeler_gold_accuracy(task, prompts, completions, seed=1)
+    assert default == inter_labeler_agreement(task, prompts, completions, seed=1)
+    # identical texts are tied by every labeler: no pair to agree on
+    prompt = prompts[0]
+    assert math.isnan(inter_labeler_agreement(task, [prompt], [["Same answer.", " Same  answer."]]))

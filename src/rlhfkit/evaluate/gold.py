@@ -53,6 +53,34 @@ def labeler_gold_accuracy(task: Task, prompts: Sequence[str], completions: Seque
     return sum(accuracies) / len(accuracies)
 
 
+def inter_labeler_agreement(task: Task, prompts: Sequence[str], completions: Sequence[Sequence[str]], *,
+                            seed: int = 0, repeats: int = 5) -> float:
+    """How often two independent draws of the task's simulated labeler order two completions alike.
+
+    The figure InstructGPT reports for its labelers (72.6 +- 1.5 % agreement between training labelers;
+    Ouyang et al. 2022, section 5.1), so a simulated labeler's noise can be compared with real ones'. Every
+    pair of completions of a prompt with different texts counts (identical texts are tied by every
+    labeler); each of ``repeats`` rounds ranks each prompt's completions twice.
+    """
+    import random
+
+    from rlhfkit.tasks.base import normalize_whitespace
+
+    rng = random.Random(seed)
+    agree = total = 0
+    for _ in range(repeats):
+        for prompt, texts in zip(prompts, completions, strict=True):
+            first, second = ({i: g for g, group in enumerate(task.rank(prompt, list(texts), rng=rng)) for i in group}
+                             for _ in range(2))
+            distinct = [normalize_whitespace(t) for t in texts]
+            for i in range(len(texts)):
+                for j in range(i + 1, len(texts)):
+                    if distinct[i] != distinct[j]:
+                        total += 1
+                        agree += (first[i] < first[j]) == (second[i] < second[j])
+    return agree / total if total else float("nan")
+
+
 def reward_model_gold_accuracy(task: Task, reward_model: str, policy: str, prompts: Sequence[str], *, k: int,
                                sampling, seed: int = 0) -> dict[str, float]:
     """How often ``reward_model`` orders ``k`` fresh samples of ``policy`` per prompt as the gold judge does.
@@ -61,6 +89,8 @@ def reward_model_gold_accuracy(task: Task, reward_model: str, policy: str, promp
     to judge), against the truth rather than against noisy labelers; see :func:`gold_pairwise_accuracy`.
     ``labeler/accuracy`` is the simulated labeler's own agreement with gold on the same pairs
     (:func:`labeler_gold_accuracy`): the ceiling of a reward model learnt from its rankings.
+    ``labeler/inter_agreement`` is two simulated labelers' agreement with each other on the same completions
+    (:func:`inter_labeler_agreement`), the figure to hold against InstructGPT's 72.6 %.
     """
     from rlhfkit.config import ModelConfig
     from rlhfkit.models.load import load_causal_lm
@@ -74,4 +104,5 @@ def reward_model_gold_accuracy(task: Task, reward_model: str, policy: str, promp
                                                           for _ in group],
                                [text for group in groups for text in group], batch_size=64))
     result = gold_pairwise_accuracy(task, prompts, groups, [[next(rewards) for _ in group] for group in groups])
-    return {**result, "labeler/accuracy": labeler_gold_accuracy(task, prompts, groups, seed=seed)}
+    return {**result, "labeler/accuracy": labeler_gold_accuracy(task, prompts, groups, seed=seed),
+            "labeler/inter_agreement": inter_labeler_agreement(task, prompts, groups, seed=seed)}

@@ -35,8 +35,8 @@ def normalize_whitespace(text: str) -> str:
 class Task(abc.ABC):
     """A prompt distribution with a gold judge and a pool of simulated labelers.
 
-    Subclasses set ``name`` and ``temperature`` (the labeler noise of :meth:`rank`, tuned so that
-    :meth:`labeler_agreement` is about 0.73, like InstructGPT's inter-labeler agreement) and implement
+    Subclasses set ``name`` and ``temperature`` (the labeler noise of :meth:`rank`; tinyworld's gives a
+    :meth:`labeler_agreement` with gold of about 0.73) and implement
     the abstract methods. :meth:`labeler_utility` is the hook for a labeler bias the gold judge does not
     share; by default the labeler's utility is the gold score itself.
     """

@@ -61,9 +61,11 @@ probability ``1 - skill``. Their mean gold score is about 0.68 (references: 1.0)
 
 Rankings (:meth:`Task.rank`) are Plackett-Luce draws with temperature 0.5 from a utility that is the gold
 score plus a length bias the gold judge does not share: ``labeler_bias * min(words, 60) / 60`` (default
-``labeler_bias`` 0.3). The labeler agrees with gold on about 73% of pairs (InstructGPT's inter-labeler
-agreement) and mildly prefers longer answers, so a reward model can learn to like length and a policy
-optimised hard against it drifts past the ideal length, where the gold judge penalises it.
+``labeler_bias`` 0.3). The labeler agrees with gold on about 73% of pairs of demonstrations and mildly
+prefers longer answers, so a reward model can learn to like length and a policy optimised hard against it
+drifts past the ideal length, where the gold judge penalises it. Two such labelers agree with each other on
+about 61% of those pairs (60% on pairs of the demo's SFT samples): noisier than InstructGPT's labelers,
+who agree with each other on 72.6% (a temperature of 0.25 would match them; see docs/tasks.md).
 """
 
 from __future__ import annotations
@@ -734,7 +736,8 @@ class TinyWorld(Task):
 
     ``labeler_bias``: the simulated labeler's extra utility for length, ``labeler_bias * min(words, 60) / 60``
     on top of the gold score (the gold judge penalises answers past the ideal length instead).
-    ``temperature``: the labeler noise of :meth:`rank`; the default gives about 73% agreement with gold.
+    ``temperature``: the labeler noise of :meth:`rank`; the default gives about 73% agreement with gold on
+    demonstrations (61% between two labelers).
     """
 
     name = "tinyworld"
