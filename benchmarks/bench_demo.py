@@ -59,6 +59,9 @@ def alignment_report(summary: dict) -> str:
         lines.append(f"reward model agrees with gold on {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} SFT sample "
                      f"pairs, the simulated labelers on {rm['labeler/accuracy']:.1%}: within 3 points "
                      f"{'met' if gap <= 0.03 else 'MISSED'}")
+    if "labeler/inter_agreement" in rm:
+        lines.append(f"two simulated labelers agree with each other on {rm['labeler/inter_agreement']:.1%} of those "
+                     "pairs (InstructGPT's labelers: 72.6 %)")
     return "\n".join(lines)
 
 

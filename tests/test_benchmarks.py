@@ -148,5 +148,8 @@ def test_bench_demo_reports_the_alignment_targets(bench):
     assert "target ppo: gold win rate >= 65 %, lower end >= 60 %: met" in text
     assert "target dpo: gold win rate >= 65 %, lower end >= 60 %: MISSED" in text  # its interval starts at 59 %
     assert "62.0% of 900 SFT sample pairs, the simulated labelers on 66.0%: within 3 points MISSED" in text
-    summary["reward_model"]["gold/accuracy"] = 0.64
-    assert "within 3 points met" in bench_demo.alignment_report(summary)
+    assert "agree with each other" not in text
+    summary["reward_model"].update({"gold/accuracy": 0.64, "labeler/inter_agreement": 0.6})
+    text = bench_demo.alignment_report(summary)
+    assert "within 3 points met" in text
+    assert "agree with each other on 60.0% of those pairs (InstructGPT's labelers: 72.6 %)" in text
