@@ -64,9 +64,11 @@ def test_an_unknown_task_is_one_message_from_the_cli_and_the_pipeline(tmp_path):
     samples = jsonl(tmp_path / "samples.jsonl", [GOOD_SAMPLES])
     from_cli = error_line(CliRunner().invoke(cli.app, ["rank", "--task", "nope", "--samples", samples,
                                                        "--out", str(tmp_path / "rankings.jsonl")]))
-    from_pipeline = error_line(run_pipeline(tmp_path, {"task": "nope", "stages": ["rank"],
+    from_pipeline = error_line(run_pipeline(tmp_path, {"task": "nope", "stages": ["sample", "rank"],
+                                                       "sample": {"model": "policy", "prompts": samples},
                                                        "rank": {"samples": samples}}))
     assert from_cli == from_pipeline == "error: unknown task 'nope'; known tasks: tinyworld"
+    assert not (tmp_path / "run" / "sample").exists()  # found before the first stage runs
 
 
 @pytest.mark.parametrize(("row", "where"), [

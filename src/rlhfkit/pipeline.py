@@ -386,6 +386,8 @@ def resolve_stages(config: PipelineConfig, runner: StageRunner, *, source: str =
         raise ConfigError(f"{source}: stages: each stage may be listed once, got {config.stages}")
     if [name for name in STAGE if name in config.stages] != list(config.stages):
         raise ConfigError(f"{source}: stages: list them in pipeline order ({', '.join(STAGE)}), got {config.stages}")
+    if config.task is not None:
+        workflows.load_task(config.task)  # an unknown task fails before any stage runs, as a bad section does
     resolved = {}
     for name in config.stages:
         stage, section = STAGE[name], getattr(config, name)
