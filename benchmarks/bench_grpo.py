@@ -150,7 +150,7 @@ def fixed_minibatch(tokenizer, prompts_path: str, response_length: int = 16) -> 
 def parity_check(size: str, policy_dir: str, reward_dir: str, prompts_path: str, workdir: Path) -> dict:
     import torch
 
-    from rlhfkit.trainers.ppo import policy_forward
+    from rlhfkit.models.policy_value import policy_forward
 
     rk = build_rlhfkit(policy_dir, reward_dir, prompts_path, str(workdir / f"parity-{size}-rlhfkit"), 1)
     tr = build_trl(policy_dir, reward_dir, prompts_path, str(workdir / f"parity-{size}-trl"), 1, beta=0.0)

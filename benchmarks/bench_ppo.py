@@ -149,7 +149,7 @@ def run_rlhfkit(spec: dict, iteration_done) -> dict:
 
 def rollout_update_split(run_dir: str, warmup: int) -> dict:
     """rlhfkit's median rollout and update seconds of the timed iterations (its own metrics)."""
-    from rlhfkit.trainers.base import read_metrics
+    from rlhfkit.engine.metrics import read_metrics
 
     timed = read_metrics(Path(run_dir))[warmup:]
     return {"rollout_s": common.median([m["time/rollout_s"] for m in timed]),

@@ -241,7 +241,7 @@ def run_child(spec: dict) -> dict:
         trainer._optimizer_step = timed_step
         rss_start = common.current_rss_mib()
         trainer.train()
-        from rlhfkit.trainers.base import read_metrics
+        from rlhfkit.engine.metrics import read_metrics
 
         own = [r["s_per_step"] for r in read_metrics(spec["output_dir"])
                if "s_per_step" in r and r["step"] > warmup]

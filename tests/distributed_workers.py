@@ -32,7 +32,7 @@ def statistics_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def statistics(out: Path) -> None:
     from rlhfkit.algorithms.advantages import masked_mean, masked_whiten, pool_means
-    from rlhfkit.trainers.base import sum_over_processes
+    from rlhfkit.engine.accelerator import sum_over_processes
 
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -60,11 +60,11 @@ def rollout_share(rollout, rank: int, world: int):
 def trained_weights(trainer) -> dict[str, torch.Tensor]:
     """The policy's and the value network's weights after an update, named as in ``PolicyAndValue``
     (``policy.``, ``value.``); under FSDP gathered from the shards (on every process, complete on process 0)."""
-    from rlhfkit.trainers.base import gather_model_state
+    from rlhfkit.engine.sharding import gather_model_state
 
-    weights = gather_model_state(trainer.accelerator, trainer.networks)
+    weights = gather_model_state(trainer.accelerator, trainer.model)
     if weights is None:
-        weights = trainer.accelerator.unwrap_model(trainer.networks).state_dict()
+        weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     return {name: tensor.detach().clone() for name, tensor in weights.items()}
 
 
@@ -85,7 +85,8 @@ def update(out: Path, setup: str, rollout_path: str, *overrides: str) -> None:
 def rollout(out: Path, setup: str, *overrides: str) -> None:
     from test_ppo import ppo_config
 
-    from rlhfkit.trainers.ppo import PPOTrainer, value_forward
+    from rlhfkit.models.policy_value import value_forward
+    from rlhfkit.trainers.ppo import PPOTrainer
 
     config = ppo_config(Path(setup), "rollout-2", *overrides)
     trainer = PPOTrainer(config)

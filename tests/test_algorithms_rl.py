@@ -1,13 +1,23 @@
-"""PPO/RLOO/GRPO maths against hand-computed values."""
+"""PPO/RLOO/GRPO/REINFORCE++ maths against hand-computed values."""
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 
-from rlhfkit.algorithms.advantages import gae, grpo_advantages, masked_mean, masked_whiten, rloo_advantages
-from rlhfkit.algorithms.kl import AdaptiveKLController, kl_estimate, kl_penalized_rewards
+from rlhfkit.algorithms.advantages import (
+    gae,
+    grpo_advantages,
+    masked_mean,
+    masked_whiten,
+    reinforce_plus_plus_advantages,
+    rloo_advantages,
+)
+from rlhfkit.algorithms.estimators import ESTIMATORS, estimate_advantages
+from rlhfkit.algorithms.kl import AdaptiveKLController, kl_estimate, kl_penalized_rewards, kl_penalized_score
 from rlhfkit.algorithms.ppo import entropy_from_logits, policy_loss, value_loss
+from rlhfkit.config import PPOSection
 
 
 def t(*rows):
@@ -104,3 +114,45 @@ def test_entropy_and_masked_statistics():
     assert masked_mean(t([1.0, 3.0, 100.0]), t([1, 1, 0])).item() == pytest.approx(2.0)
     whitened = masked_whiten(t([1.0, 2.0, 3.0, 50.0]), t([1, 1, 1, 0]))
     torch.testing.assert_close(whitened, t([-1.0, 0.0, 1.0, 0.0]), atol=1e-4, rtol=0)
+
+
+def test_reinforce_plus_plus_hand_computed():
+    """Hu et al. 2025: A_t = r(x, y) - beta * sum_{i >= t} KL_i, then normalised over every token of the batch."""
+    scores, mask = t(1.0, -0.5), t([1, 1, 0], [1, 1, 1])
+    kl = t([0.1, 0.2, 0.0], [0.3, -0.1, 0.4])
+    advantages, returns = estimate_advantages("reinforce++", scores, kl, mask, kl_coef=0.5)
+    # before normalisation: row 0 (1 - 0.5 * 0.3, 1 - 0.5 * 0.2),
+    # row 1 (-0.5 - 0.5 * 0.6, -0.5 - 0.5 * 0.3, -0.5 - 0.5 * 0.4)
+    raw = [0.85, 0.9, -0.8, -0.65, -0.7]
+    mean = sum(raw) / 5
+    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / 4)  # the unbiased std, as every whitening here
+    expected = [(a - mean) / std for a in raw]
+    torch.testing.assert_close(advantages, t(expected[:2] + [0.0], expected[2:]))
+    assert returns is None
+    # the reward-to-go with a discount, before normalisation
+    discounted = reinforce_plus_plus_advantages(t([0, 0, 1]), t([1, 1, 1]), gamma=0.9)
+    torch.testing.assert_close(discounted, t([0.81, 0.9, 1.0]))
+
+
+def test_estimators_shape_the_kl_and_whiten_as_their_options_say():
+    scores, mask = t(1.0, 0.0, 2.0, 0.5), t([1, 1], [1, 0], [1, 1], [1, 1])
+    kl = t([0.2, 0.1], [0.4, 0.0], [0.0, 0.3], [0.1, 0.1])
+    # group estimators: the score minus the summed KL penalty, one advantage per sequence, not whitened by default
+    rloo, returns = estimate_advantages("rloo", scores, kl, mask, kl_coef=0.5, group_size=2)
+    sequence = kl_penalized_score(scores, kl, mask, 0.5)
+    torch.testing.assert_close(rloo, rloo_advantages(sequence, 2).unsqueeze(-1) * mask)
+    assert returns is None
+    # whitening is an option of every estimator
+    whitened, _ = estimate_advantages("rloo", scores, kl, mask, kl_coef=0.5, group_size=2, whiten_advantages=True)
+    torch.testing.assert_close(whitened, masked_whiten(rloo, mask))
+    # GAE: the per-token KL in the reward, whitened by default, and the value targets
+    values = t([0.1, 0.2], [0.3, 0.0], [0.5, 0.4], [0.0, 0.1])
+    advantages, returns = estimate_advantages("gae", scores, kl, mask, kl_coef=0.5, values=values, lam=0.9)
+    expected, expected_returns = gae(kl_penalized_rewards(scores, kl, mask, 0.5), values, mask, 1.0, 0.9)
+    torch.testing.assert_close(advantages, masked_whiten(expected, mask))
+    torch.testing.assert_close(returns, expected_returns)
+
+
+def test_every_estimator_is_a_value_of_ppo_advantage():
+    assert set(ESTIMATORS) == set(get_args(PPOSection.model_fields["advantage"].annotation))
+    assert [name for name, estimator in ESTIMATORS.items() if estimator.needs_values] == ["gae"]

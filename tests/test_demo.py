@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rlhfkit.trainers.base import read_metrics
+from rlhfkit.engine.metrics import read_metrics
 
 
 @pytest.mark.slow

@@ -139,7 +139,7 @@ def test_accelerate_configs_train_what_one_process_trains(accelerate_config, sta
 @pytest.mark.slow
 def test_fsdp_checkpoints_resume_exactly(configs, tmp_path):
     from rlhfkit.config import SFTConfig, load_config
-    from rlhfkit.trainers.base import TrainingError
+    from rlhfkit.engine.errors import TrainingError
     from rlhfkit.trainers.sft import build_sft_trainer
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -169,7 +169,7 @@ def test_untested_engines_are_refused(monkeypatch, tmp_path, tokenizer_dir, task
     from test_ppo import ppo_config
 
     from rlhfkit.config import SFTConfig, load_config
-    from rlhfkit.trainers import base
+    from rlhfkit.engine import accelerator, errors, loop
     from rlhfkit.trainers.ppo import PPOTrainer
     from rlhfkit.trainers.sft import build_sft_trainer
 
@@ -180,28 +180,28 @@ def test_untested_engines_are_refused(monkeypatch, tmp_path, tokenizer_dir, task
         with monkeypatch.context() as patch:
             for name, value in env.items():
                 patch.setenv(name, value)
-            with pytest.raises(base.TrainingError, match=message):
-                base.make_accelerator("no")
+            with pytest.raises(errors.TrainingError, match=message):
+                accelerator.make_accelerator("no")
 
     write_jsonl(tmp_path / "demos.jsonl", task.demonstrations(task.prompts(8, seed=3), seed=3))
     sft = {"model": {"preset": "tiny", "tokenizer": str(tokenizer_dir)},
            "data": {"train": str(tmp_path / "demos.jsonl")},
            "train": {"output_dir": str(tmp_path / "run"), "batch_size": 3, "progress": False}}
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2, process_index=0)
-    monkeypatch.setattr(base, "make_accelerator", lambda mixed_precision: fsdp)
+    monkeypatch.setattr(loop, "make_accelerator", lambda mixed_precision: fsdp)
     lora = load_config(SFTConfig, base={**sft, "model": {**sft["model"], "lora": {"r": 4}}})
-    with pytest.raises(base.TrainingError, match="LoRA under FSDP is not supported yet"):
+    with pytest.raises(errors.TrainingError, match="LoRA under FSDP is not supported yet"):
         build_sft_trainer(lora)
     compiled = load_config(SFTConfig, base={**sft, "train": {**sft["train"], "torch_compile": True}})
-    with pytest.raises(base.TrainingError, match="sft: train.torch_compile under FSDP is not supported yet"):
+    with pytest.raises(errors.TrainingError, match="sft: train.torch_compile under FSDP is not supported yet"):
         build_sft_trainer(compiled)
-    with pytest.raises(base.TrainingError, match="ppo: LoRA under FSDP is not supported yet"):
+    with pytest.raises(errors.TrainingError, match="ppo: LoRA under FSDP is not supported yet"):
         PPOTrainer(ppo_config(ppo_setup, "refused", "model.lora.r=4"))
-    with pytest.raises(base.TrainingError, match="ppo: ppo.ema_decay under FSDP is not supported yet"):
+    with pytest.raises(errors.TrainingError, match="ppo: ppo.ema_decay under FSDP is not supported yet"):
         PPOTrainer(ppo_config(ppo_setup, "refused", "ppo.ema_decay=0.9"))
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
-    monkeypatch.setattr(base, "make_accelerator", lambda mixed_precision: ddp)
-    with pytest.raises(base.TrainingError, match=r"batch_size \(3\) is the global batch and must be a multiple"):
+    monkeypatch.setattr(loop, "make_accelerator", lambda mixed_precision: ddp)
+    with pytest.raises(errors.TrainingError, match=r"batch_size \(3\) is the global batch and must be a multiple"):
         build_sft_trainer(load_config(SFTConfig, base=sft))
 
 
@@ -240,17 +240,17 @@ def test_ppo_global_counts_must_split_over_the_processes(monkeypatch, ppo_setup)
     from accelerate.utils import DistributedType
     from test_ppo import ppo_config
 
-    from rlhfkit.trainers import base
+    from rlhfkit.engine import errors, loop
     from rlhfkit.trainers.ppo import PPOTrainer
 
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, process_index=0)
-    monkeypatch.setattr(base, "make_accelerator", lambda mixed_precision: ddp)
+    monkeypatch.setattr(loop, "make_accelerator", lambda mixed_precision: ddp)
     cases = {"ppo.rollout_batch_size=3": r"ppo.rollout_batch_size \(3\) is a global count and must be a multiple",
              "ppo.minibatch_size=1": r"ppo.minibatch_size \(1\) is a global count",
              "train.grad_accum=4": r"minibatch share \(ppo.minibatch_size / 2 = 2\) must be a multiple of train.grad"}
     for override, message in cases.items():
         extra = ["ppo.samples_per_prompt=4"] if override.startswith("ppo.rollout") else []  # 12 % 4 == 0
-        with pytest.raises(base.TrainingError, match=message):
+        with pytest.raises(errors.TrainingError, match=message):
             PPOTrainer(ppo_config(ppo_setup, "refused", override, *extra))
     # a process's share of the prompts is a contiguous slice: a prompt's samples stay on one process
     assert PPOTrainer._prompt_share(SimpleNamespace(world=2, rank=1), list("abcdefgh")) == list("efgh")
@@ -316,7 +316,7 @@ def test_grpo_with_lora_and_gradient_accumulation_on_two_processes(ppo_setup, tm
     from test_ppo import ppo_config
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.trainers.base import read_metrics
+    from rlhfkit.engine.metrics import read_metrics
 
     config = ppo_config(ppo_setup, "unused", "train.max_steps=1", "ppo.advantage=grpo", "ppo.samples_per_prompt=2",
                         "model.lora.r=4", "train.grad_accum=2")
@@ -338,7 +338,8 @@ def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_se
     from test_ppo import ppo_config
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhfkit.trainers.base import TrainingError, read_metrics
+    from rlhfkit.engine.errors import TrainingError
+    from rlhfkit.engine.metrics import read_metrics
     from rlhfkit.trainers.ppo import PPOTrainer
 
     config = ppo_config(ppo_setup, "unused", "train.max_steps=3", "train.save_every=1", "ppo.samples_per_prompt=2",

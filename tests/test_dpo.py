@@ -16,8 +16,9 @@ from rlhfkit import cli
 from rlhfkit.config import ConfigError, DPOConfig, load_config
 from rlhfkit.data.readers import write_jsonl
 from rlhfkit.data.records import LabeledRecord, parse_record
+from rlhfkit.engine.checkpoint import checkpoints
+from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.trainers import dpo as dpo_module
-from rlhfkit.trainers.base import checkpoints, read_metrics
 from rlhfkit.trainers.dpo import (
     PreferenceCollator,
     Reference,

@@ -1,4 +1,4 @@
-"""The learning-rate schedules (trainers.base.lr_multiplier): by hand, and against transformers' get_scheduler."""
+"""The learning-rate schedules (engine.optim.lr_multiplier): by hand, and against transformers' get_scheduler."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhfkit.config import TrainConfig
-from rlhfkit.trainers.base import build_scheduler, lr_multiplier
+from rlhfkit.engine.optim import build_scheduler, lr_multiplier
 
 
 def test_schedules_by_hand():

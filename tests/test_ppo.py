@@ -8,8 +8,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import PPOConfig, load_config
-from rlhfkit.trainers.base import TrainingError, read_metrics
-from rlhfkit.trainers.ppo import PPOTrainer, response_masks, truncate_at_stop
+from rlhfkit.engine.checkpoint import checkpoints
+from rlhfkit.engine.errors import TrainingError
+from rlhfkit.engine.guard import NONFINITE_FILE
+from rlhfkit.engine.metrics import read_metrics
+from rlhfkit.rollout.experience import response_masks, truncate_at_stop
+from rlhfkit.trainers.ppo import PPOTrainer
 
 
 def test_response_masks_stop_after_first_eos_or_last_real_token():
@@ -41,6 +45,7 @@ OPTIONS = {
     "rloo": ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "ppo.kl_estimator=k3", "ppo.adaptive_kl=true"],
     "grpo-lora-ptx": ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "model.lora.r=4", "ppo.ptx_coef=0.5",
                       "train.grad_accum=2"],
+    "reinforce++": ["ppo.advantage=reinforce++"],
 }
 
 
@@ -59,9 +64,9 @@ def test_every_option_trains_and_logs(ppo_setup, name):
     metrics = trainer.train()
     for metric in ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
                  "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "val/ratio",
-                 "time/rollout_s", "time/train_s", "tokens_per_s"):
+                 "time/rollout_s", "time/train_s", "tokens_per_s", "grad_norm"):
         assert metric in metrics and metrics[metric] == metrics[metric], metric  # present and not NaN
-    if "ppo.advantage=rloo" not in options and "ppo.advantage=grpo" not in options:
+    if not any(option.startswith("ppo.advantage=") for option in options):
         assert "loss/value_avg" in metrics and "val/clipfrac_avg" in metrics
     after = trainer._unwrapped_policy().named_parameters()
     changed = any(not torch.equal(before[k], p) for k, p in after if k in before)
@@ -112,6 +117,29 @@ def test_resume_equals_uninterrupted_run(ppo_setup):
 
 
 
+def test_non_finite_loss_stops_with_the_step_and_the_prompts_of_the_minibatch(ppo_setup):
+    trainer = PPOTrainer(ppo_config(ppo_setup, "nan", "train.max_steps=3", "train.save_every=1"))
+    real_loss = trainer._micro_loss
+
+    def nan_in_iteration_two(batch, ptx_batch):
+        loss, value, stats = real_loss(batch, ptx_batch)
+        return (loss * float("nan"), float("nan"), stats) if trainer.step == 1 else (loss, value, stats)
+
+    trainer._micro_loss = nan_in_iteration_two
+    with pytest.raises(TrainingError, match=r"\[ppo\] non-finite loss \(nan\) at step 2; the last good checkpoint "
+                                            r"is .*checkpoint-1; the step's examples are listed in .*nonfinite_batch"):
+        trainer.train()
+    run = ppo_setup / "nan"
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-1"]
+    record = json.loads((run / NONFINITE_FILE).read_text())
+    # one minibatch holds the whole rollout of 4 prompts: their positions in the prompt data
+    assert record == {"stage": "ppo", "step": 2, "what": "loss (nan)",
+                      "example_positions": sorted(trainer._prompt_batch(1))}
+    logged = read_metrics(run)
+    assert [r["step"] for r in logged] == [1] and logged[0]["grad_norm"] > 0
+    assert all(torch.isfinite(p).all() for p in trainer._unwrapped_policy().parameters())  # no update ran
+
+
 @pytest.fixture
 def fresh_accelerate():
     """accelerate keeps one process-wide state whose precision cannot change once set: reset it around
@@ -155,7 +183,7 @@ def test_mixed_precision_reaches_every_forward_of_rollout_and_update(ppo_setup, 
 
 
 def test_bf16_rollout_and_update_match_fp32_within_bf16_tolerance(ppo_setup, fresh_accelerate):
-    from rlhfkit.trainers.ppo import policy_forward, value_forward
+    from rlhfkit.models.policy_value import policy_forward, value_forward
 
     fp32 = PPOTrainer(ppo_config(ppo_setup, "match-fp32", "train.mixed_precision=no"))
     rollout = fp32.rollout(fp32._prompt_batch(0))

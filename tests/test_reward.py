@@ -15,6 +15,7 @@ from rlhfkit.algorithms.ranking import expand_pairs, ranking_loss
 from rlhfkit.config import RewardConfig, RewardSection, load_config
 from rlhfkit.data.readers import read_records, write_jsonl
 from rlhfkit.data.records import RankingRecord
+from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.evaluate.gold import gold_pairwise_accuracy, labeler_gold_accuracy
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.reward import (
@@ -29,7 +30,6 @@ from rlhfkit.models.reward import (
     score_texts,
     sequence_rewards,
 )
-from rlhfkit.trainers.base import read_metrics
 from rlhfkit.trainers.reward import (
     RankingCollator,
     build_reward_trainer,

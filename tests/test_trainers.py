@@ -13,14 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import SFTConfig, load_config
 from rlhfkit.data.readers import write_jsonl
-from rlhfkit.trainers.base import (
-    NONFINITE_FILE,
-    TrainingError,
-    checkpoints,
-    compile_repeated_blocks,
-    epoch_order,
-    read_metrics,
-)
+from rlhfkit.engine.checkpoint import checkpoints
+from rlhfkit.engine.compile import compile_repeated_blocks
+from rlhfkit.engine.errors import TrainingError
+from rlhfkit.engine.guard import NONFINITE_FILE
+from rlhfkit.engine.metrics import read_metrics
+from rlhfkit.trainers.base import epoch_order
 from rlhfkit.trainers.sft import build_sft_trainer
 
 
@@ -114,6 +112,26 @@ def test_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir, demo_files):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if "loss" in r]
     assert steps == [2, 4, 6, 8]  # the dead run's records past the checkpoint were dropped
+
+
+def test_a_run_restarted_before_its_first_checkpoint_logs_every_step_once(tmp_path, tokenizer_dir, demo_files):
+    config = sft_config(tmp_path, tokenizer_dir, demo_files, "restart", save_every=6)
+    trainer = build_sft_trainer(config)
+    real_loss, calls = trainer.loss_fn, {"n": 0}
+
+    def dies_in_step_five(model, batch):
+        calls["n"] += model.training  # evaluation batches do not count
+        if calls["n"] == 5:
+            raise Interrupt
+        return real_loss(model, batch)
+
+    trainer.loss_fn = dies_in_step_five
+    with pytest.raises(Interrupt):
+        trainer.train()
+    assert not checkpoints(tmp_path / "restart")
+    assert [r["step"] for r in read_metrics(tmp_path / "restart")] == [0, 2, 4]
+    build_sft_trainer(config).train()  # starts afresh: the dead run's records are not kept twice
+    assert [r["step"] for r in read_metrics(tmp_path / "restart")] == [0, 2, 4, 6, 8, 8]
 
 
 def test_non_finite_loss_stops_with_step_and_stage(tmp_path, tokenizer_dir, demo_files):
@@ -243,8 +261,8 @@ def test_group_by_length_changes_only_the_order(tmp_path, tokenizer_dir, demo_fi
     grouped = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "grouped"))
     plain = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "plain", group_by_length=False))
     assert grouped.lengths == [len(e.input_ids) for e in grouped.train_examples] and plain.lengths is None
-    first_grouped, _ = next(grouped._micro_batches(0))
-    first_plain, _ = next(plain._micro_batches(0))
+    first_grouped, _ = grouped._micro_batch(0)
+    first_plain, _ = plain._micro_batch(0)
     assert first_plain == epoch_order(64, 8, seed=0)[:8]
     widths = [len(grouped.train_examples[i].input_ids) for i in first_grouped]
     assert widths == sorted(widths, reverse=True)

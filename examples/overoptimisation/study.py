@@ -193,7 +193,7 @@ def _ppo_status(directory: Path, coef: float, iterations: int) -> str:
 
 def run_ppo_once(args, settings, coef: float, console: Console) -> None:
     from rlhfkit.config import PPOConfig, load_config
-    from rlhfkit.trainers.base import checkpoints
+    from rlhfkit.engine.checkpoint import checkpoints
     from rlhfkit.trainers.ppo import run_ppo
 
     base = args.run / "ppo" / "config.yaml"
@@ -216,7 +216,7 @@ def evaluate_checkpoints(args, settings, directory: Path, prompts, task, console
     """``{iteration: {kl, gold, proxy}}`` of a PPO run's checkpoints (every ``save_every``, up to
     ``ppo_iterations``), each judged on the held-out prompts (cached in ``<run dir>/study_eval.json``)."""
     from rlhfkit.evaluate.compare import evaluate_models
-    from rlhfkit.trainers.base import checkpoints
+    from rlhfkit.engine.checkpoint import checkpoints
 
     key = {"sft": settings["sft"], "rm": settings["rm"], "prompts": _digest(prompts), "seed": args.seed,
            "temperature": settings["temperature"], "max_new_tokens": settings["max_new_tokens"], "version": 2}

@@ -108,7 +108,7 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
-    # torch.compile each repeated block (rlhfkit.trainers.base.compile_repeated_blocks); off by default: the
+    # torch.compile each repeated block (rlhfkit.engine.compile.compile_repeated_blocks); off by default: the
     # compile takes 10-60 s on a CPU and gains little on length-grouped batches (README, Performance)
     torch_compile: bool = False
     log_every: int = Field(10, gt=0)
@@ -244,7 +244,8 @@ class PPOSection(Section):
 
     reward_model: str
     value_model: Literal["reward", "head"] = "reward"
-    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    # the estimators of rlhfkit.algorithms.estimators (gae needs a value model; rloo and grpo groups of samples)
+    advantage: Literal["gae", "rloo", "grpo", "reinforce++"] = "gae"
     rollout_batch_size: int = Field(16, gt=0)
     samples_per_prompt: int = Field(1, gt=0)
     minibatch_size: int = Field(8, gt=0)
@@ -264,7 +265,8 @@ class PPOSection(Section):
     reward_clip: float | None = Field(None, gt=0)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
-    whiten_advantages: bool = True
+    # whiten the advantages over the batch; unset: as the estimator's authors do (gae, reinforce++: yes)
+    whiten_advantages: bool | None = None
     clip_range: float = Field(0.2, gt=0)
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)

@@ -1,4 +1,5 @@
-"""Advantage estimators: GAE with a value model, and the group baselines RLOO and GRPO.
+"""Advantage estimators: GAE with a value model, REINFORCE++'s reward-to-go, and the group baselines RLOO
+and GRPO (by name, with their options: :mod:`rlhfkit.algorithms.estimators`).
 
 Token tensors are ``[B, T]`` over response tokens with ``mask = 1`` on real tokens (responses are
 right-padded). Group estimators take one score per sample, laid out prompt-major: the ``k``
@@ -6,7 +7,7 @@ samples of prompt ``i`` are ``scores[i * k:(i + 1) * k]``.
 
 Statistics over a batch split across processes (data parallel): :func:`masked_mean` and
 :func:`masked_whiten` take ``reduce_sum``, a function that sums a tensor over all processes (e.g.
-:func:`rlhfkit.trainers.base.sum_over_processes`). Only sums and counts are reduced, never whole tensors,
+:func:`rlhfkit.engine.accelerator.sum_over_processes`). Only sums and counts are reduced, never whole tensors,
 and the result is the statistic of the concatenation of every process's rows.
 """
 
@@ -71,6 +72,28 @@ def pool_means(means: list[torch.Tensor], counts: list[torch.Tensor], reduce_sum
     return sums / totals, counts / totals
 
 
+def pooled_loss(means: dict[str, tuple[torch.Tensor, torch.Tensor]], coefs: dict[str, float],
+                reduce_sum: ReduceSum | None, world: int = 1) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """(loss to backpropagate, the micro-batch's loss value, {name: the micro-batch's statistic}) of token-mean
+    loss terms of a micro-batch split over ``world`` processes.
+
+    ``means`` maps each loss term and statistic to its token mean over this process's share and its
+    number of tokens; the loss is ``sum(coef x term)`` over the terms of ``coefs``. With one process
+    (``reduce_sum`` None) that is all. With N, the micro-batch is every process's share: the means are pooled
+    over every process's tokens (one reduction, :func:`pool_means`; equal on every process, so a non-finite
+    check and an early stop decide alike) and each term is weighted by N x this process's share of its
+    tokens, so that the gradient DDP averages over processes is the gradient of the whole micro-batch's loss.
+    """
+    if reduce_sum is None:
+        loss = sum(coef * means[name][0] for name, coef in coefs.items())
+        return loss, loss.item(), {name: mean.item() for name, (mean, _) in means.items()}
+    names = list(means)
+    pooled, shares = pool_means([means[n][0] for n in names], [means[n][1] for n in names], reduce_sum)
+    stats, share = dict(zip(names, pooled.tolist(), strict=True)), dict(zip(names, shares, strict=True))
+    loss = sum(coef * means[name][0] * (share[name] * world) for name, coef in coefs.items())
+    return loss, sum(coef * stats[name] for name, coef in coefs.items()), stats
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16): advantages and returns.
@@ -90,6 +113,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = next_advantage
         next_value = values[:, t]
     return advantages, (advantages + values) * mask
+
+
+def reinforce_plus_plus_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025, arXiv:2501.03262) before its global normalisation: the reward-to-go of the
+    KL-shaped per-token rewards, ``A_t = sum_{s >= t} gamma^(s - t) r_s``. With the rewards of
+    :func:`rlhfkit.algorithms.kl.kl_penalized_rewards` and ``gamma = 1`` this is the paper's
+    ``A_t = r(x, y) - beta * sum_{i >= t} KL_i``; the paper then normalises ``A`` over the whole batch
+    (:func:`masked_whiten` over every process's tokens).
+
+    No value function: it is GAE with ``V = 0`` and ``lambda = 1`` (Schulman et al. 2016, eq. 18).
+    """
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)[0]
 
 
 def _groups(scores: torch.Tensor, k: int) -> torch.Tensor:

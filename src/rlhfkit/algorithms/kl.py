@@ -41,6 +41,13 @@ def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
     return rewards + last.to(rewards.dtype) * scores.unsqueeze(-1)
 
 
+def kl_penalized_score(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """The sequence reward with the KL penalty: ``R = r - beta * sum_t KL_t`` (``[B]``), the reward of the
+    group baselines RLOO and GRPO (Ahmadian et al. 2024) and the logged ``objective/rlhf_reward``.
+    With the same ``kl``, it is the sum over the tokens of :func:`kl_penalized_rewards`."""
+    return scores - kl_coef * (kl * mask).sum(-1)
+
+
 class AdaptiveKLController:
     """The adaptive KL coefficient of Ziegler et al. 2019 (section 2.2).
 

@@ -11,20 +11,23 @@ import torch
 import torch.nn.functional as F
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(x_{t+1} | x_{<=t}) for every position: ``[B, T-1]``.
+def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets | logits) where ``logits[..., :]`` scores ``targets[...]`` (already aligned: no shift).
 
-    ``logits`` are divided by ``temperature`` first, so that log-probs used in RL match the
-    distribution the rollout sampled from (Huang et al. 2024, "The N+ implementation details of
-    RLHF with PPO"). ``cross_entropy`` computes the log-softmax and the gather without keeping the
-    full ``[B, T, V]`` log-softmax tensor alive.
+    The one log-softmax-and-gather of every stage. ``logits`` are divided by ``temperature`` first, so that
+    log-probs used in RL match the distribution the rollout sampled from (Huang et al. 2024, "The N+
+    implementation details of RLHF with PPO"). ``cross_entropy`` computes the log-softmax and the gather
+    without keeping the full ``[..., V]`` log-softmax tensor alive.
     """
-    shifted = logits[:, :-1, :]
     if temperature != 1.0:
-        shifted = shifted / temperature
-    targets = input_ids[:, 1:]
-    flat = -F.cross_entropy(shifted.reshape(-1, shifted.size(-1)).float(), targets.reshape(-1), reduction="none")
+        logits = logits / temperature
+    flat = -F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none")
     return flat.view(targets.shape)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(x_{t+1} | x_{<=t}) for every position: ``[B, T-1]`` (:func:`logprobs_of` after the shift)."""
+    return logprobs_of(logits[:, :-1, :], input_ids[:, 1:], temperature)
 
 
 def masked_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -59,7 +62,4 @@ def gathered_logprobs(logits: torch.Tensor, rows: torch.Tensor, predictors: torc
     last position). ``logits`` is ``[B, T, V]``; ``rows``, ``predictors`` and ``targets`` are ``[N]``.
     Only the N selected rows of logits reach the softmax.
     """
-    picked = logits[rows, predictors]
-    if temperature != 1.0:
-        picked = picked / temperature
-    return -F.cross_entropy(picked.float(), targets, reduction="none")
+    return logprobs_of(logits[rows, predictors], targets, temperature)

@@ -23,9 +23,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rlhfkit.engine.metrics import read_metrics  # noqa: E402
 from rlhfkit.evaluate.compare import comparison_rows  # noqa: E402
 from rlhfkit.evaluate.metrics import standard_error  # noqa: E402
-from rlhfkit.trainers.base import read_metrics  # noqa: E402
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
 SIDE_BY_SIDE = ("sft", "ppo", "dpo")

@@ -1,0 +1,194 @@
+"""PPO's experience: sample -> score -> reference and value forwards -> KL-shaped rewards -> advantages.
+
+One iteration's rollout (Ouyang et al. 2022; Ziegler et al. 2019; the choices of Huang et al. 2024, "The N+
+implementation details of RLHF with PPO", noted where they apply), all without gradients:
+
+1. **Sample** ``samples_per_prompt`` completions of each prompt with the policy
+   (:func:`rlhfkit.rollout.generate.sample`: left-padded prompts, KV cache, temperature / top-k / top-p, stop
+   at EOS or a stop string). A response ends
+   at its first EOS (:func:`response_masks`). The sampling log-probs come from the logits ``generate`` already
+   computed, divided by the temperature (:func:`rlhfkit.algorithms.logprobs.logprobs_of`): no extra forward.
+2. **Score** with the reward model (normalised so SFT outputs score 0); a missing EOS can be penalised, scores
+   clipped.
+3. **Reference and values**: the frozen reference's log-probs (the SFT model, or the LoRA policy with its
+   adapters disabled) and the value network's values, when the estimator uses one.
+4. **Rewards and advantages**: the per-token KL estimate and the estimator of ``ppo.advantage``
+   (:func:`rlhfkit.algorithms.estimators.estimate_advantages`: where the KL penalty goes, whitening).
+
+With several processes a rollout is this process's share of the iteration's sequences (a prompt's samples
+stay on one process, for the group baselines); the whitening statistics are those of every process's share
+(``reduce_sum``). Under FSDP every forward of the trained networks gathers each layer's parameters from every
+process, so they are all calls of the prepared :class:`~rlhfkit.models.policy_value.PolicyAndValue`
+(``generate`` included, with ``synced_gpus``: a process whose sequences have ended keeps running discarded
+forwards until every process's have, so that all run the same number; transformers detects only its own
+FSDP wrapping, not accelerate's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.algorithms.advantages import ReduceSum
+from rlhfkit.algorithms.estimators import ESTIMATORS, estimate_advantages
+from rlhfkit.algorithms.kl import kl_estimate, kl_penalized_score
+from rlhfkit.algorithms.logprobs import logprobs_of
+from rlhfkit.config import PPOSection
+from rlhfkit.models.policy_value import policy_forward
+from rlhfkit.models.reward import score_texts
+from rlhfkit.rollout.generate import SamplingConfig, sample
+
+
+@dataclass
+class Rollout:
+    """One iteration's sampled sequences and everything computed from them (no gradients).
+
+    Token tensors are ``[N, R]`` over response tokens; ``queries`` is ``[N, Q]`` left-padded;
+    ``prompt_positions`` ``[N]`` are the positions of each sequence's prompt in the prompt data. With several
+    processes a rollout is this process's share of the iteration's sequences.
+    """
+
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    scores: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    prompts: list
+    texts: list[str]
+    prompt_positions: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows ``index`` of what an update reads."""
+        names = ("queries", "query_mask", "responses", "response_mask", "logprobs", "values", "advantages", "returns",
+                 "prompt_positions")
+        return {name: getattr(self, name)[index] for name in names if getattr(self, name) is not None}
+
+
+def iteration_prompts(n_prompts: int, batch_size: int, iteration: int, seed: int) -> list[int]:
+    """The positions in the prompt data of iteration ``iteration``'s ``batch_size`` prompts: consecutive slices of
+    per-epoch seeded permutations (a pure function of the seed, so a resumed run samples the same prompts)."""
+    picked = []
+    for index in range(iteration * batch_size, (iteration + 1) * batch_size):
+        epoch, position = divmod(index, n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        picked.append(int(order[position]))
+    return picked
+
+
+def response_masks(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real response tokens (up to and including the first EOS) and whether each row ended.
+
+    Rows that stopped without EOS (length limit or stop string) end at their last non-pad token.
+    """
+    positions = torch.arange(responses.size(1), device=responses.device).expand_as(responses)
+    is_eos = responses == eos_token_id
+    finished = is_eos.any(-1)
+    first_eos = torch.where(finished, is_eos.float().argmax(-1), responses.size(1))
+    not_pad = (responses != pad_token_id).long()
+    last_real = torch.where(not_pad.any(-1), responses.size(1) - 1 - not_pad.flip(-1).argmax(-1), -1)
+    end = torch.where(finished, first_eos, last_real)
+    return (positions <= end.unsqueeze(-1)).long(), finished
+
+
+def truncate_at_stop(text: str, stop_strings: list[str]) -> str:
+    """Cut ``text`` right after the earliest stop string it contains."""
+    cuts = [text.index(s) + len(s) for s in stop_strings if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+@dataclass
+class ExperienceMaker:
+    """What a rollout needs besides the trained networks: the tokenizer, the frozen ``reference`` (None: the
+    policy with its LoRA adapters disabled), the reward model and the window it scores, ``ppo``'s settings,
+    the prompt window, the sums over processes (None with one) and the device."""
+
+    tokenizer: PreTrainedTokenizerBase
+    reference: PreTrainedModel | None
+    reward_model: torch.nn.Module
+    reward_tokenizer: PreTrainedTokenizerBase
+    reward_max_length: int
+    ppo: PPOSection
+    max_prompt_length: int
+    reduce_sum: ReduceSum | None
+    synced_gpus: bool
+    device: torch.device
+
+    @torch.no_grad()
+    def __call__(self, networks: torch.nn.Module, prompts: list, prompt_positions: list[int],
+                 kl_coef: float) -> Rollout:
+        """The rollout of ``prompts`` (each sampled ``samples_per_prompt`` times, prompt-major) by ``networks``
+        (the prepared :class:`~rlhfkit.models.policy_value.PolicyAndValue`) with KL coefficient ``kl_coef``."""
+        ppo, tok = self.ppo, self.tokenizer
+        k = ppo.samples_per_prompt
+        prompts = [p for p in prompts for _ in range(k)]  # prompt-major groups
+        positions = torch.tensor([p for p in prompt_positions for _ in range(k)])
+        policy_and_value = extract_model_from_parallel(networks)
+        policy = policy_and_value.policy
+        policy.eval()
+        sampling = SamplingConfig(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k,
+                                  top_p=ppo.top_p, stop_strings=tuple(ppo.stop_strings))
+        sampled = sample(partial(networks, "generate"), tok, prompts, sampling, device=self.device,
+                         max_prompt_length=self.max_prompt_length, return_logits=True, synced_gpus=self.synced_gpus)
+        policy.train()
+        queries, query_mask, responses = sampled.queries, sampled.query_mask, sampled.responses
+        response_mask, finished = response_masks(responses, tok.eos_token_id, tok.pad_token_id)
+        logprobs = logprobs_of(sampled.logits, responses, ppo.temperature) * response_mask
+        batch = {"queries": queries, "query_mask": query_mask, "responses": responses, "response_mask": response_mask}
+        if self.reference is None:  # LoRA (never under FSDP): the policy without its adapters
+            with policy.disable_adapter():
+                ref_logprobs = networks("policy_outputs", batch, ppo.temperature)[0]
+        else:
+            ref_logprobs = policy_forward(self.reference, batch, ppo.temperature)[0]
+        ref_logprobs = ref_logprobs * response_mask
+        values = None
+        if ESTIMATORS[ppo.advantage].needs_values:  # a value head reads the policy's hidden states
+            states = (networks("policy_outputs", batch, ppo.temperature, hidden=True)[2]
+                      if ppo.value_model == "head" else None)
+            values = networks("values", batch, states) * response_mask
+        texts = []
+        for row, mask in zip(responses.tolist(), response_mask.tolist(), strict=True):
+            ids = [t for t, m in zip(row, mask, strict=True) if m]
+            texts.append(truncate_at_stop(tok.decode(ids, skip_special_tokens=True).strip(), ppo.stop_strings))
+        scores = torch.tensor(score_texts(self.reward_model, self.reward_tokenizer, prompts, texts,
+                                          max_length=self.reward_max_length, max_prompt_length=self.max_prompt_length),
+                              device=self.device)
+        if ppo.missing_eos_penalty is not None:
+            scores = scores - ppo.missing_eos_penalty * (~finished).float()
+        if ppo.reward_clip is not None:
+            scores = scores.clamp(-ppo.reward_clip, ppo.reward_clip)
+        kl = kl_estimate(logprobs, ref_logprobs, ppo.kl_estimator) * response_mask
+        advantages, returns = estimate_advantages(
+            ppo.advantage, scores, kl, response_mask, kl_coef=kl_coef, values=values, group_size=k, gamma=ppo.gamma,
+            lam=ppo.lam, whiten_rewards=ppo.whiten_rewards, whiten_advantages=ppo.whiten_advantages,
+            reduce_sum=self.reduce_sum)
+        return Rollout(queries, query_mask, responses, response_mask, logprobs, ref_logprobs, values, scores,
+                       advantages, returns, prompts, texts, positions)
+
+
+def rollout_statistics(rollout: Rollout, kl_coef: float,
+                       reduce_sum: ReduceSum | None = None) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-sequence means over the whole rollout (every process's share: one reduction of sums) of the score,
+    the summed k1 KL (the adaptive controller's input), the KL-penalised reward and the response length; and
+    the rollout's numbers of sequences and of tokens (prompts and responses)."""
+    kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1")
+    per_sequence = {"objective/scores": rollout.scores, "objective/kl": kl.mul(rollout.response_mask).sum(-1),
+                    "objective/rlhf_reward": kl_penalized_score(rollout.scores, kl, rollout.response_mask, kl_coef),
+                    "response_length": rollout.response_mask.sum(-1).float()}
+    n_tokens = rollout.response_mask.sum() + rollout.query_mask.sum()
+    if reduce_sum is None:
+        means = {name: values.mean().item() for name, values in per_sequence.items()}
+        return means, {"sequences": rollout.responses.size(0), "tokens": int(n_tokens)}
+    local = [values.float().sum() for values in per_sequence.values()]
+    sequences = torch.tensor(float(rollout.responses.size(0)), device=n_tokens.device)
+    *sums, sequences, tokens = reduce_sum(torch.stack([*local, sequences, n_tokens.float()])).tolist()
+    means = {name: total / sequences for name, total in zip(per_sequence, sums, strict=True)}
+    return means, {"sequences": int(sequences), "tokens": int(tokens)}
