@@ -15,8 +15,8 @@ from rich.markup import escape
 
 from rlhfkit.config import ConfigError
 from rlhfkit.data.records import DataError
+from rlhfkit.engine.errors import TrainingError
 from rlhfkit.feedback.store import StoreError
-from rlhfkit.trainers.base import TrainingError
 
 console = Console(stderr=True)
 
