@@ -9,9 +9,9 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from rlhfkit.feedback.app import MAX_REQUEST_BYTES, create_app, ranking_payload
+from rlhfkit.feedback.app import AppSettings, create_app, ranking_payload
 from rlhfkit.feedback.security import LoginRateLimiter, hash_password
-from rlhfkit.feedback.store import Store, StoreError
+from rlhfkit.feedback.store import Store, StoreError, shown_order
 
 XSS = "<script>alert('owned')</script>"
 PASSWORDS = {"boss": "boss password", "ann": "ann password", "bob": "bob password"}
@@ -47,7 +47,8 @@ def clock():
 
 @pytest.fixture
 def app(store, clock):
-    return create_app(store, secret_key="test secret", rate_limiter=LoginRateLimiter(3, 60, clock=clock))
+    return create_app(store, secret_key="test secret", rate_limiter=LoginRateLimiter(3, 60, clock=clock),
+                      settings=AppSettings())
 
 
 def client(app) -> TestClient:
@@ -76,8 +77,22 @@ def open_item(browser: TestClient, kind: str) -> int:
     return int(response.headers["location"].rsplit("/", 1)[1])
 
 
+# by position shown: output A (the first card) rated 6 and ranked first, ..., output C flagged
 RANKING_FORM = {"rating_0": "6", "rating_1": "3", "rating_2": "1", "flags_2": "made_up_facts",
                 "rank_0": "1", "rank_1": "2", "rank_2": "3"}
+
+
+def ranking_form(store: Store, username: str, item_id: int, ratings: list[int], places: list[int],
+                 flags: list[list[str]]) -> dict:
+    """The ranking form that gives the item's completions these ratings, places and flags (in the item's
+    indices), laid out as the page shows them to the user (shuffled: fields follow the positions shown)."""
+    order = shown_order(store.user_by_name(username).id, item_id, len(ratings))
+    form: dict = {}
+    for position, index in enumerate(order):
+        form[f"rating_{position}"] = str(ratings[index])
+        form[f"rank_{position}"] = str(places[index])
+        form[f"flags_{position}"] = flags[index]
+    return form
 
 
 # ----------------------------------------------------------------------------------------- log in/out
@@ -143,24 +158,30 @@ def test_login_rate_limit_per_account_then_released_after_the_window(app, clock)
 def test_login_rate_limit_per_client_covers_password_spraying(app):
     browser = client(app)
     token = page_token(browser.get("/login"))
-    for name in ("ann", "bob", "zed"):  # one failure per account, three from this client
+    for number in range(12):  # at most two failures per account, twelve (4 x 3) from this client
+        name = ("ann", "bob", "zed", "cy", "di", "ed")[number % 6]
         assert browser.post("/login", data={"username": name, "password": "x", "csrf_token": token}).status_code == 401
     refused = browser.post("/login", data={"username": "boss", "password": PASSWORDS["boss"], "csrf_token": token})
     assert refused.status_code == 429
 
 
-def test_rate_limiter_window_slides_and_success_clears():
+def test_rate_limiter_backs_off_more_after_each_failure_and_success_clears():
     clock = Clock()
-    limiter = LoginRateLimiter(2, 10, clock=clock)
-    limiter.failed("a")
+    limiter = LoginRateLimiter(2, 10, max_lockout_s=35, forget_after_s=1000, clock=clock)
+    limiter.failed("ann", "10.0.0.1")
     clock.now += 6
-    limiter.failed("a")
-    assert limiter.retry_after("a") == 4 and limiter.retry_after("b") == 0
-    clock.now += 4
-    assert limiter.retry_after("a") == 0  # the first failure left the window
-    limiter.failed("a")
-    limiter.succeeded("a")
-    assert limiter.retry_after("a") == 0
+    limiter.failed("ann", "10.0.0.1")
+    assert limiter.retry_after("ann", "10.0.0.1") == 10 and limiter.retry_after("ann", "10.0.0.2") == 0
+    for wait in (20, 35, 35):  # doubles after each further failure, up to max_lockout_s
+        clock.now += 11
+        limiter.failed("ann", "10.0.0.1")
+        assert limiter.retry_after("ann", "10.0.0.1") == wait
+    limiter.succeeded("ann", "10.0.0.1")
+    assert limiter.retry_after("ann", "10.0.0.1") == 0
+    limiter.failed("bob", "10.0.0.3")
+    limiter.failed("bob", "10.0.0.3")
+    clock.now += 1000  # forgotten
+    assert limiter.retry_after("bob", "10.0.0.3") == 0
     with pytest.raises(ValueError):
         LoginRateLimiter(0, 10)
 
@@ -192,13 +213,20 @@ def test_every_form_post_needs_the_csrf_token(app):
     browser, token = login(app, "boss")
     item_id = open_item(browser, "demonstration")
     paths = {path.replace("{item_id}", str(item_id)) for path in _post_routes(app) if path != "/api/login"}
-    assert paths == {"/login", "/logout", f"/items/{item_id}", f"/items/{item_id}/skip", "/admin/users",
-                     "/admin/import", f"/api/items/{item_id}/answer", f"/api/items/{item_id}/skip"}
+    paths = {path.replace("{answer_id}", "1") for path in paths}
+    assert paths == {"/login", "/logout", "/account/password", f"/items/{item_id}", f"/items/{item_id}/skip",
+                     "/admin/users", "/admin/import", "/admin/assignments/release", "/api/me/password",
+                     f"/api/items/{item_id}/answer", f"/api/items/{item_id}/skip", "/api/admin/answers/1/review",
+                     "/api/admin/assignments/release"}
     for path in sorted(paths):
         for data in ({}, {"csrf_token": "forged"}, {"csrf_token": ""}):
             response = browser.post(path, data={"completion": "x", "reason": "x", **data})
             assert response.status_code == 403, (path, data)
         assert browser.post(path, json={"completion": "x"}, headers={"X-CSRF-Token": "forged"}).status_code == 403
+    puts = [route.path for route in app.routes if "PUT" in getattr(route, "methods", ())]
+    assert puts == ["/api/items/{item_id}/answer"]
+    assert browser.put(f"/api/items/{item_id}/answer", json={"completion": "x"},
+                       headers={"X-CSRF-Token": "forged"}).status_code == 403
     assert store_answers(app) == 0
     assert browser.get("/queue").status_code == 200  # still logged in: the forged logout did nothing
     assert browser.post("/logout", data={"csrf_token": token}).status_code == 303
@@ -223,7 +251,7 @@ def test_api_login_takes_json_only(app):
     response = browser.post("/api/login", json={"username": "ann", "password": PASSWORDS["ann"]})
     assert response.status_code == 200 and response.json()["role"] == "labeler"
     assert browser.get("/api/me").json()["csrf_token"] == response.json()["csrf_token"]
-    assert browser.post("/api/login", content=b"{nope", headers={"content-type": "application/json"}).status_code == 422
+    assert browser.post("/api/login", content=b"{nope", headers={"content-type": "application/json"}).status_code == 400
     assert browser.post("/api/login", json=["ann"]).status_code == 422
 
 
@@ -259,10 +287,12 @@ def test_rate_flag_and_rank_with_ties(app, store):
     item_id = open_item(browser, "ranking")
     page = browser.get(f"/items/{item_id}")
     assert page.text.count('draggable="true"') == 3 and "Makes up facts" in page.text
-    form = {**RANKING_FORM, "rank_0": "1", "rank_1": "1", "rank_2": "3", "csrf_token": token}
+    form = {**ranking_form(store, "ann", item_id, [6, 3, 1], [1, 1, 3], [[], [], ["made_up_facts"]]),
+            "csrf_token": token}
     assert browser.post(f"/items/{item_id}", data=form).status_code == 303
     [answer] = store.answers("ranking")
     assert answer.payload == {"ratings": [6, 3, 1], "flags": [[], [], ["made_up_facts"]], "ranking": [[0, 1], [2]]}
+    assert answer.shown_order == shown_order(store.user_by_name("ann").id, item_id, 3)
     [record] = store.export("rankings")
     assert record["ranking"] == [[0, 1], [2]] and record["labeler"] == "ann"
 
@@ -291,10 +321,14 @@ def test_ranking_payload_groups_places_best_first():
 
     form = FormData([("rating_0", "2"), ("rating_1", "7"), ("rating_2", "7"), ("flags_0", "harmful"),
                      ("flags_0", "fails_instruction"), ("rank_0", "5"), ("rank_1", "2"), ("rank_2", "2")])
-    assert ranking_payload(form, 3) == {"ratings": [2, 7, 7], "flags": [["harmful", "fails_instruction"], [], []],
-                                        "ranking": [[1, 2], [0]]}
-    with pytest.raises(StoreError, match="choose a place") as error:
-        ranking_payload(FormData([("rating_0", "1")]), 1)
+    flags = ["harmful", "fails_instruction"]
+    assert ranking_payload(form, [0, 1, 2]) == {"ratings": [2, 7, 7], "flags": [flags, [], []],
+                                                "ranking": [[1, 2], [0]]}
+    # shown as item completions 2, 0, 1: position p of the form is completion order[p]
+    assert ranking_payload(form, [2, 0, 1]) == {"ratings": [7, 7, 2], "flags": [[], [], flags],
+                                                "ranking": [[0, 1], [2]]}
+    with pytest.raises(StoreError, match="choose a place: rank every output") as error:
+        ranking_payload(FormData([("rating_0", "1")]), [0])
     assert error.value.field == "output A place"
 
 
@@ -336,11 +370,15 @@ def test_skip_with_a_reason(app, store):
     assert "You skipped this item" in browser.get(f"/items/{item_id}").text
 
 
-def test_double_submit_writes_one_answer(app, store):
+def test_double_submit_writes_one_answer_and_a_different_one_is_409(app, store):
     browser, token = login(app, "ann")
     item_id = open_item(browser, "ab")
-    for verdict in ("a", "a", "b"):
+    for verdict in ("a", "a"):
         assert browser.post(f"/items/{item_id}", data={"csrf_token": token, "verdict": verdict}).status_code == 303
+    other = browser.post(f"/items/{item_id}", data={"csrf_token": token, "verdict": "b"})
+    assert other.status_code == 409
+    assert "Not saved: you already answered this item differently" in other.text
+    assert "A is better" in other.text and "Change my answer" in other.text  # the answer that stands, and how
     [answer] = store.answers()
     assert answer.payload == {"verdict": "a"}
 
@@ -415,10 +453,11 @@ def test_templates_have_no_inline_script():
 
 
 def test_admin_page_shows_progress_agreement_and_accounts(app, store):
-    for name in ("ann", "bob"):
+    for name in ("ann", "bob"):  # the same ranking, whatever order each of them was shown
         browser, token = login(app, name)
         item_id = open_item(browser, "ranking")
-        browser.post(f"/items/{item_id}", data={**RANKING_FORM, "csrf_token": token})
+        form = ranking_form(store, name, item_id, [6, 3, 1], [1, 2, 3], [[], [], []])
+        assert browser.post(f"/items/{item_id}", data={**form, "csrf_token": token}).status_code == 303
     boss, _ = login(app, "boss")
     page = boss.get("/admin")
     assert page.status_code == 200
@@ -488,7 +527,9 @@ def test_exports_are_what_the_trainers_read(app, store, tmp_path):
     path = tmp_path / "rankings.jsonl"
     path.write_text(response.text, encoding="utf-8")
     [record] = read_records(path, "ranking")
-    assert record.completions == ("red", f"blue {XSS}", "seven") and record.ranking == ((0,), (1,), (2,))
+    order = shown_order(store.user_by_name("ann").id, item_id, 3)  # RANKING_FORM ranks them as shown
+    assert record.completions == ("red", f"blue {XSS}", "seven") and record.ranking == tuple((i,) for i in order)
+    assert record.meta["shown_order"] == order
     pairs = boss.get("/admin/export/pairs").text.splitlines()
     assert len(pairs) == 3
     assert boss.get("/admin/export/poems").status_code == 404
@@ -501,19 +542,21 @@ def test_api_next_answer_and_skip(app, store):
     browser = client_login_api(app, "ann")
     token = browser.get("/api/me").json()["csrf_token"]
     item = browser.get("/api/next", params={"kind": "ranking"}).json()["item"]
+    order = shown_order(store.user_by_name("ann").id, item["id"], 3)
     assert item == {"id": item["id"], "kind": "ranking", "prompt": "Name a colour",
-                    "completions": ["red", f"blue {XSS}", "seven"]}
+                    "completions": ["red", f"blue {XSS}", "seven"], "shown_order": order}
     payload = {"ratings": [7, 2, 1], "flags": [[], [], ["made_up_facts"]], "ranking": [0, 1, 2]}
     answer = browser.post(f"/api/items/{item['id']}/answer", json=payload, headers={"X-CSRF-Token": token})
     assert answer.status_code == 200 and answer.json()["answer"]["payload"]["ranking"] == [[0], [1], [2]]
-    bad = browser.post(f"/api/items/{item['id']}/answer", json=payload, headers={"X-CSRF-Token": token})
-    assert bad.json()["answer"]["id"] == answer.json()["answer"]["id"]  # a double submit returns the first answer
+    assert answer.json()["answer"]["shown_order"] == order and answer.json()["warnings"] == []
+    again = browser.post(f"/api/items/{item['id']}/answer", json=payload, headers={"X-CSRF-Token": token})
+    assert again.json()["answer"]["id"] == answer.json()["answer"]["id"]  # a double submit returns the first answer
     demo = browser.get("/api/next", params={"kind": "demonstration"}).json()["item"]
     invalid = browser.post(f"/api/items/{demo['id']}/answer", json={"completion": 3}, headers={"X-CSRF-Token": token})
     assert invalid.status_code == 422 and invalid.json()["field"] == "completion"
     garbage = browser.post(f"/api/items/{demo['id']}/answer", content=b"{", headers={"X-CSRF-Token": token,
                                                                                    "content-type": "application/json"})
-    assert garbage.status_code == 422
+    assert garbage.status_code == 400
     skipped = browser.post(f"/api/items/{demo['id']}/skip", json={"reason": "off topic"},
                            headers={"X-CSRF-Token": token})
     assert skipped.json()["answer"]["skipped"] is True
@@ -527,7 +570,7 @@ def test_api_next_answer_and_skip(app, store):
 def test_oversized_requests_are_refused(app, store):
     boss, token = login(app, "boss")
     big = boss.post("/admin/import", data={"csrf_token": token, "kind": "prompts", "replicas": "1"},
-                    files={"file": ("big.jsonl", b"x" * (MAX_REQUEST_BYTES + 1))})
+                    files={"file": ("big.jsonl", b"x" * (AppSettings().max_import_mib * 2**20 + 1))})
     assert big.status_code == 413
     streamed = boss.post("/api/login", content=iter([b"x" * (1 << 20)] * 33),
                          headers={"content-type": "application/json"})
@@ -553,3 +596,140 @@ def test_a_session_signed_with_another_key_is_not_accepted(store):
     stolen = client(other)
     stolen.cookies = browser.cookies
     assert stolen.get("/queue").status_code == 303
+
+
+# ------------------------------------------------------------------------ data quality (issue 25)
+
+
+def test_the_outputs_are_shown_shuffled_per_labeler_and_the_same_on_reload(app, store):
+    texts = ["red", f"blue {XSS}".replace("<", "&lt;").replace(">", "&gt;").replace("'", "&#39;"), "seven"]
+
+    def shown(browser, item_id: int) -> list[int]:
+        page = browser.get(f"/items/{item_id}").text
+        return sorted(range(3), key=lambda index: page.index(f'<div class="text completion">{texts[index]}</div>'))
+
+    ann, _ = login(app, "ann")
+    item_id = open_item(ann, "ranking")
+    assert shown(ann, item_id) == shown(ann, item_id) == shown_order(store.user_by_name("ann").id, item_id, 3)
+    page = ann.get(f"/items/{item_id}").text
+    assert re.findall(r'name="rank_\d" min="1" max="3"\s+value=""', page) and "Output A" in page  # starts empty
+    bob, _ = login(app, "bob")
+    assert shown(bob, open_item(bob, "ranking")) == shown_order(store.user_by_name("bob").id, item_id, 3)
+
+
+def test_an_empty_or_partial_ranking_is_refused_with_a_clear_4xx(app, store):
+    browser, token = login(app, "ann")
+    item_id = open_item(browser, "ranking")
+    empty = {key: value for key, value in RANKING_FORM.items() if not key.startswith("rank_")}
+    response = browser.post(f"/items/{item_id}", data={**empty, "csrf_token": token})
+    assert response.status_code == 422
+    assert "Not saved: output A place: choose a place: rank every output" in response.text
+    api = client_login_api(app, "bob")
+    api_token = api.get("/api/me").json()["csrf_token"]
+    bob_item = api.get("/api/next", params={"kind": "ranking"}).json()["item"]["id"]
+    for ranking, message in ((None, "expected a list of tie groups"), ([0, 1], "does not rank completions [2]")):
+        refused = api.post(f"/api/items/{bob_item}/answer", headers={"X-CSRF-Token": api_token},
+                           json={"ratings": [1, 2, 3], "flags": [[], [], []], "ranking": ranking})
+        assert refused.status_code == 422 and refused.json()["field"] == "ranking"
+        assert message in refused.json()["error"]
+    assert store.answers() == []
+
+
+def test_a_contradicting_ranking_is_saved_only_once_confirmed_and_the_api_flags_it(app, store):
+    browser, token = login(app, "ann")
+    item_id = open_item(browser, "ranking")
+    form = {"rating_0": "1", "rating_1": "2", "rating_2": "7", "rank_0": "1", "rank_1": "2", "rank_2": "3",
+            "csrf_token": token}
+    warned = browser.post(f"/items/{item_id}", data=form)
+    assert warned.status_code == 200 and store.answers() == []
+    assert "Not saved yet: your ranking contradicts your ratings." in warned.text
+    assert "output C is rated 7 but ranked below output A, rated 1" in warned.text
+    assert 'id="submit-anyway"' in warned.text
+    assert browser.post(f"/items/{item_id}", data={**form, "confirm_contradiction": "1"}).status_code == 303
+    [answer] = store.answers()
+    api = client_login_api(app, "bob")
+    api_token = api.get("/api/me").json()["csrf_token"]
+    bob_item = api.get("/api/next", params={"kind": "ranking"}).json()["item"]["id"]
+    accepted = api.post(f"/api/items/{bob_item}/answer", headers={"X-CSRF-Token": api_token},
+                        json={"ratings": [1, 2, 7], "flags": [[], [], []], "ranking": [0, 1, 2]})
+    assert accepted.status_code == 200
+    assert accepted.json()["warnings"][0] == "completion 1 is rated 2 but ranked below completion 0, rated 1"
+
+
+def test_answers_are_edited_with_history_until_reviewed_and_conflicts_are_409(app, store):
+    api = client_login_api(app, "ann")
+    headers = {"X-CSRF-Token": api.get("/api/me").json()["csrf_token"]}
+    item = api.get("/api/next", params={"kind": "demonstration"}).json()["item"]
+    url = f"/api/items/{item['id']}/answer"
+    assert api.get(url).status_code == 404
+    assert api.put(url, json={"completion": "x"}, headers=headers).status_code == 422  # nothing to change yet
+    first = api.post(url, json={"completion": "first"}, headers=headers).json()["answer"]
+    conflict = api.post(url, json={"completion": "second"}, headers=headers)
+    assert conflict.status_code == 409 and conflict.json()["answer"]["payload"] == {"completion": "first"}
+    edited = api.put(url, json={"completion": "second"}, headers=headers)
+    assert edited.status_code == 200 and edited.json()["answer"]["version"] == 2
+    read = api.get(url).json()
+    assert [version["payload"]["completion"] for version in read["history"]] == ["first", "second"]
+    assert [record["completion"] for record in store.export("demonstrations")] == ["second"]
+    boss = client_login_api(app, "boss")
+    boss_headers = {"X-CSRF-Token": boss.get("/api/me").json()["csrf_token"]}
+    [listed] = boss.get("/api/admin/answers", params={"status": "submitted"}).json()["answers"]
+    assert (listed["id"], listed["labeler"], listed["version"]) == (first["id"], "ann", 2)
+    review = boss.post(f"/api/admin/answers/{first['id']}/review", json={"status": "accepted"}, headers=boss_headers)
+    assert review.status_code == 200 and review.json()["answer"]["status"] == "accepted"
+    final = api.put(url, json={"completion": "third"}, headers=headers)
+    assert final.status_code == 409 and "accepted this answer" in final.json()["error"]
+    assert boss.post(f"/api/admin/answers/{first['id']}/review", json={"status": "rejected"},
+                     headers=boss_headers).status_code == 409
+    missing = boss.post("/api/admin/answers/999/review", json={"status": "accepted"}, headers=boss_headers)
+    assert missing.status_code == 422
+    assert api.get("/api/admin/answers").status_code == 403
+    page, _ = login(app, "ann")
+    shown = page.get(f"/items/{item['id']}").text
+    assert "An admin has accepted this answer." in shown and "Change my answer" not in shown
+    assert "Every version of your answer" in shown and "first" in shown
+
+
+def test_a_rejected_answer_sends_its_item_to_another_labeler(app, store):
+    ann, token = login(app, "ann")
+    item_id = open_item(ann, "demonstration")
+    ann.post(f"/items/{item_id}", data={"csrf_token": token, "completion": "lazy"})
+    bob, _ = login(app, "bob")
+    assert bob.get("/next?kind=demonstration").headers["location"] == "/queue"  # nothing left for bob
+    boss = client_login_api(app, "boss")
+    [answer] = store.answers("demonstration")
+    boss.post(f"/api/admin/answers/{answer.id}/review", json={"status": "rejected"},
+              headers={"X-CSRF-Token": boss.get("/api/me").json()["csrf_token"]})
+    assert open_item(bob, "demonstration") == item_id
+
+
+def test_an_expired_assignment_goes_to_another_labeler(store, clock):
+    app = create_app(store, secret_key="k", rate_limiter=LoginRateLimiter(3, 60, clock=clock),
+                     settings=AppSettings(assignment_ttl_minutes=30))
+    ann, _ = login(app, "ann")
+    item_id = open_item(ann, "demonstration")
+    bob, _ = login(app, "bob")
+    assert bob.get("/next?kind=demonstration").headers["location"] == "/queue"
+    with store.engine.begin() as connection:  # ann opened it 31 minutes ago and went away
+        connection.exec_driver_sql("UPDATE assignments SET created_at = datetime(created_at, '-31 minutes')")
+    assert open_item(bob, "demonstration") == item_id
+    assert ann.get(f"/items/{item_id}").status_code == 404
+
+
+def test_the_admin_sees_and_releases_open_assignments(app, store):
+    ann, _ = login(app, "ann")
+    item_id = open_item(ann, "demonstration")
+    boss, token = login(app, "boss")
+    page = boss.get("/admin").text
+    assert "1 item(s) opened and not answered yet; each goes to another labeler 120" in page
+    api = client_login_api(app, "boss")
+    headers = {"X-CSRF-Token": api.get("/api/me").json()["csrf_token"]}
+    listed = api.get("/api/admin/assignments").json()
+    assert [(row["item_id"], row["username"]) for row in listed["assignments"]] == [(item_id, "ann")]
+    assert api.post("/api/admin/assignments/release", json={"username": "nobody"}, headers=headers).status_code == 422
+    assert api.post("/api/admin/assignments/release", json={"older_than_minutes": 60},
+                    headers=headers).json() == {"released": 0}
+    assert boss.post("/admin/assignments/release", data={"csrf_token": token, "older_than_minutes": "0"}
+                     ).status_code == 303
+    assert "Released 1 open assignment(s)" in boss.get("/admin").text
+    assert store.open_assignments() == []

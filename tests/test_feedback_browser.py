@@ -13,7 +13,7 @@ import pytest
 from feedback_server import FeedbackServer
 
 from rlhfkit.feedback.security import hash_password
-from rlhfkit.feedback.store import Store
+from rlhfkit.feedback.store import Store, shown_order
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e .[dev]")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -132,36 +132,59 @@ def test_labeler_writes_a_demonstration_with_ctrl_enter(browser, server):
     page.context.close()
 
 
+def card_of(page, text: str):
+    """The ranking card that shows this completion (the cards are shuffled per labeler and item)."""
+    return page.locator(".rank-card").filter(has=page.locator(".completion", has_text=text))
+
+
+def places(page) -> list[str]:
+    """The place numbers, card by card from the top."""
+    return page.locator(".rank-card [data-rank-input]").evaluate_all("inputs => inputs.map(input => input.value)")
+
+
+def shown_texts(page) -> list[str]:
+    return page.locator(".rank-card .completion").all_inner_texts()
+
+
 def test_labeler_rates_flags_and_ranks_by_drag_and_drop(browser, server):
     page = logged_in(browser, server, "ann")
     page.goto(f"{server.url}/next?kind=ranking")  # the oldest ranking item: SAMPLES[0]
     item_url = page.url
+    item_id = int(item_url.rsplit("/", 1)[1])
     cards = page.locator(".rank-card")
     assert cards.count() == 3
+    shown = shown_texts(page)
+    assert sorted(shown) == sorted(SAMPLES[0]["completions"]) and places(page) == ["", "", ""]  # starts empty
     shot(page, server, "ranking")
     # the viewport shows every card: a drag that scrolled the page could start or end elsewhere
     last = cards.nth(2).bounding_box()
     assert last["y"] + last["height"] <= page.viewport_size["height"]
-    page.drag_and_drop(".rank-card[data-index='2']", ".rank-card[data-index='0']")  # C to the top
-    order = [cards.nth(position).get_attribute("data-index") for position in range(3)]
-    assert order == ["2", "0", "1"]
-    assert [page.input_value(f"input[name=rank_{index}]") for index in range(3)] == ["2", "3", "1"]
-    page.check(".rank-card[data-index='1'] [data-tie]")  # B ties with A, the card above it
-    assert page.input_value("input[name=rank_1]") == "2"
-    page.focus(".rank-card[data-index='0']")
-    page.keyboard.press("Alt+ArrowUp")  # A above C: A, C, B; B still ties with the card above it, now C
-    assert [page.input_value(f"input[name=rank_{index}]") for index in range(3)] == ["1", "2", "2"]
-    page.keyboard.press("Alt+ArrowDown")  # back: C, A, B with B tied to A
-    assert [page.input_value(f"input[name=rank_{index}]") for index in range(3)] == ["2", "2", "1"]
-    for index, rating in enumerate(("5", "5", "7")):
-        page.check(f"input[name=rating_{index}][value='{rating}']")
-    page.check("input[name=flags_2][value=made_up_facts]")
+    page.drag_and_drop(".rank-card:has-text('the number seven')", ".rank-card >> nth=0")  # "seven" to the top
+    assert shown_texts(page)[0] == "the number seven" and places(page) == ["1", "2", "3"]
+    if shown_texts(page)[1] == "blue":  # red above blue, with the keyboard
+        card_of(page, "red").focus()
+        page.keyboard.press("Alt+ArrowUp")
+    assert shown_texts(page) == ["the number seven", "red", "blue"]
+    card_of(page, "blue").locator("[data-tie]").check()  # blue ties with red, the card above it
+    assert places(page) == ["1", "2", "2"]
+    card_of(page, "red").focus()
+    page.keyboard.press("Alt+ArrowUp")  # red above seven: red, seven, blue; blue still ties with the card above
+    assert shown_texts(page) == ["red", "the number seven", "blue"] and places(page) == ["1", "2", "2"]
+    page.keyboard.press("Alt+ArrowDown")  # back: seven, red, blue with blue tied to red
+    assert shown_texts(page) == ["the number seven", "red", "blue"] and places(page) == ["1", "2", "2"]
+    for text, rating in (("red", "5"), ("blue", "5"), ("the number seven", "7")):
+        card_of(page, text).locator(f".rating input[value='{rating}']").check()
+    card_of(page, "the number seven").locator("input[value=made_up_facts]").check()
+    assert page.locator("[data-contradiction-warning]").is_hidden()
     page.click("#answer-form button[type=submit]")
     page.wait_for_url(lambda url: url != item_url)
     assert page.locator(".flash").first.inner_text() == "Saved."
     store = store_of(server)
     [answer] = store.answers("ranking")
+    # in the item's own indices, whatever the order shown; the order shown is stored with the answer
     assert answer.payload == {"ratings": [5, 5, 7], "flags": [[], [], ["made_up_facts"]], "ranking": [[2], [0, 1]]}
+    assert [SAMPLES[0]["completions"][index] for index in answer.shown_order] == shown
+    assert answer.shown_order == shown_order(store.user_by_name("ann").id, item_id, 3)
     store.close()
     assert page.errors == []
     page.context.close()
@@ -191,4 +214,111 @@ def test_admin_exports_what_labelers_answered(browser, server):
     assert download.suggested_filename == "ab.jsonl"
     [record] = [json.loads(line) for line in Path(download.path()).read_text(encoding="utf-8").splitlines()]
     assert (record["verdict"], record["labeler"], record["meta"]["models"]) == ("a", "ann", ["ppo", "sft"])
+    page.context.close()
+
+
+# ------------------------------------------------------------------- data quality flows (issue 25)
+
+FOUR = ["alpha answer", "bravo answer", "charlie answer", "delta answer"]
+
+
+@pytest.fixture(scope="module")
+def ranking_server(tmp_path_factory):
+    """A server of its own: one labeler, cy, and three ranking items of four outputs, one per test below."""
+    folder = tmp_path_factory.mktemp("ranking")
+    store = Store(f"sqlite:///{folder / 'feedback.db'}")
+    store.create_user("cy", hash_password(PASSWORDS["ann"]))
+    store.import_samples([{"prompt": f"Question {number}", "completions": FOUR} for number in range(3)])
+    store.close()
+    with FeedbackServer(folder / "feedback.db", log=folder / "server.log") as running:
+        running.folder = folder
+        yield running
+
+
+def cy_on_next_ranking(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 2000})
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(f"{server.url}/login")
+    page.fill("#username", "cy")
+    page.fill("#password", PASSWORDS["ann"])
+    page.press("#password", "Enter")
+    page.wait_for_url(f"{server.url}/queue")
+    page.goto(f"{server.url}/next?kind=ranking")
+    return page, int(page.url.rsplit("/", 1)[1])
+
+
+def rate_by_position(page, ratings: list[int]) -> None:
+    for position, rating in enumerate(ratings):
+        page.check(f"input[name=rating_{position}][value='{rating}']")
+
+
+def test_an_empty_ranking_is_refused_and_the_page_says_why(browser, ranking_server):
+    page, item_id = cy_on_next_ranking(browser, ranking_server)
+    assert places(page) == ["", "", "", ""]
+    rate_by_position(page, [7, 5, 3, 1])
+    page.click("#answer-form button[type=submit]")
+    assert page.locator(".flash-error").inner_text() == (
+        "Not saved: output A place: choose a place: rank every output (drag the cards, or “Rank as shown”)")
+    assert page.is_checked("input[name=rating_3][value='1']")  # what was entered is kept
+    store = store_of(ranking_server)
+    assert store.answers() == []
+    page.click("[data-rank-as-shown]")
+    assert places(page) == ["1", "2", "3", "4"]
+    page.click("#answer-form button[type=submit]")
+    page.wait_for_selector(".flash-success")
+    [answer] = store.answers()
+    assert answer.item_id == item_id and answer.payload["ranking"] == [[index] for index in answer.shown_order]
+    store.close()
+    assert page.errors == []
+    page.context.close()
+
+
+def test_a_ranking_that_contradicts_the_ratings_is_warned_of_and_saved_once_confirmed(browser, ranking_server):
+    page, item_id = cy_on_next_ranking(browser, ranking_server)
+    rate_by_position(page, [1, 2, 3, 7])  # the issue's example: rated up, ranked down
+    page.click("[data-rank-as-shown]")
+    live = page.locator("[data-contradiction-warning]")
+    assert live.is_visible() and "output D is rated 7 but ranked below output A, rated 1" in live.inner_text()
+    page.click("#answer-form button[type=submit]")
+    assert "Not saved yet: your ranking contradicts your ratings." in page.locator("#contradiction").inner_text()
+    shot(page, ranking_server, "contradiction")
+    store = store_of(ranking_server)
+    assert item_id not in [answer.item_id for answer in store.answers()]
+    assert places(page) == ["1", "2", "3", "4"]  # nothing entered is lost
+    page.click("#submit-anyway")
+    page.wait_for_selector(".flash-success")
+    answer = store.answer_of(store.user_by_name("cy").id, item_id)
+    assert answer.payload["ratings"] == [[1, 2, 3, 7][answer.shown_order.index(index)] for index in range(4)]
+    store.close()
+    assert page.errors == []
+    page.context.close()
+
+
+def test_a_labeler_changes_an_answer_and_sees_every_version(browser, ranking_server):
+    page, item_id = cy_on_next_ranking(browser, ranking_server)
+    rate_by_position(page, [7, 5, 3, 1])
+    page.click("[data-rank-as-shown]")
+    page.click("#answer-form button[type=submit]")
+    page.wait_for_selector(".flash-success")
+    page.goto(f"{ranking_server.url}/items/{item_id}")
+    assert "Not reviewed yet: you can still change it." in page.locator("#answer-status").inner_text()
+    page.click("#edit-answer")
+    assert places(page) == ["1", "2", "3", "4"] and page.is_checked("input[name=rating_0][value='7']")  # prefilled
+    page.check("input[name=flags_0][value=harmful]")
+    page.click("#answer-form button[type=submit]")
+    page.wait_for_url(f"{ranking_server.url}/items/{item_id}")
+    assert page.locator(".flash-success").inner_text() == "Changed."
+    versions = page.locator("#history li")
+    assert versions.count() == 2
+    assert "no flags" in versions.nth(0).inner_text() and "Harmful or offensive" in versions.nth(1).inner_text()
+    shot(page, ranking_server, "history")
+    store = store_of(ranking_server)
+    answer = store.answer_of(store.user_by_name("cy").id, item_id)
+    assert answer.version == 2 and [version.version for version in store.history(answer.id)] == [1, 2]
+    [record] = [row for row in store.export("rankings") if row["meta"]["flags"][answer.shown_order[0]]]
+    assert record["meta"]["flags"][answer.shown_order[0]] == ["harmful"]  # exports use the latest version
+    store.close()
+    assert page.errors == []
     page.context.close()

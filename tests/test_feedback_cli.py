@@ -13,7 +13,7 @@ from rlhfkit.data.readers import read_records
 from rlhfkit.data.records import RankingRecord
 from rlhfkit.feedback.cli import database_url, register
 from rlhfkit.feedback.security import verify_password
-from rlhfkit.feedback.store import Store
+from rlhfkit.feedback.store import Store, shown_order
 
 SAMPLES = [
     {"prompt": "Name a colour", "completions": ["red", "blue", "seven"], "id": "s1"},
@@ -169,8 +169,10 @@ def test_export_writes_records_the_trainers_read(run, db, labeled, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"kind": "rankings", "records": 2, "out": str(out)}
     records = read_records(out, "ranking")
+    shown = shown_order(labeled.user_by_name("ann").id, 1, 3)  # the order ann saw the outputs in
     assert records[0] == RankingRecord("Name a colour", ("red", "blue", "seven"), ((0,), (1,), (2,)), id="s1",
-                                       labeler="ann", meta={"ratings": [7, 4, 1], "flags": [[], [], ["made_up_facts"]]})
+                                       labeler="ann", meta={"ratings": [7, 4, 1], "flags": [[], [], ["made_up_facts"]],
+                                                            "shown_order": shown})
     assert records[1].ranking == ((0,), (1, 2)) and records[1].labeler == "bob"
     result = run("export", "--db", db, "--kind", "pairs", "--out", tmp_path / "pairs.jsonl")
     assert json.loads(result.stdout)["records"] == 5 and len(read_records(tmp_path / "pairs.jsonl", "preference")) == 5

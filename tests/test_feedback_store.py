@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,19 @@ from postgres_server import PostgresServer, why_unavailable
 from rlhfkit.data.readers import iter_jsonl, read_records, write_jsonl
 from rlhfkit.data.records import DataError, DemonstrationRecord, PreferenceRecord, RankingRecord
 from rlhfkit.evaluate.human import human_win_rates
-from rlhfkit.feedback.store import Answer, Base, Item, NotAssigned, Store, StoreError, User
+from rlhfkit.feedback.store import (
+    Answer,
+    AnswerConflict,
+    Base,
+    Item,
+    NotAssigned,
+    Store,
+    StoreError,
+    User,
+    contradictions,
+    shown_order,
+    upgrade_database,
+)
 
 RANKING = {"ratings": [6, 3, 1], "flags": [[], ["made_up_facts"], ["harmful", "fails_instruction"]],
            "ranking": [[0], [1], [2]]}
@@ -62,7 +75,7 @@ def _one(store: Store, user: User, kind: str | None = None) -> Item:
 def test_migrations_build_exactly_the_models(store):
     with store.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
 
 
 def test_reopening_keeps_the_data_and_migrate_false_skips_alembic(url):
@@ -318,13 +331,17 @@ def test_submitting_an_item_not_assigned_is_refused(store, users):
     assert store.answers() == []
 
 
-def test_a_double_submit_returns_the_first_answer_unchanged(store, users):
+def test_a_double_submit_returns_the_first_answer_and_a_different_one_conflicts(store, users):
     ann = users[0]
     store.import_prompts([{"prompt": "p"}])
     item = _one(store, ann)
     first = store.submit(ann.id, item.id, {"completion": "first"})
-    assert store.submit(ann.id, item.id, {"completion": "second"}) == first
-    assert store.skip(ann.id, item.id, "changed my mind") == first
+    assert store.submit(ann.id, item.id, {"completion": "first"}) == first  # a double click
+    for change in (lambda: store.submit(ann.id, item.id, {"completion": "second"}),
+                   lambda: store.skip(ann.id, item.id, "changed my mind")):
+        with pytest.raises(AnswerConflict, match="already answered this item differently") as caught:
+            change()
+        assert caught.value.answer == first
     assert store.answers() == [first]
 
 
@@ -337,7 +354,10 @@ def test_concurrent_submits_from_threads_make_one_answer(store, users):
 
     def submit(n: int) -> None:
         barrier.wait()
-        results.append(store.submit(ann.id, item.id, {"completion": f"attempt {n}"}))
+        try:
+            results.append(store.submit(ann.id, item.id, {"completion": f"attempt {n % 2}"}))
+        except AnswerConflict as conflict:  # the other text lost the race
+            results.append(conflict.answer)
 
     threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
     for thread in threads:
@@ -457,9 +477,13 @@ def test_exported_demonstrations_read_back(answered, tmp_path):
 def test_exported_rankings_read_back_flat_without_ties(answered, tmp_path):
     records = _round_trip(tmp_path, answered, "rankings", "ranking")
     prompt = [{"role": "user", "content": "Rank"}]
+    ann, bob = (answered.user_by_name(name).id for name in ("ann", "bob"))
     meta = {"ratings": RANKING["ratings"], "flags": RANKING["flags"]}
-    assert records == [RankingRecord(prompt, ("a", "b", "c"), ((1,), (0,), (2,)), id="2", labeler="ann", meta=meta),
-                       RankingRecord(prompt, ("a", "b", "c"), ((0, 1), (2,)), id="2", labeler="bob", meta=meta)]
+    assert records == [
+        RankingRecord(prompt, ("a", "b", "c"), ((1,), (0,), (2,)), id="2", labeler="ann",
+                      meta={**meta, "shown_order": shown_order(ann, 2, 3)}),
+        RankingRecord(prompt, ("a", "b", "c"), ((0, 1), (2,)), id="2", labeler="bob",
+                      meta={**meta, "shown_order": shown_order(bob, 2, 3)})]
     assert [row["ranking"] for _, row in iter_jsonl(tmp_path / "rankings.jsonl")] == [[1, 0, 2], [[0, 1], [2]]]
 
 
@@ -484,6 +508,160 @@ def test_export_refuses_an_unknown_kind(store):
     with pytest.raises(StoreError) as caught:
         list(store.export("essays"))
     assert caught.value.field == "kind"
+
+
+# ------------------------------------------------------------------------ shown order, edits, review
+
+
+def test_rankings_are_shown_in_an_order_fixed_per_labeler_and_item_and_stored_with_the_answer(store, users):
+    assert shown_order(1, 7, 4) == shown_order(1, 7, 4) and sorted(shown_order(1, 7, 4)) == [0, 1, 2, 3]
+    orders = {tuple(shown_order(user, item, 4)) for user in range(20) for item in range(5)}
+    assert len(orders) > 10  # shuffled, not one fixed order
+    ann = users[0]
+    store.import_samples([{"prompt": "p", "completions": ["a", "b", "c"]}])
+    store.import_prompts([{"prompt": "q"}])
+    ranking = store.submit(ann.id, _one(store, ann, "ranking").id, RANKING)
+    assert ranking.shown_order == shown_order(ann.id, ranking.item_id, 3) and ranking.payload == RANKING
+    assert store.submit(ann.id, _one(store, ann).id, {"completion": "x"}).shown_order is None
+
+
+def test_contradictions_are_higher_rated_outputs_ranked_lower():
+    assert contradictions([6, 3, 1], [[0], [1], [2]]) == []
+    assert contradictions([1, 2, 3, 7], [[0], [1], [2], [3]]) == [
+        (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
+    assert contradictions([5, 5, 7], [[2], [0, 1]]) == []  # equal ratings and ties never contradict
+
+
+def test_an_answer_is_edited_until_reviewed_and_every_version_is_kept(store, users):
+    ann, boss = users[0], users[1]
+    store.import_samples([{"prompt": "p", "completions": ["a", "b", "c"]}])
+    item = _one(store, ann)
+    with pytest.raises(StoreError, match="no answer to change"):
+        store.edit(ann.id, item.id, RANKING)
+    first = store.submit(ann.id, item.id, RANKING)
+    edited = store.edit(ann.id, item.id, {**RANKING, "ranking": [[2], [1], [0]]})
+    assert (edited.id, edited.version, edited.payload["ranking"]) == (first.id, 2, [[2], [1], [0]])
+    assert store.edit(ann.id, item.id, {**RANKING, "ranking": [2, 1, 0]}) == edited  # nothing new: no version
+    with pytest.raises(StoreError):
+        store.edit(ann.id, item.id, {**RANKING, "ranking": [[2], [1]]})
+    with pytest.raises(NotAssigned):
+        store.edit(boss.id, item.id, RANKING)
+    assert [(v.version, v.payload["ranking"]) for v in store.history(first.id)] == [
+        (1, [[0], [1], [2]]), (2, [[2], [1], [0]])]
+    [record] = store.export("rankings")
+    assert record["ranking"] == [2, 1, 0]  # the latest version
+    accepted = store.review(first.id, boss.id, "accepted")
+    assert accepted.status == "accepted"
+    with pytest.raises(AnswerConflict, match="accepted this answer"):
+        store.edit(ann.id, item.id, RANKING)
+    with pytest.raises(AnswerConflict, match="already accepted"):
+        store.review(first.id, boss.id, "rejected")
+    with pytest.raises(StoreError) as caught:
+        store.review(first.id, boss.id, "maybe")
+    assert caught.value.field == "status"
+    assert store.answers(status="accepted") == [accepted] and store.answers(status="submitted") == []
+
+
+def test_a_rejected_answer_sends_the_item_back_to_the_queue(store, users):
+    ann, bob, boss = users
+    store.import_prompts([{"prompt": "p"}])
+    item = _one(store, ann)
+    answer = store.submit(ann.id, item.id, {"completion": "lazy"})
+    assert store.next_item(bob.id) is None
+    store.review(answer.id, boss.id, "rejected")
+    assert _one(store, bob) == item and store.next_item(ann.id) is None
+    assert list(store.export("demonstrations")) == [] and store.progress()[0]["answers"] == 0
+    skipped = store.skip(bob.id, item.id, "unclear")
+    with pytest.raises(AnswerConflict, match="skipped"):
+        store.review(skipped.id, boss.id, "accepted")
+    with pytest.raises(AnswerConflict, match="skipped"):
+        store.edit(bob.id, item.id, {"completion": "after all"})
+
+
+def _age_assignments(store: Store, minutes: int) -> None:
+    with store.engine.begin() as connection:
+        for (row_id, created) in connection.exec_driver_sql("SELECT id, created_at FROM assignments").all():
+            moment = created if isinstance(created, datetime) else datetime.fromisoformat(created)
+            connection.exec_driver_sql("UPDATE assignments SET created_at = ? WHERE id = ?"
+                                       if store.url.startswith("sqlite") else
+                                       "UPDATE assignments SET created_at = %s WHERE id = %s",
+                                       (moment - timedelta(minutes=minutes), row_id))
+
+
+def test_an_expired_assignment_is_handed_to_another_labeler(store, users):
+    ann, bob, _ = users
+    store.import_prompts([{"prompt": "p"}])
+    ttl = timedelta(minutes=30)
+    item = _one(store, ann)
+    assert store.next_item(bob.id, assignment_ttl=ttl) is None  # ann still has it
+    _age_assignments(store, 31)
+    assert store.next_item(bob.id, assignment_ttl=ttl) == item
+    assert store.next_item(ann.id, assignment_ttl=ttl) is None  # handed over: not ann's any more
+    with pytest.raises(NotAssigned):
+        store.submit(ann.id, item.id, {"completion": "too late"})
+    store.submit(bob.id, item.id, {"completion": "done"})
+    _age_assignments(store, 60)
+    assert store.next_item(ann.id, assignment_ttl=ttl) is None  # an answered assignment never expires
+    assert [record["labeler"] for record in store.export("demonstrations")] == ["bob"]
+
+
+def test_the_admin_releases_open_assignments(store, users):
+    ann, bob, cy = users
+    store.import_prompts([{"prompt": "p"}, {"prompt": "q"}])
+    first, second = _one(store, ann), _one(store, bob)
+    store.submit(bob.id, second.id, {"completion": "kept"})
+    assert [row["username"] for row in store.open_assignments()] == ["ann"]
+    assert store.release_assignments(user_id=bob.id) == 0  # answered assignments stay
+    assert store.release_assignments(older_than=timedelta(hours=1)) == 0
+    assert store.release_assignments(user_id=ann.id, item_id=first.id) == 1
+    assert store.open_assignments() == [] and _one(store, cy) == first
+
+
+def test_sessions_end_on_logout_password_change_and_expiry(store, users):
+    ann, bob, _ = users
+    token, other = store.create_session(ann.id, timedelta(hours=1)), store.create_session(ann.id, timedelta(hours=1))
+    bobs = store.create_session(bob.id, timedelta(hours=1))
+    assert store.session_user(token) == ann and store.session_user("forged") is None
+    store.end_session(token)
+    assert store.session_user(token) is None and store.session_user(other) == ann
+    store.set_password(ann.id, "new-hash")
+    assert store.session_user(other) is None and store.session_user(bobs) == bob
+    assert store.user(ann.id).password_hash == "new-hash"
+    expired = store.create_session(bob.id, timedelta(seconds=-1))
+    assert store.session_user(expired) is None
+    with store.engine.connect() as connection:  # only hashes are stored
+        assert token not in str(connection.exec_driver_sql("SELECT * FROM sessions").all())
+
+
+def test_upgrade_from_the_first_revision_keeps_answers_as_version_one(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from rlhfkit.feedback.store import MIGRATIONS
+
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}", migrate=False)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.exec_driver_sql("INSERT INTO users (id, username, role, password_hash, active, created_at) "
+                                   "VALUES (1, 'ann', 'labeler', 'h', 1, '2026-01-01 00:00:00')")
+        connection.exec_driver_sql("INSERT INTO items (id, kind, prompt, completions, replicas, meta, created_at) "
+                                   "VALUES (1, 'demonstration', '\"p\"', '[]', 1, '{}', '2026-01-01 00:00:00')")
+        connection.exec_driver_sql("INSERT INTO assignments (user_id, item_id, created_at) "
+                                   "VALUES (1, 1, '2026-01-01 00:00:00')")
+        connection.exec_driver_sql("INSERT INTO answers (user_id, item_id, payload, skipped, created_at) "
+                                   "VALUES (1, 1, '{\"completion\": \"old\"}', 0, '2026-01-01 00:00:00')")
+    upgrade_database(store.engine)
+    [answer] = store.answers()
+    assert (answer.payload, answer.version, answer.status, answer.shown_order) == (
+        {"completion": "old"}, 1, "submitted", None)
+    assert [version.payload for version in store.history(answer.id)] == [{"completion": "old"}]
+    assert store.edit(1, 1, {"completion": "new"}).version == 2
+    with store.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    store.close()
 
 
 # ----------------------------------------------------------------------------------------- crash

@@ -6,25 +6,45 @@ them, ties allowed, by drag and drop, buttons or keyboard; judge A/B pairs; or s
 admin creates accounts, imports items, watches progress and agreement and exports datasets. Every page
 works with the keyboard alone; the JavaScript (``static/app.js``) only adds drag and drop and shortcuts.
 
-Pages: ``/login``, ``/logout`` (POST), ``/queue``, ``/next?kind=K`` (assign or resume an item of kind K),
-``/items/{id}`` (GET shows, POST answers), ``/items/{id}/skip`` (POST), ``/admin``, ``/admin/users``
-(POST), ``/admin/import`` (POST), ``/admin/export/{kind}``, ``/admin/agreement.json``.
-JSON API (the same session cookie; the CSRF token in the ``X-CSRF-Token`` header): ``POST /api/login``,
-``GET /api/me``, ``GET /api/next``, ``POST /api/items/{id}/answer``, ``POST /api/items/{id}/skip``,
-``GET /api/admin/progress``.
+A ranking item shows its outputs in an order shuffled per labeler and item (the same on every reload);
+the form's fields follow the positions shown (output A is the first card) and :func:`ranking_payload`
+maps them back to the item's indices. The ranking starts empty and must be given; a ranking that
+contradicts the ratings is saved only once the labeler confirms it. A different second answer is refused
+(409) and the page shows the answer that stands; the labeler changes it with "Edit" until an admin has
+reviewed it, and every version is kept.
 
-Security: argon2 password hashes; a signed HttpOnly ``SameSite=Strict`` session cookie; a CSRF token on
-every state-changing request; the admin role checked on every admin route; a labeler reaches only the
-items assigned to them (any other item is a 404, so ids are not probed); login rate limiting per account
-and per client; request size limits; Jinja2 autoescaping of all user text plus a Content-Security-Policy
-that allows no inline script. Every answer is one store transaction (:mod:`rlhfkit.feedback.store`).
+Pages: ``/login``, ``/logout`` (POST), ``/account`` (change the password), ``/queue``, ``/next?kind=K``
+(assign or resume an item of kind K), ``/items/{id}`` (GET shows, ``?edit=1`` to change the answer; POST
+answers or, with ``edit=1``, changes it), ``/items/{id}/skip`` (POST), ``/admin``, ``/admin/users``
+(POST), ``/admin/import`` (POST), ``/admin/assignments/release`` (POST), ``/admin/export/{kind}``,
+``/admin/agreement.json``.
+JSON API (the same session cookie; the CSRF token in the ``X-CSRF-Token`` header): ``POST /api/login``,
+``GET /api/me``, ``POST /api/me/password``, ``GET /api/next``, ``GET|POST|PUT /api/items/{id}/answer``
+(read with its history, answer, change), ``POST /api/items/{id}/skip``, ``GET /api/admin/progress``,
+``GET /api/admin/answers``, ``POST /api/admin/answers/{id}/review``, ``GET /api/admin/assignments``,
+``POST /api/admin/assignments/release``. In the API a ranking is always in the item's indices; the item
+carries ``shown_order``, the order to show its completions in.
+
+Security: argon2 password hashes; server-side sessions (the signed HttpOnly ``SameSite=Strict`` cookie
+holds a random token, ended on the server at logout and at a password change); a CSRF token on every
+state-changing request; the admin role checked on every admin route; a labeler reaches only the items
+assigned to them (any other item is a 404, so ids are not probed); login back-off per account and client
+(a correct password from another client is never locked out) and per client; request size limits (a few
+KiB but for answers and imports) and a 400 for malformed or too deeply nested JSON; Jinja2 autoescaping
+of all user text plus a Content-Security-Policy that allows no inline script. Every answer is one store
+transaction (:mod:`rlhfkit.feedback.store`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -56,17 +76,26 @@ from rlhfkit.feedback.store import (
     FLAGS,
     ITEM_KINDS,
     RATING_RANGE,
+    REVIEW_VERDICTS,
     ROLES,
+    Answer,
+    AnswerConflict,
     Item,
     NotAssigned,
     Store,
     StoreError,
     User,
+    contradictions,
+    shown_order,
+    validate_answer,
 )
 
 HERE = Path(__file__).parent
-MAX_REQUEST_BYTES = 32 * 1024 * 1024  # the largest request (an import upload); larger ones get 413
-MAX_FORM_FIELD_BYTES = 1024 * 1024  # one form field (a demonstration is at most 100,000 characters)
+MAX_ANSWER_BYTES = 1024 * 1024  # an answer or skip (a demonstration is at most 100,000 characters)
+MAX_FORM_FIELD_BYTES = 1024 * 1024  # one form field
+MAX_JSON_DEPTH = 16  # the deepest JSON body accepted (answers need 3 levels)
+ANSWER_ROUTE = re.compile(r"/(api/)?items/\d+(/answer|/skip)?")  # the routes that take MAX_ANSWER_BYTES
+IMPORT_ROUTE = "/admin/import"
 SESSION_COOKIE = "rlhfkit_session"
 SESSION_MAX_AGE_S = 12 * 3600
 FLAG_LABELS = {"fails_instruction": "Fails to follow the instruction", "harmful": "Harmful or offensive",
@@ -81,6 +110,55 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"same-origin"),
 ]
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The server's settings; :meth:`from_env` reads them from ``RLHFKIT_*`` environment variables.
+
+    Attributes:
+        assignment_ttl_minutes: an item opened but not answered within this time goes to the next
+            labeler who asks (``RLHFKIT_ASSIGNMENT_TTL_MINUTES``; 0 never expires).
+        max_body_kib: the largest request body of every route but answers and imports
+            (``RLHFKIT_MAX_BODY_KIB``); answers and skips take up to 1 MiB.
+        max_import_mib: the largest import upload (``RLHFKIT_MAX_IMPORT_MIB``).
+    """
+
+    assignment_ttl_minutes: float = 120.0
+    max_body_kib: int = 16
+    max_import_mib: int = 32
+
+    def __post_init__(self) -> None:
+        if self.assignment_ttl_minutes < 0:
+            raise ValueError(f"assignment_ttl_minutes must be 0 (never) or more, got {self.assignment_ttl_minutes}")
+        if self.max_body_kib < 1 or self.max_import_mib < 1:
+            raise ValueError("max_body_kib and max_import_mib must be at least 1")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> AppSettings:
+        """The settings, each from its environment variable where it is set; a bad value is a ValueError."""
+        values: dict[str, Any] = {}
+        for field, kind in (("assignment_ttl_minutes", float), ("max_body_kib", int), ("max_import_mib", int)):
+            name = f"RLHFKIT_{field.upper()}"
+            if environ.get(name, "").strip():
+                try:
+                    values[field] = kind(environ[name])
+                except ValueError:
+                    raise ValueError(f"{name}={environ[name]!r} is not a{'n integer' if kind is int else ' number'}"
+                                     ) from None
+        return cls(**values)
+
+    @property
+    def assignment_ttl(self) -> timedelta | None:
+        return timedelta(minutes=self.assignment_ttl_minutes) if self.assignment_ttl_minutes else None
+
+    def max_body_bytes(self, path: str) -> int:
+        """The largest body accepted on ``path``."""
+        if path == IMPORT_ROUTE:
+            return self.max_import_mib * 2**20
+        if ANSWER_ROUTE.fullmatch(path):
+            return MAX_ANSWER_BYTES
+        return self.max_body_kib * 2**10
 
 
 class LoginRequired(Exception):
@@ -124,19 +202,21 @@ class _SecurityHeaders:
 
 
 class _BodySizeLimit:
-    """Refuses request bodies over ``max_bytes`` with 413, by Content-Length or while they stream in."""
+    """Refuses request bodies over the route's limit (:meth:`AppSettings.max_body_bytes`) with 413, by
+    Content-Length before the app runs, or while they stream in."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, settings: AppSettings) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.settings.max_body_bytes(scope["path"])
         length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            await _too_large(self.max_bytes)(scope, receive, send)
+        if length.isdigit() and int(length) > max_bytes:
+            await JSONResponse({"error": _too_large_message(max_bytes)}, status_code=413)(scope, receive, send)
             return
         received = 0
 
@@ -145,20 +225,41 @@ class _BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, _too_large_message(self.max_bytes))
+                if received > max_bytes:
+                    raise HTTPException(413, _too_large_message(max_bytes))
             return message
 
         await self.app(scope, limited_receive, send)
 
 
 def _too_large_message(max_bytes: int) -> str:
-    return f"the request is larger than {max_bytes // 2**20} MiB"
+    size = f"{max_bytes // 2**20} MiB" if max_bytes >= 2**20 else f"{max_bytes // 2**10} KiB"
+    return f"the request is larger than {size}"
 
 
-def _too_large(max_bytes: int) -> Response:
-    """The 413 answer to a request whose Content-Length is over the limit (before the app runs)."""
-    return JSONResponse({"error": _too_large_message(max_bytes)}, status_code=413)
+def _json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        children = current.values() if isinstance(current, dict) else current if isinstance(current, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A request's JSON body; 400 when it is not JSON or nests deeper than :data:`MAX_JSON_DEPTH`."""
+    try:
+        value = json.loads(body)
+    except RecursionError:  # nested so deep that the parser gave up
+        raise HTTPException(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as error:
+        raise HTTPException(400, f"the body is not valid JSON: {error}") from None
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise HTTPException(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 # ------------------------------------------------------------------------------------- forms -> payloads
@@ -184,44 +285,110 @@ def _form_int(form: FormData, name: str, field: str, what: str) -> int:
         raise StoreError(f"{value[:20]!r} is not a whole number", field=field) from None
 
 
-def ranking_payload(form: FormData, k: int) -> dict:
-    """The store payload of a ranking form: ``rating_i`` (1-7), ``flags_i`` (checkboxes) and ``rank_i``.
+def ranking_payload(form: FormData, order: list[int]) -> dict:
+    """The store payload of a ranking form, in the item's indices.
 
-    ``rank_i`` is output i's place, 1 for the best; equal places are ties. Places need not be consecutive
-    (1, 1, 3 means the first two tie above the third). Fields are named for the labeler ("output B").
+    The form's fields follow the positions shown: ``rating_p`` (1-7), ``flags_p`` (checkboxes) and
+    ``rank_p`` for the output shown at position p, which is the item's completion ``order[p]``. ``rank_p``
+    is its place, 1 for the best; equal places are ties, and places need not be consecutive (1, 1, 3 means
+    the first two tie above the third). Every output needs a place: the ranking starts empty. Fields are
+    named as the labeler sees them ("output B").
     """
-    ratings, flags, places = [], [], []
-    for index in range(k):
-        output = f"output {_letter(index)}"
-        ratings.append(_form_int(form, f"rating_{index}", f"{output} rating", "a rating"))
-        flags.append([value for value in form.getlist(f"flags_{index}") if isinstance(value, str)])
-        place = _form_int(form, f"rank_{index}", f"{output} place", "a place")
+    k = len(order)
+    ratings: list[int] = [0] * k
+    flags: list[list[str]] = [[] for _ in range(k)]
+    places: dict[int, int] = {}
+    for position, index in enumerate(order):
+        output = f"output {_letter(position)}"
+        ratings[index] = _form_int(form, f"rating_{position}", f"{output} rating", "a rating")
+        flags[index] = [value for value in form.getlist(f"flags_{position}") if isinstance(value, str)]
+        place = _form_int(form, f"rank_{position}", f"{output} place",
+                          "a place: rank every output (drag the cards, or “Rank as shown”)")
         if place < 1:
             raise StoreError("must be 1 (the best) or more", field=f"{output} place")
-        places.append(place)
-    groups = [[index for index in range(k) if places[index] == place] for place in sorted(set(places))]
+        places[index] = place
+    groups = [sorted(index for index in places if places[index] == place) for place in sorted(set(places.values()))]
     return {"ratings": ratings, "flags": flags, "ranking": groups}
 
 
-def form_payload(item: Item, form: FormData) -> dict:
-    """The store payload of the answer form of ``item``; :class:`StoreError` names a missing field."""
+def ranking_form_values(payload: dict, order: list[int]) -> dict[str, Any]:
+    """The ranking form's field values (by position shown) that give back ``payload``: to edit an answer."""
+    place_of, place = {}, 1
+    for group in payload["ranking"]:
+        for index in group:
+            place_of[index] = place
+        place += len(group)
+    values: dict[str, Any] = {}
+    for position, index in enumerate(order):
+        values[f"rating_{position}"] = str(payload["ratings"][index])
+        values[f"rank_{position}"] = str(place_of[index])
+        values[f"flags_{position}"] = list(payload["flags"][index])
+    return values
+
+
+def contradiction_messages(payload: dict, order: list[int]) -> list[str]:
+    """Where a ranking answer contradicts its own ratings, in the labeler's letters ([] when it does not)."""
+    position = {index: place for place, index in enumerate(order)}
+    ratings = payload["ratings"]
+    return [f"output {_letter(position[high])} is rated {ratings[high]} but ranked below output "
+            f"{_letter(position[low])}, rated {ratings[low]}"
+            for high, low in contradictions(ratings, payload["ranking"])]
+
+
+def answer_summary(item: Item, payload: dict, skipped: bool, order: list[int] | None) -> list[tuple[str, str]]:
+    """An answer as the labeler gave it, as (label, text) rows: their letters, places and words, no JSON."""
+    if skipped:
+        return [("Skipped because", payload["reason"])]
+    if item.kind == "demonstration":
+        return [("Your response", payload["completion"])]
+    if item.kind == "ab":
+        return [("Verdict", {"a": "A is better", "b": "B is better", "tie": "Tie"}[payload["verdict"]])]
+    shown = order or list(range(len(item.completions)))
+    letter_of = {index: _letter(position) for position, index in enumerate(shown)}
+    ranking = " > ".join(" = ".join(sorted(letter_of[index] for index in group)) for group in payload["ranking"])
+    rows = [("Ranking, best first", ranking)]
+    for position, index in enumerate(shown):
+        chosen = ", ".join(FLAG_LABELS[flag] for flag in payload["flags"][index]) or "no flags"
+        rows.append((f"Output {_letter(position)}", f"rated {payload['ratings'][index]}; {chosen}"))
+    return rows
+
+
+def form_payload(item: Item, form: FormData, order: list[int] | None) -> dict:
+    """The store payload of the answer form of ``item`` (a ranking shown in ``order``); :class:`StoreError`
+    names a missing field."""
     if item.kind == "demonstration":
         completion = form.get("completion")
         text = completion if isinstance(completion, str) else ""
         return {"completion": text.replace("\r\n", "\n")}  # browsers send a textarea's newlines as CRLF
     if item.kind == "ab":
         return {"verdict": form.get("verdict")}
-    return ranking_payload(form, len(item.completions))
+    return ranking_payload(form, order)
 
 
-def _item_json(item: Item) -> dict:
+def _order(user: User, item: Item) -> list[int] | None:
+    """The order in which the user sees a ranking item's outputs (None for other kinds)."""
+    return shown_order(user.id, item.id, len(item.completions)) if item.kind == "ranking" else None
+
+
+def _item_json(user: User, item: Item) -> dict:
     """What a labeler sees of an item: never its meta (which model wrote what) nor its gold ranking."""
-    return {"id": item.id, "kind": item.kind, "prompt": item.prompt, "completions": item.completions}
+    return {"id": item.id, "kind": item.kind, "prompt": item.prompt, "completions": item.completions,
+            "shown_order": _order(user, item)}
 
 
-def _answer_json(answer) -> dict:
+def _answer_json(answer: Answer) -> dict:
     return {"id": answer.id, "item_id": answer.item_id, "payload": answer.payload, "skipped": answer.skipped,
-            "created_at": answer.created_at.isoformat()}
+            "created_at": answer.created_at.isoformat(), "shown_order": answer.shown_order,
+            "version": answer.version, "status": answer.status}
+
+
+def _ranking_warnings(item: Item, payload: dict) -> list[str]:
+    """The API's warnings about an accepted answer: where a ranking contradicts its ratings (item indices)."""
+    if item.kind != "ranking":
+        return []
+    ratings = payload["ratings"]
+    return [f"completion {high} is rated {ratings[high]} but ranked below completion {low}, rated {ratings[low]}"
+            for high, low in contradictions(ratings, payload["ranking"])]
 
 
 def _safe_next(target: str | None, default: str) -> str:
@@ -244,17 +411,19 @@ def _wants_json(request: Request) -> bool:
 
 
 def create_app(store: Store, *, secret_key: str | None = None, https_only: bool = False,
-               rate_limiter: LoginRateLimiter | None = None) -> FastAPI:
+               rate_limiter: LoginRateLimiter | None = None, settings: AppSettings | None = None) -> FastAPI:
     """The web app over ``store``.
 
     Args:
-        store: the feedback database (shared by the request threads).
+        store: the feedback database (shared by the request threads; it also holds the login sessions).
         secret_key: signs the session cookies; random by default (a restart then logs everyone out).
         https_only: mark the session cookie ``Secure`` (serve behind HTTPS).
-        rate_limiter: the login rate limiter (5 failures per account or client in 5 minutes by default).
+        rate_limiter: the login back-off (:class:`LoginRateLimiter`'s defaults when not given).
+        settings: assignment expiry and body size limits; :meth:`AppSettings.from_env` when not given.
     """
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
     limiter = rate_limiter or LoginRateLimiter()
+    settings = settings or AppSettings.from_env()
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined)
     environment.globals.update(letter=_letter, flags=[(flag, FLAG_LABELS[flag]) for flag in FLAGS],
@@ -268,7 +437,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                        session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S, same_site="strict",
                        https_only=https_only)
     app.add_middleware(_SecurityHeaders)
-    app.add_middleware(_BodySizeLimit, max_bytes=MAX_REQUEST_BYTES)
+    app.add_middleware(_BodySizeLimit, settings=settings)
 
     # ----------------------------------------------------------------------- sessions, roles, CSRF
 
@@ -278,11 +447,15 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             request.session["csrf"] = new_csrf_token()
         return request.session["csrf"]
 
+    def session_user(request: Request) -> User | None:
+        """The user of the request's server-side session, if it is still open (and the user active)."""
+        token = request.session.get("token")
+        return store.session_user(token) if isinstance(token, str) else None
+
     def current_user(request: Request) -> User:
-        user_id = request.session.get("user_id")
-        user = store.user(user_id) if isinstance(user_id, int) else None
-        if user is None or not user.active:
-            request.session.pop("user_id", None)
+        user = session_user(request)
+        if user is None:
+            request.session.pop("token", None)
             raise LoginRequired()
         return user
 
@@ -304,8 +477,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             raise HTTPException(403, "the form is missing its security token or it expired: reload the page")
 
     def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
-        user_id = request.session.get("user_id")
-        context.setdefault("user", store.user(user_id) if isinstance(user_id, int) else None)
+        if "user" not in context:
+            context["user"] = session_user(request)
         flashes = request.session.pop("flash", [])
         return templates.TemplateResponse(request, name, {"csrf_token": csrf_token(request), "flashes": flashes,
                                                           **context}, status_code=status_code)
@@ -316,22 +489,41 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     def redirect(path: str) -> RedirectResponse:
         return RedirectResponse(path, status_code=303)
 
+    def start_session(request: Request, user: User) -> None:
+        """A fresh cookie session (and CSRF token) bound to a new server-side session: no session fixation."""
+        request.session.clear()
+        request.session["token"] = store.create_session(user.id, timedelta(seconds=SESSION_MAX_AGE_S))
+        request.session["csrf"] = new_csrf_token()
+
+    def end_session(request: Request) -> None:
+        token = request.session.get("token")
+        if isinstance(token, str):
+            store.end_session(token)
+        request.session.clear()
+
     def authenticate(request: Request, username: str, password: str) -> User:
-        """Log the user in (a fresh session and CSRF token), or :class:`LoginRefused`; failures are counted."""
+        """Log the user in, or :class:`LoginRefused`; failures are counted per account and client."""
         client = request.client.host if request.client else "unknown"
-        keys = (f"user:{username}", f"client:{client}")
-        wait = limiter.retry_after(*keys)
+        wait = limiter.retry_after(username, client)
         if wait:
             raise LoginRefused(f"Too many failed logins: try again in {wait} seconds.", 429, retry_after=wait)
         user = store.user_by_name(username) if username else None
         if not verify_password(user.password_hash if user else None, password) or not user.active:
-            limiter.failed(*keys)
+            limiter.failed(username, client)
             raise LoginRefused("Wrong user name or password.", 401)
-        limiter.succeeded(*keys)
-        request.session.clear()  # a fresh session (and CSRF token) at every login: no session fixation
-        request.session["user_id"] = user.id
-        request.session["csrf"] = new_csrf_token()
+        limiter.succeeded(username, client)
+        start_session(request, user)
         return user
+
+    def change_password(request: Request, user: User, current: str, new: str) -> None:
+        """Check the current password, store the new one and end every session of the user; this client
+        gets a fresh session. :class:`StoreError` names the bad field."""
+        if not verify_password(user.password_hash, current):
+            raise StoreError("is wrong", field="current password")
+        if len(new) < MIN_PASSWORD_LENGTH:
+            raise StoreError(f"must be at least {MIN_PASSWORD_LENGTH} characters", field="new password")
+        store.set_password(user.id, hash_password(new))
+        start_session(request, user)
 
     # -------------------------------------------------------------------------------- error pages
 
@@ -344,7 +536,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     @app.exception_handler(NotAssigned)
     async def not_assigned(request: Request, _error: NotAssigned) -> Response:
-        return await http_error(request, StarletteHTTPException(404, "no such item in your queue"))
+        message = "no such item in your queue (an item left unanswered goes to another labeler after a while)"
+        return await http_error(request, StarletteHTTPException(404, message))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
@@ -380,8 +573,23 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     @app.post("/logout", dependencies=[Depends(csrf_protected)])
     def logout(request: Request) -> Response:
-        request.session.clear()
+        end_session(request)
         return redirect("/login")
+
+    @app.get("/account")
+    def account(request: Request, user: User = Depends(current_user)) -> Response:
+        return render(request, "account.html", user=user, error=None, min_password_length=MIN_PASSWORD_LENGTH)
+
+    @app.post("/account/password", dependencies=[Depends(csrf_protected)])
+    def account_password(request: Request, user: User = Depends(current_user),
+                         form: FormData = Depends(form_data)) -> Response:
+        try:
+            change_password(request, user, str(form.get("current_password", "")), str(form.get("new_password", "")))
+        except StoreError as error:
+            return render(request, "account.html", status_code=422, user=user, error=error,
+                          min_password_length=MIN_PASSWORD_LENGTH)
+        flash(request, "success", "Password changed; every other session of yours was logged out.")
+        return redirect("/account")
 
     # ------------------------------------------------------------------------------- labeler pages
 
@@ -394,32 +602,52 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     def next_item(request: Request, kind: str, user: User = Depends(current_user)) -> Response:
         if kind not in ITEM_KINDS:
             raise HTTPException(404, f"no such kind of work: {kind}")
-        item = store.next_item(user.id, kind)
+        item = store.next_item(user.id, kind, assignment_ttl=settings.assignment_ttl)
         if item is None:
             flash(request, "info", f"Nothing left to do in “{KIND_TITLES[kind]}”. Thank you!")
             return redirect("/queue")
         return redirect(f"/items/{item.id}")
 
-    def item_page(request: Request, user: User, item: Item, *, error: StoreError | None = None,
+    def item_page(request: Request, user: User, item: Item, *, status_code: int = 200, editing: bool = False,
+                  error: StoreError | None = None, conflict: str | None = None, warnings: list[str] = (),
                   form: FormData | None = None) -> Response:
+        """The item: its answer form (empty, as entered, or the answer to edit), or the answer with its history."""
+        order = _order(user, item)
         answer = store.answer_of(user.id, item.id)
-        return render(request, "item.html", status_code=422 if error else 200, user=user, item=item,
-                      answer=answer, error=error, values=_form_values(item, form))
+        editable = answer is not None and not answer.skipped and answer.status == "submitted"
+        editing = editing and editable
+        values = _form_values(item, form, order)
+        if editing and form is None:
+            values.update(ranking_form_values(answer.payload, order) if item.kind == "ranking"
+                          else {"completion": answer.payload.get("completion", "")})
+        history = [(version, answer_summary(item, version.payload, version.skipped, order))
+                   for version in store.history(answer.id)] if answer is not None else []
+        return render(request, "item.html", status_code=status_code, user=user, item=item, order=order,
+                      answer=answer, editing=editing, editable=editable, history=history, error=error,
+                      conflict=conflict, warnings=list(warnings), values=values,
+                      summary=answer_summary(item, answer.payload, answer.skipped, order) if answer else None)
 
     @app.get("/items/{item_id}")
-    def show_item(request: Request, item_id: int, user: User = Depends(current_user)) -> Response:
-        return item_page(request, user, store.assigned_item(user.id, item_id))
+    def show_item(request: Request, item_id: int, edit: bool = False, user: User = Depends(current_user)) -> Response:
+        return item_page(request, user, store.assigned_item(user.id, item_id), editing=edit)
 
     @app.post("/items/{item_id}", dependencies=[Depends(csrf_protected)])
     def answer_item(request: Request, item_id: int, user: User = Depends(current_user),
                     form: FormData = Depends(form_data)) -> Response:
         item = store.assigned_item(user.id, item_id)
+        editing = form.get("edit") == "1"
         try:
-            store.submit(user.id, item.id, form_payload(item, form))
+            payload = validate_answer(item, form_payload(item, form, _order(user, item)))
+            warnings = contradiction_messages(payload, _order(user, item)) if item.kind == "ranking" else []
+            if warnings and form.get("confirm_contradiction") != "1":
+                return item_page(request, user, item, editing=editing, warnings=warnings, form=form)
+            (store.edit if editing else store.submit)(user.id, item.id, payload)
         except StoreError as error:
-            return item_page(request, user, item, error=error, form=form)
-        flash(request, "success", "Saved.")
-        return redirect(f"/next?kind={item.kind}")
+            return item_page(request, user, item, status_code=422, editing=editing, error=error, form=form)
+        except AnswerConflict as conflict:
+            return item_page(request, user, item, status_code=409, conflict=conflict.message)
+        flash(request, "success", "Changed." if editing else "Saved.")
+        return redirect(f"/items/{item.id}" if editing else f"/next?kind={item.kind}")
 
     @app.post("/items/{item_id}/skip", dependencies=[Depends(csrf_protected)])
     def skip_item(request: Request, item_id: int, user: User = Depends(current_user),
@@ -428,7 +656,10 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         try:
             store.skip(user.id, item.id, str(form.get("reason", "")))
         except StoreError as error:
-            return item_page(request, user, item, error=StoreError(error.message, field="skip reason"), form=form)
+            return item_page(request, user, item, status_code=422, form=form,
+                             error=StoreError(error.message, field="skip reason"))
+        except AnswerConflict as conflict:
+            return item_page(request, user, item, status_code=409, conflict=conflict.message)
         flash(request, "info", "Skipped.")
         return redirect(f"/next?kind={item.kind}")
 
@@ -437,7 +668,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     @app.get("/admin")
     def admin(request: Request, user: User = Depends(current_admin)) -> Response:
         return render(request, "admin.html", user=user, progress=store.progress(), agreement=store.agreement(),
-                      users=store.users(), min_password_length=MIN_PASSWORD_LENGTH)
+                      users=store.users(), min_password_length=MIN_PASSWORD_LENGTH,
+                      open_assignments=store.open_assignments(), settings=settings)
 
     @app.post("/admin/users", dependencies=[Depends(csrf_protected)])
     def create_user(request: Request, _admin: User = Depends(current_admin),
@@ -480,6 +712,20 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                     flash(request, "success", f"Imported {count} {kind} from {name}, {replicas} labeler(s) each.")
         return redirect("/admin")
 
+    @app.post("/admin/assignments/release", dependencies=[Depends(csrf_protected)])
+    def release_assignments(request: Request, _admin: User = Depends(current_admin),
+                            form: FormData = Depends(form_data)) -> Response:
+        try:
+            minutes = float(str(form.get("older_than_minutes", "0")) or "0")
+        except ValueError:
+            minutes = -1.0
+        if minutes < 0:
+            flash(request, "error", "Nothing released: give the age in minutes (0 releases every open assignment).")
+        else:
+            released = store.release_assignments(older_than=timedelta(minutes=minutes) if minutes else None)
+            flash(request, "success", f"Released {released} open assignment(s); their items go to the next labelers.")
+        return redirect("/admin")
+
     @app.get("/admin/export/{kind}")
     def export(kind: str, _admin: User = Depends(current_admin)) -> Response:
         if kind not in EXPORT_KINDS:
@@ -500,10 +746,13 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     # ------------------------------------------------------------------------------------ JSON API
 
     async def json_body(request: Request) -> Any:
-        try:
-            return await request.json()
-        except ValueError:
-            raise HTTPException(422, "the body is not valid JSON") from None
+        return parse_json_body(await request.body())
+
+    def store_error(error: StoreError) -> JSONResponse:
+        return JSONResponse({"error": str(error), "field": error.field}, status_code=422)
+
+    def conflict_error(conflict: AnswerConflict) -> JSONResponse:
+        return JSONResponse({"error": conflict.message, "answer": _answer_json(conflict.answer)}, status_code=409)
 
     @app.post("/api/login")
     async def api_login(request: Request) -> Response:
@@ -525,21 +774,53 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     def api_me(request: Request, user: User = Depends(current_user)) -> Response:
         return JSONResponse({"username": user.username, "role": user.role, "csrf_token": csrf_token(request)})
 
+    @app.post("/api/me/password", dependencies=[Depends(csrf_protected)])
+    def api_password(request: Request, user: User = Depends(current_user), body: Any = Depends(json_body)) -> Response:
+        if not isinstance(body, dict):
+            raise HTTPException(422, "expected an object with current_password and new_password")
+        try:
+            change_password(request, user, str(body.get("current_password", "")), str(body.get("new_password", "")))
+        except StoreError as error:
+            return store_error(error)
+        return JSONResponse({"csrf_token": request.session["csrf"]})
+
     @app.get("/api/next")
     def api_next(kind: str | None = None, user: User = Depends(current_user)) -> Response:
         try:
-            item = store.next_item(user.id, kind)
+            item = store.next_item(user.id, kind, assignment_ttl=settings.assignment_ttl)
         except StoreError as error:
-            return JSONResponse({"error": str(error), "field": error.field}, status_code=422)
-        return JSONResponse({"item": _item_json(item) if item else None})
+            return store_error(error)
+        return JSONResponse({"item": _item_json(user, item) if item else None})
+
+    @app.get("/api/items/{item_id}/answer")
+    def api_read_answer(item_id: int, user: User = Depends(current_user)) -> Response:
+        store.assigned_item(user.id, item_id)
+        answer = store.answer_of(user.id, item_id)
+        if answer is None:
+            raise HTTPException(404, "you have not answered this item yet")
+        history = [{"version": version.version, "payload": version.payload, "skipped": version.skipped,
+                    "created_at": version.created_at.isoformat()} for version in store.history(answer.id)]
+        return JSONResponse({"answer": _answer_json(answer), "history": history})
+
+    def api_write_answer(item_id: int, user: User, body: Any, write) -> Response:
+        try:
+            answer = write(user.id, item_id, body)
+        except StoreError as error:
+            return store_error(error)
+        except AnswerConflict as conflict:
+            return conflict_error(conflict)
+        warnings = _ranking_warnings(store.assigned_item(user.id, item_id), answer.payload)
+        return JSONResponse({"answer": _answer_json(answer), "warnings": warnings})
 
     @app.post("/api/items/{item_id}/answer", dependencies=[Depends(csrf_protected)])
     def api_answer(item_id: int, user: User = Depends(current_user), body: Any = Depends(json_body)) -> Response:
-        try:
-            answer = store.submit(user.id, item_id, body)
-        except StoreError as error:
-            return JSONResponse({"error": str(error), "field": error.field}, status_code=422)
-        return JSONResponse({"answer": _answer_json(answer)})
+        """A first answer; the same one again returns it, a different one is 409 (change it with PUT)."""
+        return api_write_answer(item_id, user, body, store.submit)
+
+    @app.put("/api/items/{item_id}/answer", dependencies=[Depends(csrf_protected)])
+    def api_edit(item_id: int, user: User = Depends(current_user), body: Any = Depends(json_body)) -> Response:
+        """Change an answer (a new version) until an admin reviews it; 409 once reviewed or for a skip."""
+        return api_write_answer(item_id, user, body, store.edit)
 
     @app.post("/api/items/{item_id}/skip", dependencies=[Depends(csrf_protected)])
     def api_skip(item_id: int, user: User = Depends(current_user), body: Any = Depends(json_body)) -> Response:
@@ -547,26 +828,78 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         try:
             answer = store.skip(user.id, item_id, reason)
         except StoreError as error:
-            return JSONResponse({"error": str(error), "field": error.field}, status_code=422)
+            return store_error(error)
+        except AnswerConflict as conflict:
+            return conflict_error(conflict)
         return JSONResponse({"answer": _answer_json(answer)})
 
     @app.get("/api/admin/progress")
     def api_progress(_admin: User = Depends(current_admin)) -> Response:
         return JSONResponse({"progress": store.progress()})
 
+    @app.get("/api/admin/answers")
+    def api_answers(kind: str | None = None, status: str | None = None,
+                    _admin: User = Depends(current_admin)) -> Response:
+        """Answers to review (``status=submitted``), or any others; skips are left out."""
+        try:
+            answers = store.answers(kind, status=status)
+        except StoreError as error:
+            return store_error(error)
+        names = {user.id: user.username for user in store.users()}
+        return JSONResponse({"answers": [{**_answer_json(answer), "labeler": names[answer.user_id]}
+                                         for answer in answers if not answer.skipped]})
+
+    @app.post("/api/admin/answers/{answer_id}/review", dependencies=[Depends(csrf_protected)])
+    def api_review(answer_id: int, admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:
+        """``{"status": "accepted" | "rejected"}``; a rejected answer's item goes back to the queue."""
+        if not isinstance(body, dict):
+            raise HTTPException(422, f"expected an object with status: one of {REVIEW_VERDICTS}")
+        try:
+            answer = store.review(answer_id, admin.id, body.get("status"))
+        except StoreError as error:
+            return store_error(error)
+        except AnswerConflict as conflict:
+            return conflict_error(conflict)
+        return JSONResponse({"answer": _answer_json(answer)})
+
+    @app.get("/api/admin/assignments")
+    def api_assignments(_admin: User = Depends(current_admin)) -> Response:
+        """The open (unanswered) assignments, oldest first."""
+        return JSONResponse({"assignments": [{**row, "assigned_at": row["assigned_at"].isoformat()}
+                                             for row in store.open_assignments()],
+                             "assignment_ttl_minutes": settings.assignment_ttl_minutes})
+
+    @app.post("/api/admin/assignments/release", dependencies=[Depends(csrf_protected)])
+    def api_release(_admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:
+        """Release open assignments: ``{"username"?, "item_id"?, "older_than_minutes"?}`` (all when empty)."""
+        if not isinstance(body, dict):
+            raise HTTPException(422, "expected an object with username, item_id or older_than_minutes (each optional)")
+        username, item_id, minutes = body.get("username"), body.get("item_id"), body.get("older_than_minutes")
+        user = store.user_by_name(username) if isinstance(username, str) else None
+        if username is not None and user is None:
+            return store_error(StoreError(f"no user named {str(username)[:64]!r}", field="username"))
+        if item_id is not None and (not isinstance(item_id, int) or isinstance(item_id, bool)):
+            return store_error(StoreError("expected an item id (an integer)", field="item_id"))
+        if minutes is not None and (not isinstance(minutes, int | float) or isinstance(minutes, bool) or minutes < 0):
+            return store_error(StoreError("expected a number of minutes, 0 or more", field="older_than_minutes"))
+        released = store.release_assignments(user_id=user.id if user else None, item_id=item_id,
+                                             older_than=timedelta(minutes=minutes) if minutes else None)
+        return JSONResponse({"released": released})
+
     return app
 
 
-def _form_values(item: Item, form: FormData | None) -> dict:
-    """What the labeler had entered (empty on a fresh page), to show again after an error: nothing is lost."""
+def _form_values(item: Item, form: FormData | None, order: list[int] | None) -> dict:
+    """What the labeler had entered (empty on a fresh page: the ranking starts empty), to show again after
+    an error or a warning: nothing is lost. Ranking fields are by position shown."""
 
     def text(name: str) -> str:
         value = form.get(name, "") if form is not None else ""
         return value if isinstance(value, str) else ""
 
     values: dict[str, Any] = {"completion": text("completion"), "reason": text("reason")}
-    for index in range(len(item.completions)):
-        values[f"rating_{index}"] = text(f"rating_{index}")
-        values[f"rank_{index}"] = text(f"rank_{index}")
-        values[f"flags_{index}"] = list(form.getlist(f"flags_{index}")) if form is not None else []
+    for position in range(len(order or ())):
+        values[f"rating_{position}"] = text(f"rating_{position}")
+        values[f"rank_{position}"] = text(f"rank_{position}")
+        values[f"flags_{position}"] = list(form.getlist(f"flags_{position}")) if form is not None else []
     return values

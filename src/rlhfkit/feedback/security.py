@@ -4,7 +4,8 @@
 * CSRF: each session holds a random token (:func:`new_csrf_token`); every state-changing request must
   send it back (a form field or the ``X-CSRF-Token`` header), compared in constant time
   (:func:`csrf_token_matches`). A page of another site can neither read the token nor set the header.
-* :class:`LoginRateLimiter` refuses logins after repeated failures for one account or one client.
+* :class:`LoginRateLimiter` slows logins down after repeated failures for one account from one client
+  (never for the account everywhere) and for one client over all accounts, with a growing back-off.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
 from argon2 import PasswordHasher
@@ -56,51 +56,66 @@ def csrf_token_matches(expected: str | None, submitted: str | None) -> bool:
 
 
 class LoginRateLimiter:
-    """At most ``max_failures`` failed logins per key within ``window_s`` seconds (a sliding window).
+    """Growing back-off after failed logins, per account *and* client, and per client.
 
-    The app keys failures by account name and by client address, so guessing one account's password and
-    spraying many accounts from one client are both slowed down. A successful login clears its key.
-    Thread-safe; ``clock`` is injectable for tests.
+    After ``max_failures`` failures in a row for one account from one client, that client waits
+    ``lockout_s`` before its next try at that account, and twice as long after every further failure (at
+    most ``max_lockout_s``). Nobody can lock an account for everyone: the same account from another client
+    is not slowed down, so the owner's correct password always works from their own machine. A client
+    that sprays many accounts waits the same way after ``max_client_failures`` failures over all accounts
+    (4 x ``max_failures`` by default: a team behind one address mistypes too). A successful login clears
+    the failures of its account and client pair; failures are forgotten ``forget_after_s`` after the last
+    one. Thread-safe; ``clock`` is injectable for tests.
     """
 
-    def __init__(self, max_failures: int = 5, window_s: float = 300.0, *,
+    def __init__(self, max_failures: int = 5, lockout_s: float = 60.0, *, max_lockout_s: float = 3600.0,
+                 max_client_failures: int | None = None, forget_after_s: float = 24 * 3600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if max_failures < 1 or window_s <= 0:
-            raise ValueError("max_failures must be >= 1 and window_s > 0")
+        if max_failures < 1 or lockout_s <= 0 or max_lockout_s < lockout_s or forget_after_s <= 0:
+            raise ValueError("max_failures must be >= 1, lockout_s > 0, max_lockout_s >= lockout_s and "
+                             "forget_after_s > 0")
         self.max_failures = max_failures
-        self.window_s = window_s
+        self.max_client_failures = max_client_failures or 4 * max_failures
+        self.lockout_s = lockout_s
+        self.max_lockout_s = max_lockout_s
+        self.forget_after_s = forget_after_s
         self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[tuple[str, ...], tuple[int, float]] = {}  # key -> (failures in a row, last one)
         self._lock = threading.Lock()
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        failures = self._failures.get(key, deque())
-        while failures and failures[0] <= now - self.window_s:
-            failures.popleft()
-        if failures:
-            self._failures[key] = failures
-        else:
+    def _keys(self, username: str, client: str) -> tuple[tuple[tuple[str, ...], int], ...]:
+        """(key, failures allowed before the back-off) for the account-and-client pair and the client."""
+        return (("account", username, client), self.max_failures), (("client", client), self.max_client_failures)
+
+    def _wait(self, key: tuple[str, ...], allowed: int, now: float) -> float:
+        count, last = self._failures.get(key, (0, now))
+        if now - last >= self.forget_after_s:
             self._failures.pop(key, None)
-        return failures
+            return 0.0
+        if count < allowed:
+            return 0.0
+        lockout = min(self.max_lockout_s, self.lockout_s * 2.0 ** min(count - allowed, 64))
+        return max(0.0, last + lockout - now)
 
-    def retry_after(self, *keys: str) -> int:
-        """Seconds until a login for these keys is allowed again; 0 when it is allowed now."""
+    def retry_after(self, username: str, client: str) -> int:
+        """Seconds until ``client`` may try ``username`` again; 0 when it may now."""
         now = self._clock()
         with self._lock:
-            waits = [failures[0] + self.window_s - now for key in keys
-                     if len(failures := self._recent(key, now)) >= self.max_failures]
-        return math.ceil(max(waits)) if waits else 0
+            return math.ceil(max(self._wait(key, allowed, now) for key, allowed in self._keys(username, client)))
 
-    def failed(self, *keys: str) -> None:
-        """Record a failed login for each key."""
+    def failed(self, username: str, client: str) -> None:
+        """Record a failed login for ``username`` from ``client``."""
         now = self._clock()
         with self._lock:
-            for key in keys:
-                self._failures[key] = self._recent(key, now)
-                self._failures[key].append(now)
+            if len(self._failures) > 100_000:  # bound the memory a flood of made-up names can take
+                self._failures = {key: value for key, value in self._failures.items()
+                                  if now - value[1] < self.forget_after_s}
+            for key, allowed in self._keys(username, client):
+                self._wait(key, allowed, now)  # forgets an old streak
+                count, _ = self._failures.get(key, (0, now))
+                self._failures[key] = (count + 1, now)
 
-    def succeeded(self, *keys: str) -> None:
-        """Forget the failures of these keys."""
+    def succeeded(self, username: str, client: str) -> None:
+        """Clear the failures of this account from this client (a client's spraying count stays)."""
         with self._lock:
-            for key in keys:
-                self._failures.pop(key, None)
+            self._failures.pop(self._keys(username, client)[0][0], None)

@@ -9,15 +9,29 @@ dataclasses (:class:`User`, :class:`Item`, :class:`Answer`), never ORM objects.
 Items are of three kinds: ``demonstration`` (write a completion for a prompt), ``ranking`` (rate, flag and
 rank K >= 2 completions) and ``ab`` (judge two completions). Each item needs ``replicas`` labelers; a
 labeler asks :meth:`Store.next_item` for work, which assigns them an item, and answers it with
-:meth:`Store.submit` or :meth:`Store.skip` (each one transaction; a second answer to the same item
-returns the first). :meth:`Store.export` writes the answers as the records rlhfkit's trainers read.
+:meth:`Store.submit` or :meth:`Store.skip` (each one transaction; the same answer sent twice is stored
+once, a different second answer is an :class:`AnswerConflict`). An assignment left unanswered expires
+after the caller's time limit, or an admin releases it (:meth:`Store.release_assignments`), and the item
+goes to another labeler.
+
+Ranking items show their outputs in an order shuffled per labeler and item (:func:`shown_order`, the same
+on every reload); answers are always in the item's own indices and keep the order shown beside them.
+
+A labeler may change their answer (:meth:`Store.edit`) until an admin reviews it
+(:meth:`Store.review`: accepted or rejected; a rejected answer no longer counts, so the item goes back to
+the queue). Every version is kept (:meth:`Store.history`); exports use the latest. The app's login
+sessions live here too, so logging out or changing the password ends them on the server.
+:meth:`Store.export` writes the answers as the records rlhfkit's trainers read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
+import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +45,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -48,6 +63,8 @@ ITEM_KINDS = ("demonstration", "ranking", "ab")
 FLAGS = ("fails_instruction", "harmful", "made_up_facts")  # InstructGPT's labeling flags
 VERDICTS = ("a", "b", "tie")
 EXPORT_KINDS = ("demonstrations", "rankings", "pairs", "ab")
+SUBMITTED, ACCEPTED, REJECTED = "submitted", "accepted", "rejected"  # an answer's review status
+REVIEW_VERDICTS = (ACCEPTED, REJECTED)
 RATING_RANGE = (1, 7)
 MAX_COMPLETION_CHARS = 100_000  # a written demonstration
 MAX_REASON_CHARS = 10_000  # a skip's reason
@@ -70,6 +87,15 @@ class StoreError(ValueError):
 
 class NotAssigned(PermissionError):
     """A labeler touched an item that is not assigned to them."""
+
+
+class AnswerConflict(Exception):
+    """The answer cannot be written as asked: ``answer`` is the one that stays (the app answers 409)."""
+
+    def __init__(self, message: str, answer: Answer) -> None:
+        super().__init__(message)
+        self.message = message
+        self.answer = answer
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -120,6 +146,8 @@ class AssignmentRow(Base):
 
 
 class AnswerRow(Base):
+    """A labeler's answer to an item: its latest version (every version is in ``answer_versions``)."""
+
     __tablename__ = "answers"
     __table_args__ = (UniqueConstraint("user_id", "item_id", name="uq_answers_user_item"),)
 
@@ -129,6 +157,37 @@ class AnswerRow(Base):
     payload: Mapped[dict] = mapped_column(JSON)
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    shown_order: Mapped[list | None] = mapped_column(JSON)  # a ranking's item indices in the order shown
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    status: Mapped[str] = mapped_column(String(16), default=SUBMITTED, server_default=SUBMITTED)
+    reviewed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL",
+                                                               name="fk_answers_reviewed_by_users"))
+    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AnswerVersionRow(Base):
+    """One version of an answer, as the labeler gave it (the audit trail)."""
+
+    __tablename__ = "answer_versions"
+    __table_args__ = (UniqueConstraint("answer_id", "version", name="uq_answer_versions_answer_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    answer_id: Mapped[int] = mapped_column(ForeignKey("answers.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[dict] = mapped_column(JSON)
+    skipped: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class SessionRow(Base):
+    """A logged-in session; the cookie holds the token, the table only its SHA-256 (a leak logs nobody in)."""
+
+    __tablename__ = "sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 # ------------------------------------------------------------------------------------- returned values
@@ -160,11 +219,28 @@ class Item:
 
 @dataclass(frozen=True)
 class Answer:
-    """One labeler's answer to one item (``skipped`` answers hold ``{"reason": ...}``)."""
+    """One labeler's answer to one item, its latest version (``skipped`` answers hold ``{"reason": ...}``).
+
+    ``shown_order``: a ranking item's completion indices in the order the labeler saw them (else None);
+    ``status``: ``submitted``, ``accepted`` or ``rejected`` (by an admin's review).
+    """
 
     id: int
     item_id: int
     user_id: int
+    payload: dict
+    skipped: bool
+    created_at: datetime
+    shown_order: list[int] | None
+    version: int
+    status: str
+
+
+@dataclass(frozen=True)
+class AnswerVersion:
+    """One version of an answer, oldest first in :meth:`Store.history`."""
+
+    version: int
     payload: dict
     skipped: bool
     created_at: datetime
@@ -178,9 +254,35 @@ def _item(row: ItemRow) -> Item:
     return Item(row.id, row.kind, row.prompt, list(row.completions), row.replicas, dict(row.meta), row.gold)
 
 
+def _utc(moment: datetime) -> datetime:
+    """SQLite gives back naive datetimes; every stored datetime is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def _answer(row: AnswerRow) -> Answer:
-    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=timezone.utc)
-    return Answer(row.id, row.item_id, row.user_id, row.payload, row.skipped, created)
+    return Answer(row.id, row.item_id, row.user_id, row.payload, row.skipped, _utc(row.created_at),
+                  row.shown_order, row.version, row.status)
+
+
+def shown_order(user_id: int, item_id: int, k: int) -> list[int]:
+    """The order in which labeler ``user_id`` sees item ``item_id``'s ``k`` outputs: a shuffle of
+    ``range(k)`` that is the same on every call for this labeler and item (so a reload shows the same
+    page) and differs between labelers (so no output gains from always being shown first)."""
+    seed = hashlib.sha256(f"rlhfkit shown order {user_id} {item_id}".encode()).digest()
+    order = list(range(k))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def contradictions(ratings: list[int], ranking: list[list[int]]) -> list[tuple[int, int]]:
+    """Pairs ``(better_rated, worse_rated)`` of completion indices that the ranking puts the other way round.
+
+    A ranking contradicts the ratings where an output rated higher is ranked below one rated lower; the
+    app warns about it but accepts it (the labeler may have seen something the 1-7 scale misses).
+    """
+    place = {index: position for position, group in enumerate(ranking) for index in group}
+    return [(high, low) for high in place for low in place
+            if ratings[high] > ratings[low] and place[high] > place[low]]
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -290,7 +392,7 @@ def _ranking_groups(value: Any, completions: list[str], field: str) -> list[list
     return [sorted(group) for group in groups]
 
 
-def _validate_payload(item: ItemRow, payload: Any) -> dict:
+def validate_answer(item: ItemRow | Item, payload: Any) -> dict:
     """The normalised payload of an answer to ``item``, or :class:`StoreError` naming the bad field."""
     if not isinstance(payload, dict):
         raise StoreError(f"expected an object, got {_type_name(payload)}", field="payload")
@@ -327,6 +429,26 @@ def _validate_payload(item: ItemRow, payload: Any) -> dict:
             raise StoreError("repeats a flag", field=f"flags[{position}]")
     ranking = _ranking_groups(payload.get("ranking"), item.completions, "ranking")
     return {"ratings": list(ratings), "flags": [list(chosen) for chosen in flags], "ranking": ranking}
+
+
+def _skip_payload(reason: Any) -> dict:
+    if not isinstance(reason, str) or not reason.strip():
+        raise StoreError("is empty", field="reason")
+    if len(reason) > MAX_REASON_CHARS:
+        raise StoreError(f"is longer than {MAX_REASON_CHARS} characters", field="reason")
+    return {"reason": reason}
+
+
+def _same_or_conflict(existing: Answer, payload: dict, skipped: bool) -> Answer:
+    """The stored answer when the new one is the same (a double submit); else :class:`AnswerConflict`."""
+    if existing.payload == payload and existing.skipped == skipped:
+        return existing
+    what = "skipped" if existing.skipped else "answered"
+    raise AnswerConflict(f"you already {what} this item differently; change your answer instead", existing)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _answer_ranking(item: ItemRow, payload: dict) -> list[list[int]]:
@@ -509,16 +631,20 @@ class Store:
 
     # ------------------------------------------------------------------------------------------ queue
 
-    def next_item(self, user_id: int, kind: str | None = None) -> Item | None:
+    def next_item(self, user_id: int, kind: str | None = None, *,
+                  assignment_ttl: timedelta | None = None) -> Item | None:
         """The user's open assignment (of ``kind`` when given); else a newly assigned item; else None.
 
         A new assignment is the oldest item the user has neither answered nor skipped whose answers plus
-        the open assignments of other labelers are fewer than its replicas. Skipped answers do not count
-        towards the replicas. Concurrent calls never assign an item beyond its replicas.
+        the open assignments of other labelers are fewer than its replicas. Skipped and rejected answers
+        do not count towards the replicas. Concurrent calls never assign an item beyond its replicas.
+        With ``assignment_ttl``, open assignments older than that are released first, so an item opened
+        and abandoned goes to the next labeler who asks.
         """
         if kind is not None and kind not in ITEM_KINDS:
             raise StoreError(f"unknown kind {_shown(kind)}; expected one of {ITEM_KINDS}", field="kind")
-        open_query = self._open_assignment(user_id, kind)
+        expired_before = _now() - assignment_ttl if assignment_ttl is not None else None
+        open_query = self._open_assignment(user_id, kind, expired_before)
         with self._reader() as session:  # the common case, without waiting for the write lock
             row = session.scalars(open_query).first()
             if row is not None:
@@ -526,6 +652,9 @@ class Store:
         with self._writer() as session:
             if session.scalar(select(UserRow.id).where(UserRow.id == user_id).with_for_update()) is None:
                 raise StoreError(f"no user with id {user_id}", field="user_id")
+            if expired_before is not None:
+                session.execute(delete(AssignmentRow).where(AssignmentRow.created_at < expired_before,
+                                                            ~self._assignment_answered().exists()))
             row = session.scalars(open_query).first()  # assigned by a concurrent call meanwhile
             if row is not None:
                 return _item(row)
@@ -541,41 +670,76 @@ class Store:
             return None
 
     @staticmethod
-    def _open_assignment(user_id: int, kind: str | None):
-        """The item of the user's oldest open (unanswered) assignment, of ``kind`` when given."""
-        answered = select(AnswerRow.id).where(AnswerRow.user_id == user_id, AnswerRow.item_id == AssignmentRow.item_id)
+    def _assignment_answered():
+        """The answer to an assignment (a correlated subquery: use ``.exists()``)."""
+        return select(AnswerRow.id).where(AnswerRow.user_id == AssignmentRow.user_id,
+                                          AnswerRow.item_id == AssignmentRow.item_id)
+
+    @staticmethod
+    def _counted_answer():
+        """Answers that count towards an item's replicas: neither skipped nor rejected."""
+        return (AnswerRow.skipped.is_(False)) & (AnswerRow.status != REJECTED)
+
+    def _open_assignment(self, user_id: int, kind: str | None, expired_before: datetime | None):
+        """The item of the user's oldest open (unanswered, unexpired) assignment, of ``kind`` when given."""
         query = (select(ItemRow).join(AssignmentRow, AssignmentRow.item_id == ItemRow.id)
-                 .where(AssignmentRow.user_id == user_id, ~answered.exists()))
+                 .where(AssignmentRow.user_id == user_id, ~self._assignment_answered().exists()))
         if kind is not None:
             query = query.where(ItemRow.kind == kind)
+        if expired_before is not None:
+            query = query.where(AssignmentRow.created_at >= expired_before)
         return query.order_by(AssignmentRow.id).limit(1)
 
-    @staticmethod
-    def _taken(session: Session, item_id: int) -> int:
-        """Non-skipped answers to the item plus its open (unanswered) assignments."""
+    def _taken(self, session: Session, item_id: int) -> int:
+        """Counted answers to the item plus its open (unanswered) assignments."""
         answers = session.scalar(select(func.count()).select_from(AnswerRow)
-                                 .where(AnswerRow.item_id == item_id, AnswerRow.skipped.is_(False)))
-        answered = select(AnswerRow.id).where(AnswerRow.user_id == AssignmentRow.user_id,
-                                              AnswerRow.item_id == AssignmentRow.item_id)
+                                 .where(AnswerRow.item_id == item_id, self._counted_answer()))
         open_assignments = session.scalar(select(func.count()).select_from(AssignmentRow)
-                                          .where(AssignmentRow.item_id == item_id, ~answered.exists()))
+                                          .where(AssignmentRow.item_id == item_id,
+                                                 ~self._assignment_answered().exists()))
         return answers + open_assignments
 
-    @staticmethod
-    def _candidates(user_id: int, kind: str | None, after: int, limit: int = 50):
+    def _candidates(self, user_id: int, kind: str | None, after: int, limit: int = 50):
         """Ids (above ``after``) of the oldest items the user has no assignment for that seem to need answers."""
         answers = (select(func.count()).select_from(AnswerRow)
-                   .where(AnswerRow.item_id == ItemRow.id, AnswerRow.skipped.is_(False)).scalar_subquery())
-        answered = select(AnswerRow.id).where(AnswerRow.user_id == AssignmentRow.user_id,
-                                              AnswerRow.item_id == AssignmentRow.item_id)
+                   .where(AnswerRow.item_id == ItemRow.id, self._counted_answer()).scalar_subquery())
         open_assignments = (select(func.count()).select_from(AssignmentRow)
-                            .where(AssignmentRow.item_id == ItemRow.id, ~answered.exists()).scalar_subquery())
+                            .where(AssignmentRow.item_id == ItemRow.id, ~self._assignment_answered().exists())
+                            .scalar_subquery())
         mine = select(AssignmentRow.id).where(AssignmentRow.user_id == user_id, AssignmentRow.item_id == ItemRow.id)
         query = select(ItemRow.id).where(ItemRow.id > after, ~mine.exists(),
                                          answers + open_assignments < ItemRow.replicas)
         if kind is not None:
             query = query.where(ItemRow.kind == kind)
         return query.order_by(ItemRow.id).limit(limit)
+
+    def release_assignments(self, *, user_id: int | None = None, item_id: int | None = None,
+                            older_than: timedelta | None = None) -> int:
+        """Release open (unanswered) assignments, so their items go to the next labeler who asks.
+
+        Only those of ``user_id``, of ``item_id`` and older than ``older_than`` when given (all open ones
+        when none is). Returns how many were released.
+        """
+        query = delete(AssignmentRow).where(~self._assignment_answered().exists())
+        if user_id is not None:
+            query = query.where(AssignmentRow.user_id == user_id)
+        if item_id is not None:
+            query = query.where(AssignmentRow.item_id == item_id)
+        if older_than is not None:
+            query = query.where(AssignmentRow.created_at < _now() - older_than)
+        with self._writer() as session:
+            released = session.execute(query).rowcount
+            session.commit()
+        return released
+
+    def open_assignments(self) -> list[dict]:
+        """Every open (unanswered) assignment, oldest first: ``{"item_id", "kind", "username", "assigned_at"}``."""
+        query = (select(AssignmentRow.item_id, ItemRow.kind, UserRow.username, AssignmentRow.created_at)
+                 .join(ItemRow, ItemRow.id == AssignmentRow.item_id).join(UserRow, UserRow.id == AssignmentRow.user_id)
+                 .where(~self._assignment_answered().exists()).order_by(AssignmentRow.id))
+        with self._reader() as session:
+            return [{"item_id": item_id, "kind": kind, "username": username, "assigned_at": _utc(created)}
+                    for item_id, kind, username, created in session.execute(query)]
 
     def assigned_item(self, user_id: int, item_id: int) -> Item:
         """The item, if it is assigned to the user (answered or not); else :class:`NotAssigned`."""
@@ -590,44 +754,101 @@ class Store:
         """Answer an assigned item in one transaction; the payload is validated for the item's kind.
 
         Payloads: demonstration ``{"completion"}``; ranking ``{"ratings": [1..7] * K, "flags": [[flag, ...]]
-        * K, "ranking": tie groups best first}``; ab ``{"verdict": "a" | "b" | "tie"}``. Raises
-        :class:`NotAssigned` when the item is not assigned to the user and :class:`StoreError` naming the
-        bad field. A second submit (or skip) of the same item returns the first answer unchanged, even
-        when the two race.
+        * K, "ranking": tie groups best first}`` (in the item's indices, whatever order was shown); ab
+        ``{"verdict": "a" | "b" | "tie"}``. Raises :class:`NotAssigned` when the item is not assigned to
+        the user and :class:`StoreError` naming the bad field. The same answer sent again (a double submit,
+        even a racing one) returns the stored answer; a different one raises :class:`AnswerConflict`
+        (change an answer with :meth:`edit`).
         """
-        return self._answer(user_id, item_id, lambda item: _validate_payload(item, payload), skipped=False)
+        return self._answer(user_id, item_id, lambda item: validate_answer(item, payload), skipped=False)
 
     def skip(self, user_id: int, item_id: int, reason: str) -> Answer:
         """Skip an assigned item with a reason (an answer with ``skipped=True``); the rules of :meth:`submit`."""
+        return self._answer(user_id, item_id, lambda _item: _skip_payload(reason), skipped=True)
 
-        def build(_item_row: ItemRow) -> dict:
-            if not isinstance(reason, str) or not reason.strip():
-                raise StoreError("is empty", field="reason")
-            if len(reason) > MAX_REASON_CHARS:
-                raise StoreError(f"is longer than {MAX_REASON_CHARS} characters", field="reason")
-            return {"reason": reason}
-
-        return self._answer(user_id, item_id, build, skipped=True)
+    def _assigned_row(self, session: Session, user_id: int, item_id: int) -> ItemRow:
+        item = session.scalar(select(ItemRow).join(AssignmentRow, AssignmentRow.item_id == ItemRow.id)
+                              .where(AssignmentRow.user_id == user_id, ItemRow.id == item_id))
+        if item is None:
+            raise NotAssigned(f"item {item_id} is not assigned to user {user_id}")
+        return item
 
     def _answer(self, user_id: int, item_id: int, build, *, skipped: bool) -> Answer:
         with self._writer() as session:
-            item = session.scalar(select(ItemRow).join(AssignmentRow, AssignmentRow.item_id == ItemRow.id)
-                                  .where(AssignmentRow.user_id == user_id, ItemRow.id == item_id))
-            if item is None:
-                raise NotAssigned(f"item {item_id} is not assigned to user {user_id}")
+            item = self._assigned_row(session, user_id, item_id)
+            payload = build(item)
             existing = self._existing_answer(session, user_id, item_id)
             if existing is not None:
-                return existing
-            row = AnswerRow(user_id=user_id, item_id=item_id, payload=build(item), skipped=skipped)
+                return _same_or_conflict(existing, payload, skipped)
+            order = shown_order(user_id, item_id, len(item.completions)) if item.kind == "ranking" else None
+            row = AnswerRow(user_id=user_id, item_id=item_id, payload=payload, skipped=skipped, shown_order=order)
             session.add(row)
             try:
+                session.flush()
+                session.add(AnswerVersionRow(answer_id=row.id, version=1, payload=payload, skipped=skipped))
                 session.commit()
             except IntegrityError:  # a concurrent submit of the same (user, item) won
                 session.rollback()
                 existing = self._existing_answer(session, user_id, item_id)
                 if existing is None:
                     raise
-                return existing
+                return _same_or_conflict(existing, payload, skipped)
+            return _answer(row)
+
+    def edit(self, user_id: int, item_id: int, payload: dict) -> Answer:
+        """Replace the user's answer to the item with a new version (the old ones stay in :meth:`history`).
+
+        Validated as :meth:`submit`. :class:`StoreError` when there is no answer yet; :class:`AnswerConflict`
+        when the item was skipped or an admin has reviewed the answer (reviewed answers are final). The
+        same payload as the latest version changes nothing.
+        """
+        with self._writer() as session:
+            item = self._assigned_row(session, user_id, item_id)
+            new = validate_answer(item, payload)
+            row = session.scalar(select(AnswerRow).where(AnswerRow.user_id == user_id, AnswerRow.item_id == item_id)
+                                 .with_for_update())
+            if row is None:
+                raise StoreError("there is no answer to change yet: submit one first", field="item_id")
+            if row.skipped:
+                raise AnswerConflict("you skipped this item; a skip cannot be changed", _answer(row))
+            if row.status != SUBMITTED:
+                raise AnswerConflict(f"an admin has {row.status} this answer; it can no longer be changed",
+                                     _answer(row))
+            if row.payload == new:
+                return _answer(row)
+            row.version += 1
+            row.payload = new
+            session.add(AnswerVersionRow(answer_id=row.id, version=row.version, payload=new, skipped=False))
+            session.commit()
+            return _answer(row)
+
+    def history(self, answer_id: int) -> list[AnswerVersion]:
+        """Every version of the answer, oldest first ([] for an unknown id)."""
+        query = (select(AnswerVersionRow).where(AnswerVersionRow.answer_id == answer_id)
+                 .order_by(AnswerVersionRow.version))
+        with self._reader() as session:
+            return [AnswerVersion(row.version, row.payload, row.skipped, _utc(row.created_at))
+                    for row in session.scalars(query)]
+
+    def review(self, answer_id: int, reviewer_id: int, verdict: str) -> Answer:
+        """An admin accepts or rejects an answer (``verdict``: ``accepted`` or ``rejected``); final either way.
+
+        A rejected answer is never exported and no longer counts towards the item's replicas, so the item
+        goes back to the queue (of the other labelers). :class:`StoreError` for an unknown answer or
+        verdict, :class:`AnswerConflict` for a skip or an answer already reviewed.
+        """
+        if verdict not in REVIEW_VERDICTS:
+            raise StoreError(f"expected one of {REVIEW_VERDICTS}, got {_shown(verdict)}", field="status")
+        with self._writer() as session:
+            row = session.scalar(select(AnswerRow).where(AnswerRow.id == answer_id).with_for_update())
+            if row is None:
+                raise StoreError(f"no answer with id {answer_id}", field="answer_id")
+            if row.skipped:
+                raise AnswerConflict("a skipped item has no answer to review", _answer(row))
+            if row.status != SUBMITTED:
+                raise AnswerConflict(f"this answer was already {row.status}", _answer(row))
+            row.status, row.reviewed_by, row.reviewed_at = verdict, reviewer_id, _now()
+            session.commit()
             return _answer(row)
 
     def answer_of(self, user_id: int, item_id: int) -> Answer | None:
@@ -640,6 +861,49 @@ class Store:
         row = session.scalar(select(AnswerRow).where(AnswerRow.user_id == user_id, AnswerRow.item_id == item_id))
         return _answer(row) if row else None
 
+    # --------------------------------------------------------------------------------------- sessions
+
+    def create_session(self, user_id: int, lifetime: timedelta) -> str:
+        """A new login session for the user: returns its token (kept by the client; the database keeps a hash).
+
+        Expired sessions of every user are deleted on the way.
+        """
+        token = secrets.token_urlsafe(32)
+        now = _now()
+        with self._writer() as session:
+            session.execute(delete(SessionRow).where(SessionRow.expires_at < now))
+            session.add(SessionRow(token_hash=_token_hash(token), user_id=user_id, created_at=now,
+                                   expires_at=now + lifetime))
+            session.commit()
+        return token
+
+    def session_user(self, token: str) -> User | None:
+        """The active user of an unexpired session, or None (unknown, ended or expired token)."""
+        query = (select(UserRow).join(SessionRow, SessionRow.user_id == UserRow.id)
+                 .where(SessionRow.token_hash == _token_hash(token), SessionRow.expires_at > _now(),
+                        UserRow.active.is_(True)))
+        with self._reader() as session:
+            row = session.scalar(query)
+            return _user(row) if row else None
+
+    def end_session(self, token: str) -> None:
+        """End one session (log out); an unknown token is ignored."""
+        with self._writer() as session:
+            session.execute(delete(SessionRow).where(SessionRow.token_hash == _token_hash(token)))
+            session.commit()
+
+    def set_password(self, user_id: int, password_hash: str) -> None:
+        """Change the user's password hash and end every session of theirs, in one transaction."""
+        if not isinstance(password_hash, str) or not password_hash:
+            raise StoreError("is empty", field="password_hash")
+        with self._writer() as session:
+            row = session.get(UserRow, user_id)
+            if row is None:
+                raise StoreError(f"no user with id {user_id}", field="user_id")
+            row.password_hash = password_hash
+            session.execute(delete(SessionRow).where(SessionRow.user_id == user_id))
+            session.commit()
+
     # ---------------------------------------------------------------------------------------- reports
 
     def item(self, item_id: int) -> Item | None:
@@ -648,23 +912,30 @@ class Store:
             row = session.get(ItemRow, item_id)
             return _item(row) if row else None
 
-    def answers(self, kind: str | None = None) -> list[Answer]:
-        """Every answer (skipped ones included), oldest first; only answers to items of ``kind`` when given."""
+    def answers(self, kind: str | None = None, *, status: str | None = None) -> list[Answer]:
+        """Every answer (skipped ones included), oldest first; only answers to items of ``kind`` and with
+        review ``status`` (``submitted``, ``accepted``, ``rejected``) when given."""
         if kind is not None and kind not in ITEM_KINDS:
             raise StoreError(f"unknown kind {_shown(kind)}; expected one of {ITEM_KINDS}", field="kind")
+        statuses = (SUBMITTED, *REVIEW_VERDICTS)
+        if status is not None and status not in statuses:
+            raise StoreError(f"unknown status {_shown(status)}; expected one of {statuses}", field="status")
         query = select(AnswerRow).order_by(AnswerRow.id)
         if kind is not None:
             query = query.join(ItemRow, ItemRow.id == AnswerRow.item_id).where(ItemRow.kind == kind)
+        if status is not None:
+            query = query.where(AnswerRow.status == status)
         with self._reader() as session:
             return [_answer(row) for row in session.scalars(query)]
 
     def progress(self) -> list[dict]:
         """Per item kind: ``{"kind", "items", "answers_needed", "answers", "skipped", "complete_items"}``.
 
-        ``answers_needed`` is the sum of the items' replicas, ``answers`` the non-skipped answers (at most
+        ``answers_needed`` is the sum of the items' replicas, ``answers`` the counted answers (neither
+        skipped nor rejected; at most
         the replicas per item count), ``complete_items`` the items with as many answers as replicas.
         """
-        answers = (select(AnswerRow.item_id, func.count().label("n")).where(AnswerRow.skipped.is_(False))
+        answers = (select(AnswerRow.item_id, func.count().label("n")).where(self._counted_answer())
                    .group_by(AnswerRow.item_id).subquery())
         skipped = (select(AnswerRow.item_id, func.count().label("n")).where(AnswerRow.skipped.is_(True))
                    .group_by(AnswerRow.item_id).subquery())
@@ -695,10 +966,11 @@ class Store:
         return counts
 
     def _answered(self, kinds: tuple[str, ...]) -> list[tuple[ItemRow, AnswerRow, str]]:
-        """(item, answer, username) of every non-skipped answer to items of ``kinds``, oldest answer first."""
+        """(item, answer, username) of every counted answer (neither skipped nor rejected) to items of
+        ``kinds``, latest versions, oldest answer first."""
         query = (select(ItemRow, AnswerRow, UserRow.username)
                  .join(AnswerRow, AnswerRow.item_id == ItemRow.id).join(UserRow, UserRow.id == AnswerRow.user_id)
-                 .where(ItemRow.kind.in_(kinds), AnswerRow.skipped.is_(False)).order_by(AnswerRow.id))
+                 .where(ItemRow.kind.in_(kinds), self._counted_answer()).order_by(AnswerRow.id))
         with self._reader() as session:
             return [tuple(row) for row in session.execute(query)]
 
@@ -724,10 +996,12 @@ class Store:
         """The answers as the records rlhfkit's trainers read; skipped answers are never exported.
 
         ``kind``: ``"demonstrations"`` (``{"prompt", "completion"}``), ``"rankings"`` (``{"prompt",
-        "completions", "ranking", "meta": {"ratings", "flags"}}``, the ranking flat when it has no ties),
+        "completions", "ranking", "meta": {"ratings", "flags", "shown_order"}}``, the ranking flat when it
+        has no ties, everything in the item's indices; ``shown_order`` the indices in the order shown),
         ``"pairs"`` (every untied pair of every ranking, ``{"prompt", "chosen", "rejected"}``) or ``"ab"``
         (``{"prompt", "completions", "verdict", "meta"}``, the item's meta with the models). Every record
-        has ``"id"`` (the imported record's id, else the item's) and ``"labeler"`` (the username).
+        has ``"id"`` (the imported record's id, else the item's) and ``"labeler"`` (the username). Rejected
+        answers are left out; an edited answer is exported as its latest version.
         """
         if kind not in EXPORT_KINDS:
             raise StoreError(f"unknown export kind {_shown(kind)}; expected one of {EXPORT_KINDS}", field="kind")
@@ -750,4 +1024,5 @@ class Store:
                 else:
                     ranking = [g[0] for g in groups] if all(len(g) == 1 for g in groups) else groups
                     yield {"prompt": item.prompt, "completions": list(item.completions), "ranking": ranking,
-                           **common, "meta": {"ratings": payload["ratings"], "flags": payload["flags"]}}
+                           **common, "meta": {"ratings": payload["ratings"], "flags": payload["flags"],
+                                              "shown_order": answer.shown_order}}

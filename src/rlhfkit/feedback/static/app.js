@@ -1,7 +1,8 @@
 // rlhfkit feedback app: progressive enhancements only; every form also works without JavaScript.
-// Ranking: drag and drop, Alt+Up/Down, up/down buttons and "ties with the one above" keep the place
-// numbers (the submitted values) in step with the cards' order. A/B: the a / t / b keys. Demonstration:
-// Ctrl+Enter submits.
+// Ranking: the places start empty; drag and drop, Alt+Up/Down, up/down buttons, "Rank as shown" and
+// "ties with the one above" fill the place numbers (the submitted values) from the cards' order, and a
+// warning says live where the ranking contradicts the ratings (the server asks again before saving it).
+// A/B: the a / t / b keys. Demonstration: Ctrl+Enter submits.
 "use strict";
 
 function typingIn(element) {
@@ -10,9 +11,31 @@ function typingIn(element) {
 }
 
 function setUpRanking(list) {
+  const form = list.closest("form");
   const cards = () => Array.from(list.querySelectorAll(".rank-card"));
   const place = (card) => card.querySelector("[data-rank-input]");
+  const placed = (card) => place(card).value.trim() !== "";
   const tie = (card) => card.querySelector("[data-tie]");
+  const letter = (card) => card.getAttribute("aria-label").replace("Output ", "");
+  const rating = (card) => {
+    const checked = card.querySelector(".rating input:checked");
+    return checked ? Number(checked.value) : null;
+  };
+
+  // Where a higher-rated output is ranked below a lower-rated one: a warning, never a block.
+  function warnOfContradictions() {
+    const warning = form.querySelector("[data-contradiction-warning]");
+    const rated = cards().filter((card) => placed(card) && rating(card) !== null);
+    const messages = [];
+    rated.forEach((high) => rated.forEach((low) => {
+      if (rating(high) > rating(low) && Number(place(high).value) > Number(place(low).value)) {
+        messages.push(`output ${letter(high)} is rated ${rating(high)} but ranked below output ${letter(low)}, ` +
+          `rated ${rating(low)}`);
+      }
+    }));
+    warning.hidden = messages.length === 0;
+    warning.textContent = messages.length ? `Your ranking contradicts your ratings: ${messages.join("; ")}.` : "";
+  }
 
   // The place numbers from the order and the tie boxes: 1, then +1 unless tied with the card above.
   function renumber() {
@@ -24,17 +47,22 @@ function setUpRanking(list) {
       tie(card).disabled = position === 0;
       if (position === 0) tie(card).checked = false;
     });
+    warnOfContradictions();
   }
 
-  // The order and tie boxes from the place numbers (when a number is typed in).
+  // The order and tie boxes from the place numbers (typed in, or given back by the server); unplaced
+  // cards stay below, in the order shown, and tie with nothing.
   function reorderByPlace() {
     const sorted = cards().map((card, position) => ({ card, position, value: Number(place(card).value) || 1e9 }))
       .sort((a, b) => a.value - b.value || a.position - b.position);
     sorted.forEach(({ card }, position) => {
       list.appendChild(card);
-      tie(card).checked = position > 0 && Number(place(card).value) === Number(place(sorted[position - 1].card).value);
+      const above = position > 0 ? sorted[position - 1].card : null;
+      tie(card).checked = above !== null && placed(card) && placed(above) &&
+        Number(place(card).value) === Number(place(above).value);
       tie(card).disabled = position === 0;
     });
+    warnOfContradictions();
   }
 
   function move(card, step) {
@@ -54,7 +82,7 @@ function setUpRanking(list) {
       dragged = card;
       card.classList.add("dragging");
       event.dataTransfer.effectAllowed = "move";
-      event.dataTransfer.setData("text/plain", card.dataset.index);
+      event.dataTransfer.setData("text/plain", card.dataset.position);
     });
     card.addEventListener("dragend", () => {
       card.classList.remove("dragging");
@@ -86,7 +114,9 @@ function setUpRanking(list) {
       button.addEventListener("click", () => move(card, Number(button.dataset.move))));
     tie(card).addEventListener("change", renumber);
     place(card).addEventListener("change", reorderByPlace);
+    card.querySelectorAll(".rating input").forEach((input) => input.addEventListener("change", warnOfContradictions));
   });
+  form.querySelector("[data-rank-as-shown]").addEventListener("click", renumber);
   reorderByPlace();
 }
 
