@@ -378,3 +378,14 @@ def test_record_to_dict_parses_back_to_the_same_record(kind, record):
 
 def test_record_kinds():
     assert RECORD_KINDS == ("prompt", "demonstration", "ranking", "preference", "labeled")
+
+
+def test_prompt_records_keep_their_other_keys_as_fields_and_read_gsm8k():
+    record = parse_record({"prompt": "2+2?", "answer": "#### 4", "level": 1, "id": 7}, "prompt")
+    assert record.prompt == "2+2?" and record.id == "7" and record.fields == {"answer": "#### 4", "level": 1}
+    assert parse_record(record_to_dict(record), "prompt") == record  # written back as they were read
+    assert parse_record({"prompt": "hi"}, "prompt").fields is None
+    gsm8k = parse_record({"question": "How many?", "answer": "3 + 4 = 7\n#### 7"}, "prompt")
+    assert gsm8k.prompt == "How many?" and gsm8k.fields == {"answer": "3 + 4 = 7\n#### 7"}
+    with pytest.raises(DataError, match="line 3, field 'question'"):
+        parse_record({"question": ""}, "prompt", source="q.jsonl", line=3)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from rlhfkit.data.readers import read_records
 from rlhfkit.rewards.builtin import (
     exact_answer_reward,
     extract_answer,
@@ -47,12 +47,13 @@ def test_exact_answer_reward_against_gsm8k_references():
 def test_exact_answer_reward_reads_every_real_gsm8k_answer():
     if not GSM8K.exists():
         pytest.skip(f"{GSM8K} is not on this machine")
-    rows = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines()[:200]]
-    answers = [row["answer"] for row in rows]
+    records = read_records(str(GSM8K), "prompt")  # {"question", "answer"}: the question is the prompt
+    assert len(records) == 1000 and records[0].prompt.startswith("Natalia sold clips")
+    questions, answers = [r.prompt for r in records], [r.fields["answer"] for r in records]
     # a reference solution is right about itself, and a solution to another question mostly is not
-    assert exact_answer_reward([r["question"] for r in rows], answers, answer=answers) == [1.0] * len(rows)
-    shifted = exact_answer_reward([r["question"] for r in rows], answers[1:] + answers[:1], answer=answers)
-    assert sum(shifted) < 0.1 * len(rows)
+    assert exact_answer_reward(questions, answers, answer=answers) == [1.0] * len(records)
+    shifted = exact_answer_reward(questions, answers[1:] + answers[:1], answer=answers)
+    assert sum(shifted) < 0.1 * len(records)
 
 
 def test_format_reward():

@@ -17,7 +17,9 @@ Five kinds of record flow through rlhfkit (the JSON forms are the project's data
   kind ``ranking`` does), which a trainer can split into desirable and undesirable completions
 
 Every record may also carry ``id`` (str or int, kept as str), ``labeler`` (str) and ``meta``
-(dict); other keys are ignored. :func:`parse_record` validates a decoded JSON object and raises a
+(dict). A prompt record keeps its other keys as ``fields`` (reward functions receive them, e.g. a reference
+answer) and reads GSM8K's ``{"question", "answer"}`` with ``question`` as the prompt; other kinds ignore
+other keys. :func:`parse_record` validates a decoded JSON object and raises a
 :class:`DataError` that names the source, line and field of the first problem it finds.
 """
 
@@ -30,6 +32,8 @@ Message = dict[str, str]
 Prompt = str | list[Message]
 
 RECORD_KINDS = ("prompt", "demonstration", "ranking", "preference", "labeled")
+#: The optional keys every kind of record may carry.
+_COMMON_KEYS = ("id", "labeler", "meta")
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -72,12 +76,14 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """A prompt to generate from (PPO rollouts, evaluation)."""
+    """A prompt to generate from (PPO rollouts, evaluation); ``fields``: the object's other keys (for example
+    GSM8K's reference ``answer``), which reward functions receive."""
 
     prompt: Prompt
     id: str | None = None
     labeler: str | None = None
     meta: dict[str, Any] | None = None
+    fields: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -286,7 +292,7 @@ class _Checker:
             messages.append({"role": role, "content": self.text(message["content"], f"{where}.content")})
         return messages
 
-    def common(self) -> dict[str, Any]:
+    def common(self) -> dict[str, Any]:  # the keys of _COMMON_KEYS
         """The optional ``id``, ``labeler`` and ``meta`` fields (null counts as absent)."""
         record_id = self.obj.get("id")
         if record_id is not None:
@@ -401,7 +407,12 @@ def parse_record(
     check = _Checker(obj, source, line, unit)
 
     if kind == "prompt":
-        return PromptRecord(check.prompt(), **check.common())
+        if "prompt" not in obj and "question" in obj:  # GSM8K's {"question", "answer"}
+            prompt, used = check.text(obj["question"], "question"), "question"
+        else:
+            prompt, used = check.prompt(), "prompt"
+        fields = {key: value for key, value in obj.items() if key not in (used, *_COMMON_KEYS)}
+        return PromptRecord(prompt, **check.common(), fields=fields or None)
 
     if kind == "demonstration":
         if "completion" not in obj and "messages" in obj:
@@ -487,8 +498,10 @@ def record_to_dict(record: Record) -> dict[str, Any]:
             row["ranking"] = [group[0] for group in record.ranking]
         else:
             row["ranking"] = [list(group) for group in record.ranking]
-    for key in ("id", "labeler", "meta"):
+    for key in _COMMON_KEYS:
         value = getattr(record, key)
         if value is not None:
             row[key] = value
+    if isinstance(record, PromptRecord) and record.fields:
+        row.update(record.fields)
     return row
