@@ -206,3 +206,79 @@ def test_bf16_rollout_and_update_match_fp32_within_bf16_tolerance(ppo_setup, fre
     stats16 = bf16.update(rollout)
     for name in ("loss/policy_avg", "loss/value_avg", "objective/entropy", "val/ratio", "policy/approxkl_avg"):
         assert stats16[name] == pytest.approx(stats32[name], abs=0.02), name
+
+
+REWARD_FILE = '''
+def words(prompts, completions, **fields):
+    return [float(len(c.split())) for c in completions]
+
+
+def answer_length(prompts, completions, answer, **fields):
+    return [float(len(a)) for a in answer]
+'''
+
+
+def test_reward_functions_alone_and_beside_the_reward_model(ppo_setup, tmp_path, task):
+    from rlhfkit.data.readers import write_jsonl
+
+    reward_file = tmp_path / "my_rewards.py"
+    reward_file.write_text(REWARD_FILE, encoding="utf-8")
+    prompts = tmp_path / "prompts.jsonl"  # each prompt record carries a reference answer
+    write_jsonl(prompts, [{"prompt": p, "answer": "#### 3"} for p in task.prompts(8, seed=0)])
+    sources = (f"ppo.rewards=[{{function: '{reward_file}:words', weight: 0.5}}, "
+               f"{{function: '{reward_file}:answer_length', name: ref, weight: 0.25}}]")
+    # GRPO rewarded by functions only: no reward model anywhere
+    config = ppo_config(ppo_setup, "functions", "ppo.reward_model=null", "ppo.advantage=grpo",
+                        "ppo.samples_per_prompt=2", f"data.train={prompts}", sources)
+    metrics = PPOTrainer(config).train()
+    assert metrics["rewards/ref"] == 6.0 and metrics["rewards/words"] >= 0
+    assert "rewards/reward_model" not in metrics
+    samples = [json.loads(line) for line in (ppo_setup / "functions" / "samples.jsonl").read_text().splitlines()]
+    for sample in samples:
+        n_words = len(sample["completion"].split())
+        assert sample["rewards"] == {"words": n_words, "ref": 6.0}
+        assert sample["score"] == pytest.approx(0.5 * n_words + 0.25 * 6.0)
+    # PPO with the reward model (weight 1) and a function: the score is their weighted sum
+    config = ppo_config(ppo_setup, "model-and-function", f"data.train={prompts}",
+                        f"ppo.rewards=[{{function: '{reward_file}:words', weight: -0.1}}]")
+    metrics = PPOTrainer(config).train()
+    assert {"rewards/reward_model", "rewards/words"} <= set(metrics)
+    for line in (ppo_setup / "model-and-function" / "samples.jsonl").read_text().splitlines():
+        sample = json.loads(line)
+        parts = sample["rewards"]
+        assert sample["score"] == pytest.approx(parts["reward_model"] - 0.1 * parts["words"], abs=1e-5)
+
+
+def test_a_failing_reward_function_stops_the_run_naming_it(ppo_setup, tmp_path):
+    from rlhfkit.rewards.functions import RewardFunctionError
+
+    reward_file = tmp_path / "bad.py"
+    reward_file.write_text("def half(prompts, completions, **fields):\n    return [0.0] * (len(completions) // 2)\n",
+                           encoding="utf-8")
+    config = ppo_config(ppo_setup, "bad-function", "ppo.reward_model=null", "ppo.advantage=rloo",
+                        "ppo.samples_per_prompt=2", f"ppo.rewards=[{{function: '{reward_file}:half'}}]")
+    with pytest.raises(RewardFunctionError, match="'half' returned 4 values for 8 completions"):
+        PPOTrainer(config).train()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ppo.reward_model=null"], "ppo needs a reward: ppo.reward_model"),
+    (["ppo.rewards=[{function: format, model: runs/rm/final}]"], "exactly one of 'model'"),
+    (["ppo.rewards=[{model: runs/rm/final, options: {x: 1}}]"], "a reward model takes none"),
+    (["ppo.rewards=[{function: format}, {function: 'my.mod:format'}]"], "logged as rewards/format"),
+    (["ppo.reward_model=null", "ppo.rewards=[{function: format}]"], "use ppo.value_model=head"),
+])
+def test_reward_config_errors(ppo_setup, overrides, message):
+    from rlhfkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        ppo_config(ppo_setup, "never", *overrides)
+
+
+def test_reward_sources_are_logged_under_their_names():
+    from rlhfkit.config import RewardSourceConfig
+
+    assert RewardSourceConfig(model="runs/rm/final").metric_name == "rm"
+    assert RewardSourceConfig(model="runs/rm-large").metric_name == "rm-large"
+    assert RewardSourceConfig(function="pkg.mod:exact").metric_name == "exact"
+    assert RewardSourceConfig(function="exact_answer", name="math").metric_name == "math"

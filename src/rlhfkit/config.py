@@ -232,6 +232,37 @@ class RewardConfig(Section):
     reward: RewardSection = Field(default_factory=RewardSection)
 
 
+class RewardSourceConfig(Section):
+    """One entry of ``ppo.rewards``: a reward model directory (``model``) or a reward function (``function``:
+    a built-in such as ``exact_answer``, ``package.module:function`` or ``path/to/file.py:function``; see
+    :mod:`rlhfkit.rewards`), its weight in the sum, the name its mean is logged under (``rewards/<name>``) and,
+    for a function, ``options`` (keyword arguments of every call)."""
+
+    model: str | None = None
+    function: str | None = None
+    weight: float = 1.0
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSourceConfig:
+        if (self.model is None) == (self.function is None):
+            raise ValueError("a reward source needs exactly one of 'model' (a reward model directory) and 'function'")
+        if self.options and self.function is None:
+            raise ValueError("'options' are keyword arguments of a reward function; a reward model takes none")
+        return self
+
+    @property
+    def metric_name(self) -> str:
+        """``name``, else the function's name or the model directory's (``runs/rm/final`` -> ``rm``)."""
+        if self.name:
+            return self.name
+        if self.function is not None:
+            return self.function.rpartition(":")[2]
+        path = Path(self.model)
+        return path.parent.name if path.name == "final" and path.parent.name else path.name
+
+
 class PPOSection(Section):
     """Step 3 of InstructGPT: PPO against a frozen reward model (and its group-baseline relatives).
 
@@ -242,7 +273,9 @@ class PPOSection(Section):
     multiple of the number of processes; see :mod:`rlhfkit.trainers.ppo`).
     """
 
-    reward_model: str
+    # what the policy is rewarded by: the reward model, the weighted reward sources, or both (summed)
+    reward_model: str | None = None
+    rewards: list[RewardSourceConfig] = Field(default_factory=list)
     value_model: Literal["reward", "head"] = "reward"
     # the estimators of rlhfkit.algorithms.estimators (gae needs a value model; rloo and grpo groups of samples)
     advantage: Literal["gae", "rloo", "grpo", "reinforce++"] = "gae"
@@ -285,6 +318,16 @@ class PPOSection(Section):
                              f"rollout_batch_size x samples_per_prompt = {rollout} sequences")
         if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"ppo.advantage={self.advantage} needs ppo.samples_per_prompt >= 2")
+        if self.reward_model is None and not self.rewards:
+            raise ValueError("ppo needs a reward: ppo.reward_model (a directory) or ppo.rewards (reward models "
+                             "and functions with weights)")
+        names = [source.metric_name for source in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ppo.rewards: two sources are logged as rewards/{max(names, key=names.count)}: "
+                             "give each its own 'name'")
+        if self.advantage == "gae" and self.value_model == "reward" and self.reward_model is None:
+            raise ValueError("ppo.value_model=reward initialises the value network from ppo.reward_model; without "
+                             "one use ppo.value_model=head, or an estimator without values (rloo, grpo, reinforce++)")
         if self.ptx_coef > 0 and self.ptx_data is None:
             raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data (pretraining text records)")
         return self

@@ -8,8 +8,9 @@ implementation details of RLHF with PPO", noted where they apply), all without g
    at EOS or a stop string). A response ends
    at its first EOS (:func:`response_masks`). The sampling log-probs come from the logits ``generate`` already
    computed, divided by the temperature (:func:`rlhfkit.algorithms.logprobs.logprobs_of`): no extra forward.
-2. **Score** with the reward model (normalised so SFT outputs score 0); a missing EOS can be penalised, scores
-   clipped.
+2. **Score** with the reward sources (:mod:`rlhfkit.rollout.scoring`: the reward model, normalised so SFT
+   outputs score 0, and the weighted reward models and functions of ``ppo.rewards``); a missing EOS can be
+   penalised, scores clipped.
 3. **Reference and values**: the frozen reference's log-probs (the SFT model, or the LoRA policy with its
    adapters disabled) and the value network's values, when the estimator uses one.
 4. **Rewards and advantages**: the per-token KL estimate and the estimator of ``ppo.advantage``
@@ -39,8 +40,9 @@ from rlhfkit.algorithms.kl import kl_estimate, kl_penalized_score
 from rlhfkit.algorithms.logprobs import logprobs_of
 from rlhfkit.config import PPOSection
 from rlhfkit.models.policy_value import policy_forward
-from rlhfkit.models.reward import score_texts
+from rlhfkit.rewards.functions import RewardSource, combined_rewards
 from rlhfkit.rollout.generate import SamplingConfig, sample
+from rlhfkit.rollout.scoring import fields_by_name
 
 
 @dataclass
@@ -48,8 +50,9 @@ class Rollout:
     """One iteration's sampled sequences and everything computed from them (no gradients).
 
     Token tensors are ``[N, R]`` over response tokens; ``queries`` is ``[N, Q]`` left-padded;
-    ``prompt_positions`` ``[N]`` are the positions of each sequence's prompt in the prompt data. With several
-    processes a rollout is this process's share of the iteration's sequences.
+    ``prompt_positions`` ``[N]`` are the positions of each sequence's prompt in the prompt data; ``scores`` is
+    the weighted sum of ``source_scores``, each reward source's own ``[N]``. With several processes a rollout
+    is this process's share of the iteration's sequences.
     """
 
     queries: torch.Tensor
@@ -65,6 +68,7 @@ class Rollout:
     prompts: list
     texts: list[str]
     prompt_positions: torch.Tensor
+    source_scores: dict[str, torch.Tensor]
 
     def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The rows ``index`` of what an update reads."""
@@ -108,14 +112,12 @@ def truncate_at_stop(text: str, stop_strings: list[str]) -> str:
 @dataclass
 class ExperienceMaker:
     """What a rollout needs besides the trained networks: the tokenizer, the frozen ``reference`` (None: the
-    policy with its LoRA adapters disabled), the reward model and the window it scores, ``ppo``'s settings,
-    the prompt window, the sums over processes (None with one) and the device."""
+    policy with its LoRA adapters disabled), the reward sources (:func:`rlhfkit.rollout.scoring.reward_sources`),
+    ``ppo``'s settings, the prompt window, the sums over processes (None with one) and the device."""
 
     tokenizer: PreTrainedTokenizerBase
     reference: PreTrainedModel | None
-    reward_model: torch.nn.Module
-    reward_tokenizer: PreTrainedTokenizerBase
-    reward_max_length: int
+    rewards: list[RewardSource]
     ppo: PPOSection
     max_prompt_length: int
     reduce_sum: ReduceSum | None
@@ -124,12 +126,14 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def __call__(self, networks: torch.nn.Module, prompts: list, prompt_positions: list[int],
-                 kl_coef: float) -> Rollout:
+                 kl_coef: float, prompt_fields: list[dict | None] | None = None) -> Rollout:
         """The rollout of ``prompts`` (each sampled ``samples_per_prompt`` times, prompt-major) by ``networks``
-        (the prepared :class:`~rlhfkit.models.policy_value.PolicyAndValue`) with KL coefficient ``kl_coef``."""
+        (the prepared :class:`~rlhfkit.models.policy_value.PolicyAndValue`) with KL coefficient ``kl_coef``;
+        ``prompt_fields``: each prompt record's extra fields, for the reward functions."""
         ppo, tok = self.ppo, self.tokenizer
         k = ppo.samples_per_prompt
         prompts = [p for p in prompts for _ in range(k)]  # prompt-major groups
+        fields = fields_by_name([f for f in prompt_fields or [None] * len(prompt_positions) for _ in range(k)])
         positions = torch.tensor([p for p in prompt_positions for _ in range(k)])
         policy_and_value = extract_model_from_parallel(networks)
         policy = policy_and_value.policy
@@ -158,9 +162,9 @@ class ExperienceMaker:
         for row, mask in zip(responses.tolist(), response_mask.tolist(), strict=True):
             ids = [t for t, m in zip(row, mask, strict=True) if m]
             texts.append(truncate_at_stop(tok.decode(ids, skip_special_tokens=True).strip(), ppo.stop_strings))
-        scores = torch.tensor(score_texts(self.reward_model, self.reward_tokenizer, prompts, texts,
-                                          max_length=self.reward_max_length, max_prompt_length=self.max_prompt_length),
-                              device=self.device)
+        totals, per_source = combined_rewards(self.rewards, prompts, texts, fields)
+        scores = torch.tensor(totals, device=self.device)
+        source_scores = {name: torch.tensor(values, device=self.device) for name, values in per_source.items()}
         if ppo.missing_eos_penalty is not None:
             scores = scores - ppo.missing_eos_penalty * (~finished).float()
         if ppo.reward_clip is not None:
@@ -171,18 +175,20 @@ class ExperienceMaker:
             lam=ppo.lam, whiten_rewards=ppo.whiten_rewards, whiten_advantages=ppo.whiten_advantages,
             reduce_sum=self.reduce_sum)
         return Rollout(queries, query_mask, responses, response_mask, logprobs, ref_logprobs, values, scores,
-                       advantages, returns, prompts, texts, positions)
+                       advantages, returns, prompts, texts, positions, source_scores)
 
 
 def rollout_statistics(rollout: Rollout, kl_coef: float,
                        reduce_sum: ReduceSum | None = None) -> tuple[dict[str, float], dict[str, int]]:
     """Per-sequence means over the whole rollout (every process's share: one reduction of sums) of the score,
-    the summed k1 KL (the adaptive controller's input), the KL-penalised reward and the response length; and
-    the rollout's numbers of sequences and of tokens (prompts and responses)."""
+    each reward source's rewards (``rewards/<name>``), the summed k1 KL (the adaptive controller's input), the
+    KL-penalised reward and the response length; and the rollout's numbers of sequences and of tokens (prompts
+    and responses)."""
     kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1")
     per_sequence = {"objective/scores": rollout.scores, "objective/kl": kl.mul(rollout.response_mask).sum(-1),
                     "objective/rlhf_reward": kl_penalized_score(rollout.scores, kl, rollout.response_mask, kl_coef),
-                    "response_length": rollout.response_mask.sum(-1).float()}
+                    "response_length": rollout.response_mask.sum(-1).float(),
+                    **{f"rewards/{name}": values for name, values in rollout.source_scores.items()}}
     n_tokens = rollout.response_mask.sum() + rollout.query_mask.sum()
     if reduce_sum is None:
         means = {name: values.mean().item() for name, values in per_sequence.items()}

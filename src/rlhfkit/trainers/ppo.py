@@ -58,6 +58,7 @@ from rlhfkit.models.load import load_causal_lm, save_model
 from rlhfkit.models.policy_value import VALUE_DIR, PolicyAndValue, ValueHead
 from rlhfkit.models.reward import load_for_scoring
 from rlhfkit.rollout.experience import ExperienceMaker, Rollout, iteration_prompts, rollout_statistics
+from rlhfkit.rollout.scoring import reward_sources
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -87,9 +88,11 @@ class PPOTrainer(Engine):
         self.reduce_sum = sum_over_processes if self.world > 1 else None
         policy, self.tokenizer = load_causal_lm(config.model, seed=config.train.seed)
         refuse_lora_under_fsdp("ppo", policy, self.sharded)
-        self.prompts = [r.prompt for r in read_records(config.data.train, "prompt", split=config.data.split,
-                                                        limit=config.data.limit)]
-        self.reward_model, self.reward_tokenizer = load_for_scoring(self.ppo.reward_model)
+        records = read_records(config.data.train, "prompt", split=config.data.split, limit=config.data.limit)
+        self.prompts = [r.prompt for r in records]
+        self.prompt_fields = [r.fields for r in records]  # e.g. reference answers, for reward functions
+        main_reward = load_for_scoring(self.ppo.reward_model) if self.ppo.reward_model else None
+        self.reward_model = main_reward[0] if main_reward else None
         # with LoRA the reference is the policy with its adapters disabled: no second copy in memory. The
         # reference and the reward model are frozen and never prepared: a whole copy on every process, also
         # under FSDP (their forwards are no collectives)
@@ -108,9 +111,10 @@ class PPOTrainer(Engine):
                               if self.ppo.adaptive_kl else FixedKLController(self.ppo.kl_coef))
         self.ema = ({n: p.detach().clone() for n, p in self._unwrapped_policy().named_parameters() if p.requires_grad}
                     if self.ppo.ema_decay else None)
+        rewards = reward_sources(self.ppo, max_length=config.data.max_length + self.ppo.max_new_tokens,
+                                 max_prompt_length=config.data.max_prompt_length, reward_model=main_reward)
         self.experience = ExperienceMaker(
-            self.tokenizer, self.reference, self.reward_model, self.reward_tokenizer,
-            reward_max_length=config.data.max_length + self.ppo.max_new_tokens, ppo=self.ppo,
+            self.tokenizer, self.reference, rewards, ppo=self.ppo,
             max_prompt_length=config.data.max_prompt_length, reduce_sum=self.reduce_sum,
             synced_gpus=self.sharded and self.world > 1, device=self.accelerator.device)
         if self.rank > 0:  # its own sampling stream; the weights above were built from the shared seed
@@ -190,7 +194,7 @@ class PPOTrainer(Engine):
         """
         with self.accelerator.autocast():
             return self.experience(self.model, [self.prompts[i] for i in prompt_positions], prompt_positions,
-                                   self.kl_controller.value)
+                                   self.kl_controller.value, [self.prompt_fields[i] for i in prompt_positions])
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """``ppo_epochs`` passes of minibatch updates over this process's ``rollout``; returns averaged
@@ -281,17 +285,19 @@ class PPOTrainer(Engine):
                         **train_stats, "kl_coef": coef, "response_length": means["response_length"],
                         "lr": self.scheduler.get_last_lr()[0], "time/rollout_s": rollout_s, "time/train_s": train_s,
                         "tokens_per_s": counts["tokens"] * (1 + self.ppo.ppo_epochs) / (rollout_s + train_s),
-                        "rollout/sequences": counts["sequences"]}
+                        "rollout/sequences": counts["sequences"],
+                        **{name: value for name, value in means.items() if name.startswith("rewards/")}}
 
     def log_record(self, elapsed_s: float, steps: int) -> dict[str, float]:
         """The last iteration's metrics; process 0 also appends its first ``samples_to_log`` samples to
-        ``samples.jsonl``."""
+        ``samples.jsonl`` (``score``: the weighted sum; ``rewards``: each reward source's)."""
         rollout = self._last_rollout
         if self.accelerator.is_main_process:
             with (self.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as handle:
                 for i in range(min(self.ppo.samples_to_log, len(rollout.texts))):
                     sample = {"step": self.step, "prompt": rollout.prompts[i], "completion": rollout.texts[i],
-                              "score": rollout.scores[i].item()}
+                              "score": rollout.scores[i].item(),
+                              "rewards": {name: values[i].item() for name, values in rollout.source_scores.items()}}
                     handle.write(json.dumps(sample) + "\n")
         return self._record
 
