@@ -63,7 +63,7 @@ def length_penalty(prompts: list[str], completions: list[str], *, max_words: int
     """0 up to ``max_words`` words, then falling linearly to -1 at twice as many (and staying there)."""
     if max_words <= 0:
         raise ValueError(f"length_penalty: max_words must be positive, got {max_words}")
-    return [-min(max(len(c.split()) - max_words, 0) / max_words, 1.0) for c in completions]
+    return [0.0 - min(max(len(c.split()) - max_words, 0) / max_words, 1.0) for c in completions]  # no -0.0
 
 
 #: The built-in reward functions by the name a config gives them.
