@@ -16,16 +16,18 @@ from postgres_server import free_port
 class FeedbackServer:
     """``python -m rlhfkit serve --db DB --port PORT`` until :meth:`stop` (a context manager)."""
 
-    def __init__(self, db: Path | str, *, log: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, db: Path | str, *, log: Path, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.db = str(db)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.extra_args = extra_args
+        self.env = env or {}  # more environment variables (the app's RLHFKIT_* settings)
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60.0) -> FeedbackServer:
-        env = {**os.environ, "RLHFKIT_SECRET_KEY": "test secret"}
+        env = {**os.environ, "RLHFKIT_SECRET_KEY": "test secret", **self.env}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "rlhfkit", "serve", "--db", self.db, "--port", str(self.port), *self.extra_args],

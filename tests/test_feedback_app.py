@@ -215,7 +215,8 @@ def test_every_form_post_needs_the_csrf_token(app):
     paths = {path.replace("{item_id}", str(item_id)) for path in _post_routes(app) if path != "/api/login"}
     paths = {path.replace("{answer_id}", "1") for path in paths}
     assert paths == {"/login", "/logout", "/account/password", f"/items/{item_id}", f"/items/{item_id}/skip",
-                     "/admin/users", "/admin/import", "/admin/assignments/release", "/api/me/password",
+                     "/admin/users", "/admin/import", "/admin/answers/1/review", "/admin/assignments/release",
+                     "/api/me/password",
                      f"/api/items/{item_id}/answer", f"/api/items/{item_id}/skip", "/api/admin/answers/1/review",
                      "/api/admin/assignments/release"}
     for path in sorted(paths):
@@ -409,8 +410,11 @@ def test_a_labeler_cannot_see_or_answer_another_labelers_item(app, store):
 
 def test_labelers_are_refused_every_admin_route(app, store):
     browser, token = login(app, "ann")
-    for path in ("/admin", "/admin/export/rankings", "/admin/agreement.json", "/api/admin/progress"):
+    for path in ("/admin", "/admin/export/rankings", "/admin/agreement.json", "/admin/review", "/api/admin/progress",
+                 "/api/admin/answers", "/api/admin/assignments"):
         assert browser.get(path).status_code == 403, path
+    for path in ("/admin/answers/1/review", "/admin/assignments/release"):
+        assert browser.post(path, data={"csrf_token": token, "status": "accepted"}).status_code == 403, path
     created = browser.post("/admin/users", data={"csrf_token": token, "username": "mallory",
                                                  "password": "long password", "role": "admin"})
     imported = browser.post("/admin/import", data={"csrf_token": token, "kind": "prompts", "replicas": "1"},
@@ -733,3 +737,27 @@ def test_the_admin_sees_and_releases_open_assignments(app, store):
                      ).status_code == 303
     assert "Released 1 open assignment(s)" in boss.get("/admin").text
     assert store.open_assignments() == []
+
+
+def test_the_review_page_accepts_and_rejects_answers(app, store):
+    ann, token = login(app, "ann")
+    item_id = open_item(ann, "ranking")
+    ann.post(f"/items/{item_id}", data={**RANKING_FORM, "csrf_token": token})
+    demo = open_item(ann, "demonstration")
+    ann.post(f"/items/{demo}", data={"csrf_token": token, "completion": f"my poem {XSS}"})
+    boss, boss_token = login(app, "boss")
+    page = boss.get("/admin/review")
+    assert page.status_code == 200 and page.text.count('class="card review"') == 2
+    assert "Ranking, best first" in page.text and "A &gt; B &gt; C" in page.text and XSS not in page.text
+    ranking, poem = store.answers()
+    accepted = boss.post(f"/admin/answers/{ranking.id}/review", data={"csrf_token": boss_token, "status": "accepted"})
+    assert accepted.headers["location"] == "/admin/review"
+    boss.post(f"/admin/answers/{poem.id}/review", data={"csrf_token": boss_token, "status": "rejected",
+                                                          "next": "/admin/review?status=rejected"})
+    assert "goes back to the queue" in boss.get("/admin/review?status=rejected").text
+    assert "No submitted answers" in boss.get("/admin/review").text
+    again = boss.post(f"/admin/answers/{poem.id}/review", data={"csrf_token": boss_token, "status": "accepted"})
+    assert again.status_code == 303 and "Not reviewed: this answer was already rejected" in boss.get("/admin").text
+    assert [answer.status for answer in store.answers()] == ["accepted", "rejected"]
+    assert boss.get("/admin/review?status=maybe").status_code == 404
+    assert "Previous page" in boss.get("/admin/review?status=accepted&page=2").text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,8 @@ def ranking_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ranking")
     store = Store(f"sqlite:///{folder / 'feedback.db'}")
     store.create_user("cy", hash_password(PASSWORDS["ann"]))
+    store.create_user("dee", hash_password(PASSWORDS["ann"]))
+    store.create_user("boss", hash_password(PASSWORDS["boss"]), "admin")
     store.import_samples([{"prompt": f"Question {number}", "completions": FOUR} for number in range(3)])
     store.close()
     with FeedbackServer(folder / "feedback.db", log=folder / "server.log") as running:
@@ -235,16 +238,21 @@ def ranking_server(tmp_path_factory):
         yield running
 
 
-def cy_on_next_ranking(browser, server):
+def log_in_as(browser, server, username: str, password: str):
     context = browser.new_context(viewport={"width": 1280, "height": 2000})
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda error: page.errors.append(str(error)))
     page.goto(f"{server.url}/login")
-    page.fill("#username", "cy")
-    page.fill("#password", PASSWORDS["ann"])
+    page.fill("#username", username)
+    page.fill("#password", password)
     page.press("#password", "Enter")
-    page.wait_for_url(f"{server.url}/queue")
+    page.wait_for_url(lambda url: "/login" not in url)
+    return page
+
+
+def on_next_ranking(browser, server, username: str = "cy"):
+    page = log_in_as(browser, server, username, PASSWORDS["ann"])
     page.goto(f"{server.url}/next?kind=ranking")
     return page, int(page.url.rsplit("/", 1)[1])
 
@@ -255,7 +263,7 @@ def rate_by_position(page, ratings: list[int]) -> None:
 
 
 def test_an_empty_ranking_is_refused_and_the_page_says_why(browser, ranking_server):
-    page, item_id = cy_on_next_ranking(browser, ranking_server)
+    page, item_id = on_next_ranking(browser, ranking_server)
     assert places(page) == ["", "", "", ""]
     rate_by_position(page, [7, 5, 3, 1])
     page.click("#answer-form button[type=submit]")
@@ -276,7 +284,7 @@ def test_an_empty_ranking_is_refused_and_the_page_says_why(browser, ranking_serv
 
 
 def test_a_ranking_that_contradicts_the_ratings_is_warned_of_and_saved_once_confirmed(browser, ranking_server):
-    page, item_id = cy_on_next_ranking(browser, ranking_server)
+    page, item_id = on_next_ranking(browser, ranking_server)
     rate_by_position(page, [1, 2, 3, 7])  # the example: rated up, ranked down
     page.click("[data-rank-as-shown]")
     live = page.locator("[data-contradiction-warning]")
@@ -297,7 +305,7 @@ def test_a_ranking_that_contradicts_the_ratings_is_warned_of_and_saved_once_conf
 
 
 def test_a_labeler_changes_an_answer_and_sees_every_version(browser, ranking_server):
-    page, item_id = cy_on_next_ranking(browser, ranking_server)
+    page, item_id = on_next_ranking(browser, ranking_server)
     rate_by_position(page, [7, 5, 3, 1])
     page.click("[data-rank-as-shown]")
     page.click("#answer-form button[type=submit]")
@@ -322,3 +330,59 @@ def test_a_labeler_changes_an_answer_and_sees_every_version(browser, ranking_ser
     store.close()
     assert page.errors == []
     page.context.close()
+
+
+def test_an_admin_accepts_and_rejects_and_the_rejected_item_goes_to_another_labeler(browser, ranking_server):
+    store = store_of(ranking_server)
+    first, second, _ = store.answers()  # cy's answers from the tests above
+    page = log_in_as(browser, ranking_server, "boss", PASSWORDS["boss"])
+    page.goto(f"{ranking_server.url}/admin/review")
+    assert page.locator(".card.review").count() == 3
+    shot(page, ranking_server, "review")
+    page.locator(f"#answer-{first.id} button[value=accepted]").click()
+    assert page.locator(".flash-success").inner_text() == f"Answer {first.id} accepted."
+    page.locator(f"#answer-{second.id} button[value=rejected]").click()
+    assert "goes back to the queue" in page.locator(".flash-success").inner_text()
+    assert page.locator(".card.review").count() == 1  # only the one still to review
+    assert [store.answer_of(first.user_id, answer.item_id).status for answer in (first, second)] == [
+        "accepted", "rejected"]
+    labeler, item_id = on_next_ranking(browser, ranking_server, "dee")
+    assert item_id == second.item_id
+    cy = log_in_as(browser, ranking_server, "cy", PASSWORDS["ann"])
+    cy.goto(f"{ranking_server.url}/items/{second.item_id}")
+    assert "An admin has rejected this answer." in cy.locator("#answer-status").inner_text()
+    assert cy.locator("#edit-answer").count() == 0
+    store.close()
+    assert page.errors == [] and labeler.errors == []
+    for open_page in (page, labeler, cy):
+        open_page.context.close()
+
+
+def test_an_item_left_open_goes_to_another_labeler_once_its_assignment_expires(browser, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    for name in ("cy", "dee"):
+        store.create_user(name, hash_password(PASSWORDS["ann"]))
+    store.import_prompts([{"prompt": "Write one line"}])
+    store.close()
+    with FeedbackServer(tmp_path / "feedback.db", log=tmp_path / "server.log",
+                        env={"RLHFKIT_ASSIGNMENT_TTL_MINUTES": "0.05"}) as server:  # 3 seconds
+        cy = log_in_as(browser, server, "cy", PASSWORDS["ann"])
+        cy.goto(f"{server.url}/next?kind=demonstration")
+        opened = cy.url
+        dee = log_in_as(browser, server, "dee", PASSWORDS["ann"])
+        dee.goto(f"{server.url}/next?kind=demonstration")
+        assert dee.url == f"{server.url}/queue"  # cy has it
+        time.sleep(3.5)
+        dee.goto(f"{server.url}/next?kind=demonstration")
+        assert dee.url == opened
+        dee.fill("#completion", "A line, written by dee.")
+        dee.click("#answer-form button[type=submit]")
+        dee.wait_for_url(f"{server.url}/queue")
+        cy.fill("#completion", "Too late.")
+        cy.click("#answer-form button[type=submit]")
+        assert "no such item in your queue" in cy.content()
+        check = Store(f"sqlite:///{tmp_path / 'feedback.db'}", migrate=False)
+        assert [record["labeler"] for record in check.export("demonstrations")] == ["dee"]
+        check.close()
+        for page in (cy, dee):
+            page.context.close()

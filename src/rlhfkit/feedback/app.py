@@ -16,7 +16,8 @@ reviewed it, and every version is kept.
 Pages: ``/login``, ``/logout`` (POST), ``/account`` (change the password), ``/queue``, ``/next?kind=K``
 (assign or resume an item of kind K), ``/items/{id}`` (GET shows, ``?edit=1`` to change the answer; POST
 answers or, with ``edit=1``, changes it), ``/items/{id}/skip`` (POST), ``/admin``, ``/admin/users``
-(POST), ``/admin/import`` (POST), ``/admin/assignments/release`` (POST), ``/admin/export/{kind}``,
+(POST), ``/admin/import`` (POST), ``/admin/review`` (answers to accept or reject),
+``/admin/answers/{id}/review`` (POST), ``/admin/assignments/release`` (POST), ``/admin/export/{kind}``,
 ``/admin/agreement.json``.
 JSON API (the same session cookie; the CSRF token in the ``X-CSRF-Token`` header): ``POST /api/login``,
 ``GET /api/me``, ``POST /api/me/password``, ``GET /api/next``, ``GET|POST|PUT /api/items/{id}/answer``
@@ -96,6 +97,7 @@ MAX_FORM_FIELD_BYTES = 1024 * 1024  # one form field
 MAX_JSON_DEPTH = 16  # the deepest JSON body accepted (answers need 3 levels)
 ANSWER_ROUTE = re.compile(r"/(api/)?items/\d+(/answer|/skip)?")  # the routes that take MAX_ANSWER_BYTES
 IMPORT_ROUTE = "/admin/import"
+REVIEW_PAGE_SIZE = 50
 SESSION_COOKIE = "rlhfkit_session"
 SESSION_MAX_AGE_S = 12 * 3600
 FLAG_LABELS = {"fails_instruction": "Fails to follow the instruction", "harmful": "Harmful or offensive",
@@ -712,6 +714,39 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                     flash(request, "success", f"Imported {count} {kind} from {name}, {replicas} labeler(s) each.")
         return redirect("/admin")
 
+    @app.get("/admin/review")
+    def review_page(request: Request, status: str = "submitted", kind: str = "", page: int = 1,
+                    admin: User = Depends(current_admin)) -> Response:
+        """Answers to accept or reject, oldest first, :data:`REVIEW_PAGE_SIZE` a page, filtered by status and kind."""
+        if page < 1:
+            raise HTTPException(404, "pages start at 1")
+        try:
+            answers = store.answers(kind or None, status=status, skipped=False, limit=REVIEW_PAGE_SIZE + 1,
+                                    offset=(page - 1) * REVIEW_PAGE_SIZE)
+        except StoreError as error:
+            raise HTTPException(404, str(error)) from None
+        names = {user.id: user.username for user in store.users()}
+        rows = []
+        for answer in answers[:REVIEW_PAGE_SIZE]:
+            item = store.item(answer.item_id)
+            rows.append({"answer": answer, "item": item, "labeler": names[answer.user_id],
+                         "order": answer.shown_order or list(range(len(item.completions))),
+                         "summary": answer_summary(item, answer.payload, False, answer.shown_order)})
+        return render(request, "review.html", user=admin, rows=rows, status=status, kind=kind, page=page,
+                      more=len(answers) > REVIEW_PAGE_SIZE, statuses=("submitted", *REVIEW_VERDICTS))
+
+    @app.post("/admin/answers/{answer_id}/review", dependencies=[Depends(csrf_protected)])
+    def review_answer(request: Request, answer_id: int, admin: User = Depends(current_admin),
+                      form: FormData = Depends(form_data)) -> Response:
+        try:
+            answer = store.review(answer_id, admin.id, form.get("status"))
+        except (StoreError, AnswerConflict) as error:
+            flash(request, "error", f"Not reviewed: {error}")
+        else:
+            back = " (its item goes back to the queue)" if answer.status == "rejected" else ""
+            flash(request, "success", f"Answer {answer.id} {answer.status}{back}.")
+        return redirect(_safe_next(str(form.get("next", "")), "/admin/review"))
+
     @app.post("/admin/assignments/release", dependencies=[Depends(csrf_protected)])
     def release_assignments(request: Request, _admin: User = Depends(current_admin),
                             form: FormData = Depends(form_data)) -> Response:
@@ -842,12 +877,12 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                     _admin: User = Depends(current_admin)) -> Response:
         """Answers to review (``status=submitted``), or any others; skips are left out."""
         try:
-            answers = store.answers(kind, status=status)
+            answers = store.answers(kind, status=status, skipped=False)
         except StoreError as error:
             return store_error(error)
         names = {user.id: user.username for user in store.users()}
         return JSONResponse({"answers": [{**_answer_json(answer), "labeler": names[answer.user_id]}
-                                         for answer in answers if not answer.skipped]})
+                                         for answer in answers]})
 
     @app.post("/api/admin/answers/{answer_id}/review", dependencies=[Depends(csrf_protected)])
     def api_review(answer_id: int, admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:

@@ -912,9 +912,11 @@ class Store:
             row = session.get(ItemRow, item_id)
             return _item(row) if row else None
 
-    def answers(self, kind: str | None = None, *, status: str | None = None) -> list[Answer]:
-        """Every answer (skipped ones included), oldest first; only answers to items of ``kind`` and with
-        review ``status`` (``submitted``, ``accepted``, ``rejected``) when given."""
+    def answers(self, kind: str | None = None, *, status: str | None = None, skipped: bool | None = None,
+                limit: int | None = None, offset: int = 0) -> list[Answer]:
+        """Every answer (skipped ones included), oldest first; only answers to items of ``kind``, with review
+        ``status`` (``submitted``, ``accepted``, ``rejected``) and skipped or not when given; a page of
+        ``limit`` answers from ``offset`` on when given."""
         if kind is not None and kind not in ITEM_KINDS:
             raise StoreError(f"unknown kind {_shown(kind)}; expected one of {ITEM_KINDS}", field="kind")
         statuses = (SUBMITTED, *REVIEW_VERDICTS)
@@ -925,15 +927,17 @@ class Store:
             query = query.join(ItemRow, ItemRow.id == AnswerRow.item_id).where(ItemRow.kind == kind)
         if status is not None:
             query = query.where(AnswerRow.status == status)
+        if skipped is not None:
+            query = query.where(AnswerRow.skipped.is_(skipped))
         with self._reader() as session:
-            return [_answer(row) for row in session.scalars(query)]
+            return [_answer(row) for row in session.scalars(query.offset(offset).limit(limit))]
 
     def progress(self) -> list[dict]:
         """Per item kind: ``{"kind", "items", "answers_needed", "answers", "skipped", "complete_items"}``.
 
         ``answers_needed`` is the sum of the items' replicas, ``answers`` the counted answers (neither
-        skipped nor rejected; at most
-        the replicas per item count), ``complete_items`` the items with as many answers as replicas.
+        skipped nor rejected; at most the replicas per item count), ``complete_items`` the items with as
+        many answers as replicas.
         """
         answers = (select(AnswerRow.item_id, func.count().label("n")).where(self._counted_answer())
                    .group_by(AnswerRow.item_id).subquery())
