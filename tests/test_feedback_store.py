@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -633,26 +633,36 @@ def test_sessions_end_on_logout_password_change_and_expiry(store, users):
         assert token not in str(connection.exec_driver_sql("SELECT * FROM sessions").all())
 
 
-def test_upgrade_from_the_first_revision_keeps_answers_as_version_one(tmp_path):
+def test_upgrade_from_the_first_revision_keeps_answers_as_version_one(url):
+    import sqlalchemy as sa
     from alembic import command
     from alembic.config import Config
 
     from rlhfkit.feedback.store import MIGRATIONS
 
-    store = Store(f"sqlite:///{tmp_path / 'old.db'}", migrate=False)
+    def table(name: str, *columns: sa.ColumnClause) -> sa.TableClause:
+        """The table as revision 0001 made it, as far as these rows need (with an id and created_at)."""
+        return sa.table(name, sa.column("id"), sa.column("created_at", sa.DateTime(timezone=True)), *columns)
+
+    then = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    store = Store(url, migrate=False)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with store.engine.begin() as connection:
+    with store.engine.begin() as connection:  # a database as revision 0001 left it, with an answer
         config.attributes["connection"] = connection
         command.upgrade(config, "0001")
-        connection.exec_driver_sql("INSERT INTO users (id, username, role, password_hash, active, created_at) "
-                                   "VALUES (1, 'ann', 'labeler', 'h', 1, '2026-01-01 00:00:00')")
-        connection.exec_driver_sql("INSERT INTO items (id, kind, prompt, completions, replicas, meta, created_at) "
-                                   "VALUES (1, 'demonstration', '\"p\"', '[]', 1, '{}', '2026-01-01 00:00:00')")
-        connection.exec_driver_sql("INSERT INTO assignments (user_id, item_id, created_at) "
-                                   "VALUES (1, 1, '2026-01-01 00:00:00')")
-        connection.exec_driver_sql("INSERT INTO answers (user_id, item_id, payload, skipped, created_at) "
-                                   "VALUES (1, 1, '{\"completion\": \"old\"}', 0, '2026-01-01 00:00:00')")
+        connection.execute(table("users", sa.column("username"), sa.column("role"),
+                                 sa.column("password_hash"), sa.column("active", sa.Boolean)).insert().values(
+            id=1, username="ann", role="labeler", password_hash="h", active=True, created_at=then))
+        connection.execute(table("items", sa.column("kind"), sa.column("prompt", sa.JSON),
+                                 sa.column("completions", sa.JSON), sa.column("replicas"),
+                                 sa.column("meta", sa.JSON)).insert().values(
+            id=1, kind="demonstration", prompt="p", completions=[], replicas=1, meta={}, created_at=then))
+        connection.execute(table("assignments", sa.column("user_id"), sa.column("item_id")).insert().values(
+            user_id=1, item_id=1, created_at=then))
+        connection.execute(table("answers", sa.column("user_id"), sa.column("item_id"),
+                                 sa.column("payload", sa.JSON), sa.column("skipped", sa.Boolean)).insert().values(
+            user_id=1, item_id=1, payload={"completion": "old"}, skipped=False, created_at=then))
     upgrade_database(store.engine)
     [answer] = store.answers()
     assert (answer.payload, answer.version, answer.status, answer.shown_order) == (

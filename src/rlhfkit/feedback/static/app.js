@@ -16,7 +16,7 @@ function setUpRanking(list) {
   const place = (card) => card.querySelector("[data-rank-input]");
   const placed = (card) => place(card).value.trim() !== "";
   const tie = (card) => card.querySelector("[data-tie]");
-  const letter = (card) => card.getAttribute("aria-label").replace("Output ", "");
+  const letter = (card) => card.dataset.letter;
   const rating = (card) => {
     const checked = card.querySelector(".rating input:checked");
     return checked ? Number(checked.value) : null;

@@ -1,4 +1,5 @@
-"""Answers keep every version and a review status and the order shown; server-side login sessions.
+"""Answers keep every version, a review status and the order shown; server-side login sessions;
+assignments indexed by age (they expire).
 
 Revision ID: 0002
 Revises: 0001
@@ -46,10 +47,12 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_sessions_user_id", "sessions", ["user_id"])
+    op.create_index("ix_assignments_created_at", "assignments", ["created_at"])  # finding expired assignments
 
 
 def downgrade() -> None:
     """Drop the sessions and answer versions and the answers' new columns (their latest versions stay)."""
+    op.drop_index("ix_assignments_created_at", table_name="assignments")
     op.drop_index("ix_sessions_user_id", table_name="sessions")
     op.drop_table("sessions")
     op.drop_table("answer_versions")
