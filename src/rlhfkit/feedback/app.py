@@ -622,12 +622,13 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         if editing and form is None:
             values.update(ranking_form_values(answer.payload, order) if item.kind == "ranking"
                           else {"completion": answer.payload.get("completion", "")})
-        history = [(version, answer_summary(item, version.payload, version.skipped, order))
+        # an answer is shown in the order it was given in (answers from before shuffling have none: as imported)
+        history = [(version, answer_summary(item, version.payload, version.skipped, answer.shown_order))
                    for version in store.history(answer.id)] if answer is not None else []
+        summary = answer_summary(item, answer.payload, answer.skipped, answer.shown_order) if answer else None
         return render(request, "item.html", status_code=status_code, user=user, item=item, order=order,
                       answer=answer, editing=editing, editable=editable, history=history, error=error,
-                      conflict=conflict, warnings=list(warnings), values=values,
-                      summary=answer_summary(item, answer.payload, answer.skipped, order) if answer else None)
+                      conflict=conflict, warnings=list(warnings), values=values, summary=summary)
 
     @app.get("/items/{item_id}")
     def show_item(request: Request, item_id: int, edit: bool = False, user: User = Depends(current_user)) -> Response:
@@ -637,10 +638,10 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     def answer_item(request: Request, item_id: int, user: User = Depends(current_user),
                     form: FormData = Depends(form_data)) -> Response:
         item = store.assigned_item(user.id, item_id)
-        editing = form.get("edit") == "1"
+        editing, order = form.get("edit") == "1", _order(user, item)
         try:
-            payload = validate_answer(item, form_payload(item, form, _order(user, item)))
-            warnings = contradiction_messages(payload, _order(user, item)) if item.kind == "ranking" else []
+            payload = validate_answer(item, form_payload(item, form, order))
+            warnings = contradiction_messages(payload, order) if order is not None else []
             if warnings and form.get("confirm_contradiction") != "1":
                 return item_page(request, user, item, editing=editing, warnings=warnings, form=form)
             (store.edit if editing else store.submit)(user.id, item.id, payload)
