@@ -52,7 +52,11 @@ def rollout_share(rollout, rank: int, world: int):
     """Process ``rank``'s contiguous share of the rows of every field of a ``Rollout``."""
     size = rollout.responses.size(0) // world
     rows = slice(rank * size, (rank + 1) * size)
-    return dataclasses.replace(rollout, **{field.name: getattr(rollout, field.name)[rows]
+
+    def share(value):  # a tensor or list, or a dict of them (each reward source's scores)
+        return {name: part[rows] for name, part in value.items()} if isinstance(value, dict) else value[rows]
+
+    return dataclasses.replace(rollout, **{field.name: share(getattr(rollout, field.name))
                                            for field in dataclasses.fields(rollout)
                                            if getattr(rollout, field.name) is not None})
 
