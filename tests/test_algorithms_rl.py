@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlhfkit.algorithms.advantages import (
+    dr_grpo_advantages,
     gae,
     grpo_advantages,
     masked_mean,
@@ -156,3 +157,25 @@ def test_estimators_shape_the_kl_and_whiten_as_their_options_say():
 def test_every_estimator_is_a_value_of_ppo_advantage():
     assert set(ESTIMATORS) == set(get_args(PPOSection.model_fields["advantage"].annotation))
     assert [name for name, estimator in ESTIMATORS.items() if estimator.needs_values] == ["gae"]
+
+
+def test_dr_grpo_advantages_keep_the_scale_of_the_rewards():
+    scores = torch.tensor([1.0, 0.0, 0.0, 3.0, 3.0, 3.0])
+    # group means 1/3 and 3: r - mean, no division by the std; a group of equal rewards learns nothing
+    torch.testing.assert_close(dr_grpo_advantages(scores, 3), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0]))
+    grpo = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 10.0, 0.0, 0.0]), 3)
+    assert grpo[0].item() == pytest.approx(grpo[3].item(), rel=1e-3)  # GRPO: the same, whatever the scale
+    dr = dr_grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 10.0, 0.0, 0.0]), 3)
+    assert dr[3].item() == pytest.approx(10 * dr[0].item())  # Dr. GRPO: ten times the reward, ten times the step
+
+
+def test_clip_higher_widens_only_the_upper_clip():
+    # ratios 1.25 and 0.7 with positive advantages; eps_low 0.2, eps_high 0.28 (DAPO)
+    logprobs, advantages, mask = torch.log(t([1.25, 0.7])), t([1.0, 1.0]), torch.ones(1, 2)
+    symmetric, stats = policy_loss(logprobs, torch.zeros(1, 2), advantages, mask, 0.2)
+    assert symmetric.item() == pytest.approx(-(1.2 + 0.7) / 2) and stats["clipfrac"].item() == 0.5
+    higher, stats = policy_loss(logprobs, torch.zeros(1, 2), advantages, mask, 0.2, clip_range_high=0.28)
+    assert higher.item() == pytest.approx(-(1.25 + 0.7) / 2) and stats["clipfrac"].item() == 0.0
+    # a negative advantage is still clipped below at 1 - eps_low
+    low, _ = policy_loss(torch.log(t([0.7])), torch.zeros(1, 1), t([-1.0]), torch.ones(1, 1), 0.2, 0.28)
+    assert low.item() == pytest.approx(0.8)

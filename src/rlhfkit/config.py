@@ -278,7 +278,7 @@ class PPOSection(Section):
     rewards: list[RewardSourceConfig] = Field(default_factory=list)
     value_model: Literal["reward", "head"] = "reward"
     # the estimators of rlhfkit.algorithms.estimators (gae needs a value model; rloo and grpo groups of samples)
-    advantage: Literal["gae", "rloo", "grpo", "reinforce++"] = "gae"
+    advantage: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce++"] = "gae"
     rollout_batch_size: int = Field(16, gt=0)
     samples_per_prompt: int = Field(1, gt=0)
     minibatch_size: int = Field(8, gt=0)
@@ -301,6 +301,8 @@ class PPOSection(Section):
     # whiten the advantages over the batch; unset: as the estimator's authors do (gae, reinforce++: yes)
     whiten_advantages: bool | None = None
     clip_range: float = Field(0.2, gt=0)
+    # the upper clip of the ratio (DAPO's clip-higher, e.g. 0.28); unset: clip_range
+    clip_range_high: float | None = Field(None, gt=0)
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     value_lr_scale: float = Field(1.0, gt=0)
@@ -316,7 +318,7 @@ class PPOSection(Section):
         if rollout % self.minibatch_size:
             raise ValueError(f"ppo.minibatch_size ({self.minibatch_size}) must divide the rollout of "
                              f"rollout_batch_size x samples_per_prompt = {rollout} sequences")
-        if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
+        if self.advantage in ("rloo", "grpo", "dr_grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"ppo.advantage={self.advantage} needs ppo.samples_per_prompt >= 2")
         if self.reward_model is None and not self.rewards:
             raise ValueError("ppo needs a reward: ppo.reward_model (a directory) or ppo.rewards (reward models "
@@ -327,7 +329,8 @@ class PPOSection(Section):
                              "give each its own 'name'")
         if self.advantage == "gae" and self.value_model == "reward" and self.reward_model is None:
             raise ValueError("ppo.value_model=reward initialises the value network from ppo.reward_model; without "
-                             "one use ppo.value_model=head, or an estimator without values (rloo, grpo, reinforce++)")
+                             "one use ppo.value_model=head, or an estimator without values (rloo, grpo, dr_grpo, "
+                             "reinforce++)")
         if self.ptx_coef > 0 and self.ptx_data is None:
             raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data (pretraining text records)")
         return self

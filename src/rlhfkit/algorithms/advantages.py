@@ -141,6 +141,14 @@ def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baseline).view(-1)
 
 
+def dr_grpo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", eq. 3): ``A_i = r_i - mean`` of the
+    group, without GRPO's division by the group's standard deviation, which weights prompts whose samples
+    score alike (too easy or too hard) the most (TRL: ``scale_rewards=False``)."""
+    grouped = _groups(scores, k)
+    return (grouped - grouped.mean(-1, keepdim=True)).view(-1)
+
+
 def grpo_advantages(scores: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages (Shao et al. 2024, DeepSeekMath): ``(r_i - mean) / (std + eps)``.
 

@@ -24,6 +24,7 @@ import torch
 
 from rlhfkit.algorithms.advantages import (
     ReduceSum,
+    dr_grpo_advantages,
     gae,
     grpo_advantages,
     masked_whiten,
@@ -76,6 +77,9 @@ ESTIMATORS: dict[str, Estimator] = {
     # Shao et al. 2024: normalised within each group
     "grpo": Estimator(lambda x: (_per_sequence(grpo_advantages(x.rewards, x.group_size), x.mask), None),
                       "sequence", whiten=False),
+    # Liu et al. 2025: the group mean as the baseline, no division by the group's standard deviation
+    "dr_grpo": Estimator(lambda x: (_per_sequence(dr_grpo_advantages(x.rewards, x.group_size), x.mask), None),
+                         "sequence", whiten=False),
     # Hu et al. 2025: token-level KL in the reward, the reward-to-go normalised over the global batch
     "reinforce++": Estimator(lambda x: (reinforce_plus_plus_advantages(x.rewards, x.mask, x.gamma), None),
                              "token", whiten=True),

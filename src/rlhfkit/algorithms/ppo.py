@@ -8,17 +8,21 @@ from rlhfkit.algorithms.advantages import masked_mean
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                mask: torch.Tensor, clip_range: float = 0.2,
+                clip_range_high: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate objective (PPO, eq. 7), negated to be minimised.
 
-    ``L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))`` with
-    ``rho_t = exp(log pi(a_t) - log pi_old(a_t))``. Also returns ``clipfrac`` (share of tokens where
-    the clipped term is active) and ``approxkl`` (``mean (log rho)^2 / 2``, the k2 estimator).
+    ``L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high))`` with
+    ``rho_t = exp(log pi(a_t) - log pi_old(a_t))``, ``eps_low = clip_range`` and ``eps_high =
+    clip_range_high`` (None: ``clip_range``, PPO's symmetric clip; larger: DAPO's clip-higher, Yu et al. 2025,
+    eq. 10, which lets unlikely tokens with a positive advantage gain more). Also returns ``clipfrac`` (share
+    of tokens where the clipped term is active) and ``approxkl`` (``mean (log rho)^2 / 2``, the k2 estimator).
     """
+    high = clip_range if clip_range_high is None else clip_range_high
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),

@@ -241,7 +241,8 @@ class PPOTrainer(Engine):
         tokens = mask.sum()
         hidden = self.has_value and ppo.value_model == "head"
         logprobs, logits, states = self.model("policy_outputs", batch, ppo.temperature, hidden=hidden)
-        pg_loss, pg_stats = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, ppo.clip_range)
+        pg_loss, pg_stats = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, ppo.clip_range,
+                                        ppo.clip_range_high)
         # name: (a token mean over this process's share, its number of tokens); loss terms and their coefficients
         means = {"loss/policy_avg": (pg_loss, tokens), "policy/approxkl_avg": (pg_stats["approxkl"], tokens),
                  "policy/clipfrac_avg": (pg_stats["clipfrac"], tokens), "val/ratio": (pg_stats["ratio"], tokens)}
