@@ -1,4 +1,4 @@
-"""The feedback commands (export, feedback add-user/import/progress/agreement) on a temporary SQLite DB."""
+"""The feedback commands (export, feedback add-user/import/progress/release/agreement) on a temporary SQLite DB."""
 
 from __future__ import annotations
 
@@ -200,6 +200,23 @@ def test_progress_prints_a_table(run, db, labeled):
     ranking_row = next(line for line in result.stdout.splitlines() if "ranking" in line)
     # items, complete items, answers, needed, skipped, done
     assert [cell.strip() for cell in ranking_row.split("│")[2:8]] == ["2", "1", "2", "4", "0", "50%"]
+
+
+def test_release_hands_open_assignments_to_the_next_labeler(run, db, labeled):
+    # ann and bob answered item 1; each now opens item 2 and leaves it
+    ann, bob = labeled.user_by_name("ann"), labeled.user_by_name("bob")
+    second = [labeled.next_item(user.id).id for user in (ann, bob)]
+    assert len(labeled.open_assignments()) == 2
+    result = run("feedback", "release", "--db", db, "--older-than-minutes", 60)  # both were opened just now
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"released": 0}
+    result = run("feedback", "release", "--db", db, "--user", "ann")
+    assert json.loads(result.stdout) == {"released": 1}
+    assert [a["username"] for a in labeled.open_assignments()] == ["bob"]
+    result = run("feedback", "release", "--db", db, "--item", second[1])
+    assert json.loads(result.stdout) == {"released": 1} and labeled.open_assignments() == []
+    result = run("feedback", "release", "--db", db, "--user", "nobody")
+    assert result.exit_code == 2 and "no account 'nobody'" in _message(result)
 
 
 def test_agreement_prints_a_table_and_writes_the_report(run, db, labeled, tmp_path):

@@ -77,7 +77,8 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve``, ``export`` and the ``feedback`` sub-app (add-user, import, progress, agreement) to ``app``."""
+    """Add ``serve``, ``export`` and the ``feedback`` sub-app (add-user, import, progress, release, agreement) to
+    ``app``."""
     feedback = typer.Typer(help="The human-feedback app's database: accounts, imports, progress, agreement.",
                            no_args_is_help=True)
     app.add_typer(feedback, name="feedback")
@@ -171,6 +172,30 @@ def register(app: typer.Typer) -> None:
             table.add_row(row["kind"], str(row["items"]), str(row["complete_items"]), str(row["answers"]),
                           str(row["answers_needed"]), str(row["skipped"]), done)
         Console().print(table)
+
+    @feedback.command("release")
+    @fail_cleanly
+    def release(
+        db: DbOption = DEFAULT_DB,
+        user: Annotated[str | None, typer.Option(help="Only this labeler's open assignments.")] = None,
+        item: Annotated[int | None, typer.Option(help="Only this item's open assignment.")] = None,
+        older_than_minutes: Annotated[float | None, typer.Option(
+            min=0, help="Only assignments opened longer ago than this.")] = None,
+    ) -> None:
+        """Release open (opened, unanswered) assignments, so their items go to the next labelers who ask."""
+        from datetime import timedelta
+
+        with open_store(db, create=False) as store:
+            user_id = None
+            if user is not None:
+                found = store.user_by_name(user)
+                if found is None:
+                    raise typer.BadParameter(f"no account {user!r}", param_hint="--user")
+                user_id = found.id
+            released = store.release_assignments(
+                user_id=user_id, item_id=item,
+                older_than=timedelta(minutes=older_than_minutes) if older_than_minutes else None)
+        print(json.dumps({"released": released}))
 
     @feedback.command("agreement")
     @fail_cleanly
