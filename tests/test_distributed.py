@@ -276,13 +276,18 @@ UPDATE_OPTIONS = {  # each minibatch is the whole rollout: the same minibatches 
     "gae-reward-value": ["ppo.ppo_epochs=3", "ppo.target_kl=1e-6"],  # stops after the second epoch's step
     "value-head-ptx": ["ppo.value_model=head", "ppo.ptx_coef=0.5"],
     "rloo": ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8"],
+    # GRPO rewarded by a reward function alone (no reward model)
+    "grpo-reward-function": ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
+                             "ppo.reward_model=null",
+                             "ppo.rewards=[{function: length_penalty, options: {max_words: 3}}]"],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "accelerate_config"), [
     ("gae-reward-value", None), ("value-head-ptx", None),
-    ("gae-reward-value", "fsdp-cpu.yaml"), ("value-head-ptx", "fsdp-cpu.yaml"), ("rloo", "fsdp-cpu.yaml")])
+    ("gae-reward-value", "fsdp-cpu.yaml"), ("value-head-ptx", "fsdp-cpu.yaml"), ("rloo", "fsdp-cpu.yaml"),
+    ("grpo-reward-function", None)])
 def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, name, accelerate_config):
     """A fixed rollout's update on 2 processes (DDP, or FSDP2 with each process holding a shard of the policy
     and value network, gathered for the comparison) gives the weights and statistics of one process."""
