@@ -31,6 +31,13 @@ def gold_pairwise_accuracy(task: Task, prompts: Sequence[str], completions: Sequ
     return {"gold/accuracy": agree / total if total else float("nan"), "gold/pairs": total}
 
 
+def _labeler_scores(task: Task, prompt: str, texts: Sequence[str], rng) -> list[int]:
+    """One draw of the task's simulated labeler ranking ``texts``, as a score per completion: minus its group's
+    place in the ranking (the best group 0, tied completions alike)."""
+    place = {i: -g for g, group in enumerate(task.rank(prompt, list(texts), rng=rng)) for i in group}
+    return [place[i] for i in range(len(texts))]
+
+
 def labeler_gold_accuracy(task: Task, prompts: Sequence[str], completions: Sequence[Sequence[str]], *,
                           seed: int = 0, repeats: int = 5) -> float:
     """How often the task's simulated labeler orders two completions of a prompt as the gold judge does.
@@ -38,18 +45,16 @@ def labeler_gold_accuracy(task: Task, prompts: Sequence[str], completions: Seque
     The ceiling a reward model trained on that labeler's rankings is measured against: the same pairs as
     :func:`gold_pairwise_accuracy` (gold ties skipped), each prompt's completions ranked ``repeats`` times
     (independent draws of the labeler's noise, averaged: a lower-variance estimate of its expected
-    agreement). InstructGPT reports ~73 % agreement between its labelers (Ouyang et al. 2022, section 5.1).
+    agreement). This is agreement with gold; InstructGPT's ~73 % is agreement between labelers, which
+    :func:`inter_labeler_agreement` measures.
     """
     import random
 
     rng = random.Random(seed)
     accuracies = []
     for _ in range(repeats):
-        positions = []  # a completion's labeler score: minus its group's place in the ranking
-        for prompt, texts in zip(prompts, completions, strict=True):
-            place = {i: -g for g, group in enumerate(task.rank(prompt, list(texts), rng=rng)) for i in group}
-            positions.append([place[i] for i in range(len(texts))])
-        accuracies.append(gold_pairwise_accuracy(task, prompts, completions, positions)["gold/accuracy"])
+        scores = [_labeler_scores(task, prompt, texts, rng) for prompt, texts in zip(prompts, completions, strict=True)]
+        accuracies.append(gold_pairwise_accuracy(task, prompts, completions, scores)["gold/accuracy"])
     return sum(accuracies) / len(accuracies)
 
 
@@ -70,14 +75,13 @@ def inter_labeler_agreement(task: Task, prompts: Sequence[str], completions: Seq
     agree = total = 0
     for _ in range(repeats):
         for prompt, texts in zip(prompts, completions, strict=True):
-            first, second = ({i: g for g, group in enumerate(task.rank(prompt, list(texts), rng=rng)) for i in group}
-                             for _ in range(2))
+            first, second = (_labeler_scores(task, prompt, texts, rng) for _ in range(2))
             distinct = [normalize_whitespace(t) for t in texts]
             for i in range(len(texts)):
                 for j in range(i + 1, len(texts)):
                     if distinct[i] != distinct[j]:
                         total += 1
-                        agree += (first[i] < first[j]) == (second[i] < second[j])
+                        agree += (first[i] > first[j]) == (second[i] > second[j])
     return agree / total if total else float("nan")
 
 
