@@ -31,6 +31,22 @@ def test_win_rate_interval_shrinks_with_more_prompts():
     assert large["high"] - large["low"] < (small["high"] - small["low"]) / 3
 
 
+
+def test_win_rate_bootstraps_whole_prompts_when_prompts_repeat():
+    """A prompt listed four times is one cluster: the interval is as wide as for the 20 distinct prompts."""
+    scores, baseline = [1, 0, 1, 1, 0] * 4, [0.5] * 20
+    prompts = [f"p{i}" for i in range(20)]
+    distinct = win_rate(scores, baseline, groups=prompts)
+    assert distinct == win_rate(scores, baseline)  # one row per prompt: the rows are the clusters
+    repeated = win_rate(scores * 4, baseline * 4, groups=prompts * 4)
+    naive = win_rate(scores * 4, baseline * 4)
+    assert repeated["win_rate"] == naive["win_rate"] == distinct["win_rate"]
+    width = distinct["high"] - distinct["low"]
+    assert repeated["high"] - repeated["low"] == pytest.approx(width, abs=0.06)
+    assert naive["high"] - naive["low"] < 0.7 * width  # rows taken as independent: too narrow
+    with pytest.raises(ValueError, match="3 groups for 20 values"):
+        win_rate(scores, baseline, groups=prompts[:3])
+
 def test_distinct_n():
     assert distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
     assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)  # (a b), (b a), (a b) + (a b)

@@ -103,7 +103,8 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
 
     Returns ``(report, samples)``: ``report["models"][name]`` holds the metrics of the module docstring,
     ``report["win_rates"][name]`` the win rates against ``baseline`` (default: the first model) by
-    ``gold`` and by ``rm``; ``samples[name]`` one ``{"prompt", "completion", ...scores}`` per prompt.
+    ``gold`` and by ``rm``, their intervals from a bootstrap over distinct prompts (a prompt listed twice is
+    one cluster of two rows); ``samples[name]`` one ``{"prompt", "completion", ...scores}`` per prompt.
     """
     if not models:
         raise ValueError("evaluate_models needs at least one model")
@@ -120,7 +121,8 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
     scorer = load_for_scoring(reward_model) if reward_model else None
     ref = load_causal_lm(ModelConfig(name_or_path=reference))[0] if reference else None
     temperature = sampling.temperature or 1.0
-    report: dict = {"prompts": len(prompts), "baseline": baseline, "models": {}, "win_rates": {}}
+    report: dict = {"prompts": len(prompts), "distinct_prompts": len(set(prompts)), "baseline": baseline,
+                    "models": {}, "win_rates": {}}
     samples: dict[str, list[dict]] = {}
     for name, path, n in runs:
         model, tokenizer = load_causal_lm(ModelConfig(name_or_path=path))
@@ -159,7 +161,8 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
         if name == baseline:
             continue
         report["win_rates"][name] = {
-            judge: win_rate([r[judge] for r in samples[name]], [r[judge] for r in samples[baseline]], seed=seed)
+            judge: win_rate([r[judge] for r in samples[name]], [r[judge] for r in samples[baseline]], seed=seed,
+                            groups=prompts)
             for judge in ("gold", "rm") if judge in samples[name][0]}
     return report, samples
 
