@@ -64,7 +64,6 @@ STEPS_PER_ITERATION = SEQUENCES // MINIBATCH * EPOCHS
 # ---- the two trainers, configured for the same work ---------------------------------------------------
 def build_rlhfkit(policy_dir: str, reward_dir: str, prompts_path: str, output_dir: str, iterations: int,
                   mixed_precision: str = "no"):
-    from rich.console import Console
 
     from rlhfkit.config import PPOConfig, load_config
     from rlhfkit.trainers.ppo import PPOTrainer
@@ -80,7 +79,7 @@ def build_rlhfkit(policy_dir: str, reward_dir: str, prompts_path: str, output_di
                 "samples_per_prompt": GROUP, "minibatch_size": MINIBATCH, "ppo_epochs": EPOCHS,
                 "max_new_tokens": RESPONSE_LENGTH, "temperature": 1.0, "kl_coef": BETA, "kl_estimator": "k3",
                 "clip_range": 0.2, "samples_to_log": 0}})
-    return PPOTrainer(config, Console(stderr=True))
+    return PPOTrainer(config)
 
 
 def build_trl(policy_dir: str, reward_dir: str, prompts_path: str, output_dir: str, iterations: int,

@@ -112,7 +112,6 @@ def rollout_flops_counter(trainer):
 
 
 def run_rlhfkit(spec: dict, iteration_done) -> dict:
-    from rich.console import Console
 
     from rlhfkit.config import PPOConfig, load_config
     from rlhfkit.trainers.ppo import PPOTrainer
@@ -130,7 +129,7 @@ def run_rlhfkit(spec: dict, iteration_done) -> dict:
                 "max_new_tokens": RESPONSE_LENGTH, "temperature": 1.0, "kl_coef": KL_COEF, "kl_estimator": "k1",
                 "gamma": 1.0, "lam": 0.95, "whiten_advantages": True, "clip_range": 0.2, "clip_range_value": 0.2,
                 "vf_coef": 0.1, "samples_to_log": 0}})
-    trainer = PPOTrainer(config, Console(stderr=True))
+    trainer = PPOTrainer(config)
     update = trainer.update
     count_flops = rollout_flops_counter(trainer)
     flops: list[float] = []

@@ -91,9 +91,10 @@ def test_first_update_ratio_is_one_and_kl_zero_at_start(ppo_setup):
 
 
 def test_resume_equals_uninterrupted_run(ppo_setup):
-    straight = ppo_config(ppo_setup, "straight", "train.max_steps=4", "train.save_every=2", "ppo.adaptive_kl=true")
+    options = ("train.max_steps=4", "train.save_every=2", "ppo.adaptive_kl=true", "ppo.ema_decay=0.5")
+    straight = ppo_config(ppo_setup, "straight", *options)
     PPOTrainer(straight).train()
-    resumed = ppo_config(ppo_setup, "resumed", "train.max_steps=4", "train.save_every=2", "ppo.adaptive_kl=true")
+    resumed = ppo_config(ppo_setup, "resumed", *options)
     trainer = PPOTrainer(resumed)
     real_update = trainer.update
 
@@ -106,10 +107,13 @@ def test_resume_equals_uninterrupted_run(ppo_setup):
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     PPOTrainer(resumed).train()
-    a = AutoModelForCausalLM.from_pretrained(ppo_setup / "straight" / "final").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(ppo_setup / "resumed" / "final").state_dict()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    for weights in ("final", "final-ema"):  # the EMA is resumed from the checkpoint too
+        a = AutoModelForCausalLM.from_pretrained(ppo_setup / "straight" / weights).state_dict()
+        b = AutoModelForCausalLM.from_pretrained(ppo_setup / "resumed" / weights).state_dict()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    policy = AutoModelForCausalLM.from_pretrained(ppo_setup / "straight" / "final").state_dict()
+    assert any(not torch.equal(policy[name], tensor) for name, tensor in a.items())  # the EMA is no copy
     straight_log, resumed_log = read_metrics(ppo_setup / "straight"), read_metrics(ppo_setup / "resumed")
     assert [r["step"] for r in resumed_log] == [1, 2, 3, 4]
     for x, y in zip(straight_log, resumed_log, strict=True):
@@ -283,3 +287,22 @@ def test_reward_sources_are_logged_under_their_names():
     assert RewardSourceConfig(model="runs/rm-large").metric_name == "rm-large"
     assert RewardSourceConfig(function="pkg.mod:exact").metric_name == "exact"
     assert RewardSourceConfig(function="exact_answer", name="math").metric_name == "math"
+
+
+
+def test_value_network_is_a_head_on_the_policy_or_the_reward_model(ppo_setup, monkeypatch):
+    import transformers
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.models.policy_value import ValueHead, value_network
+
+    policy = AutoModelForCausalLM.from_pretrained(ppo_setup / "policy")
+    head = value_network("head", policy, None)
+    assert isinstance(head, ValueHead) and head.linear.in_features == policy.config.hidden_size
+    reward = value_network("reward", policy, str(ppo_setup / "rm"))
+    assert reward.score.out_features == 1
+    # a reward model without a decoder's `score` head (e.g. an encoder's `classifier`) cannot give values per token
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda path: torch.nn.Linear(1, 1))
+    with pytest.raises(ConfigError, match="needs a decoder reward model with a `score` head"):
+        value_network("reward", policy, str(ppo_setup / "rm"))

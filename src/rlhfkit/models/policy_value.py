@@ -16,9 +16,25 @@ from typing import Any
 import torch
 
 from rlhfkit.algorithms.logprobs import logprobs_of
+from rlhfkit.config import ConfigError
 from rlhfkit.models.load import position_ids_from_mask
 
 VALUE_DIR = "value_model"  # a reward-model-shaped value network's directory in a checkpoint
+
+
+def value_network(kind: str, policy: torch.nn.Module, reward_model: str | None) -> torch.nn.Module:
+    """A fresh value network: ``kind="head"`` a :class:`ValueHead` on ``policy``'s hidden size; ``"reward"`` the
+    reward model in ``reward_model`` (InstructGPT's initialisation; the config requires one for this kind), which
+    must be a decoder with a ``score`` head (applied to every response position by :func:`value_forward`)."""
+    if kind == "head":
+        return ValueHead(policy.config.hidden_size)
+    from transformers import AutoModelForSequenceClassification
+
+    value = AutoModelForSequenceClassification.from_pretrained(reward_model)
+    if not hasattr(value, "score"):
+        raise ConfigError("ppo.value_model=reward needs a decoder reward model with a `score` head; "
+                          "use ppo.value_model=head")
+    return value
 
 
 class ValueHead(torch.nn.Module):

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 from rich.console import Console
-from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.algorithms.advantages import masked_mean, pooled_loss
 from rlhfkit.algorithms.estimators import ESTIMATORS
@@ -50,12 +49,13 @@ from rlhfkit.data.collators import PadCollator, pack_texts
 from rlhfkit.data.readers import read_records, read_texts
 from rlhfkit.engine.accelerator import refuse_lora_under_fsdp, sum_over_processes
 from rlhfkit.engine.checkpoint import load_weights
+from rlhfkit.engine.ema import WeightAverage
 from rlhfkit.engine.errors import TrainingError
 from rlhfkit.engine.loop import Engine
 from rlhfkit.engine.metrics import MetricsWindow
 from rlhfkit.engine.sharding import state_loader, submodule_state
 from rlhfkit.models.load import load_causal_lm, save_model
-from rlhfkit.models.policy_value import VALUE_DIR, PolicyAndValue, ValueHead
+from rlhfkit.models.policy_value import VALUE_DIR, PolicyAndValue, ValueHead, value_network
 from rlhfkit.models.reward import load_for_scoring
 from rlhfkit.rollout.experience import ExperienceMaker, Rollout, iteration_prompts, rollout_statistics
 from rlhfkit.rollout.scoring import reward_sources
@@ -65,14 +65,14 @@ SAMPLES_FILE = "samples.jsonl"
 
 class PPOTrainer(Engine):
     """The PPO recipe on the engine; see the module docstring. ``train()`` runs (or resumes) to
-    ``train.max_steps`` iterations. ``self.model`` is the prepared :class:`PolicyAndValue`. ``console`` is
-    taken as by every stage's builder; PPO's messages go through accelerate (process 0 prints them)."""
+    ``train.max_steps`` iterations. ``self.model`` is the prepared :class:`PolicyAndValue`. PPO's messages go
+    through accelerate (process 0 prints them)."""
 
     step_logs = (SAMPLES_FILE,)
     progress_metrics = {"objective/scores": "score", "objective/kl": "kl"}
     own_random_streams = True  # each process samples its own sequences
 
-    def __init__(self, config: PPOConfig, console: Console | None = None):
+    def __init__(self, config: PPOConfig):
         if config.train.max_steps is None:
             raise TrainingError("ppo: set train.max_steps (the number of PPO iterations)")
         if config.train.torch_compile:
@@ -98,7 +98,9 @@ class PPOTrainer(Engine):
         # under FSDP (their forwards are no collectives)
         lora = hasattr(policy, "disable_adapter")
         self.reference = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
-        value = self._value_network(policy)
+        # the value network the estimator needs: a head on the policy, or the reward model (InstructGPT)
+        value = (value_network(self.ppo.value_model, policy, self.ppo.reward_model)
+                 if ESTIMATORS[self.ppo.advantage].needs_values else None)
         parts = [policy] if value is None else [policy, value]
         self.ptx_blocks = (pack_texts(self.tokenizer, read_texts(self.ppo.ptx_data), config.data.max_length)
                            if self.ppo.ptx_coef > 0 else [])
@@ -109,8 +111,7 @@ class PPOTrainer(Engine):
         self.has_value = value is not None
         self.kl_controller = (AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
                               if self.ppo.adaptive_kl else FixedKLController(self.ppo.kl_coef))
-        self.ema = ({n: p.detach().clone() for n, p in self._unwrapped_policy().named_parameters() if p.requires_grad}
-                    if self.ppo.ema_decay else None)
+        self.ema = WeightAverage(self._unwrapped_policy(), self.ppo.ema_decay) if self.ppo.ema_decay else None
         rewards = reward_sources(self.ppo, max_length=config.data.max_length + self.ppo.max_new_tokens,
                                  max_prompt_length=config.data.max_prompt_length, reward_model=main_reward)
         self.experience = ExperienceMaker(
@@ -123,19 +124,6 @@ class PPOTrainer(Engine):
             self.accelerator.print(f"[ppo] data parallel over {self.world} processes "
                                    f"({self.accelerator.distributed_type.value}, {self.ppo.rollout_batch_size} "
                                    f"prompts per rollout, minibatch {self.ppo.minibatch_size}, global)")
-
-    def _value_network(self, policy: torch.nn.Module) -> torch.nn.Module | None:
-        """The value network the estimator needs (None if it needs none): initialised from the reward model
-        (InstructGPT), or a value head on the policy."""
-        if not ESTIMATORS[self.ppo.advantage].needs_values:
-            return None
-        if self.ppo.value_model == "head":
-            return ValueHead(policy.config.hidden_size)
-        value = AutoModelForSequenceClassification.from_pretrained(self.ppo.reward_model)
-        if not hasattr(value, "score"):
-            raise TrainingError("ppo.value_model=reward needs a decoder reward model with a `score` head; "
-                                "use ppo.value_model=head")
-        return value
 
     def _check_global_counts(self) -> None:
         """The global rollout and minibatch sizes must split evenly over the processes (and a process's
@@ -227,7 +215,8 @@ class PPOTrainer(Engine):
                 micro_batches = [rollout.select(rows[i:i + micro]) for i in range(0, minibatch, micro)]
                 grad_norm = self.optimizer_step(micro_batches, loss, rollout.prompt_positions[rows].tolist())
                 stats.add({"grad_norm": grad_norm})
-                self._update_ema()
+                if self.ema is not None:
+                    self.ema.update(self._unwrapped_policy())
                 if ppo.target_kl is not None and sum(approxkls) / len(approxkls) > 1.5 * ppo.target_kl:
                     stats.add({"policy/early_stop": 1.0})
                     return stats.means()
@@ -260,14 +249,6 @@ class PPOTrainer(Engine):
             means["loss/ptx_avg"] = (ptx_loss, ptx_batch["loss_mask"][:, 1:].sum())
             coefs["loss/ptx_avg"] = ppo.ptx_coef
         return pooled_loss(means, coefs, self.reduce_sum, self.world)
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        for name, param in self._unwrapped_policy().named_parameters():
-            if name in self.ema:
-                self.ema[name].lerp_(param.detach(), 1.0 - self.ppo.ema_decay)
 
     # ---- the engine's hooks ---------------------------------------------------------------------
     def train_step(self) -> None:
@@ -308,7 +289,8 @@ class PPOTrainer(Engine):
         save_model(self._unwrapped_policy(), self.tokenizer, str(directory), merge_lora=False,
                    state_dict=submodule_state(weights, "policy"))
         value_state = self.accelerator.unwrap_model(self.model).save_value(directory, submodule_state(weights, "value"))
-        return {"kl_controller": self.kl_controller.state_dict(), "ema": self.ema, **value_state}
+        return {"kl_controller": self.kl_controller.state_dict(),
+                "ema": None if self.ema is None else self.ema.state_dict(), **value_state}
 
     def load_state(self, directory: Path, state: dict[str, Any]) -> None:
         load_weights(self._unwrapped_policy(), directory, state_loader(self.accelerator, self.model, "policy"))
@@ -321,18 +303,20 @@ class PPOTrainer(Engine):
         elif value is not None:
             load_weights(value, directory / VALUE_DIR, state_loader(self.accelerator, self.model, "value"))
         self.kl_controller.load_state_dict(state["kl_controller"])
-        self.ema = state["ema"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
     def save_final(self, directory: Path, weights: dict[str, torch.Tensor] | None) -> None:
         """The policy (and, with ``ppo.ema_decay``, its EMA in ``final-ema/``)."""
         policy = self._unwrapped_policy()
         save_model(policy, self.tokenizer, str(directory), state_dict=submodule_state(weights, "policy"))
         if self.ema is not None:
-            ema_policy = copy.deepcopy(policy)
-            ema_policy.load_state_dict(self.ema, strict=False)
-            save_model(ema_policy, self.tokenizer, str(self.run_dir / "final-ema"))
+            save_model(self.ema.averaged_copy(policy), self.tokenizer, str(self.run_dir / "final-ema"))
 
 
 def run_ppo(config: PPOConfig, console: Console | None = None) -> dict[str, float]:
-    """Optimise the policy of ``config`` against its reward model; returns the last metrics."""
-    return PPOTrainer(config, console).train()
+    """Optimise the policy of ``config`` against its reward model; returns the last metrics.
+
+    ``console`` is the stage runners' common argument (:data:`rlhfkit.pipeline.STAGES`); PPO prints through
+    accelerate instead, so that only process 0 speaks."""
+    return PPOTrainer(config).train()
