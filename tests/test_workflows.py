@@ -92,6 +92,18 @@ def test_bad_prompts_stop_sample_and_eval_before_any_model_loads(tmp_path, row, 
     assert from_cli == from_pipeline and f"prompts.jsonl, {where}" in from_cli
 
 
+
+def test_sample_refuses_greedy_decoding_from_the_cli_as_the_pipeline_does(tmp_path):
+    prompts = jsonl(tmp_path / "prompts.jsonl", [{"prompt": PROMPT}])
+    from_cli = error_line(CliRunner().invoke(cli.app, ["sample", "--model", str(tmp_path / "policy"), "--prompts",
+                                                       prompts, "--out", str(tmp_path / "samples.jsonl"),
+                                                       "--temperature", "0"]))
+    assert "temperature must be > 0, got 0.0" in from_cli
+    result = run_pipeline(tmp_path, {"stages": ["sample"], "sample": {"model": "policy", "prompts": prompts,
+                                                                      "temperature": 0}})
+    assert result.exit_code == 2 and "sample.temperature" in result.output
+    assert not (tmp_path / "samples.jsonl").exists()
+
 def test_the_rank_stage_collects_the_feedback_databases_rankings(tmp_path):
     from rlhfkit.feedback.store import Store
 

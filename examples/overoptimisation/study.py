@@ -193,16 +193,12 @@ def _ppo_status(directory: Path, coef: float, iterations: int) -> str:
 
 def run_ppo_once(args, settings, coef: float, console: Console) -> None:
     from rlhfkit.config import PPOConfig, load_config
-    from rlhfkit.engine.checkpoint import checkpoints
     from rlhfkit.trainers.ppo import run_ppo
 
     base = args.run / "ppo" / "config.yaml"
     if not base.exists():
         raise SystemExit(f"{base}: not found; the study's PPO runs start from the demo run's PPO config")
-    directory = ppo_directory(args.out, coef)
-    if not checkpoints(directory):  # a fresh start: no logs of a run that died before its first checkpoint
-        for stale in ("metrics.jsonl", "samples.jsonl"):
-            (directory / stale).unlink(missing_ok=True)
+    # a run that died before its first checkpoint starts afresh: the engine truncates its logs
     overrides = ppo_overrides(args, settings, coef)
     config = load_config(PPOConfig, base, overrides)
     if not Path(config.data.train).exists():  # the run was moved: its own copy of the prompts
@@ -215,8 +211,8 @@ def run_ppo_once(args, settings, coef: float, console: Console) -> None:
 def evaluate_checkpoints(args, settings, directory: Path, prompts, task, console: Console) -> dict[str, dict]:
     """``{iteration: {kl, gold, proxy}}`` of a PPO run's checkpoints (every ``save_every``, up to
     ``ppo_iterations``), each judged on the held-out prompts (cached in ``<run dir>/study_eval.json``)."""
-    from rlhfkit.evaluate.compare import evaluate_models
     from rlhfkit.engine.checkpoint import checkpoints
+    from rlhfkit.evaluate.compare import evaluate_models
 
     key = {"sft": settings["sft"], "rm": settings["rm"], "prompts": _digest(prompts), "seed": args.seed,
            "temperature": settings["temperature"], "max_new_tokens": settings["max_new_tokens"], "version": 2}

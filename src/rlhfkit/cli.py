@@ -107,7 +107,7 @@ def sample(
     out: Annotated[Path, typer.Option(help="Output JSONL: {prompt, completions: [K texts]} per prompt.")],
     k: Annotated[int, typer.Option("--k", min=2, help="Completions per prompt (for labelers to rank).")] = 4,
     max_new_tokens: int = 64,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding (all K would be equal).")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="> 0 (greedy decoding would make all K equal).")] = 1.0,
     top_p: float = 1.0,
     top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Sequences per generate() call.")] = 32,

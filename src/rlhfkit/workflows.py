@@ -73,9 +73,15 @@ def sample_completions(model: str, prompts: str | Path, out: str | Path, samplin
     """K completions per prompt (step 2's input), written as ``{prompt, completions[, id]}`` rows.
 
     With ``finished_only``, samples cut off at ``sampling.max_new_tokens`` are left out: trained on as if they
-    ended there, they would teach models to stop mid-sentence. Returns the number of prompts written.
+    ended there, they would teach models to stop mid-sentence. Returns the number of prompts written. A
+    temperature of 0 (greedy decoding) is refused, as the pipeline's ``sample.temperature`` is: its K completions
+    would all be equal, and there would be nothing to rank.
     """
     from rlhfkit.rollout.generate import generate_k
+
+    if sampling.temperature <= 0:
+        raise ConfigError(f"sample: temperature must be > 0, got {sampling.temperature} (greedy decoding gives K "
+                         "equal completions: nothing to rank)")
 
     records, policy, tokenizer = _prompts_and_policy(model, prompts, limit)
     groups = generate_k(policy, tokenizer, [r.prompt for r in records], k, sampling, seed=seed)
