@@ -1,5 +1,6 @@
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from rlhfkit.config import ConfigError, SFTConfig, load_config, parse_override, save_config
 
@@ -112,3 +113,73 @@ def test_bare_no_for_mixed_precision_means_no(tmp_path):
     assert load_config(SFTConfig, write(tmp_path, GOOD), ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError):
         load_config(SFTConfig, write(tmp_path, GOOD), ["train.mixed_precision=yes"])
+
+
+def test_a_trl_name_is_answered_with_its_rlhfkit_key(tmp_path):
+    path = write(tmp_path, GOOD.replace("  lr: 0.001", "  learning_rate: 0.001"))
+    with pytest.raises(ConfigError) as error:
+        load_config(SFTConfig, path)
+    assert f"{path}, line 8: train.learning_rate: unknown key; did you mean train.lr?" in str(error.value)
+    # a TRL name in the wrong section points at the right one; a name TRL uses twice, at the stage's own key
+    with pytest.raises(ConfigError, match=r"train.max_length: unknown key; did you mean data.max_length\?"):
+        load_config(SFTConfig, write(tmp_path, GOOD), ["train.max_length=64"])
+    from rlhfkit.config import DPOConfig, PPOConfig
+
+    with pytest.raises(ConfigError, match=r"train.beta: unknown key; did you mean dpo.beta\?"):
+        load_config(DPOConfig, write(tmp_path, GOOD), ["train.beta=0.2"])
+    with pytest.raises(ConfigError, match=r"ppo.beta: unknown key; did you mean ppo.kl_coef\?"):
+        load_config(PPOConfig, write(tmp_path, GOOD), ["ppo.reward_model=rm", "ppo.beta=0.04"])
+
+
+def test_a_misspelt_key_is_answered_with_the_closest_key_of_its_section(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(SFTConfig, write(tmp_path, GOOD.replace("  lr: 0.001", "  lrr: 0.001")))
+    assert "train.lrr: unknown key; did you mean train.lr?" in str(error.value)
+    with pytest.raises(ConfigError, match=r"model.lora.alpah: unknown key; did you mean model.lora.alpha\?"):
+        load_config(SFTConfig, write(tmp_path, GOOD), ["model.lora.alpah=8"])
+    with pytest.raises(ConfigError) as error:  # nothing close: no suggestion
+        load_config(SFTConfig, write(tmp_path, GOOD), ["train.zzz=1"])
+    assert str(error.value).endswith("train.zzz: unknown key")
+
+
+def test_a_pipeline_section_suggests_keys_with_its_stage_prefix(tmp_path):
+    from rlhfkit.config import validate_config
+
+    tree = yaml.safe_load(GOOD.replace("  lr: 0.001", "  gradient_accumulation_steps: 4"))
+    with pytest.raises(ConfigError, match=r"p.yaml, line 9: sft.train.gradient_accumulation_steps: unknown key; "
+                                          r"did you mean sft.train.grad_accum\?"):
+        validate_config(SFTConfig, tree, source="p.yaml", lines={("sft", "train", "gradient_accumulation_steps"): 9},
+                        prefix=("sft",))
+
+
+def test_every_trl_name_points_at_a_key_of_a_stage_config():
+    from rlhfkit.config import TRL_NAMES, DPOConfig, PPOConfig, RewardConfig
+
+    def keys(cls, prefix=()):
+        for name, field in cls.model_fields.items():
+            yield ".".join((*prefix, name))
+            section = next((t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                            if isinstance(t, type) and issubclass(t, BaseModel)), None)
+            if section is not None:
+                yield from keys(section, (*prefix, name))
+
+    known = {key for cls in (SFTConfig, RewardConfig, DPOConfig, PPOConfig) for key in keys(cls)}
+    assert [entry.key for entry in TRL_NAMES if entry.key not in known] == []
+    assert len({(entry.name, entry.key) for entry in TRL_NAMES}) == len(TRL_NAMES)
+
+
+def trl_names_table():
+    """docs/trl-names.md's table, rendered from rlhfkit.config.TRL_NAMES."""
+    from rlhfkit.config import TRL_NAMES
+
+    rows = ["| TRL name | in TRL | rlhfkit key | note |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{e.name}` | {e.trl} | `{e.key}` | {e.note} |" for e in TRL_NAMES]
+    return "\n".join(rows) + "\n"
+
+
+def test_the_docs_page_of_trl_names_is_the_table():
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "trl-names.md").read_text(encoding="utf-8")
+    start = page.index("| TRL name |")
+    assert page[start:] == trl_names_table(), "docs/trl-names.md differs from rlhfkit.config.TRL_NAMES"

@@ -53,6 +53,7 @@ def test_run_directory_layout(tmp_path, tokenizer_dir, demo_files):
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
     assert records[0]["step"] == 0 and "eval/loss" in records[0]
     assert {"loss", "ppl", "lr", "grad_norm", "tokens_per_s"} <= set(records[1])
+    assert records[1]["learning_rate"] == records[1]["lr"]  # TRL's name of the same quantity
     assert records[-1]["eval/ppl"] == pytest.approx(torch.tensor(records[-1]["eval/loss"]).exp().item())
     assert metrics["eval/loss"] == records[-1]["eval/loss"]
 

@@ -2,9 +2,10 @@
 
 A stage config is a YAML file with three sections shared by all stages, ``model``, ``data`` and
 ``train``, plus stage-specific ones added by later stages. Unknown or mistyped keys fail with a
-message naming the key, the file and (for keys that come from the file) the line::
+message naming the key, the file and (for keys that come from the file) the line; an unknown key that is a
+TRL name (:data:`TRL_NAMES`) or close to a key of its section gets a suggestion::
 
-    configs/sft.yaml, line 7: train.lrr: unknown key (known: lr, ...)
+    configs/sft.yaml, line 7: train.learning_rate: unknown key; did you mean train.lr?
 
 The resolved config (file + overrides + defaults) is written to the run directory as ``config.yaml``
 so that every run can be reproduced from its own directory.
@@ -12,9 +13,11 @@ so that every run can be reproduced from its own directory.
 
 from __future__ import annotations
 
+import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -345,6 +348,124 @@ class PPOConfig(Section):
     ppo: PPOSection
 
 
+@dataclass(frozen=True)
+class TRLName:
+    """An option of TRL's configs (or of transformers' ``TrainingArguments``, which they extend) and the rlhfkit key
+    that means the same; ``key`` is relative to a stage config (``train.lr``), ``trl`` says which TRL configs have
+    the name, ``note`` what differs."""
+
+    name: str
+    trl: str
+    key: str
+    note: str = ""
+
+
+_EVERY = "TrainingArguments (every TRL config)"
+# The one table of TRL names: read by the config errors' "did you mean" and rendered as docs/trl-names.md (a test
+# keeps the two equal). Names are those of TRL 1.x (transformers 5.x TrainingArguments), PPOConfig's and RLOOConfig's
+# of TRL 0.x; only names with a true rlhfkit equivalent are listed.
+TRL_NAMES: tuple[TRLName, ...] = (
+    TRLName("learning_rate", _EVERY, "train.lr"),
+    TRLName("per_device_train_batch_size", _EVERY, "train.batch_size",
+            "rlhfkit's batch is global: split over the processes, not per device"),
+    TRLName("per_device_eval_batch_size", _EVERY, "train.eval_batch_size", "global, as train.batch_size"),
+    TRLName("gradient_accumulation_steps", _EVERY, "train.grad_accum"),
+    TRLName("num_train_epochs", _EVERY, "train.epochs", "whole epochs only"),
+    TRLName("max_steps", _EVERY, "train.max_steps", "PPO: iterations"),
+    TRLName("warmup_steps", _EVERY, "train.warmup_steps", "a count of steps, not a ratio"),
+    TRLName("weight_decay", _EVERY, "train.weight_decay"),
+    TRLName("adam_beta1", _EVERY, "train.adam_betas", "the pair (beta1, beta2)"),
+    TRLName("adam_beta2", _EVERY, "train.adam_betas", "the pair (beta1, beta2)"),
+    TRLName("max_grad_norm", _EVERY, "train.max_grad_norm"),
+    TRLName("lr_scheduler_type", _EVERY, "train.scheduler", "cosine, linear or constant"),
+    TRLName("logging_steps", _EVERY, "train.log_every"),
+    TRLName("eval_steps", _EVERY, "train.eval_every"),
+    TRLName("eval_on_start", _EVERY, "train.eval_at_start", "on by default in rlhfkit"),
+    TRLName("save_steps", _EVERY, "train.save_every"),
+    TRLName("save_total_limit", _EVERY, "train.save_total_limit"),
+    TRLName("resume_from_checkpoint", _EVERY, "train.resume", "a switch: the newest checkpoint of train.output_dir"),
+    TRLName("seed", _EVERY, "train.seed"),
+    TRLName("bf16", _EVERY, "train.mixed_precision", "mixed_precision: bf16"),
+    TRLName("fp16", _EVERY, "train.mixed_precision", "mixed_precision: fp16"),
+    TRLName("gradient_checkpointing", _EVERY, "train.gradient_checkpointing"),
+    TRLName("torch_compile", _EVERY, "train.torch_compile", "compiles each repeated block"),
+    TRLName("output_dir", _EVERY, "train.output_dir"),
+    TRLName("group_by_length", "TrainingArguments (transformers 4.x)", "train.group_by_length",
+            "on by default in rlhfkit"),
+    TRLName("trust_remote_code", "SFTConfig, RewardConfig, DPOConfig, GRPOConfig, ...", "model.trust_remote_code"),
+    TRLName("max_length", "SFTConfig, RewardConfig, DPOConfig, KTOConfig", "data.max_length"),
+    TRLName("max_prompt_length", "DPOConfig, GRPOConfig (TRL 0.x)", "data.max_prompt_length"),
+    TRLName("center_rewards_coefficient", "RewardConfig", "reward.center_coef"),
+    TRLName("beta", "DPOConfig, KTOConfig", "dpo.beta"),
+    TRLName("loss_type", "DPOConfig", "dpo.loss",
+            "TRL's sigmoid is rlhfkit's dpo; ipo, robust and hinge are named alike"),
+    TRLName("label_smoothing", "DPOConfig", "dpo.label_smoothing"),
+    TRLName("precompute_ref_log_probs", "DPOConfig, KTOConfig", "dpo.precompute_reference"),
+    TRLName("desirable_weight", "KTOConfig", "dpo.desirable_weight", "with dpo.loss: kto"),
+    TRLName("undesirable_weight", "KTOConfig", "dpo.undesirable_weight", "with dpo.loss: kto"),
+    TRLName("beta", "GRPOConfig, RLOOConfig", "ppo.kl_coef",
+            "the KL coefficient; rlhfkit puts the KL penalty in the reward, GRPO in the loss"),
+    TRLName("num_generations", "GRPOConfig, RLOOConfig", "ppo.samples_per_prompt"),
+    TRLName("rloo_k", "RLOOConfig (TRL 0.x)", "ppo.samples_per_prompt"),
+    TRLName("max_completion_length", "GRPOConfig, RLOOConfig", "ppo.max_new_tokens"),
+    TRLName("response_length", "PPOConfig, RLOOConfig (TRL 0.x)", "ppo.max_new_tokens"),
+    TRLName("temperature", "GRPOConfig, RLOOConfig, PPOConfig", "ppo.temperature"),
+    TRLName("top_p", "GRPOConfig, RLOOConfig", "ppo.top_p"),
+    TRLName("top_k", "GRPOConfig, RLOOConfig", "ppo.top_k"),
+    TRLName("num_iterations", "GRPOConfig, RLOOConfig", "ppo.ppo_epochs"),
+    TRLName("num_ppo_epochs", "PPOConfig, RLOOConfig (TRL 0.x)", "ppo.ppo_epochs"),
+    TRLName("epsilon", "GRPOConfig, RLOOConfig", "ppo.clip_range"),
+    TRLName("epsilon_high", "GRPOConfig, RLOOConfig", "ppo.clip_range_high"),
+    TRLName("cliprange", "PPOConfig (TRL 0.x)", "ppo.clip_range"),
+    TRLName("cliprange_value", "PPOConfig (TRL 0.x)", "ppo.clip_range_value"),
+    TRLName("vf_coef", "PPOConfig (TRL 0.x)", "ppo.vf_coef"),
+    TRLName("kl_coef", "PPOConfig, RLOOConfig (TRL 0.x)", "ppo.kl_coef"),
+    TRLName("kl_estimator", "PPOConfig (TRL 0.x)", "ppo.kl_estimator"),
+    TRLName("gamma", "PPOConfig (TRL 0.x)", "ppo.gamma"),
+    TRLName("lam", "PPOConfig (TRL 0.x)", "ppo.lam"),
+    TRLName("whiten_rewards", "PPOConfig (TRL 0.x)", "ppo.whiten_rewards"),
+    TRLName("normalize_advantages", "RLOOConfig", "ppo.whiten_advantages"),
+    TRLName("missing_eos_penalty", "PPOConfig, RLOOConfig (TRL 0.x)", "ppo.missing_eos_penalty"),
+    TRLName("reward_model_path", "PPOConfig, RLOOConfig (TRL 0.x)", "ppo.reward_model"),
+    TRLName("sft_model_path", "PPOConfig, RLOOConfig (TRL 0.x)", "model.name_or_path", "the policy starts from it"),
+)
+
+
+def _section_at(cls: type[BaseModel], path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The config section (model class) at ``path`` inside ``cls``, or None where the path leads to no section;
+    a list's item numbers (``ppo.rewards.0``) are passed over."""
+    for part in path:
+        if part.isdigit():
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        stack, cls = [field.annotation], None
+        while stack and cls is None:  # the section inside ``X | None``, ``list[X]``, ...
+            kind = stack.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                cls = kind
+            else:
+                stack.extend(get_args(kind))
+        if cls is None:
+            return None
+    return cls
+
+
+def _suggest_key(cls: type[BaseModel], loc: tuple[str, ...]) -> tuple[str, ...] | None:
+    """What the unknown key ``loc`` of a ``cls`` config most likely means: the rlhfkit key of a TRL name
+    (:data:`TRL_NAMES`) that ``cls`` has, else the closest key of its own section
+    (:func:`difflib.get_close_matches`, its default cutoff)."""
+    name = loc[-1]
+    for entry in TRL_NAMES:
+        *section, key = entry.key.split(".")
+        if entry.name == name and key in getattr(_section_at(cls, tuple(section)), "model_fields", {}):
+            return tuple(entry.key.split("."))
+    known = getattr(_section_at(cls, loc[:-1]), "model_fields", {})
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return (*loc[:-1], close[0]) if close else None
+
+
 StageConfig = TypeVar("StageConfig", bound=BaseModel)
 
 
@@ -387,14 +508,16 @@ def _set_path(tree: dict, path: list[str], value: Any, item: str) -> None:
     node[path[-1]] = value
 
 
-def _format_errors(error: ValidationError, source: str, lines: dict[tuple[str, ...], int],
+def _format_errors(cls: type[BaseModel], error: ValidationError, source: str, lines: dict[tuple[str, ...], int],
                    overridden: set[tuple[str, ...]], prefix: tuple[str, ...] = ()) -> str:
     messages = []
     for item in error.errors():
-        loc = (*prefix, *(str(part) for part in item["loc"]))
+        inside = tuple(str(part) for part in item["loc"])
+        loc = (*prefix, *inside)
         key = ".".join(loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            detail = "unknown key"
+            suggestion = _suggest_key(cls, inside)
+            detail = "unknown key" + (f"; did you mean {'.'.join((*prefix, *suggestion))}?" if suggestion else "")
         elif item["type"] == "missing":
             detail = "missing required key"
         else:
@@ -453,7 +576,7 @@ def validate_config(cls: type[StageConfig], tree: dict, *, source: str, lines: d
     try:
         return cls.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(_format_errors(error, source, lines or {}, set(overridden), prefix)) from None
+        raise ConfigError(_format_errors(cls, error, source, lines or {}, set(overridden), prefix)) from None
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -176,8 +176,10 @@ class Trainer(Engine):
     def log_record(self, elapsed_s: float, steps: int) -> dict[str, float]:
         means = self.window.means()
         loss = means.pop("loss")
+        lr = self.scheduler.get_last_lr()[0]
+        # the learning rate also under TRL's name (docs/trl-names.md); ``lr`` stays for what reads it already
         record = {"loss": loss, **({"ppl": math.exp(min(loss, 50.0))} if self.log_ppl else {}), **means,
-                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": self._grad_norm,
+                  "lr": lr, "learning_rate": lr, "grad_norm": self._grad_norm,
                   "tokens_per_s": self._window_tokens / elapsed_s, "s_per_step": elapsed_s / steps}
         self._window_tokens = 0
         return record
