@@ -79,6 +79,10 @@ def test_the_whole_loop_runs_then_skips_and_reruns_only_what_a_change_touches(tm
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["models"]) == {"sft", "ppo", "ppo@1", "dpo"} and "gold/score" in summary["models"]["ppo"]
     assert "gold/accuracy" in summary["reward_model"] and set(summary["seconds"]) >= {"sft", "ppo", "total"}
+    cards = {name: (out / name / "final" / "README.md").read_text() for name in ("sft", "rm", "ppo", "dpo")}
+    assert "The baseline of the win rates." in cards["sft"]  # the eval stage's results in each evaluated card
+    assert all("| gold | [" in cards[name] and "| rm | [" in cards[name] for name in ("ppo", "dpo"))
+    assert "## Evaluation" not in cards["rm"] and not (out / "ppo" / "checkpoint-1" / "README.md").exists()
     rankings = [json.loads(line) for line in (out / "rank" / "rankings.jsonl").read_text().splitlines()]
     assert rankings and all(r["labeler"] == "tinyworld-simulated" for r in rankings)
     assert yaml.safe_load((out / "sft" / "config.yaml").read_text())["model"]["name_or_path"] == \

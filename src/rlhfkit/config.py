@@ -591,9 +591,14 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def config_yaml(config: BaseModel) -> str:
+    """The resolved config as YAML, in the order of its fields (what ``config.yaml`` and model cards hold)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
 def save_config(config: BaseModel, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config as ``config.yaml`` in the run directory."""
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    path.write_text(config_yaml(config), encoding="utf-8")
     return path

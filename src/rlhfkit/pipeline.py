@@ -103,7 +103,8 @@ class RankStage(Section):
 
 
 class EvalStage(Section):
-    """``rlhfkit eval`` on held-out prompts; writes ``summary.json`` and ``samples/<model>.jsonl`` in ``out_dir``."""
+    """``rlhfkit eval`` on held-out prompts; writes ``summary.json`` and ``samples/<model>.jsonl`` in ``out_dir`` and
+    adds each model's results to its model card (``final/README.md``) where the model is one of this run's."""
 
     models: dict[str, str]
     prompts: str
@@ -182,6 +183,7 @@ def _rank(section: RankStage, config: PipelineConfig, runner: StageRunner, conso
 def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, console: Console) -> None:
     from rlhfkit.evaluate.compare import comparison_table
     from rlhfkit.evaluate.gold import reward_model_gold_accuracy
+    from rlhfkit.models.card import add_evaluation
 
     sampling = SamplingConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
                               batch_size=section.batch_size)
@@ -202,6 +204,10 @@ def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, c
             task, section.reward_model, section.reference, prompts, k=section.rm_gold_samples, sampling=sampling,
             seed=config.seed + 1)
     (runner.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    run_dir = runner.out_dir.resolve()
+    for name, path in models.items():  # the cards of this run's models; a model from elsewhere is left as it is
+        if Path(path).resolve().is_relative_to(run_dir):
+            add_evaluation(path, name, summary)
     rm = summary.get("reward_model")
     caption = (f"reward model orders {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} sample pairs as the gold judge"
                + (f" (the simulated labelers: {rm['labeler/accuracy']:.1%})" if "labeler/accuracy" in rm else "")
