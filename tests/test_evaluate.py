@@ -157,6 +157,44 @@ def test_eval_command_writes_the_report_and_samples(saved_models, task, tmp_path
     assert result.exit_code == 2 and "--baseline 'z'" in result.output, result.output
 
 
+def test_eval_command_exposes_the_sampling_controls_and_samples_per_prompt(saved_models, task, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rlhfkit import cli
+    from rlhfkit.data.readers import write_jsonl
+
+    _, paths = saved_models
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in task.prompts(4, split="test", seed=2)])
+
+    def run(name, *options):
+        result = CliRunner().invoke(cli.app, ["eval", "--models", f"a={paths['one']},b={paths['two']}", "--prompts",
+                                              str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / name),
+                                              "--task", "tinyworld", "--max-new-tokens", "6", "--temperature", "1.0",
+                                              *options])
+        assert result.exit_code == 0, result.output
+        rows = {m: [json.loads(line) for line in (tmp_path / name / "samples" / f"{m}.jsonl").read_text().splitlines()]
+                for m in ("a", "b")}
+        return json.loads((tmp_path / name / "eval.json").read_text()), rows
+
+    report, rows = run("sampled", "--samples-per-prompt", "3")
+    assert report["prompts"] == 4 and report["samples_per_prompt"] == 3 and len(rows["a"]) == 12
+    groups = [rows["a"][i:i + 3] for i in range(0, 12, 3)]
+    assert all(len({r["prompt"] for r in group}) == 1 for group in groups)  # a prompt's samples together
+    assert any(len({r["completion"] for r in group}) > 1 for group in groups)  # independent draws
+    prompts = [r["prompt"] for r in rows["a"]]
+    assert report["win_rates"]["b"]["gold"] == win_rate([r["gold"] for r in rows["b"]],  # bootstrapped by prompt
+                                                        [r["gold"] for r in rows["a"]], seed=0, groups=prompts)
+    assert report["models"]["a"]["length/tokens"] <= 6
+
+    # top-k 1 and a nucleus of one token are greedy decoding: a prompt's samples are all its greedy completion
+    greedy = [r["completion"] for r in run("greedy", "--greedy", "--temperature", "0")[1]["a"]]
+    for name, option in (("top-k", ["--top-k", "1"]), ("top-p", ["--top-p", "0.000001"])):
+        sampled = [r["completion"] for r in run(name, "--samples-per-prompt", "2", *option)[1]["a"]]
+        assert sampled == [text for text in greedy for _ in range(2)], name
+
+
 def test_inter_labeler_agreement_compares_two_independent_labelers():
     from rlhfkit.evaluate.gold import inter_labeler_agreement, labeler_gold_accuracy
     from rlhfkit.tasks.tinyworld import TinyWorld

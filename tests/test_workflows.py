@@ -104,6 +104,37 @@ def test_sample_refuses_greedy_decoding_from_the_cli_as_the_pipeline_does(tmp_pa
     assert result.exit_code == 2 and "sample.temperature" in result.output
     assert not (tmp_path / "samples.jsonl").exists()
 
+def test_eval_refuses_several_greedy_samples_per_prompt_from_the_cli_as_the_pipeline_does(tmp_path):
+    prompts = jsonl(tmp_path / "prompts.jsonl", [{"prompt": PROMPT}])
+    eval_cli = ["eval", "--models", f"sft={tmp_path / 'policy'}", "--prompts", prompts, "--out", str(tmp_path / "e")]
+    message = "eval: 2 samples per prompt need a temperature > 0"
+    assert message in error_line(CliRunner().invoke(cli.app, [*eval_cli, "--greedy", "--samples-per-prompt", "2"]))
+    result = run_pipeline(tmp_path, {"stages": ["eval"], "eval": {"models": {"sft": "policy"}, "prompts": prompts,
+                                                                  "temperature": 0, "samples_per_prompt": 2}})
+    assert result.exit_code == 2 and message in result.output and "pipeline.yaml, line 4: eval:" in result.output
+    assert "--greedy is temperature 0" in error_line(CliRunner().invoke(cli.app, [*eval_cli, "--greedy",
+                                                                                  "--temperature", "0.5"]))
+    assert "top_p must be in (0, 1], got 0.0" in error_line(CliRunner().invoke(cli.app, [*eval_cli, "--top-p", "0"]))
+    assert not (tmp_path / "e").exists() and not (tmp_path / "run" / "eval").exists()
+
+
+def test_the_eval_stage_takes_the_sampling_controls_of_rlhfkit_eval(tmp_path, tiny_model, tokenizer):
+    from rlhfkit.models.load import save_model
+
+    save_model(tiny_model, tokenizer, str(tmp_path / "policy"))
+    prompts = jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in get_task("tinyworld").prompts(3, seed=4)])
+    result = run_pipeline(tmp_path, {"task": "tinyworld", "stages": ["eval"], "eval": {
+        "models": {"a": str(tmp_path / "policy"), "b": str(tmp_path / "policy")}, "prompts": prompts,
+        "max_new_tokens": 5, "temperature": 1.0, "top_k": 1, "samples_per_prompt": 2}})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_prompts"] == 3 and summary["samples_per_prompt"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples" / "a.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(rows[i] == rows[i + 1] for i in (0, 2, 4))  # top-k 1: a prompt's samples agree
+    assert summary["win_rates"]["b"]["gold"]["ties"] == 6
+    assert not (tmp_path / "policy" / "README.md").exists()  # a model from outside the run keeps its card as it is
+
+
 def test_the_rank_stage_collects_the_feedback_databases_rankings(tmp_path):
     from rlhfkit.feedback.store import Store
 

@@ -226,8 +226,15 @@ def evaluate(
     heldout_text: Annotated[Path | None, typer.Option(help="Raw text records ({\"text\"}) for held-out "
                                                            "perplexity (the alignment tax).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
-    max_new_tokens: int = 64,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.7,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens sampled at most per completion.")] = 64,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="Sampling temperature (default 0.7); 0 for "
+                                                                    "greedy decoding.")] = None,
+    greedy: Annotated[bool, typer.Option(help="Greedy decoding (temperature 0).")] = False,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: the smallest set of tokens "
+                                                                "with this probability.")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the K likeliest tokens; 0 disables top-k.")] = 0,
+    samples_per_prompt: Annotated[int, typer.Option(min=1, help="Completions per prompt, each judged as a row; "
+                                                                "win-rate intervals bootstrap whole prompts.")] = 1,
     batch_size: int = 32,
     seed: int = 0,
     best_of_n: Annotated[int, typer.Option(min=0, help="Also a '<baseline>-bo<N>' row: best-of-N of the baseline "
@@ -241,11 +248,16 @@ def evaluate(
         raise ConfigError(f"--baseline {baseline!r} is not one of --models ({', '.join(named)})")
     if best_of_n and not reward_model:
         raise ConfigError("--best-of-n needs --reward-model (it picks the best of the N samples)")
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+    if greedy and temperature:
+        raise ConfigError(f"--greedy is temperature 0; it cannot go with --temperature {temperature}")
+    temperature = 0.0 if greedy else 0.7 if temperature is None else temperature
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              batch_size=batch_size)
     evaluation = workflows.evaluate(named, prompts, out / "eval.json", sampling, task=task, reward_model=reward_model,
                                     reference=reference, baseline=baseline, heldout_text=heldout_text, limit=limit,
-                                    seed=seed, best_of_n=best_of_n)
-    console.print(comparison_table(evaluation.report, f"{len(evaluation.prompts)} prompts from {prompts}"))
+                                    seed=seed, best_of_n=best_of_n, samples_per_prompt=samples_per_prompt)
+    each = f" x {samples_per_prompt} samples" if samples_per_prompt > 1 else ""
+    console.print(comparison_table(evaluation.report, f"{len(evaluation.prompts)} prompts{each} from {prompts}"))
     console.print(f"written to {out / 'eval.json'} and {out / 'samples'}/")
 
 

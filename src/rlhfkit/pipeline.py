@@ -114,7 +114,11 @@ class EvalStage(Section):
     heldout_text: str | None = None
     limit: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(0.7, ge=0)
+    temperature: float = Field(0.7, ge=0)  # 0: greedy decoding
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: no top-k
+    # every sample a row of its own; win-rate intervals bootstrap whole prompts
+    samples_per_prompt: int = Field(1, gt=0)
     batch_size: int = Field(100, gt=0)
     # > 0: also sample this many completions per prompt from the reference and check how often the reward
     # model orders them as the task's gold judge does
@@ -123,10 +127,17 @@ class EvalStage(Section):
     best_of_n: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _best_of_n_needs_a_reward_model(self) -> EvalStage:
+    def _consistent(self) -> EvalStage:
         if self.best_of_n and not self.reward_model:
             raise ValueError("eval.best_of_n needs eval.reward_model (it picks the best of the n samples)")
+        workflows.check_eval_sampling(self.sampling, self.samples_per_prompt)
         return self
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """How every model samples (the controls of ``rlhfkit eval``)."""
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, batch_size=self.batch_size)
 
 
 class ReportStage(Section):
@@ -185,8 +196,7 @@ def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, c
     from rlhfkit.evaluate.gold import reward_model_gold_accuracy
     from rlhfkit.models.card import add_evaluation
 
-    sampling = SamplingConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
-                              batch_size=section.batch_size)
+    sampling = section.sampling
     models = {name: path for name, path in section.models.items() if Path(path).exists()}
     for name in section.models.keys() - models.keys():
         console.print(f"[yellow]eval: {name} ({section.models[name]}) does not exist, left out[/]")
@@ -195,10 +205,11 @@ def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, c
     evaluation = workflows.evaluate(models, section.prompts, runner.output("eval"), sampling, samples_dir=samples_dir,
                                     task=config.task, reward_model=section.reward_model, reference=section.reference,
                                     baseline=section.baseline, heldout_text=section.heldout_text, limit=section.limit,
-                                    seed=config.seed, best_of_n=section.best_of_n)
+                                    seed=config.seed, best_of_n=section.best_of_n,
+                                    samples_per_prompt=section.samples_per_prompt)
     report, task, prompts = evaluation.report, evaluation.task, evaluation.prompts
-    summary: dict = {"task": config.task, "eval_prompts": len(prompts), "baseline": report["baseline"],
-                     "models": report["models"], "win_rates": report["win_rates"]}
+    summary: dict = {"task": config.task, "eval_prompts": len(prompts), **{key: report[key] for key in (
+        "samples_per_prompt", "baseline", "models", "win_rates")}}
     if section.rm_gold_samples and task and section.reward_model and section.reference:
         summary["reward_model"] = reward_model_gold_accuracy(
             task, section.reward_model, section.reference, prompts, k=section.rm_gold_samples, sampling=sampling,
@@ -212,7 +223,8 @@ def _evaluate(section: EvalStage, config: PipelineConfig, runner: StageRunner, c
     caption = (f"reward model orders {rm['gold/accuracy']:.1%} of {rm['gold/pairs']} sample pairs as the gold judge"
                + (f" (the simulated labelers: {rm['labeler/accuracy']:.1%})" if "labeler/accuracy" in rm else "")
                if rm else None)
-    console.print(comparison_table(summary, f"{len(prompts)} held-out prompts ({config.task or section.prompts})",
+    each = f" x {section.samples_per_prompt} samples" if section.samples_per_prompt > 1 else ""
+    console.print(comparison_table(summary, f"{len(prompts)} held-out prompts{each} ({config.task or section.prompts})",
                                    caption))
 
 

@@ -8,7 +8,8 @@
   with ``rank.feedback``).
 * :func:`score_records`: a reward model scores a file's completions (``rlhfkit score``).
 * :func:`best_of_n`: the best of n samples by a reward model, as SFT data (``rlhfkit best-of-n``).
-* :func:`evaluate`: models compared on held-out prompts (``rlhfkit eval``, stage ``eval``).
+* :func:`evaluate`: models compared on held-out prompts (``rlhfkit eval``, stage ``eval``), with the sampling
+  controls of ``generate`` and several samples per prompt (:func:`check_eval_sampling`).
 
 Each reads its inputs (records are checked as they are read: a bad one stops the run with a
 :class:`~rlhfkit.data.records.DataError` naming the file, line and field), writes its outputs, reports one
@@ -227,24 +228,37 @@ class Evaluation:
     task: Task | None
 
 
+def check_eval_sampling(sampling: SamplingConfig, samples_per_prompt: int) -> None:
+    """The checks of ``rlhfkit eval``'s and the pipeline eval stage's sampling: ``top_p`` in (0, 1] (a nucleus
+    of no probability holds no token), and no several samples per prompt with greedy decoding (temperature 0):
+    every sample would be the same completion, counted as if it were a new one."""
+    if not 0 < sampling.top_p <= 1:
+        raise ConfigError(f"eval: top_p must be in (0, 1], got {sampling.top_p}")
+    if samples_per_prompt > 1 and sampling.temperature <= 0:
+        raise ConfigError(f"eval: {samples_per_prompt} samples per prompt need a temperature > 0 (greedy decoding "
+                          "gives one completion per prompt, repeated)")
+
+
 def evaluate(models: dict[str, str], prompts: str | Path, out: str | Path, sampling: SamplingConfig, *,
              samples_dir: str | Path | None = None, task: str | None = None, reward_model: str | None = None,
              reference: str | None = None, baseline: str | None = None, heldout_text: str | Path | None = None,
-             limit: int | None = None, seed: int = 0, best_of_n: int = 0) -> Evaluation:
+             limit: int | None = None, seed: int = 0, best_of_n: int = 0, samples_per_prompt: int = 1) -> Evaluation:
     """Compare ``models`` (name -> checkpoint) on the same prompts: the task's gold judge, the reward model, KL to
-    ``reference``, win rates against ``baseline`` (see :func:`rlhfkit.evaluate.compare.evaluate_models`).
+    ``reference``, win rates against ``baseline`` (see :func:`rlhfkit.evaluate.compare.evaluate_models`), over
+    ``samples_per_prompt`` samples of every prompt (win-rate intervals bootstrap whole prompts).
 
     Writes the report to ``out`` (``eval.json``) and every model's samples to ``samples_dir/<name>.jsonl``
     (default: ``samples/`` beside ``out``).
     """
     from rlhfkit.evaluate.compare import evaluate_models
 
+    check_eval_sampling(sampling, samples_per_prompt)
     judge = load_task(task) if task else None
     texts = [r.prompt for r in read_records(prompts, "prompt", limit=limit)]
     report, samples = evaluate_models(models, texts, sampling, task=judge, reward_model=reward_model,
                                       reference=reference, baseline=baseline,
                                       heldout_texts=read_texts(heldout_text) if heldout_text else (), seed=seed,
-                                      best_of_n=best_of_n)
+                                      best_of_n=best_of_n, samples_per_prompt=samples_per_prompt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -1,6 +1,7 @@
 """Compare models on the same held-out prompts: gold judge, reward model, KL to a reference, win rates.
 
-Every model samples one completion per prompt with the same sampling settings and seed. Per model:
+Every model samples ``samples_per_prompt`` completions per prompt (default one) with the same sampling settings
+and seed; every sample is a row, judged on its own. Per model, over the rows:
 
 * ``gold/score`` (mean), ``gold/stderr`` and ``gold/criteria`` (the mean of each of the judge's criteria,
   :func:`criterion_means`) when a built-in task judges;
@@ -17,7 +18,8 @@ analytic ``log N - (N - 1) / N`` to the baseline policy (``kl_analytic: true``),
 usual, the baseline is the reference.
 
 Win rates (:func:`rlhfkit.evaluate.metrics.win_rate`) of every model against a baseline, judged by the
-gold judge and by the reward model, with bootstrap intervals.
+gold judge and by the reward model, with bootstrap intervals: row ``i`` of a model meets row ``i`` of the
+baseline (the same prompt, the same sample number), and the bootstrap resamples whole prompts, all their rows.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ def criterion_means(task: Task, prompts: Sequence, texts: Sequence[str]) -> dict
 
 def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: SamplingConfig, *,
                     task: Task | None = None, reward_model: str | None = None, reference: str | None = None,
-                    baseline: str | None = None, heldout_texts: Sequence[str] = (),
-                    seed: int = 0, best_of_n: int = 0) -> tuple[dict, dict[str, list[dict]]]:
+                    baseline: str | None = None, heldout_texts: Sequence[str] = (), seed: int = 0,
+                    best_of_n: int = 0, samples_per_prompt: int = 1) -> tuple[dict, dict[str, list[dict]]]:
     """Sample, judge and compare ``models`` (name -> checkpoint directory) on ``prompts``.
 
     With ``heldout_texts`` (raw text the models were not trained on) each model's ``heldout/ppl`` too. With
@@ -103,11 +105,15 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
 
     Returns ``(report, samples)``: ``report["models"][name]`` holds the metrics of the module docstring,
     ``report["win_rates"][name]`` the win rates against ``baseline`` (default: the first model) by
-    ``gold`` and by ``rm``, their intervals from a bootstrap over distinct prompts (a prompt listed twice is
-    one cluster of two rows); ``samples[name]`` one ``{"prompt", "completion", ...scores}`` per prompt.
+    ``gold`` and by ``rm``, their intervals from a bootstrap over distinct prompts (a prompt listed twice, or
+    sampled ``samples_per_prompt`` times, is one cluster of its rows); ``samples[name]`` one
+    ``{"prompt", "completion", ...scores}`` row per sample, the ``samples_per_prompt`` samples of a prompt together.
     """
     if not models:
         raise ValueError("evaluate_models needs at least one model")
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
+    given, prompts = prompts, [p for p in prompts for _ in range(samples_per_prompt)]  # one row per sample
     baseline = baseline or next(iter(models))
     if baseline not in models:
         raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(models)}")
@@ -121,8 +127,8 @@ def evaluate_models(models: Mapping[str, str], prompts: Sequence, sampling: Samp
     scorer = load_for_scoring(reward_model) if reward_model else None
     ref = load_causal_lm(ModelConfig(name_or_path=reference))[0] if reference else None
     temperature = sampling.temperature or 1.0
-    report: dict = {"prompts": len(prompts), "distinct_prompts": len(set(prompts)), "baseline": baseline,
-                    "models": {}, "win_rates": {}}
+    report: dict = {"prompts": len(given), "distinct_prompts": len(set(given)),
+                    "samples_per_prompt": samples_per_prompt, "baseline": baseline, "models": {}, "win_rates": {}}
     samples: dict[str, list[dict]] = {}
     for name, path, n in runs:
         model, tokenizer = load_causal_lm(ModelConfig(name_or_path=path))
