@@ -57,6 +57,9 @@ def test_base_model_license_and_datasets_come_from_what_the_stage_started_from(t
                                                          "ppo": {"rewards": [{"function": "length"}],
                                                                  "advantage": "grpo", "samples_per_prompt": 2}}))
     assert hub["base_model"] == "org/not-here" and "license" not in hub and hub["tags"] == ["rlhfkit", "grpo"]
+    (parent / "README.md").write_text("---\nlicense: [unclosed\n---\n")  # a card that cannot be read names nothing
+    unreadable = DPOConfig.model_validate({**base, "model": {"name_or_path": str(parent)}})
+    assert "license" not in card_metadata("dpo", unreadable)
 
 
 def test_an_evaluation_is_added_to_the_card_once(tmp_path, sft_run):

@@ -40,7 +40,7 @@ def method_tags(stage: str, config: BaseModel) -> list[str]:
     return tags + (["lora"] if config.model.lora is not None else [])
 
 
-def _card_metadata(source: str) -> dict:
+def _front_matter(source: str) -> dict:
     """The front matter of the card of ``source``: a local model directory's ``README.md`` or a Hub model's card
     ({} where there is none, or the Hub cannot be reached)."""
     from huggingface_hub import ModelCard
@@ -50,7 +50,7 @@ def _card_metadata(source: str) -> dict:
         if local.is_dir():
             return ModelCard.load(local / CARD_FILE).data.to_dict() if (local / CARD_FILE).is_file() else {}
         return ModelCard.load(source).data.to_dict()
-    except OSError:  # offline, no such repository, no card
+    except (OSError, ValueError, yaml.YAMLError):  # offline, no such repository or card, front matter unreadable
         return {}
 
 
@@ -74,7 +74,7 @@ def card_metadata(stage: str, config: BaseModel) -> dict:
                       "pipeline_tag": "text-classification" if stage == "rm" else "text-generation"}
     start = config.model.name_or_path
     if start is not None:
-        parent = _card_metadata(start)
+        parent = _front_matter(start)
         base = start if _hub_id(start) else parent.get("base_model")
         if base:
             metadata["base_model"] = base
@@ -125,7 +125,7 @@ def add_evaluation(directory: str | Path, name: str, summary: Mapping) -> bool:
     metrics and win rates against the baseline) into the rlhfkit card at ``directory``, replacing those of an
     earlier evaluation. False where ``directory`` holds no card rlhfkit wrote (nothing is written there)."""
     path = Path(directory) / CARD_FILE
-    if not path.is_file() or _card_metadata(str(directory)).get("library_name") != LIBRARY:
+    if not path.is_file() or _front_matter(str(directory)).get("library_name") != LIBRARY:
         return False
     metrics, baseline = summary["models"][name], summary["baseline"]
     lines = ["", "<!-- rlhfkit:evaluation -->", "## Evaluation", "",
