@@ -17,7 +17,15 @@ from rlhfkit.algorithms.advantages import (
 )
 from rlhfkit.algorithms.estimators import ESTIMATORS, estimate_advantages
 from rlhfkit.algorithms.kl import AdaptiveKLController, kl_estimate, kl_penalized_rewards, kl_penalized_score
-from rlhfkit.algorithms.ppo import entropy_from_logits, policy_loss, value_loss
+from rlhfkit.algorithms.ppo import (
+    Aggregation,
+    aggregate,
+    aggregation_count,
+    entropy_from_logits,
+    policy_loss,
+    sequence_log_ratio,
+    value_loss,
+)
 from rlhfkit.config import PPOSection
 
 
@@ -179,3 +187,34 @@ def test_clip_higher_widens_only_the_upper_clip():
     # a negative advantage is still clipped below at 1 - eps_low
     low, _ = policy_loss(torch.log(t([0.7])), torch.zeros(1, 1), t([-1.0]), torch.ones(1, 1), 0.2, 0.28)
     assert low.item() == pytest.approx(0.8)
+
+
+def test_loss_aggregations_by_hand():
+    # two sequences of 3 and 1 tokens, and one without a token (it counts in no mean)
+    per_token = t([1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0])
+    mask = t([1, 1, 1], [1, 0, 0], [0, 0, 0])
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(10 / 4)  # DAPO: over all tokens
+    assert aggregate(per_token, mask, "sequence_mean").item() == pytest.approx((2 + 4) / 2)  # GRPO
+    # Dr. GRPO: each sequence's sum over one constant length (4), then the mean over sequences
+    assert aggregate(per_token, mask, "constant_length", max_tokens=4).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    assert aggregation_count(mask, "token_mean").item() == 4
+    assert aggregation_count(mask, "sequence_mean").item() == aggregation_count(mask, "constant_length").item() == 2
+    with pytest.raises(ValueError, match="needs max_tokens"):
+        aggregate(per_token, mask, "constant_length")
+    assert set(get_args(Aggregation)) == set(get_args(PPOSection.model_fields["loss_aggregation"].annotation))
+
+
+def test_gspo_clips_one_length_normalised_ratio_per_sequence():
+    log_ratio, advantages = t([0.3, -0.1, 0.1], [0.5, 0.0, 0.0]), t([1.0, 1.0, 1.0], [1.0, 0.0, 0.0])
+    mask = t([1, 1, 1], [1, 0, 0])
+    # log s = the token mean of the log ratio: 0.1 and 0.5, on every token of the sequence
+    torch.testing.assert_close(sequence_log_ratio(log_ratio, torch.zeros(2, 3), mask), t([0.1] * 3, [0.5] * 3))
+    loss, stats = policy_loss(log_ratio, torch.zeros(2, 3), advantages, mask, 0.2, aggregation="sequence_mean",
+                              ratio_level="sequence")
+    # sequence 1: s = e^0.1 = 1.105, inside the clip; sequence 2: s = e^0.5 = 1.65, clipped at 1.2 (A > 0)
+    assert loss.item() == pytest.approx(-(math.exp(0.1) + 1.2) / 2, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 4)  # the one token of sequence 2
+    # per token (PPO) the same inputs clip e^0.3 and e^0.5: a different loss
+    token_level, _ = policy_loss(log_ratio, torch.zeros(2, 3), advantages, mask, 0.2, aggregation="sequence_mean")
+    expected = (-(1.2 + math.exp(-0.1) + math.exp(0.1)) / 3 - 1.2) / 2
+    assert token_level.item() == pytest.approx(expected, abs=1e-6)

@@ -280,6 +280,9 @@ UPDATE_OPTIONS = {  # each minibatch is the whole rollout: the same minibatches 
     "grpo-reward-function": ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
                              "ppo.reward_model=null",
                              "ppo.rewards=[{function: length_penalty, options: {max_words: 3}}]"],
+    # GSPO: sequence ratios and a sequence mean, pooled over the processes by sequences, not tokens
+    "gspo": ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8", "ppo.importance_ratio=sequence",
+             "ppo.loss_aggregation=sequence_mean"],
 }
 
 
@@ -287,7 +290,7 @@ UPDATE_OPTIONS = {  # each minibatch is the whole rollout: the same minibatches 
 @pytest.mark.parametrize(("name", "accelerate_config"), [
     ("gae-reward-value", None), ("value-head-ptx", None),
     ("gae-reward-value", "fsdp-cpu.yaml"), ("value-head-ptx", "fsdp-cpu.yaml"), ("rloo", "fsdp-cpu.yaml"),
-    ("grpo-reward-function", None)])
+    ("grpo-reward-function", None), ("gspo", None)])
 def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, name, accelerate_config):
     """A fixed rollout's update on 2 processes (DDP, or FSDP2 with each process holding a shard of the policy
     and value network, gathered for the comparison) gives the weights and statistics of one process."""

@@ -46,7 +46,10 @@ OPTIONS = {
     "grpo-lora-ptx": ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "model.lora.r=4", "ppo.ptx_coef=0.5",
                       "train.grad_accum=2"],
     "reinforce++": ["ppo.advantage=reinforce++"],
-    "dr-grpo-clip-higher": ["ppo.advantage=dr_grpo", "ppo.samples_per_prompt=2", "ppo.clip_range_high=0.28"],
+    "dr-grpo-clip-higher": ["ppo.advantage=dr_grpo", "ppo.samples_per_prompt=2", "ppo.clip_range_high=0.28",
+                            "ppo.loss_aggregation=constant_length"],
+    "gspo": ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.importance_ratio=sequence",
+             "ppo.loss_aggregation=sequence_mean"],
 }
 
 

@@ -307,6 +307,11 @@ class PPOSection(Section):
     # the upper clip of the ratio (DAPO's clip-higher, e.g. 0.28); unset: clip_range
     clip_range_high: float | None = Field(None, gt=0)
     clip_range_value: float = Field(0.2, gt=0)
+    # how the per-token policy loss becomes one number (rlhfkit.algorithms.ppo.Aggregation): token_mean (PPO,
+    # DAPO), sequence_mean (GRPO) or constant_length (Dr. GRPO: each sequence's sum over max_new_tokens)
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant_length"] = "token_mean"
+    # whose likelihood ratio is clipped: each token's (PPO) or each sequence's length-normalised one (GSPO)
+    importance_ratio: Literal["token", "sequence"] = "token"
     vf_coef: float = Field(0.1, ge=0)
     value_lr_scale: float = Field(1.0, gt=0)
     target_kl: float | None = Field(None, gt=0)
@@ -416,6 +421,9 @@ TRL_NAMES: tuple[TRLName, ...] = (
     TRLName("num_ppo_epochs", "PPOConfig, RLOOConfig (TRL 0.x)", "ppo.ppo_epochs"),
     TRLName("epsilon", "GRPOConfig, RLOOConfig", "ppo.clip_range"),
     TRLName("epsilon_high", "GRPOConfig, RLOOConfig", "ppo.clip_range_high"),
+    TRLName("loss_type", "GRPOConfig", "ppo.loss_aggregation",
+            "values: grpo = sequence_mean, dr_grpo = constant_length, dapo / bnpo = token_mean"),
+    TRLName("importance_sampling_level", "GRPOConfig", "ppo.importance_ratio", "token or sequence (GSPO)"),
     TRLName("cliprange", "PPOConfig (TRL 0.x)", "ppo.clip_range"),
     TRLName("cliprange_value", "PPOConfig (TRL 0.x)", "ppo.clip_range_value"),
     TRLName("vf_coef", "PPOConfig (TRL 0.x)", "ppo.vf_coef"),

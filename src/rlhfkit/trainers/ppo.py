@@ -43,7 +43,7 @@ from rlhfkit.algorithms.advantages import masked_mean, pooled_loss
 from rlhfkit.algorithms.estimators import ESTIMATORS
 from rlhfkit.algorithms.kl import AdaptiveKLController, FixedKLController
 from rlhfkit.algorithms.logprobs import masked_lm_loss
-from rlhfkit.algorithms.ppo import entropy_from_logits, policy_loss, value_loss
+from rlhfkit.algorithms.ppo import aggregation_count, entropy_from_logits, policy_loss, value_loss
 from rlhfkit.config import PPOConfig
 from rlhfkit.data.collators import PadCollator, pack_texts
 from rlhfkit.data.readers import read_records, read_texts
@@ -231,9 +231,12 @@ class PPOTrainer(Engine):
         hidden = self.has_value and ppo.value_model == "head"
         logprobs, logits, states = self.model("policy_outputs", batch, ppo.temperature, hidden=hidden)
         pg_loss, pg_stats = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, ppo.clip_range,
-                                        ppo.clip_range_high)
-        # name: (a token mean over this process's share, its number of tokens); loss terms and their coefficients
-        means = {"loss/policy_avg": (pg_loss, tokens), "policy/approxkl_avg": (pg_stats["approxkl"], tokens),
+                                        ppo.clip_range_high, aggregation=ppo.loss_aggregation,
+                                        max_tokens=ppo.max_new_tokens, ratio_level=ppo.importance_ratio)
+        # name: (a mean over this process's share, what it counts: tokens, or sequences for a sequence-level
+        # policy loss); loss terms and their coefficients
+        means = {"loss/policy_avg": (pg_loss, aggregation_count(mask, ppo.loss_aggregation)),
+                 "policy/approxkl_avg": (pg_stats["approxkl"], tokens),
                  "policy/clipfrac_avg": (pg_stats["clipfrac"], tokens), "val/ratio": (pg_stats["ratio"], tokens)}
         coefs = {"loss/policy_avg": 1.0}
         with torch.no_grad():
