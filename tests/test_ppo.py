@@ -223,6 +223,10 @@ def words(prompts, completions, **fields):
 
 def answer_length(prompts, completions, answer, **fields):
     return [float(len(a)) for a in answer]
+
+
+def tokens(prompts, completions, completion_ids, **fields):
+    return [float(len(ids)) for ids in completion_ids]
 '''
 
 
@@ -234,7 +238,9 @@ def test_reward_functions_alone_and_beside_the_reward_model(ppo_setup, tmp_path,
     prompts = tmp_path / "prompts.jsonl"  # each prompt record carries a reference answer
     write_jsonl(prompts, [{"prompt": p, "answer": "#### 3"} for p in task.prompts(8, seed=0)])
     sources = (f"ppo.rewards=[{{function: '{reward_file}:words', weight: 0.5}}, "
-               f"{{function: '{reward_file}:answer_length', name: ref, weight: 0.25}}]")
+               f"{{function: '{reward_file}:answer_length', name: ref, weight: 0.25}}, "
+               f"{{function: '{reward_file}:tokens', weight: 0.0}}, "
+               "{function: overlong_penalty, weight: 0.0, options: {max_tokens: 12, cache_tokens: 4}}]")
     # GRPO rewarded by functions only: no reward model anywhere
     config = ppo_config(ppo_setup, "functions", "ppo.reward_model=null", "ppo.advantage=grpo",
                         "ppo.samples_per_prompt=2", f"data.train={prompts}", sources)
@@ -244,6 +250,9 @@ def test_reward_functions_alone_and_beside_the_reward_model(ppo_setup, tmp_path,
     samples = [json.loads(line) for line in (ppo_setup / "functions" / "samples.jsonl").read_text().splitlines()]
     for sample in samples:
         n_words = len(sample["completion"].split())
+        n_tokens = sample["rewards"].pop("tokens")  # the completion's token ids reach the functions, its EOS too
+        assert n_tokens == int(n_tokens) and 1 <= n_tokens <= 12  # ppo.max_new_tokens
+        assert sample["rewards"].pop("overlong_penalty") == -min(max(n_tokens - 8, 0) / 4, 1.0)
         assert sample["rewards"] == {"words": n_words, "ref": 6.0}
         assert sample["score"] == pytest.approx(0.5 * n_words + 0.25 * 6.0)
     # PPO with the reward model (weight 1) and a function: the score is their weighted sum

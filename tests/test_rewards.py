@@ -13,6 +13,7 @@ from rlhfkit.rewards.builtin import (
     extract_answer,
     format_reward,
     length_penalty,
+    overlong_penalty,
     parse_number,
 )
 from rlhfkit.rewards.functions import RewardFunctionError, combined_rewards, load_reward_function, reward_source
@@ -67,6 +68,15 @@ def test_length_penalty():
     assert length_penalty([""] * 4, completions, max_words=10) == [0.0, -0.5, -1.0, -1.0]
     with pytest.raises(ValueError, match="max_words must be positive"):
         length_penalty([""], ["w"], max_words=0)
+
+
+def test_overlong_penalty_by_hand():
+    # max 10 tokens, the last 4 a soft zone: 6 tokens free, 8 half-way (-(8 - 6) / 4), 10 and beyond -1
+    ids = [[0] * n for n in (3, 6, 8, 10, 12)]
+    assert overlong_penalty([""] * 5, [""] * 5, completion_ids=ids, max_tokens=10, cache_tokens=4) == [
+        0.0, 0.0, -0.5, -1.0, -1.0]
+    with pytest.raises(ValueError, match="cache_tokens <= max_tokens"):
+        overlong_penalty([""], [""], completion_ids=[[0]], max_tokens=4, cache_tokens=5)
 
 
 def _write(tmp_path: Path, body: str) -> Path:

@@ -1,4 +1,5 @@
-"""Built-in verifiable rewards: an exact numeric answer, a required format, a length penalty.
+"""Built-in verifiable rewards: an exact numeric answer, a required format, a length penalty (in words) and
+DAPO's overlong penalty (in tokens).
 
 Answers follow GSM8K's convention (Cobbe et al. 2021): the solution ends with ``#### <number>``. A completion's
 answer is the number after its last ``####``, else the content of its last ``\\boxed{...}`` (the MATH
@@ -66,5 +67,19 @@ def length_penalty(prompts: list[str], completions: list[str], *, max_words: int
     return [0.0 - min(max(len(c.split()) - max_words, 0) / max_words, 1.0) for c in completions]  # no -0.0
 
 
+def overlong_penalty(prompts: list[str], completions: list[str], *, completion_ids: list[list[int]],
+                     max_tokens: int, cache_tokens: int, **_) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) on each completion's length in tokens ``L``: 0 up
+    to ``max_tokens - cache_tokens``, then falling linearly to -1 at ``max_tokens`` (and -1 beyond). Set
+    ``max_tokens`` to the rollout's ``ppo.max_new_tokens``: answers cut off at the limit get the full penalty,
+    those that come close a part of it. ``completion_ids`` is passed by the trainer."""
+    if not 0 < cache_tokens <= max_tokens:
+        raise ValueError(f"overlong_penalty: needs 0 < cache_tokens <= max_tokens, got cache_tokens={cache_tokens}, "
+                         f"max_tokens={max_tokens}")
+    free = max_tokens - cache_tokens
+    return [0.0 - min(max(len(ids) - free, 0) / cache_tokens, 1.0) for ids in completion_ids]  # no -0.0
+
+
 #: The built-in reward functions by the name a config gives them.
-BUILTIN = {"exact_answer": exact_answer_reward, "format": format_reward, "length_penalty": length_penalty}
+BUILTIN = {"exact_answer": exact_answer_reward, "format": format_reward, "length_penalty": length_penalty,
+           "overlong_penalty": overlong_penalty}

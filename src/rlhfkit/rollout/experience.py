@@ -158,11 +158,14 @@ class ExperienceMaker:
             states = (networks("policy_outputs", batch, ppo.temperature, hidden=True)[2]
                       if ppo.value_model == "head" else None)
             values = networks("values", batch, states) * response_mask
-        texts = []
+        texts, completion_ids = [], []
         for row, mask in zip(responses.tolist(), response_mask.tolist(), strict=True):
             ids = [t for t, m in zip(row, mask, strict=True) if m]
+            completion_ids.append(ids)
             texts.append(truncate_at_stop(tok.decode(ids, skip_special_tokens=True).strip(), ppo.stop_strings))
-        totals, per_source = combined_rewards(self.rewards, prompts, texts, fields)
+        # reward functions also get each completion's token ids (its EOS included), as TRL passes them
+        totals, per_source = combined_rewards(self.rewards, prompts, texts,
+                                              {**fields, "completion_ids": completion_ids})
         scores = torch.tensor(totals, device=self.device)
         source_scores = {name: torch.tensor(values, device=self.device) for name, values in per_source.items()}
         if ppo.missing_eos_penalty is not None:
