@@ -318,3 +318,24 @@ def test_value_network_is_a_head_on_the_policy_or_the_reward_model(ppo_setup, mo
                         lambda path: torch.nn.Linear(1, 1))
     with pytest.raises(ConfigError, match="needs a decoder reward model with a `score` head"):
         value_network("reward", policy, str(ppo_setup / "rm"))
+
+
+def test_the_grpo_command_starts_from_trls_grpo_defaults_and_takes_its_names(ppo_setup):
+    import yaml
+    from typer.testing import CliRunner
+
+    from rlhfkit import cli
+
+    common = [f"train.output_dir={ppo_setup / 'grpo-command'}", "train.max_steps=1", "train.progress=false",
+              f"model.name_or_path={ppo_setup / 'policy'}", f"data.train={ppo_setup / 'prompts.jsonl'}",
+              "data.max_length=64", f"ppo.reward_model={ppo_setup / 'rm'}", "ppo.rollout_batch_size=2",
+              "ppo.minibatch_size=4", "ppo.max_new_tokens=8"]
+    args = ["grpo", "--num-generations", "4", "--epsilon", "0.3", *(x for item in common for x in ("--set", item))]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((ppo_setup / "grpo-command" / "config.yaml").read_text())["ppo"]
+    assert (saved["advantage"], saved["samples_per_prompt"], saved["clip_range"]) == ("grpo", 4, 0.3)
+    assert (saved["kl_coef"], saved["ppo_epochs"]) == (0.0, 1)  # TRL's beta and num_iterations defaults
+    assert read_metrics(ppo_setup / "grpo-command")[-1]["kl_coef"] == 0.0
+    # `rlhfkit ppo` keeps PPO's own defaults
+    assert load_config(PPOConfig, None, [*common, "ppo.minibatch_size=2"]).ppo.advantage == "gae"

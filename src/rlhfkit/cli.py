@@ -31,9 +31,9 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML 
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: a.b=value (repeatable).")]
 
 
-def _train(config_class, run, config: Path | None, overrides: list[str] | None) -> None:
-    """Load a stage config (file + ``--set`` overrides), run the stage, print its last metrics."""
-    metrics = run(load_config(config_class, config, overrides or []), console)
+def _train(config_class, run, config: Path | None, overrides: list[str] | None, base: dict | None = None) -> None:
+    """Load a stage config (``base`` defaults, file, ``--set`` overrides), run the stage, print its last metrics."""
+    metrics = run(load_config(config_class, config, overrides or [], base=base), console)
     console.print_json(json.dumps(metrics))
 
 
@@ -198,6 +198,25 @@ def ppo(config: ConfigOption = None, set_: SetOption = None) -> None:
     from rlhfkit.trainers.ppo import run_ppo
 
     _train(PPOConfig, run_ppo, config, set_)
+
+
+@app.command()
+@fail_cleanly
+def grpo(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    num_generations: Annotated[int | None, typer.Option(min=2, help="Completions per prompt, a group: "
+                                                         "ppo.samples_per_prompt (TRL's name).")] = None,
+    epsilon: Annotated[float | None, typer.Option(min=0.0, help="Clip range: ppo.clip_range.")] = None,
+    beta: Annotated[float | None, typer.Option(min=0.0, help="KL coefficient: ppo.kl_coef.")] = None,
+) -> None:
+    """GRPO: the PPO trainer from TRL's GRPO defaults (groups of 8, no KL penalty, one pass per rollout)."""
+    from rlhfkit.config import GRPO_DEFAULTS, PPOConfig
+    from rlhfkit.trainers.ppo import run_ppo
+
+    named = {"ppo.samples_per_prompt": num_generations, "ppo.clip_range": epsilon, "ppo.kl_coef": beta}
+    overrides = [f"{key}={value}" for key, value in named.items() if value is not None]
+    _train(PPOConfig, run_ppo, config, [*overrides, *(set_ or [])], base=GRPO_DEFAULTS)
 
 
 def _named_models(spec: str) -> dict[str, str]:

@@ -344,6 +344,13 @@ class PPOSection(Section):
         return self
 
 
+#: ``rlhfkit grpo``'s starting point: TRL's ``GRPOConfig`` defaults (trl 1.16) where they differ from
+#: :class:`PPOSection`'s, on the same trainer: group baselines of 8 completions (``num_generations``), no KL
+#: penalty (``beta`` 0), one pass over each rollout (``num_iterations``). ``epsilon`` (0.2), ``temperature`` (1.0)
+#: and the token-mean loss (``loss_type: dapo``) are PPOSection's defaults already.
+GRPO_DEFAULTS = {"ppo": {"advantage": "grpo", "samples_per_prompt": 8, "kl_coef": 0.0, "ppo_epochs": 1}}
+
+
 class PPOConfig(Section):
     """PPO / RLOO / GRPO: ``model`` is the policy (initialised from SFT), ``data.train`` the prompts."""
 
