@@ -18,6 +18,8 @@ from rlhfkit.algorithms.dpo import (
     pairwise_loss,
     reward_margin,
     robust_dpo_loss,
+    rpo_nll,
+    simpo_loss,
 )
 from rlhfkit.algorithms.logprobs import gathered_logprobs
 
@@ -129,7 +131,7 @@ def test_reference_free_dispatch_uses_a_zero_reference():
         pairwise_loss("kto", PI_C, PI_R, REF_C, REF_R, beta=BETA)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "robust", "ipo", "hinge", "orpo"])
+@pytest.mark.parametrize("loss", ["dpo", "robust", "ipo", "hinge", "orpo", "simpo"])
 def test_gradients_raise_chosen_and_lower_rejected(loss):
     pi_c = torch.tensor([-3.0], requires_grad=True)
     pi_r = torch.tensor([-2.0], requires_grad=True)
@@ -152,3 +154,26 @@ def test_gathered_logprobs_picks_each_tokens_predictor():
     close(out, [math.log(0.25), math.log(0.75), math.log(0.5)])
     close(gathered_logprobs(logits, torch.tensor([0]), torch.tensor([0]), torch.tensor([1]), temperature=2.0),
           [math.log(math.sqrt(3) / (1 + math.sqrt(3)))])
+
+
+def test_simpo_by_hand_and_without_a_reference():
+    # beta 2, gamma 0.5: logits 2 (-1.0 + 1.5) - 0.5 = 0.5; equal log-probs give -log sigmoid(-gamma)
+    pi_c, pi_r = torch.tensor([-1.0, -1.2]), torch.tensor([-1.5, -1.2])
+    close(simpo_loss(pi_c, pi_r, beta=2.0, gamma=0.5), [math.log1p(math.exp(-0.5)), math.log1p(math.exp(0.5))])
+    dispatched = pairwise_loss("simpo", pi_c, pi_r, torch.tensor([5.0, 5.0]), None, beta=2.0, simpo_gamma=0.5)
+    close(dispatched, simpo_loss(pi_c, pi_r, beta=2.0, gamma=0.5).tolist())  # the reference plays no part
+
+
+def test_simpo_equals_trls_cpo_simpo_loss():
+    from types import SimpleNamespace
+
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer", reason="TRL (the bench extra) is not installed")
+    pi_c, pi_r = torch.tensor([-0.4, -2.0, -1.1]), torch.tensor([-0.9, -1.0, -1.1])
+    trainer = SimpleNamespace(alpha=0.0, loss_type="simpo", beta=2.5, simpo_gamma=1.4, label_smoothing=0.0,
+                              accelerator=SimpleNamespace(device=torch.device("cpu")))
+    theirs, _, _ = cpo.CPOTrainer.cpo_loss(trainer, pi_c, pi_r)
+    close(simpo_loss(pi_c, pi_r, beta=2.5, gamma=1.4), theirs.tolist())
+
+
+def test_rpo_nll_is_the_chosen_responses_token_nll():
+    close(rpo_nll(torch.tensor([-0.7, -2.0])), [0.7, 2.0])

@@ -205,7 +205,7 @@ def test_kto_trains_on_unpaired_records(tmp_path, tokenizer_dir, preference_file
 @pytest.mark.parametrize("settings", [
     {"loss": "dpo", "label_smoothing": 0.1}, {"loss": "ipo"}, {"loss": "robust", "label_smoothing": 0.2},
     {"loss": "hinge"}, {"loss": "orpo"}, {"loss": "kto"}, {"loss": "dpo", "reference": "none"},
-    {"loss": "dpo", "share_prompt": False},
+    {"loss": "dpo", "share_prompt": False}, {"loss": "simpo", "beta": 2.0}, {"loss": "dpo", "rpo_alpha": 1.0},
 ])
 def test_every_loss_trains_and_logs_the_dpo_metrics(tmp_path, tokenizer_dir, preference_files, settings):
     config = dpo_config(tmp_path, tokenizer_dir, preference_files, data="rankings.jsonl", dpo=settings,
@@ -216,6 +216,8 @@ def test_every_loss_trains_and_logs_the_dpo_metrics(tmp_path, tokenizer_dir, pre
     expected = {"loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"}
     if settings["loss"] != "kto":
         expected |= {"rewards/accuracies", "rewards/margins"}
+    if "rpo_alpha" in settings:
+        expected.add("nll_loss")
     assert expected <= set(train_logs[-1]) and "ppl" not in train_logs[-1]
     assert {f"eval/{k}" for k in expected} <= set(metrics)
     assert all(math.isfinite(r["loss"]) for r in train_logs)
@@ -276,14 +278,18 @@ def test_resume_keeps_the_initial_policy_as_reference(tmp_path, tokenizer_dir, p
 @pytest.mark.parametrize("override, message", [
     ("dpo.loss=ipo", "dpo.label_smoothing applies to losses dpo and robust"),
     ("dpo.reference=adapters", "dpo.reference adapters needs model.lora"),
-    ("dpo.loss=simpo", "dpo.loss"),
+    ("dpo.loss=cpo", "dpo.loss"),
     ("dpo.bta=0.1", "unknown key"),
+    ("dpo.loss=simpo", "dpo.precompute_reference needs a reference model"),
+    ("dpo.loss=kto", "dpo.rpo_alpha adds the chosen response's NLL to a pairwise loss; not to dpo.loss kto"),
 ])
 def test_bad_dpo_settings_name_the_key(tmp_path, override, message):
     overrides = ["model.preset=tiny", "model.tokenizer=t", "data.train=x.jsonl", f"train.output_dir={tmp_path}",
                  override]
-    if override == "dpo.loss=ipo":
-        overrides.append("dpo.label_smoothing=0.1")
+    extra = {"dpo.loss=ipo": "dpo.label_smoothing=0.1", "dpo.loss=simpo": "dpo.precompute_reference=true",
+             "dpo.loss=kto": "dpo.rpo_alpha=1.0"}
+    if override in extra:
+        overrides.append(extra[override])
     with pytest.raises(ConfigError, match=message):
         load_config(DPOConfig, None, overrides)
 

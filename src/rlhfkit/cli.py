@@ -58,7 +58,7 @@ def sft(config: ConfigOption = None, set_: SetOption = None) -> None:
 @app.command()
 @fail_cleanly
 def dpo(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Train a policy from preferences: DPO, IPO, robust DPO, hinge, ORPO or KTO (dpo.loss)."""
+    """Train a policy from preferences: DPO, IPO, robust DPO, hinge, ORPO, KTO or SimPO (dpo.loss)."""
     from rlhfkit.config import DPOConfig
     from rlhfkit.trainers.dpo import run_dpo
 

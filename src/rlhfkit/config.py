@@ -152,7 +152,9 @@ class DPOSection(Section):
 
     ``loss``: ``dpo`` (sigmoid; cDPO with ``label_smoothing``), ``ipo``, ``robust`` (robust DPO with
     flip rate ``label_smoothing``), ``hinge`` (SLiC), ``orpo`` (reference-free; ``beta`` is its lambda),
-    ``kto`` (unpaired; pairs and rankings are split into desirable and undesirable completions).
+    ``kto`` (unpaired; pairs and rankings are split into desirable and undesirable completions), ``simpo``
+    (reference-free, length-normalised, with the target margin ``simpo_gamma``). ``rpo_alpha``: add
+    ``rpo_alpha`` x the chosen response's mean token NLL to each pair's loss (RPO, Pang et al. 2024).
     ``average_logps``: per-token mean instead of sum of response log-probs; default per loss (IPO and
     ORPO average, the others sum). ``reference``: ``auto`` = ``reference_model`` if given, else the same
     base with LoRA adapters disabled when ``model.lora`` is set, else a frozen copy of the initial
@@ -163,8 +165,10 @@ class DPOSection(Section):
     where the attention implementation takes such a mask (sdpa, eager), else one row per response.
     """
 
-    loss: Literal["dpo", "ipo", "robust", "hinge", "orpo", "kto"] = "dpo"
+    loss: Literal["dpo", "ipo", "robust", "hinge", "orpo", "kto", "simpo"] = "dpo"
     beta: float = Field(0.1, gt=0)
+    simpo_gamma: float = Field(0.5, ge=0)
+    rpo_alpha: float | None = Field(None, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     average_logps: bool | None = None
     reference: Literal["auto", "copy", "adapters", "none"] = "auto"
@@ -178,13 +182,22 @@ class DPOSection(Section):
     def _consistent(self) -> DPOSection:
         if self.label_smoothing and self.loss not in ("dpo", "robust"):
             raise ValueError(f"dpo.label_smoothing applies to losses dpo and robust, not {self.loss}")
-        if self.loss == "orpo" and self.reference not in ("auto", "none"):
-            raise ValueError("dpo.loss orpo is reference-free: leave dpo.reference at auto or none")
+        if self.reference_free and self.reference not in ("auto", "none"):
+            raise ValueError(f"dpo.loss {self.loss} is reference-free: leave dpo.reference at auto or none")
+        if self.rpo_alpha is not None and self.loss in ("kto", "orpo"):
+            raise ValueError(f"dpo.rpo_alpha adds the chosen response's NLL to a pairwise loss; not to dpo.loss "
+                             f"{self.loss} ({'unpaired' if self.loss == 'kto' else 'it has an NLL term already'})")
         if self.reference_model is not None and self.reference not in ("auto", "copy"):
             raise ValueError(f"dpo.reference_model is a frozen model; it cannot go with dpo.reference {self.reference}")
-        if self.precompute_reference and (self.reference == "none" or self.loss == "orpo"):
-            raise ValueError("dpo.precompute_reference needs a reference model (not reference none or loss orpo)")
+        if self.precompute_reference and (self.reference == "none" or self.reference_free):
+            raise ValueError("dpo.precompute_reference needs a reference model (not reference none, or a "
+                             "reference-free loss: orpo, simpo)")
         return self
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss needs no reference model at all (ORPO, SimPO)."""
+        return self.loss in ("orpo", "simpo")
 
 
 class DPOConfig(Section):
@@ -412,6 +425,8 @@ TRL_NAMES: tuple[TRLName, ...] = (
     TRLName("loss_type", "DPOConfig", "dpo.loss",
             "TRL's sigmoid is rlhfkit's dpo; ipo, robust and hinge are named alike"),
     TRLName("label_smoothing", "DPOConfig", "dpo.label_smoothing"),
+    TRLName("simpo_gamma", "CPOConfig (loss_type simpo)", "dpo.simpo_gamma", "with dpo.loss: simpo"),
+    TRLName("rpo_alpha", "DPOConfig (TRL 0.x)", "dpo.rpo_alpha"),
     TRLName("precompute_ref_log_probs", "DPOConfig, KTOConfig", "dpo.precompute_reference"),
     TRLName("desirable_weight", "KTOConfig", "dpo.desirable_weight", "with dpo.loss: kto"),
     TRLName("undesirable_weight", "KTOConfig", "dpo.undesirable_weight", "with dpo.loss: kto"),

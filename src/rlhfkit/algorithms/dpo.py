@@ -1,4 +1,4 @@
-"""Direct preference optimisation losses: DPO, IPO, robust / conservative DPO, hinge (SLiC), ORPO, KTO.
+"""Direct preference optimisation losses: DPO, IPO, robust / conservative DPO, hinge (SLiC), ORPO, KTO, SimPO.
 
 Pure tensor maths, no models. Every pairwise loss takes the log-probabilities of the chosen and the
 rejected response under the policy (``pi_c``, ``pi_r``) and under the frozen reference (``ref_c``,
@@ -11,8 +11,8 @@ the difference of the two log-ratios ``log pi(y|x) - log pi_ref(y|x)``. ``beta *
 implicit reward DPO assigns a response; :func:`implicit_rewards` computes it for the metrics.
 
 Whether ``pi``/``ref`` are summed over response tokens (the DPO paper) or averaged per token is the
-caller's choice; :data:`AVERAGES_LOGPS` records the convention of each loss (IPO and ORPO average,
-matching TRL and the ORPO paper; the others sum).
+caller's choice; :data:`AVERAGES_LOGPS` records the convention of each loss (IPO, ORPO and SimPO average,
+matching TRL and the ORPO and SimPO papers; the others sum).
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("dpo", "ipo", "robust", "hinge", "orpo", "kto")
+LOSS_TYPES = ("dpo", "ipo", "robust", "hinge", "orpo", "kto", "simpo")
 
 # Default length normalisation of each loss: True means the log-probs are per-token means.
-AVERAGES_LOGPS = {"dpo": False, "ipo": True, "robust": False, "hinge": False, "orpo": True, "kto": False}
-
-# Losses that need no reference model.
-REFERENCE_FREE_LOSSES = ("orpo",)
+AVERAGES_LOGPS = {"dpo": False, "ipo": True, "robust": False, "hinge": False, "orpo": True, "kto": False,
+                  "simpo": True}
 
 
 def reward_margin(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor) -> torch.Tensor:
@@ -124,6 +122,24 @@ def orpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, *, beta: float = 0.1) -> t
     return -pi_c - beta * F.logsigmoid(log_odds)
 
 
+def simpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, *, beta: float = 2.0, gamma: float = 0.5) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6): the
+    length-normalised log-likelihood as the implicit reward, no reference model, and a target margin ``gamma``.
+
+        L = -log sigmoid(beta (pi_c - pi_r) - gamma)
+
+    ``pi_c``/``pi_r`` must be per-token *mean* log-probs. At ``pi_c = pi_r`` the loss is ``-log sigmoid(-gamma)``.
+    """
+    return -F.logsigmoid(beta * (pi_c - pi_r) - gamma)
+
+
+def rpo_nll(pi_c: torch.Tensor) -> torch.Tensor:
+    """RPO's extra term (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1): the chosen
+    response's negative log-likelihood per token, ``-pi_c`` for per-token mean log-probs ``pi_c``; weighted by
+    ``rpo_alpha`` and added to each pair's preference loss."""
+    return -pi_c
+
+
 def orpo_log_odds_ratio(pi_c: torch.Tensor, pi_r: torch.Tensor) -> torch.Tensor:
     """log odds(y_c|x) - log odds(y_r|x) of :func:`orpo_loss` (a metric: positive when the policy prefers y_c)."""
     return (pi_c - pi_r) - (log1mexp(pi_c) - log1mexp(pi_r))
@@ -160,14 +176,17 @@ def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: t
 
 
 def pairwise_loss(loss_type: str, pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor | None,
-                  ref_r: torch.Tensor | None, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+                  ref_r: torch.Tensor | None, *, beta: float, label_smoothing: float = 0.0,
+                  simpo_gamma: float = 0.5) -> torch.Tensor:
     """Dispatch to the pairwise loss named ``loss_type`` (all of :data:`LOSS_TYPES` but ``kto``).
 
     ``ref_c``/``ref_r`` may be None for reference-free training (a uniform reference: log-ratios become
-    the policy log-probs themselves); ORPO ignores them.
+    the policy log-probs themselves); ORPO and SimPO ignore them.
     """
     if loss_type == "orpo":
         return orpo_loss(pi_c, pi_r, beta=beta)
+    if loss_type == "simpo":
+        return simpo_loss(pi_c, pi_r, beta=beta, gamma=simpo_gamma)
     if ref_c is None or ref_r is None:
         ref_c = ref_r = torch.zeros_like(pi_c)
     if loss_type == "dpo":

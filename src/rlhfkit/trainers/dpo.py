@@ -56,6 +56,7 @@ from rlhfkit.algorithms.dpo import (
     kto_loss,
     orpo_log_odds_ratio,
     pairwise_loss,
+    rpo_nll,
 )
 from rlhfkit.algorithms.logprobs import gathered_logprobs
 from rlhfkit.config import DPOConfig, DPOSection, ModelConfig
@@ -282,7 +283,7 @@ class PreferenceLoss:
     def _reference(self, model, batch) -> torch.Tensor | None:
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        if self.reference is None or self.settings.loss == "orpo":
+        if self.reference is None or self.settings.reference_free:
             return None
         with self.autocast():
             return self.reference.logps(model, batch).float()
@@ -295,15 +296,19 @@ class PreferenceLoss:
         ref = ref / scale if ref is not None else None
         if self.settings.loss == "kto":
             return self._kto(batch, sums, pi, ref)
-        return self._pairwise(batch, sums, pi, ref)
+        return self._pairwise(batch, sums, lengths, pi, ref)
 
-    def _pairwise(self, batch, sums, pi, ref):
+    def _pairwise(self, batch, sums, lengths, pi, ref):
         s, winners, losers = self.settings, batch["pairs"][:, 0], batch["pairs"][:, 1]
         pi_c, pi_r = pi[winners], pi[losers]
         ref_c, ref_r = (ref[winners], ref[losers]) if ref is not None else (None, None)
-        losses = pairwise_loss(s.loss, pi_c, pi_r, ref_c, ref_r, beta=s.beta, label_smoothing=s.label_smoothing)
+        losses = pairwise_loss(s.loss, pi_c, pi_r, ref_c, ref_r, beta=s.beta, label_smoothing=s.label_smoothing,
+                               simpo_gamma=s.simpo_gamma)
+        if s.rpo_alpha is not None:
+            nll = rpo_nll(sums[winners] / lengths[winners].clamp(min=1).to(sums.dtype))
+            losses = losses + s.rpo_alpha * nll
         with torch.no_grad():
-            if s.loss == "orpo":
+            if s.reference_free:
                 chosen, rejected = s.beta * pi_c, s.beta * pi_r
             else:
                 zeros = torch.zeros_like(pi_c)
@@ -316,6 +321,8 @@ class PreferenceLoss:
             if s.loss == "orpo":
                 metrics["log_odds_ratio"] = orpo_log_odds_ratio(pi_c, pi_r).mean()
                 metrics["nll_loss"] = -pi_c.mean()
+            if s.rpo_alpha is not None:
+                metrics["nll_loss"] = nll.mean()
         return losses.mean(), torch.tensor(len(winners)), metrics
 
     def _kto(self, batch, sums, pi, ref):
@@ -471,7 +478,7 @@ def load_examples(path: str, config: DPOConfig, tokenizer, console: Console | No
 def build_reference(config: DPOConfig, policy: torch.nn.Module) -> Reference | None:
     """The reference ``config.dpo`` asks for (None when reference-free); built before any training step."""
     s = config.dpo
-    if s.loss == "orpo" or s.reference == "none":
+    if s.reference_free or s.reference == "none":
         return None
     if s.reference_model is not None:
         reference, _ = load_causal_lm(ModelConfig(name_or_path=s.reference_model, dtype=config.model.dtype,
