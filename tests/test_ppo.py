@@ -77,6 +77,7 @@ def test_every_option_trains_and_logs(ppo_setup, name):
     assert changed
     run = ppo_setup / name
     assert (run / "final" / "config.json").exists()
+    assert "library_name: rlhfkit" in (run / "final" / "README.md").read_text()  # its model card
     AutoModelForCausalLM.from_pretrained(run / "final")  # plain transformers loads the policy
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]

@@ -4,11 +4,11 @@ The engine owns what every stage does alike: the accelerator and process group, 
 learning-rate schedule, optimizer steps over micro-batches (gradient accumulation, clipping, the stop on a
 non-finite loss or gradient), the step count, logging to ``metrics.jsonl``, evaluation every
 ``train.eval_every`` steps, crash-safe checkpoints with optimizer/scheduler/RNG state, exact resume, and a
-plain HF ``final/`` model with its model card (:mod:`rlhfkit.models.card`). A trainer says what one step is
-(:meth:`Engine.train_step`: an optimizer step over a dataset's micro-batches, or a PPO iteration of rollout and
-updates), what to log of it (:meth:`Engine.log_record`), how to evaluate (:meth:`Engine.evaluate`), and what a
-checkpoint holds beyond the optimizer (:meth:`Engine.save_state`, :meth:`Engine.load_state`,
-:meth:`Engine.save_final`).
+plain HF ``final/`` model. A trainer says what one step is (:meth:`Engine.train_step`: an optimizer step over a
+dataset's micro-batches, or a PPO iteration of rollout and updates), what to log of it
+(:meth:`Engine.log_record`), how to evaluate (:meth:`Engine.evaluate`), what a checkpoint holds beyond the
+optimizer (:meth:`Engine.save_state`, :meth:`Engine.load_state`, :meth:`Engine.save_final`) and what ``final/``
+gets beside the weights (:meth:`Engine.describe_final`: the trainers' model card).
 
 Data parallelism (``torchrun`` / ``accelerate launch`` with N processes): every process runs the same
 loop; :meth:`Engine.optimizer_step` takes each process's share of a micro-batch and the loss a trainer
@@ -51,7 +51,6 @@ from rlhfkit.engine.sharding import (
     gather_optimizer_state,
     load_optimizer_state,
 )
-from rlhfkit.models.card import write_model_card
 
 Micro = TypeVar("Micro")
 
@@ -133,6 +132,10 @@ class Engine:
         """Write the trained model to ``directory`` (``final/``) in plain HF format (process 0)."""
         raise NotImplementedError
 
+    def describe_final(self, directory: Path, metrics: dict[str, float]) -> None:
+        """Add what describes the saved model to ``directory`` (``final/``), given the last ``metrics`` (process 0,
+        after :meth:`save_final`); nothing by default."""
+
     # ---- optimizer steps ------------------------------------------------------------------------
     def optimizer_step(self, micro_batches: Sequence[Micro], loss: Callable[[Micro], tuple[torch.Tensor, float]],
                        example_positions: list[int]) -> float:
@@ -209,7 +212,7 @@ class Engine:
         weights = gather_model_state(self.accelerator, self.model)  # on every process
         if self.accelerator.is_main_process:
             self.save_final(self.run_dir / "final", weights)
-            write_model_card(self.run_dir / "final", stage=self.stage, config=self.config, metrics=last)
+            self.describe_final(self.run_dir / "final", last)
         self.accelerator.wait_for_everyone()
         return last
 

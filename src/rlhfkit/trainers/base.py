@@ -38,6 +38,7 @@ from rlhfkit.engine.errors import TrainingError
 from rlhfkit.engine.loop import Engine
 from rlhfkit.engine.metrics import MetricsWindow
 from rlhfkit.engine.sharding import state_loader
+from rlhfkit.models.card import write_model_card
 from rlhfkit.models.load import save_model
 
 LENGTH_GROUP_BATCHES = 50  # micro-batches per length-sorted group of :func:`epoch_order` (as transformers' 50)
@@ -213,6 +214,10 @@ class Trainer(Engine):
 
     def load_state(self, directory: Path, state: dict[str, Any]) -> None:
         load_weights(self.accelerator.unwrap_model(self.model), directory, state_loader(self.accelerator, self.model))
+
+    def describe_final(self, directory: Path, metrics: dict[str, float]) -> None:
+        """The Hugging Face model card of ``final/`` (:func:`~rlhfkit.models.card.write_model_card`)."""
+        write_model_card(directory, stage=self.stage, config=self.config, metrics=metrics)
 
     def save_final(self, directory: Path, weights: dict[str, torch.Tensor] | None) -> None:
         save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(directory), state_dict=weights)
