@@ -123,7 +123,7 @@ def orpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, *, beta: float = 0.1) -> t
 
 
 def simpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, *, beta: float = 2.0, gamma: float = 0.5) -> torch.Tensor:
-    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6): the
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"): the
     length-normalised log-likelihood as the implicit reward, no reference model, and a target margin ``gamma``.
 
         L = -log sigmoid(beta (pi_c - pi_r) - gamma)
@@ -134,7 +134,7 @@ def simpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, *, beta: float = 2.0, gam
 
 
 def rpo_nll(pi_c: torch.Tensor) -> torch.Tensor:
-    """RPO's extra term (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1): the chosen
+    """RPO's extra term (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): the chosen
     response's negative log-likelihood per token, ``-pi_c`` for per-token mean log-probs ``pi_c``; weighted by
     ``rpo_alpha`` and added to each pair's preference loss."""
     return -pi_c

@@ -10,9 +10,9 @@ import torch
 from rlhfkit.algorithms.advantages import masked_mean
 
 #: How a per-token loss ``l[i, t]`` (mask ``m``) becomes the batch's loss:
-#: ``token_mean``: ``sum l m / sum m`` over all tokens (DAPO, Yu et al. 2025, eq. 12: long answers weigh in
-#: proportion to their tokens); ``sequence_mean``: each sequence's token mean, then the mean over sequences (GRPO,
-#: Shao et al. 2024, eq. 3); ``constant_length``: each sequence's token *sum* over one constant length (the
+#: ``token_mean``: ``sum l m / sum m`` over all tokens (DAPO's token-level loss, Yu et al. 2025: long answers
+#: weigh in proportion to their tokens); ``sequence_mean``: each sequence's token mean, then the mean over
+#: sequences (GRPO, Shao et al. 2024); ``constant_length``: each sequence's token *sum* over one constant length (the
 #: rollout's ``max_new_tokens``), then the mean over sequences (Dr. GRPO, Liu et al. 2025: no length normalisation
 #: per sequence, so long wrong answers are not favoured).
 Aggregation = Literal["token_mean", "sequence_mean", "constant_length"]
@@ -49,7 +49,7 @@ def aggregation_count(mask: torch.Tensor, how: Aggregation) -> torch.Tensor:
 
 
 def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """GSPO's log importance ratio (Zheng et al. 2025, eq. 7), ``log s_i = mean_t (log pi - log pi_old)`` over
+    """GSPO's log importance ratio (Zheng et al. 2025), ``log s_i = mean_t (log pi - log pi_old)`` over
     each sequence's tokens, repeated on every token ``[N, T]``: the length-normalised sequence likelihood ratio."""
     mask = mask.to(logprobs.dtype)
     per_sequence = ((logprobs - old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
@@ -68,7 +68,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     eq. 10, which lets unlikely tokens with a positive advantage gain more). ``agg`` is :func:`aggregate`'s
     ``aggregation`` (default: PPO's token mean). With ``ratio_level="sequence"`` every token of a sequence
     shares the sequence's ratio (:func:`sequence_log_ratio`) and advantage (its token mean), clipped once: GSPO
-    (Zheng et al. 2025, eq. 5), whose objective is the ``sequence_mean`` of this. Also returns ``clipfrac``
+    (Zheng et al. 2025), whose objective is the ``sequence_mean`` of this. Also returns ``clipfrac``
     (share of tokens where the clipped term is active), ``approxkl`` (``mean (log rho)^2 / 2``, the k2
     estimator) and the mean ``ratio``.
     """

@@ -69,7 +69,7 @@ def length_penalty(prompts: list[str], completions: list[str], *, max_words: int
 
 def overlong_penalty(prompts: list[str], completions: list[str], *, completion_ids: list[list[int]],
                      max_tokens: int, cache_tokens: int, **_) -> list[float]:
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) on each completion's length in tokens ``L``: 0 up
+    """DAPO's soft overlong punishment (Yu et al. 2025) on each completion's length in tokens ``L``: 0 up
     to ``max_tokens - cache_tokens``, then falling linearly to -1 at ``max_tokens`` (and -1 beyond). Set
     ``max_tokens`` to the rollout's ``ppo.max_new_tokens``: answers cut off at the limit get the full penalty,
     those that come close a part of it. ``completion_ids`` is passed by the trainer."""
