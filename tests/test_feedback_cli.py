@@ -29,7 +29,12 @@ def app():
 
 
 @pytest.fixture
-def run(app):
+def run(app, monkeypatch):
+    from rlhfkit.cli_common import console
+
+    # one message on one line: rich folds a word longer than the terminal (a deep temporary path) mid-word
+    monkeypatch.setattr(console, "width", 1000)
+
     def invoke(*args: str, input: str | None = None):
         return CliRunner().invoke(app, [str(arg) for arg in args], input=input)
 
@@ -42,7 +47,7 @@ def db(tmp_path):
 
 
 def _message(result) -> str:
-    """The error output as one line (rich wraps long lines at the terminal width)."""
+    """The error output as one line (messages of several lines joined)."""
     return " ".join(result.stderr.split())
 
 
