@@ -60,10 +60,10 @@ def mean_interval(values: Sequence[float], *, n_bootstrap: int = 1000, confidenc
     else:
         if len(groups) != len(values):
             raise ValueError(f"{len(groups)} groups for {len(values)} values")
-        sums: dict[Hashable, list[float]] = {}
+        rows_of: dict[Hashable, list[float]] = {}
         for group, value in zip(groups, values, strict=True):
-            sums.setdefault(group, []).append(value)
-        clusters = [(sum(rows), len(rows)) for rows in sums.values()]
+            rows_of.setdefault(group, []).append(value)
+        clusters = [(sum(rows), len(rows)) for rows in rows_of.values()]
     n = len(clusters)
     rng = random.Random(seed)
     means = []

@@ -75,6 +75,12 @@ def epoch_order(n_examples: int, batch_size: int, seed: int, lengths: Sequence[i
     return [i for b in shuffled for i in batches[b]] + order[full:]
 
 
+def model_card(trainer: Engine, directory: Path, metrics: dict[str, float]) -> None:
+    """Every trainer's :meth:`~rlhfkit.engine.loop.Engine.describe_final`: the Hugging Face model card of ``final/``
+    (:func:`~rlhfkit.models.card.write_model_card`)."""
+    write_model_card(directory, stage=trainer.stage, config=trainer.config, metrics=metrics)
+
+
 class Trainer(Engine):
     """Runs the loop for one stage; the stage gives its examples, collator and loss.
 
@@ -215,9 +221,7 @@ class Trainer(Engine):
     def load_state(self, directory: Path, state: dict[str, Any]) -> None:
         load_weights(self.accelerator.unwrap_model(self.model), directory, state_loader(self.accelerator, self.model))
 
-    def describe_final(self, directory: Path, metrics: dict[str, float]) -> None:
-        """The Hugging Face model card of ``final/`` (:func:`~rlhfkit.models.card.write_model_card`)."""
-        write_model_card(directory, stage=self.stage, config=self.config, metrics=metrics)
+    describe_final = model_card
 
     def save_final(self, directory: Path, weights: dict[str, torch.Tensor] | None) -> None:
         save_model(self.accelerator.unwrap_model(self.model), self.tokenizer, str(directory), state_dict=weights)

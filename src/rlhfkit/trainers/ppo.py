@@ -54,12 +54,12 @@ from rlhfkit.engine.errors import TrainingError
 from rlhfkit.engine.loop import Engine
 from rlhfkit.engine.metrics import MetricsWindow
 from rlhfkit.engine.sharding import state_loader, submodule_state
-from rlhfkit.models.card import write_model_card
 from rlhfkit.models.load import load_causal_lm, save_model
 from rlhfkit.models.policy_value import VALUE_DIR, PolicyAndValue, ValueHead, value_network
 from rlhfkit.models.reward import load_for_scoring
 from rlhfkit.rollout.experience import ExperienceMaker, Rollout, iteration_prompts, rollout_statistics
 from rlhfkit.rollout.scoring import reward_sources
+from rlhfkit.trainers.base import model_card
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -310,9 +310,7 @@ class PPOTrainer(Engine):
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
-    def describe_final(self, directory: Path, metrics: dict[str, float]) -> None:
-        """The Hugging Face model card of ``final/`` (:func:`~rlhfkit.models.card.write_model_card`)."""
-        write_model_card(directory, stage=self.stage, config=self.config, metrics=metrics)
+    describe_final = model_card
 
     def save_final(self, directory: Path, weights: dict[str, torch.Tensor] | None) -> None:
         """The policy (and, with ``ppo.ema_decay``, its EMA in ``final-ema/``)."""
