@@ -248,3 +248,50 @@ def test_serve_creates_the_database_and_answers_on_127_0_0_1(tmp_path):
         with urllib.request.urlopen(f"{server.url}/login", timeout=10) as response:
             assert response.status == 200 and b"Log in" in response.read()
     assert "no admin account yet" in server.output() and "rlhfkit feedback add-user" in server.output()
+
+
+# What `rlhfkit feedback ...`, `rlhfkit export` and `rlhfkit serve` load, in a fresh interpreter: the
+# command line as `rlhfkit` runs it, --help, a database created, filled, exported, and the web app built as
+# `serve` builds it before it listens. torch and transformers take seconds to import; none of this needs them.
+_IMPORT_GRAPH_SCRIPT = """
+import json, sys
+from pathlib import Path
+from rlhfkit.cli import app
+
+def invoke(*args):
+    try:
+        app([str(arg) for arg in args], prog_name="rlhfkit", standalone_mode=False)
+    except SystemExit as stop:
+        assert not stop.code, (args, stop.code)
+
+folder = Path(sys.argv[1])
+db = f"sqlite:///{folder / 'feedback.db'}"
+invoke("--help")
+invoke("feedback", "--help")
+invoke("serve", "--help")
+help_only = sorted(name for name in ("torch", "transformers", "sqlalchemy", "fastapi", "rlhfkit.config")
+                   if name in sys.modules)
+(folder / "samples.jsonl").write_text(json.dumps({"prompt": "p", "completions": ["a", "b"]}) + "\\n")
+invoke("feedback", "add-user", "admin", "--password", "a long password", "--role", "admin", "--db", db)
+invoke("feedback", "import", folder / "samples.jsonl", "--kind", "samples", "--db", db)
+invoke("feedback", "progress", "--db", db)
+invoke("export", "--kind", "rankings", "--out", folder / "out.jsonl", "--db", db)
+from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.store import Store
+create_app(Store(db))
+print(json.dumps({"help_only": help_only,
+                  "heavy": sorted(name for name in ("torch", "transformers") if name in sys.modules)}))
+"""
+
+
+def test_the_feedback_commands_never_import_torch_or_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _IMPORT_GRAPH_SCRIPT, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["heavy"] == []
+    # --help loads neither the database layer, the web framework nor the configs: the answer comes at once
+    assert loaded["help_only"] == []

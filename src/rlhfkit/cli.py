@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from rlhfkit import cli_public, workflows
+from rlhfkit import cli_public
 from rlhfkit.cli_common import console, fail_cleanly
-from rlhfkit.config import ConfigError, PretrainConfig, RewardConfig, SFTConfig, load_config
 from rlhfkit.data.records import DataError
 from rlhfkit.feedback import cli as feedback_cli
-from rlhfkit.rollout.generate import SamplingConfig
+
+# torch, transformers and the trainers are imported inside the commands that use them: the feedback
+# commands and `serve` start in well under a second (tests/test_feedback_cli.py checks the import graph)
 
 app = typer.Typer(help="Align language models with human feedback: SFT, reward models, PPO, DPO.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -21,10 +24,26 @@ app = typer.Typer(help="Align language models with human feedback: SFT, reward m
 
 @app.callback()
 def _quiet_libraries() -> None:
-    """rlhfkit shows its own progress; transformers' per-file loading and saving bars are noise."""
-    from transformers.utils import logging as hf_logging
+    """rlhfkit shows its own progress; transformers' per-file loading and saving bars are noise.
 
-    hf_logging.disable_progress_bar()
+    Without importing transformers (seconds): the Hub's switch, which transformers reads when it loads."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _sampling(**settings):
+    """The rollout's SamplingConfig (imported here: its module loads torch)."""
+    from rlhfkit.rollout.generate import SamplingConfig
+
+    return SamplingConfig(**settings)
 
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
@@ -33,6 +52,8 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Overri
 
 def _train(config_class, run, config: Path | None, overrides: list[str] | None, base: dict | None = None) -> None:
     """Load a stage config (``base`` defaults, file, ``--set`` overrides), run the stage, print its last metrics."""
+    from rlhfkit.config import load_config
+
     metrics = run(load_config(config_class, config, overrides or [], base=base), console)
     console.print_json(json.dumps(metrics))
 
@@ -41,6 +62,7 @@ def _train(config_class, run, config: Path | None, overrides: list[str] | None, 
 @fail_cleanly
 def pretrain(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Pretrain a causal LM on raw text (next-token prediction)."""
+    from rlhfkit.config import PretrainConfig
     from rlhfkit.trainers.pretrain import run_pretrain
 
     _train(PretrainConfig, run_pretrain, config, set_)
@@ -50,6 +72,7 @@ def pretrain(config: ConfigOption = None, set_: SetOption = None) -> None:
 @fail_cleanly
 def sft(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Supervised fine-tuning on demonstrations (loss on the response only)."""
+    from rlhfkit.config import SFTConfig
     from rlhfkit.trainers.sft import run_sft
 
     _train(SFTConfig, run_sft, config, set_)
@@ -94,8 +117,10 @@ def generate(
     seed: int = 0,
 ) -> None:
     """Sample one completion per prompt from a checkpoint (stops at EOS)."""
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              batch_size=batch_size)
+    from rlhfkit import workflows
+
+    sampling = _sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         batch_size=batch_size)
     workflows.generate_completions(model, prompts, out, sampling, seed=seed, console=console)
 
 
@@ -114,8 +139,10 @@ def sample(
     seed: int = 0,
 ) -> None:
     """Sample K completions per prompt from a checkpoint, to be ranked (step 2 of InstructGPT)."""
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              batch_size=batch_size)
+    from rlhfkit import workflows
+
+    sampling = _sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         batch_size=batch_size)
     workflows.sample_completions(model, prompts, out, sampling, k=k, seed=seed, console=console)
 
 
@@ -129,6 +156,8 @@ def rank(
     temperature: Annotated[float | None, typer.Option(help="Labeler noise (default: the task's).")] = None,
 ) -> None:
     """Rank sampled completions with a built-in task's simulated labeler (noisy, ties for equal texts)."""
+    from rlhfkit import workflows
+
     workflows.rank_samples(samples, out, task=task, seed=seed, temperature=temperature, console=console)
 
 
@@ -136,6 +165,7 @@ def rank(
 @fail_cleanly
 def rm(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Train a reward model on K-way rankings or pairwise preferences (InstructGPT loss)."""
+    from rlhfkit.config import RewardConfig
     from rlhfkit.trainers.reward import run_reward
 
     _train(RewardConfig, run_reward, config, set_)
@@ -158,6 +188,8 @@ def score(
 ) -> None:
     """Add a reward to each record: `reward` for a completion, `rewards` for a completions list,
     `reward_chosen`/`reward_rejected` for a pair. Reports accuracy against the file's own rankings."""
+    from rlhfkit import workflows
+
     summary = workflows.score_records(model, data, out, normalize=not raw, task=task, batch_size=batch_size,
                                       max_length=max_length, max_prompt_length=max_prompt_length, console=console)
     console.print_json(json.dumps(summary))
@@ -183,8 +215,10 @@ def best_of_n(
 
     The output is SFT data (prompt + completion), for rejection-sampling fine-tuning as in Llama 2:
     `rlhfkit sft --set data.train=best.jsonl`. Its KL to the policy is log n - (n - 1) / n."""
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              batch_size=batch_size)
+    from rlhfkit import workflows
+
+    sampling = _sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         batch_size=batch_size)
     summary = workflows.best_of_n(model, reward_model, prompts, out, sampling, n=n, seed=seed, limit=limit,
                                   console=console)
     console.print_json(json.dumps(summary))
@@ -221,6 +255,8 @@ def grpo(
 
 def _named_models(spec: str) -> dict[str, str]:
     """``sft=runs/sft/final,ppo=runs/ppo/final`` -> {"sft": ..., "ppo": ...}."""
+    from rlhfkit.config import ConfigError
+
     models: dict[str, str] = {}
     for item in spec.split(","):
         name, sep, path = item.partition("=")
@@ -260,6 +296,8 @@ def evaluate(
                                                        "picked by --reward-model, with the analytic KL.")] = 0,
 ) -> None:
     """Compare models on the same prompts: gold judge, reward model, KL to a reference, win rates."""
+    from rlhfkit import workflows
+    from rlhfkit.config import ConfigError
     from rlhfkit.evaluate.compare import comparison_table
 
     named = _named_models(models)
@@ -270,8 +308,8 @@ def evaluate(
     if greedy and temperature:
         raise ConfigError(f"--greedy is temperature 0; it cannot go with --temperature {temperature}")
     temperature = 0.0 if greedy else 0.7 if temperature is None else temperature
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              batch_size=batch_size)
+    sampling = _sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         batch_size=batch_size)
     evaluation = workflows.evaluate(named, prompts, out / "eval.json", sampling, task=task, reward_model=reward_model,
                                     reference=reference, baseline=baseline, heldout_text=heldout_text, limit=limit,
                                     seed=seed, best_of_n=best_of_n, samples_per_prompt=samples_per_prompt)
@@ -295,6 +333,7 @@ def human_pairs(
     seed: Annotated[int, typer.Option(help="Seed of the random left/right order of each pair.")] = 0,
 ) -> None:
     """Write A/B pairs (each model's output and the baseline's for the same prompt, in a random order)."""
+    from rlhfkit.config import ConfigError
     from rlhfkit.data.readers import iter_jsonl, write_jsonl
     from rlhfkit.evaluate.human import ab_pairs
 
@@ -380,6 +419,7 @@ def pipeline(config: Annotated[Path, typer.Option("--config", "-c", help="Pipeli
 @fail_cleanly
 def demo(config: ConfigOption = None, set_: SetOption = None) -> None:
     """The embedded default, offline: tiny model, pretrain, SFT, sample and rank, RM, PPO, DPO, evaluation."""
+    from rlhfkit.config import load_config
     from rlhfkit.demo import DemoConfig, run_demo
 
     run_demo(load_config(DemoConfig, config, set_ or []), console)

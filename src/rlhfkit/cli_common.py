@@ -13,15 +13,21 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from rlhfkit.config import ConfigError
 from rlhfkit.data.records import DataError
 from rlhfkit.engine.errors import TrainingError
-from rlhfkit.feedback.store import StoreError
+from rlhfkit.feedback.common import StoreError
 
 console = Console(stderr=True)
 
-# errors that a user can fix (a config key, a record, a file, a database): a message, not a traceback
-USER_ERRORS = (ConfigError, DataError, TrainingError, StoreError, FileNotFoundError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that a user can fix (a config key, a record, a file, a database): a message, not a traceback.
+
+    A function, called only when a command fails: the configs' module (pydantic) is not loaded by commands
+    that never read a config, such as ``rlhfkit feedback ...`` and ``rlhfkit serve``."""
+    from rlhfkit.config import ConfigError
+
+    return (ConfigError, DataError, TrainingError, StoreError, FileNotFoundError)
 
 
 def fail_cleanly(function: Callable) -> Callable:
@@ -31,7 +37,9 @@ def fail_cleanly(function: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except USER_ERRORS as error:
+        except Exception as error:
+            if not isinstance(error, user_errors()):
+                raise
             console.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
 

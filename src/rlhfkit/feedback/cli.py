@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,8 +20,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlhfkit.cli_common import console, fail_cleanly
-from rlhfkit.feedback.imports import IMPORT_KINDS, import_file
-from rlhfkit.feedback.store import EXPORT_KINDS, ROLES, Store, StoreError
+from rlhfkit.feedback.common import EXPORT_KINDS, IMPORT_KINDS, ROLES, StoreError
+
+if TYPE_CHECKING:  # the store (SQLAlchemy) is loaded by the commands that open one, not by --help
+    from rlhfkit.feedback.store import Store
 
 DEFAULT_DB = "sqlite:///feedback.db"
 POSTGRES_DRIVERS = ("psycopg", "psycopg2")
@@ -47,6 +49,8 @@ def open_store(db: str, *, create: bool) -> Iterator[Store]:
     """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, OperationalError
+
+    from rlhfkit.feedback.store import Store
 
     try:
         url = database_url(db)
@@ -153,6 +157,8 @@ def register(app: typer.Typer) -> None:
         db: DbOption = DEFAULT_DB,
     ) -> None:
         """Add items for labelers: all of the file or, on the first bad record, nothing."""
+        from rlhfkit.feedback.imports import import_file
+
         _choice(kind, IMPORT_KINDS, "--kind")
         with open_store(db, create=True) as store:
             count = import_file(store, path, kind, replicas=replicas)

@@ -9,11 +9,15 @@ validated by the store. Either the whole file is imported or, on the first bad r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhfkit.data.records import DataError
-from rlhfkit.feedback.store import Store
+from rlhfkit.feedback.common import IMPORT_KINDS
 
-IMPORT_KINDS = ("prompts", "samples", "pairs")
+if TYPE_CHECKING:
+    from rlhfkit.feedback.store import Store
+
+__all__ = ["IMPORT_KINDS", "import_file", "read_import"]
 
 
 def read_import(path: Path, kind: str, *, source: str | None = None) -> tuple[list[dict], list[int] | None]:

@@ -57,12 +57,11 @@ from sqlalchemy.pool import StaticPool
 
 from rlhfkit.data.records import DataError, RankingRecord, parse_record
 from rlhfkit.feedback import agreement as agree
+from rlhfkit.feedback.common import EXPORT_KINDS, ROLES, StoreError
 
-ROLES = ("admin", "labeler")
 ITEM_KINDS = ("demonstration", "ranking", "ab")
 FLAGS = ("fails_instruction", "harmful", "made_up_facts")  # InstructGPT's labeling flags
 VERDICTS = ("a", "b", "tie")
-EXPORT_KINDS = ("demonstrations", "rankings", "pairs", "ab")
 SUBMITTED, ACCEPTED, REJECTED = "submitted", "accepted", "rejected"  # an answer's review status
 REVIEW_VERDICTS = (ACCEPTED, REJECTED)
 RATING_RANGE = (1, 7)
@@ -71,18 +70,6 @@ MAX_REASON_CHARS = 10_000  # a skip's reason
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS = Path(__file__).parent / "migrations"
 _POSTGRES_MIGRATION_LOCK = 0x726C6866  # pg_advisory_xact_lock key: one migrating process at a time
-
-
-class StoreError(ValueError):
-    """Bad input to the store; ``field`` names the offending field when there is one."""
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
-    def __str__(self) -> str:
-        return f"field {self.field!r}: {self.message}" if self.field else self.message
 
 
 class NotAssigned(PermissionError):
