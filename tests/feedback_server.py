@@ -17,17 +17,21 @@ class FeedbackServer:
     """``python -m rlhfkit serve --db DB --port PORT`` until :meth:`stop` (a context manager)."""
 
     def __init__(self, db: Path | str, *, log: Path, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, secret_key: str | None = "test secret") -> None:
         self.db = str(db)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.extra_args = extra_args
         self.env = env or {}  # more environment variables (the app's RLHFKIT_* settings)
+        self.secret_key = secret_key  # None: the server's own (its session key file)
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60.0) -> FeedbackServer:
-        env = {**os.environ, "RLHFKIT_SECRET_KEY": "test secret", **self.env}
+        env = {key: value for key, value in os.environ.items() if not key.startswith("RLHFKIT_SECRET_KEY")}
+        if self.secret_key is not None:
+            env["RLHFKIT_SECRET_KEY"] = self.secret_key
+        env.update(self.env)
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "rlhfkit", "serve", "--db", self.db, "--port", str(self.port), *self.extra_args],

@@ -295,3 +295,68 @@ def test_the_feedback_commands_never_import_torch_or_transformers(tmp_path):
     assert loaded["heavy"] == []
     # --help loads neither the database layer, the web framework nor the configs: the answer comes at once
     assert loaded["help_only"] == []
+
+
+def test_a_restarted_server_keeps_its_labelers_logged_in(run, tmp_path):
+    """No key given: `serve` generates one into DB.session-key (0600) and a restart reads it back."""
+    import stat
+
+    import httpx
+    from feedback_server import FeedbackServer
+
+    db = tmp_path / "feedback.db"
+    assert run("feedback", "add-user", "ann", "--password", "a long password", "--db", db).exit_code == 0
+    key_file = tmp_path / "feedback.db.session-key"
+    with FeedbackServer(db, log=tmp_path / "server.log", secret_key=None) as server:
+        client = httpx.Client(base_url=server.url)
+        assert client.post("/api/login", json={"username": "ann", "password": "a long password"}).status_code == 200
+        assert client.get("/api/me").json()["username"] == "ann"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text()
+    with FeedbackServer(db, log=tmp_path / "server.log", secret_key=None) as restarted:
+        client = httpx.Client(base_url=restarted.url, cookies=client.cookies)
+        assert client.get("/api/me").json()["username"] == "ann"  # the same cookie, still logged in
+    assert key_file.read_text() == key
+    assert f"sessionkey:{key_file}" in "".join(restarted.output().split())  # rich folds long lines
+
+
+def test_an_explicit_session_key_or_key_file_is_used_instead(run, tmp_path):
+    import httpx
+    from feedback_server import FeedbackServer
+
+    db = tmp_path / "feedback.db"
+    assert run("feedback", "add-user", "ann", "--password", "a long password", "--db", db).exit_code == 0
+    cookies = None
+    for _ in range(2):  # the same key given twice: the cookie of the first server works on the second
+        with FeedbackServer(db, log=tmp_path / "server.log", secret_key="an explicit key") as server:
+            client = httpx.Client(base_url=server.url, cookies=cookies)
+            if cookies is None:
+                client.post("/api/login", json={"username": "ann", "password": "a long password"})
+            assert client.get("/api/me").json()["username"] == "ann"
+            cookies = client.cookies
+    assert not (tmp_path / "feedback.db.session-key").exists()  # an explicit key writes no file
+
+    own = tmp_path / "keys" / "team.key"
+    with FeedbackServer(db, log=tmp_path / "server.log", secret_key=None,
+                        extra_args=("--secret-key-file", str(own))):
+        assert len(own.read_text().strip()) >= 43
+    assert not (tmp_path / "feedback.db.session-key").exists()
+
+
+def test_serve_refuses_a_key_file_others_can_read_and_a_key_with_a_file(run, tmp_path):
+    from rlhfkit.feedback.cli import default_session_key_file
+
+    key_file = tmp_path / "open.key"
+    key_file.write_text("k" * 43)
+    key_file.chmod(0o644)
+    result = run("serve", "--db", tmp_path / "feedback.db", "--secret-key-file", key_file)
+    boxed = "".join(result.stderr.replace("│", "").split())  # typer's error box folds the message
+    assert result.exit_code == 2 and "chmod600" in boxed
+    result = run("serve", "--db", tmp_path / "feedback.db", "--secret-key-file", key_file, "--secret-key", "x")
+    assert result.exit_code == 2 and "notboth" in "".join(result.stderr.replace("│", "").split())
+
+    assert default_session_key_file(str(tmp_path / "a.db")) == tmp_path / "a.db.session-key"
+    assert default_session_key_file("sqlite://") is None
+    server_db = default_session_key_file("postgresql://ann:secret@db.example/feedback")
+    assert server_db.parent.name == "rlhfkit" and server_db.name.startswith("feedback-session-")
+    assert server_db == default_session_key_file("postgresql+psycopg://ann:other@db.example/feedback")

@@ -13,9 +13,11 @@ from fastapi.testclient import TestClient
 from rlhfkit.feedback.app import AppSettings, create_app
 from rlhfkit.feedback.security import (
     LoginRateLimiter,
+    SessionKeyError,
     csrf_token_matches,
     hash_password,
     new_csrf_token,
+    session_key_from_file,
     verify_password,
 )
 from rlhfkit.feedback.store import Store
@@ -190,3 +192,44 @@ def test_settings_come_from_the_environment_with_clear_errors():
         AppSettings.from_env({"RLHFKIT_MAX_BODY_KIB": "lots"})
     with pytest.raises(ValueError, match="must be 0"):
         AppSettings(assignment_ttl_minutes=-1)
+
+
+# ------------------------------------------------------------------ the session key kept across restarts
+
+
+def test_the_session_key_is_generated_once_into_a_0600_file(tmp_path):
+    import stat
+
+    path = tmp_path / "keys" / "feedback.db.session-key"
+    key = session_key_from_file(path)
+    assert len(key) >= 43 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert session_key_from_file(path) == key  # read back, not replaced
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    other = session_key_from_file(tmp_path / "other.session-key")
+    assert other != key
+
+
+def test_the_session_key_file_is_private_whatever_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o000)
+    try:
+        path = tmp_path / "open.session-key"
+        session_key_from_file(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(("mode", "content", "message"), [
+    (0o644, "k" * 43, "can be read or written by others"),
+    (0o620, "k" * 43, "chmod 600"),
+    (0o600, "short", "fewer than 32"),
+])
+def test_a_session_key_file_others_can_read_or_too_short_is_refused(tmp_path, mode, content, message):
+    path = tmp_path / "feedback.db.session-key"
+    path.write_text(content)
+    path.chmod(mode)
+    with pytest.raises(SessionKeyError, match=message):
+        session_key_from_file(path)

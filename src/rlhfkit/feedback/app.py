@@ -418,7 +418,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     Args:
         store: the feedback database (shared by the request threads; it also holds the login sessions).
-        secret_key: signs the session cookies; random by default (a restart then logs everyone out).
+        secret_key: signs the session cookies; random by default (a restart then logs everyone out;
+            `rlhfkit serve` passes the one kept in its session key file).
         https_only: mark the session cookie ``Secure`` (serve behind HTTPS).
         rate_limiter: the login back-off (:class:`LoginRateLimiter`'s defaults when not given).
         settings: assignment expiry and body size limits; :meth:`AppSettings.from_env` when not given.

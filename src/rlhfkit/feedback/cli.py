@@ -8,7 +8,9 @@ rest of the ``rlhfkit`` command line.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +76,22 @@ def open_store(db: str, *, create: bool) -> Iterator[Store]:
             from None
 
 
+def default_session_key_file(db: str) -> Path | None:
+    """Where ``rlhfkit serve`` keeps the session key of database ``db`` unless told: beside a SQLite file
+    (``feedback.db`` -> ``feedback.db.session-key``); for a server database, in the user's configuration folder
+    (``~/.config/rlhfkit/feedback-session-<hash of the URL>.key``); ``None`` for an in-memory database."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(database_url(db))
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:") or parsed.database.startswith("file:"):
+            return None
+        return Path(f"{parsed.database}.session-key")
+    digest = hashlib.sha256(parsed.render_as_string(hide_password=True).encode()).hexdigest()[:16]
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return config_home / "rlhfkit" / f"feedback-session-{digest}.key"
+
+
 def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
     if value not in choices:
         raise typer.BadParameter(f"expected one of {', '.join(choices)}", param_hint=option)
@@ -95,7 +113,12 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
         secret_key: Annotated[str | None, typer.Option(
             envvar="RLHFKIT_SECRET_KEY",
-            help="Key that signs session cookies (default: random, so a restart logs everyone out).")] = None,
+            help="Key that signs session cookies (default: the one in the session key file).")] = None,
+        secret_key_file: Annotated[Path | None, typer.Option(
+            envvar="RLHFKIT_SECRET_KEY_FILE",
+            help="File that keeps the session key, so a restart keeps everyone logged in; created with a random "
+                 "key (mode 0600) if missing. Default: beside a SQLite database (DB.session-key), else "
+                 "~/.config/rlhfkit/.")] = None,
         secure_cookies: Annotated[bool, typer.Option(
             help="Send the session cookie over HTTPS only (behind a TLS-terminating proxy).")] = False,
     ) -> None:
@@ -103,8 +126,21 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from rlhfkit.feedback.app import create_app
+        from rlhfkit.feedback.security import SessionKeyError, session_key_from_file
 
+        if secret_key and secret_key_file:
+            raise typer.BadParameter("give the session key or its file, not both (RLHFKIT_SECRET_KEY and "
+                                     "RLHFKIT_SECRET_KEY_FILE count)", param_hint="--secret-key-file")
         with open_store(db, create=True) as store:
+            key_file = None if secret_key else secret_key_file or default_session_key_file(db)
+            if key_file is not None:
+                try:
+                    secret_key = session_key_from_file(key_file)
+                except SessionKeyError as error:
+                    raise typer.BadParameter(str(error), param_hint="--secret-key-file") from None
+                console.print(f"session key: {escape(str(key_file))}", highlight=False)
+            elif not secret_key:
+                console.print("an in-memory database: a random session key (a restart loses everything anyway)")
             if not any(user.role == "admin" for user in store.users()):
                 console.print("no admin account yet: create one with "
                               f"[bold]rlhfkit feedback add-user NAME --role admin --db {escape(db)}[/]")

@@ -6,16 +6,21 @@
   (:func:`csrf_token_matches`). A page of another site can neither read the token nor set the header.
 * :class:`LoginRateLimiter` slows logins down after repeated failures for one account from one client
   (never for the account everywhere) and for one client over all accounts, with a growing back-off.
+* :func:`session_key_from_file`: the key that signs session cookies, generated once and kept in a file
+  only its owner can read (0600), so a restart of the server keeps everyone logged in.
 """
 
 from __future__ import annotations
 
 import hmac
 import math
+import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -119,3 +124,49 @@ class LoginRateLimiter:
         """Clear the failures of this account from this client (a client's spraying count stays)."""
         with self._lock:
             self._failures.pop(self._keys(username, client)[0][0], None)
+
+
+MIN_SESSION_KEY_CHARS = 32
+
+
+class SessionKeyError(ValueError):
+    """The session key file cannot be used (readable by others, too short, not a file)."""
+
+
+def session_key_from_file(path: Path) -> str:
+    """The session-signing key kept in ``path``; generated (256 random bits) and written with mode 0600 when
+    the file does not exist yet, with its folder (0700) if needed.
+
+    Written to a private temporary file that is then linked to ``path``: a second server starting at the same
+    moment reads the first one's complete key, never half of it, and never overwrites it. A key file that
+    others can read or write, or that holds fewer than 32 characters, is refused (:class:`SessionKeyError`):
+    whoever knows the key can forge session cookies.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "w", encoding="ascii") as file:
+                os.fchmod(file.fileno(), 0o600)  # whatever the umask
+                file.write(secrets.token_urlsafe(32) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass  # another server created it first: use theirs
+        finally:
+            temporary.unlink(missing_ok=True)
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise SessionKeyError(f"{path}: the session key file is not a regular file")
+    if info.st_mode & 0o077:
+        raise SessionKeyError(f"{path}: the session key file can be read or written by others (mode "
+                              f"{stat.S_IMODE(info.st_mode):04o}); make it private: chmod 600 {path}")
+    key = path.read_text(encoding="utf-8").strip()
+    if len(key) < MIN_SESSION_KEY_CHARS:
+        raise SessionKeyError(f"{path}: the session key file holds {len(key)} characters, fewer than "
+                              f"{MIN_SESSION_KEY_CHARS}; delete it to have a new key generated")
+    return key
