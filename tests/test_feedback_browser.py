@@ -386,3 +386,80 @@ def test_an_item_left_open_goes_to_another_labeler_once_its_assignment_expires(b
         check.close()
         for page in (cy, dee):
             page.context.close()
+
+
+def stored_draft(page, item_id: int):
+    """The draft the page's browser keeps for its labeler and this item (None when there is none)."""
+    return page.evaluate("key => JSON.parse(window.localStorage.getItem(key))",
+                         f"rlhfkit-draft:{page.user_id}:{item_id}")
+
+
+def test_a_draft_survives_a_reload_a_server_restart_and_a_new_login(browser, tmp_path):
+    """Issue 25: the server restarts (with the session key it keeps) and the session ends while a labeler
+    types; nothing typed is lost, and the draft goes once the answer is saved."""
+    import sqlite3
+
+    db = tmp_path / "feedback.db"
+    store = Store(f"sqlite:///{db}")
+    cy = store.create_user("cy", hash_password(PASSWORDS["ann"]))
+    store.import_prompts([{"prompt": "Write two lines about rain"}])
+    store.import_samples([{"prompt": "Rank these", "completions": FOUR}])
+    store.close()
+    server = FeedbackServer(db, log=tmp_path / "server.log", secret_key=None).start()  # the key file's key
+    try:
+        page = log_in_as(browser, server, "cy", PASSWORDS["ann"])
+        page.user_id = cy.id
+        page.goto(f"{server.url}/next?kind=demonstration")
+        item_url, item_id = page.url, int(page.url.rsplit("/", 1)[1])
+        assert stored_draft(page, item_id) is None  # opening a page writes nothing
+        page.fill("#completion", "Rain on the window,")
+        page.wait_for_function("() => document.querySelector('[data-draft-status]').textContent !== ''")
+        assert stored_draft(page, item_id)["state"]["values"] == {"completion": "Rain on the window,"}
+        page.reload()
+        assert page.input_value("#completion") == "Rain on the window,"
+        assert "is back" in page.locator("[data-draft-status]").inner_text()
+
+        server.stop()  # a restart on the same port (the same origin, so the same localStorage)
+        server.start()
+        page.reload()
+        assert page.url == item_url  # still logged in: the session key was kept
+        assert page.input_value("#completion") == "Rain on the window,"
+
+        with sqlite3.connect(db) as connection:  # the session ends (expired, or ended elsewhere)
+            connection.execute("DELETE FROM sessions")
+        page.fill("#completion", "Rain on the window,\nand none of it lost.")
+        page.click("#answer-form button[type=submit]")
+        page.wait_for_url(lambda url: "/login" in url)  # not saved: log in first
+        page.fill("#username", "cy")
+        page.fill("#password", PASSWORDS["ann"])
+        page.press("#password", "Enter")
+        page.wait_for_url(item_url)
+        assert page.input_value("#completion") == "Rain on the window,\nand none of it lost."
+        page.click("#answer-form button[type=submit]")
+        page.wait_for_url(f"{server.url}/queue")
+        assert page.locator(".flash-success").inner_text() == "Saved."
+        assert stored_draft(page, item_id) is None  # saved: the draft is gone
+        check = Store(f"sqlite:///{db}", migrate=False)
+        [answer] = check.answers("demonstration")
+        assert answer.payload["completion"] == "Rain on the window,\nand none of it lost."
+
+        page.goto(f"{server.url}/next?kind=ranking")  # ratings, flags and places too
+        ranking_id = int(page.url.rsplit("/", 1)[1])
+        rate_by_position(page, [7, 5, 3, 1])
+        page.check("input[name=flags_3][value=harmful]")
+        page.click("[data-rank-as-shown]")
+        page.wait_for_function(f"() => window.localStorage.getItem('rlhfkit-draft:{cy.id}:{ranking_id}') !== null")
+        page.reload()
+        assert places(page) == ["1", "2", "3", "4"] and page.is_checked("input[name=rating_0][value='7']")
+        assert page.is_checked("input[name=flags_3][value=harmful]")
+        assert page.is_checked("input[name=rating_3][value='1']")
+        page.click("#answer-form button[type=submit]")
+        page.wait_for_selector(".flash-success")
+        assert stored_draft(page, ranking_id) is None
+        answer = check.answer_of(cy.id, ranking_id)
+        assert sorted(answer.payload["ratings"]) == [1, 3, 5, 7]
+        check.close()
+        assert page.errors == []
+        page.context.close()
+    finally:
+        server.stop()

@@ -412,6 +412,11 @@ def _wants_json(request: Request) -> bool:
 # --------------------------------------------------------------------------------------------- the app
 
 
+def draft_key(user_id: int, item_id: int) -> str:
+    """The browser's localStorage key of a labeler's unsaved answer to an item (static/app.js keeps it)."""
+    return f"rlhfkit-draft:{user_id}:{item_id}"
+
+
 def create_app(store: Store, *, secret_key: str | None = None, https_only: bool = False,
                rate_limiter: LoginRateLimiter | None = None, settings: AppSettings | None = None) -> FastAPI:
     """The web app over ``store``.
@@ -432,7 +437,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     environment.globals.update(letter=_letter, flags=[(flag, FLAG_LABELS[flag]) for flag in FLAGS],
                                kind_titles=KIND_TITLES, rating_range=range(RATING_RANGE[0], RATING_RANGE[1] + 1),
                                roles=ROLES, import_kinds=[(kind, IMPORT_KIND_LABELS[kind]) for kind in IMPORT_KINDS],
-                               export_kinds=EXPORT_KINDS, item_kinds=ITEM_KINDS)
+                               export_kinds=EXPORT_KINDS, item_kinds=ITEM_KINDS, draft_key=draft_key)
     templates = Jinja2Templates(env=environment)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     # The last middleware added is the outermost: the size limit runs first.
@@ -483,6 +488,10 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         if "user" not in context:
             context["user"] = session_user(request)
         flashes = request.session.pop("flash", [])
+        # the item whose answer (or skip) was just stored: the page tells the browser to drop its draft
+        saved_item = request.session.pop("saved_item", None)
+        context.setdefault("saved_draft", draft_key(context["user"].id, saved_item)
+                           if context["user"] is not None and isinstance(saved_item, int) else None)
         return templates.TemplateResponse(request, name, {"csrf_token": csrf_token(request), "flashes": flashes,
                                                           **context}, status_code=status_code)
 
@@ -651,6 +660,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         except AnswerConflict as conflict:
             return item_page(request, user, item, status_code=409, conflict=conflict.message)
         flash(request, "success", "Changed." if editing else "Saved.")
+        request.session["saved_item"] = item.id
         return redirect(f"/items/{item.id}" if editing else f"/next?kind={item.kind}")
 
     @app.post("/items/{item_id}/skip", dependencies=[Depends(csrf_protected)])
@@ -665,6 +675,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         except AnswerConflict as conflict:
             return item_page(request, user, item, status_code=409, conflict=conflict.message)
         flash(request, "info", "Skipped.")
+        request.session["saved_item"] = item.id
         return redirect(f"/next?kind={item.kind}")
 
     # --------------------------------------------------------------------------------- admin pages

@@ -3,7 +3,117 @@
 // "ties with the one above" fill the place numbers (the submitted values) from the cards' order, and a
 // warning says live where the ranking contradicts the ratings (the server asks again before saving it).
 // A/B: the a / t / b keys. Demonstration: Ctrl+Enter submits.
+// Drafts: what a labeler enters in an answer form (text, ratings, flags, places) is kept in this browser's
+// localStorage, one entry per user and item, as they type; a reload, a server restart or a new login after
+// the session ended brings it back. It is dropped when the server confirms the answer (or skip) was stored,
+// when the labeler keeps an answer unchanged instead of editing it, and after 14 days.
 "use strict";
+
+const DRAFT_PREFIX = "rlhfkit-draft:";
+const DRAFT_MAX_AGE_MS = 14 * 24 * 3600 * 1000;
+const DRAFT_SAVE_DELAY_MS = 250;
+
+function draftStorage() {
+  try {
+    return window.localStorage;
+  } catch (error) {  // storage disabled: no drafts, everything else works
+    return null;
+  }
+}
+
+function readDraft(storage, key) {
+  try {
+    const draft = JSON.parse(storage.getItem(key));
+    return draft && typeof draft.savedAt === "number" && draft.state ? draft : null;
+  } catch (error) {
+    return null;
+  }
+}
+
+function forgetDraft(key) {
+  const storage = draftStorage();
+  if (storage && key) storage.removeItem(key);
+}
+
+function forgetOldDrafts() {
+  const storage = draftStorage();
+  if (!storage) return;
+  const keys = [];
+  for (let index = 0; index < storage.length; index += 1) keys.push(storage.key(index));
+  keys.filter((key) => key && key.startsWith(DRAFT_PREFIX)).forEach((key) => {
+    const draft = readDraft(storage, key);
+    if (!draft || Date.now() - draft.savedAt > DRAFT_MAX_AGE_MS) storage.removeItem(key);
+  });
+}
+
+// The fields a labeler fills in (not the CSRF token or the edit marker; tie boxes follow from the places).
+function draftFields(form) {
+  return Array.from(form.elements).filter((field) => field.name && field.name !== "csrf_token" &&
+    !["hidden", "submit", "button", "file", "password"].includes(field.type));
+}
+
+function formState(form) {
+  const values = {};
+  const checked = [];
+  draftFields(form).forEach((field) => {
+    if (field.type === "checkbox" || field.type === "radio") {
+      if (field.checked) checked.push(`${field.name}=${field.value}`);
+    } else {
+      values[field.name] = field.value;
+    }
+  });
+  return { values, checked };
+}
+
+function applyState(form, state) {
+  draftFields(form).forEach((field) => {
+    if (field.type === "checkbox" || field.type === "radio") {
+      field.checked = Array.isArray(state.checked) && state.checked.includes(`${field.name}=${field.value}`);
+    } else if (state.values && Object.prototype.hasOwnProperty.call(state.values, field.name)) {
+      field.value = state.values[field.name];
+    }
+  });
+}
+
+// Restore the form's draft (before the ranking is set up, which orders the cards by the restored places)
+// and keep it up to date. A page merely opened writes no draft; one that already has a draft keeps it current.
+function setUpDraft(form) {
+  const storage = draftStorage();
+  const key = form.dataset.draft;
+  const status = form.querySelector("[data-draft-status]");
+  const say = (text) => { if (status) status.textContent = text; };
+  if (!storage || !key) return;
+  const initial = JSON.stringify(formState(form));
+  const draft = readDraft(storage, key);
+  let kept = draft !== null;
+  let discarded = false;
+  if (draft && JSON.stringify(draft.state) !== initial) {
+    applyState(form, draft.state);
+    say(`Your unsaved draft from ${new Date(draft.savedAt).toLocaleString()} is back.`);
+    form.dataset.draftRestored = "1";
+  }
+  let timer = null;
+  function save() {
+    if (timer !== null) { clearTimeout(timer); timer = null; }
+    const state = formState(form);
+    if (discarded || (!kept && JSON.stringify(state) === initial)) return;
+    try {
+      storage.setItem(key, JSON.stringify({ savedAt: Date.now(), state }));
+      kept = true;
+      say("Draft kept in this browser.");
+    } catch (error) {
+      say("This browser cannot keep a draft (its storage is full or disabled).");
+    }
+  }
+  const soon = () => { if (timer === null) timer = setTimeout(save, DRAFT_SAVE_DELAY_MS); };
+  ["input", "change", "click", "drop", "keyup"].forEach((type) => form.addEventListener(type, soon));
+  form.addEventListener("submit", save);  // the latest state, should the answer not reach the server
+  window.addEventListener("pagehide", save);
+  document.querySelectorAll("[data-discard-draft]").forEach((link) => link.addEventListener("click", () => {
+    discarded = true;  // "Keep my answer as it is": the edits are dropped, and not written back on leaving
+    forgetDraft(key);
+  }));
+}
 
 function typingIn(element) {
   return element && (element.tagName === "TEXTAREA" || element.tagName === "SELECT" ||
@@ -129,6 +239,9 @@ function setUpVerdictKeys(form) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  forgetOldDrafts();
+  forgetDraft(document.body.dataset.savedDraft);
+  document.querySelectorAll("form[data-draft]").forEach(setUpDraft);
   document.querySelectorAll("[data-rank-list]").forEach(setUpRanking);
   document.querySelectorAll(".ab-form").forEach(setUpVerdictKeys);
   document.querySelectorAll("[data-submit-on-ctrl-enter]").forEach((area) =>
