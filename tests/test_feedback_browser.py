@@ -463,3 +463,58 @@ def test_a_draft_survives_a_reload_a_server_restart_and_a_new_login(browser, tmp
         page.context.close()
     finally:
         server.stop()
+
+
+def test_ratings_and_flags_by_shortcut_keys_shown_on_the_page(browser, tmp_path):
+    db = tmp_path / "feedback.db"
+    store = Store(f"sqlite:///{db}")
+    cy = store.create_user("cy", hash_password(PASSWORDS["ann"]))
+    store.import_samples([{"prompt": "Rank these", "completions": FOUR}])
+    store.close()
+    with FeedbackServer(db, log=tmp_path / "server.log") as server:
+        page = log_in_as(browser, server, "cy", PASSWORDS["ann"])
+        page.goto(f"{server.url}/next?kind=ranking")
+        item_id = int(page.url.rsplit("/", 1)[1])
+        keys = page.locator("#shortcut-keys").inner_text()
+        assert "1–7 rate it" in keys and "h harmful or offensive" in keys and "j / k" in keys
+        cards = page.locator(".rank-card")
+        assert "active-card" in cards.nth(0).get_attribute("class")  # the first output, to begin with
+        checked = "inputs => inputs.filter(input => input.checked).map(input => input.name + '=' + input.value)"
+
+        def chosen():
+            return page.locator("#answer-form input[type=radio], #answer-form input[type=checkbox][name]") \
+                .evaluate_all(checked)
+
+        page.keyboard.press("7")
+        page.keyboard.press("h")
+        page.keyboard.press("m")
+        page.keyboard.press("h")  # again: unflagged
+        assert chosen() == ["rating_0=7", "flags_0=made_up_facts"]
+        for rating in ("5", "3", "1"):
+            page.keyboard.press("j")
+            page.keyboard.press(rating)
+        page.keyboard.press("j")  # past the last output: it stays highlighted
+        page.keyboard.press("f")
+        page.keyboard.press("k")
+        page.keyboard.press("2")  # C: 3 -> 2
+        assert "active-card" in cards.nth(2).get_attribute("class")
+        assert chosen() == ["rating_0=7", "flags_0=made_up_facts", "rating_1=5", "rating_2=2", "rating_3=1",
+                            "flags_3=fails_instruction"]
+        page.locator("[data-rank-input]").nth(0).fill("4")  # typing a place rates nothing
+        assert page.locator("[data-rank-input]").nth(0).input_value() == "4"
+        assert chosen()[0] == "rating_0=7"
+        page.locator("[data-rank-input]").nth(0).fill("")
+        page.click("[data-rank-as-shown]")
+        page.keyboard.press("Escape")
+        assert page.locator("[data-contradiction-warning]").is_hidden()
+        page.click("#answer-form button[type=submit]")
+        page.wait_for_selector(".flash-success")
+        check = Store(f"sqlite:///{db}", migrate=False)
+        answer = check.answer_of(cy.id, item_id)
+        by_shown = {position: index for position, index in enumerate(answer.shown_order)}
+        assert [answer.payload["ratings"][by_shown[position]] for position in range(4)] == [7, 5, 2, 1]
+        assert answer.payload["flags"][by_shown[0]] == ["made_up_facts"]
+        assert answer.payload["flags"][by_shown[3]] == ["fails_instruction"]
+        check.close()
+        assert page.errors == []
+        page.context.close()

@@ -102,6 +102,7 @@ SESSION_COOKIE = "rlhfkit_session"
 SESSION_MAX_AGE_S = 12 * 3600
 FLAG_LABELS = {"fails_instruction": "Fails to follow the instruction", "harmful": "Harmful or offensive",
                "made_up_facts": "Makes up facts"}
+FLAG_KEYS = {"fails_instruction": "f", "harmful": "h", "made_up_facts": "m"}  # shortcut keys on the ranking page
 IMPORT_KIND_LABELS = {"prompts": "prompts: write demonstrations",
                       "samples": "samples (K outputs per prompt): rate and rank", "pairs": "pairs: A/B judgements"}
 KIND_TITLES = {"demonstration": "Write demonstrations", "ranking": "Rate and rank outputs", "ab": "Judge A/B pairs"}
@@ -434,7 +435,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     settings = settings or AppSettings.from_env()
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined)
-    environment.globals.update(letter=_letter, flags=[(flag, FLAG_LABELS[flag]) for flag in FLAGS],
+    environment.globals.update(letter=_letter, flags=[(flag, FLAG_LABELS[flag]) for flag in FLAGS], flag_keys=FLAG_KEYS,
                                kind_titles=KIND_TITLES, rating_range=range(RATING_RANGE[0], RATING_RANGE[1] + 1),
                                roles=ROLES, import_kinds=[(kind, IMPORT_KIND_LABELS[kind]) for kind in IMPORT_KINDS],
                                export_kinds=EXPORT_KINDS, item_kinds=ITEM_KINDS, draft_key=draft_key)

@@ -2,6 +2,8 @@
 // Ranking: the places start empty; drag and drop, Alt+Up/Down, up/down buttons, "Rank as shown" and
 // "ties with the one above" fill the place numbers (the submitted values) from the cards' order, and a
 // warning says live where the ranking contradicts the ratings (the server asks again before saving it).
+// Shortcut keys on the ranking page, for the highlighted output (the one with the focus, clicked last, or
+// the first): 1-7 rate it, f / h / m toggle its flags, j / k highlight the next / previous output.
 // A/B: the a / t / b keys. Demonstration: Ctrl+Enter submits.
 // Drafts: what a labeler enters in an answer form (text, ratings, flags, places) is kept in this browser's
 // localStorage, one entry per user and item, as they type; a reload, a server restart or a new login after
@@ -228,6 +230,41 @@ function setUpRanking(list) {
   });
   form.querySelector("[data-rank-as-shown]").addEventListener("click", renumber);
   reorderByPlace();
+  setUpRatingKeys(form, cards);
+}
+
+// The rating and flag keys of a ranking form: they act on one highlighted card, never while typing.
+function setUpRatingKeys(form, cards) {
+  let active = null;
+  function highlight(card, focus) {
+    if (active) active.classList.remove("active-card");
+    active = card;
+    card.classList.add("active-card");
+    if (focus) { card.focus(); card.scrollIntoView({ block: "nearest" }); }
+  }
+  const pick = (input) => {
+    input.checked = input.type === "radio" ? true : !input.checked;
+    input.dispatchEvent(new Event("change", { bubbles: true }));  // the warning and the draft follow
+  };
+  cards().forEach((card) => {
+    card.addEventListener("focusin", () => highlight(card, false));
+    card.addEventListener("pointerdown", () => highlight(card, false));
+  });
+  highlight(cards()[0], false);
+  document.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.altKey || event.metaKey || typingIn(event.target)) return;
+    if (event.target.closest && event.target.closest("form") && event.target.closest("form") !== form) return;
+    const key = event.key.toLowerCase();
+    const all = cards();
+    if (key === "j" || key === "k") {
+      const next = all.indexOf(active) + (key === "j" ? 1 : -1);
+      if (next >= 0 && next < all.length) highlight(all[next], true);
+      event.preventDefault();
+      return;
+    }
+    const input = active.querySelector(`[data-rating-key="${CSS.escape(key)}"], [data-flag-key="${CSS.escape(key)}"]`);
+    if (input) { event.preventDefault(); pick(input); }
+  });
 }
 
 function setUpVerdictKeys(form) {
