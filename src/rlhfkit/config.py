@@ -91,6 +91,10 @@ class DataConfig(Section):
         return self
 
 
+#: the experiment trackers ``train.report_to`` may list (accelerate's names; each an extra of the package)
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
 class TrainConfig(Section):
     """The optimisation loop shared by every trainer."""
 
@@ -123,6 +127,24 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, gt=0)
     resume: bool = True
     progress: bool = True
+    # experiment trackers beside metrics.jsonl (always written), through accelerate's tracker integration
+    # (rlhfkit.engine.trackers); each needs its extra: pip install rlhfkit[wandb]
+    report_to: list[Tracker] = []
+    # the trackers' project (W&B project, MLflow experiment, trackio project, TensorBoard subdirectory): default
+    # rlhfkit, and a pipeline's out_dir name for its stages; the run's name: default the output_dir's name
+    project: str | None = None
+    run_name: str | None = None
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, value: Any) -> Any:
+        """``report_to: wandb`` is a list of one, ``report_to: none`` (TRL's spelling) or null the empty list;
+        each tracker once, in the order given."""
+        if value is None or value == "none":
+            return []
+        if isinstance(value, str):
+            value = [value]
+        return list(dict.fromkeys(value)) if isinstance(value, (list, tuple)) else value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -415,6 +437,9 @@ TRL_NAMES: tuple[TRLName, ...] = (
     TRLName("gradient_checkpointing", _EVERY, "train.gradient_checkpointing"),
     TRLName("torch_compile", _EVERY, "train.torch_compile", "compiles each repeated block"),
     TRLName("output_dir", _EVERY, "train.output_dir"),
+    TRLName("report_to", _EVERY, "train.report_to", "tensorboard, wandb, mlflow, trackio; none by default"),
+    TRLName("run_name", _EVERY, "train.run_name", "default: the output_dir's name"),
+    TRLName("project", _EVERY, "train.project", "every tracker's project, not trackio's only; default: rlhfkit"),
     TRLName("group_by_length", "TrainingArguments (transformers 4.x)", "train.group_by_length",
             "on by default in rlhfkit"),
     TRLName("trust_remote_code", "SFTConfig, RewardConfig, DPOConfig, GRPOConfig, ...", "model.trust_remote_code"),

@@ -21,6 +21,10 @@ model, the sample stage's ``samples.jsonl``, the rank stage's ``rankings.jsonl``
 ``NAME`` inside the stage's directory (``{ppo:checkpoint-15}``). Those references are the pipeline's
 dependency graph. Trainer stages write to ``out_dir/<stage>`` (``train.output_dir`` is set for them).
 
+Experiment trackers: ``report_to: [wandb]`` at the top applies to every trainer stage (a stage's
+``train.report_to`` overrides it); the stages are runs named by stage in one project named after ``out_dir``
+(``train.project``). Which trackers report is no part of a stage's fingerprint: adding one re-runs nothing.
+
 Every section is validated before the first stage starts, so a typo in ``dpo`` fails at once, naming
 the file, line and key. Each stage records in ``<stage>/stage.json`` the fingerprint of its resolved
 config, of the files it reads and of the stages it depends on:
@@ -56,13 +60,17 @@ from rlhfkit.config import (
     RewardConfig,
     Section,
     SFTConfig,
+    Tracker,
     key_lines,
     load_config,
     save_config,
     validate_config,
 )
+from rlhfkit.engine.trackers import check_trackers
 from rlhfkit.rollout.generate import SamplingConfig
 
+# the train keys that say where a run reports, left out of a stage's fingerprint
+TRACKING_KEYS = ("report_to", "project", "run_name")
 _REFERENCE = re.compile(r"\{([a-z_]+)(?::([^{}]+))?\}")
 
 
@@ -260,6 +268,8 @@ class PipelineSettings(Section):
     seed: int = 0
     task: str | None = None
     stages: list[Literal[tuple(STAGE)]] = Field(min_length=1)
+    # the experiment trackers of every trainer stage (its train.report_to), see the module docstring
+    report_to: list[Tracker] = []
 
 
 # ... and one section per stage, validated as the stage's config once references are resolved (resolve_stages)
@@ -326,6 +336,8 @@ class StageRunner:
             path = Path(value)
             if value.strip("./") and len(value) < 4096 and path.exists() and not path.resolve().is_relative_to(run_dir):
                 inputs[value] = file_digest(path)
+        if isinstance(config.get("train"), dict):  # where a run reports does not change what it computes
+            config = {**config, "train": {k: v for k, v in config["train"].items() if k not in TRACKING_KEYS}}
         payload = {"stage": stage, "config": config, "inputs": inputs,
                    "upstream": {name: self.fingerprints.get(name) for name in sorted(upstream)}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -415,13 +427,17 @@ def resolve_stages(config: PipelineConfig, runner: StageRunner, *, source: str =
         if stage.trains:
             if not isinstance(tree.get("train", {}), dict):
                 raise ConfigError(f"{source}: {name}.train must be a section")
-            tree["train"] = {"seed": config.seed, **tree.get("train", {}), "output_dir": str(runner.out_dir / name)}
+            tree["train"] = {"seed": config.seed, "report_to": config.report_to,
+                             "project": runner.out_dir.resolve().name, **tree.get("train", {}),
+                             "output_dir": str(runner.out_dir / name)}
         # validate as written (so errors point at the file), then resolve references, defaults' included
         written = validate_config(stage.section, tree, source=source, lines=lines, prefix=(name,))
         values, used = runner.resolve(written.model_dump(mode="json"), name)
         if stage.reads_the_run:
             used |= set(runner.fingerprints) | set(resolved)
         resolved[name] = (stage.section.model_validate(values), used)
+        if stage.trains:  # a tracker's missing package stops the pipeline before its first stage
+            check_trackers(resolved[name][0].train.report_to, key=f"{name}.train.report_to")
     if "rank" in resolved and not resolved["rank"][0].feedback and config.task is None:
         raise ConfigError(f"{source}: the rank stage needs `task:` (its simulated labeler) or `rank.feedback:` "
                           "(a feedback-app database URL)")

@@ -20,7 +20,7 @@ from rlhfkit.engine.errors import TrainingError
 UNTESTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def make_accelerator(mixed_precision: str, **options: Any) -> Accelerator:
     """The accelerate ``Accelerator`` of a run, with the engine ``accelerate launch`` asked for.
 
     On a machine without a GPU it is told so (``cpu=True``), which is what makes ``torchrun`` processes
@@ -31,6 +31,7 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     The engine comes from the environment ``accelerate launch --config_file`` sets (the files in
     ``configs/accelerate/``): DDP, or FSDP version 2 (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION=2``), also on
     CPU (:func:`_fsdp_on_cpu`). FSDP version 1, DeepSpeed and Megatron-LM stop the run here, untested.
+    ``options`` go to the ``Accelerator`` as they are (the trackers' ``log_with``, :mod:`rlhfkit.engine.trackers`).
     """
     for flag, engine in UNTESTED_ENGINES.items():
         if parse_flag_from_env(flag):
@@ -42,7 +43,7 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
                             "in the accelerate config (configs/accelerate/fsdp-*.yaml)")
     has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     accelerator = Accelerator(cpu=not has_gpu, mixed_precision=resolve_mixed_precision(mixed_precision),
-                              fsdp_plugin=fsdp, step_scheduler_with_optimizer=False)
+                              fsdp_plugin=fsdp, step_scheduler_with_optimizer=False, **options)
     if fsdp is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         _fsdp_on_cpu(accelerator, fsdp)
     return accelerator

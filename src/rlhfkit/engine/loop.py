@@ -2,7 +2,8 @@
 
 The engine owns what every stage does alike: the accelerator and process group, the seed, AdamW and the
 learning-rate schedule, optimizer steps over micro-batches (gradient accumulation, clipping, the stop on a
-non-finite loss or gradient), the step count, logging to ``metrics.jsonl``, evaluation every
+non-finite loss or gradient), the step count, logging to ``metrics.jsonl`` and the experiment trackers of
+``train.report_to`` (:mod:`rlhfkit.engine.trackers`), evaluation every
 ``train.eval_every`` steps, crash-safe checkpoints with optimizer/scheduler/RNG state, exact resume, and a
 plain HF ``final/`` model. A trainer says what one step is (:meth:`Engine.train_step`: an optimizer step over a
 dataset's micro-batches, or a PPO iteration of rollout and updates), what to log of it
@@ -51,6 +52,7 @@ from rlhfkit.engine.sharding import (
     gather_optimizer_state,
     load_optimizer_state,
 )
+from rlhfkit.engine.trackers import Trackers, accelerator_options, check_trackers
 
 Micro = TypeVar("Micro")
 
@@ -76,12 +78,15 @@ class Engine:
         self.stage, self.config, self.cfg = stage, config, train
         self.run_dir = Path(train.output_dir)
         set_seed(train.seed)  # dropout and any sampling draw from the global RNG (restored on resume)
-        self.accelerator = make_accelerator(train.mixed_precision)
+        check_trackers(train.report_to)
+        self.accelerator = make_accelerator(train.mixed_precision, **accelerator_options(train.report_to, self.run_dir))
         self.world = self.accelerator.num_processes
         self.sharded = is_sharded(self.accelerator)
         if train.torch_compile and self.sharded:
             raise TrainingError(f"{stage}: train.torch_compile under FSDP is not supported yet (untested)")
         self.metrics = MetricsLog(self.run_dir, stage)
+        self.trackers = Trackers(self.accelerator, train.report_to, self.run_dir, stage=stage, project=train.project,
+                                 run_name=train.run_name)
         self.step = 0
 
     @property
@@ -179,6 +184,13 @@ class Engine:
         if self.accelerator.is_main_process:
             save_config(self.config, self.run_dir)
         self._resume()
+        try:
+            self.trackers.start(self.config.model_dump(mode="json"), resumed=self.step > 0)
+            return self._train()
+        finally:  # also when the run stops on an error: no tracker run is left open
+            self.trackers.finish()
+
+    def _train(self) -> dict[str, float]:
         if self.step == 0 and self.cfg.eval_at_start:
             self._log(self.evaluate())  # the starting point of the eval curve
         last: dict[str, float] = {}
@@ -217,8 +229,15 @@ class Engine:
         return last
 
     def _log(self, record: dict[str, float]) -> None:
+        """Write ``record`` at this step to ``metrics.jsonl`` and the trackers (process 0)."""
         if record and self.accelerator.is_main_process:
             self.metrics.write(self.step, record)
+            self.trackers.log(self.step, record)
+
+    def log_table(self, name: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Log ``rows`` (sampled completions with their rewards) as table ``name`` at this step to the trackers that
+        have tables (process 0; the trainer keeps its own JSONL of them)."""
+        self.trackers.table(name, rows, self.step)
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -276,15 +276,20 @@ class PPOTrainer(Engine):
 
     def log_record(self, elapsed_s: float, steps: int) -> dict[str, float]:
         """The last iteration's metrics; process 0 also appends its first ``samples_to_log`` samples to
-        ``samples.jsonl`` (``score``: the weighted sum; ``rewards``: each reward source's)."""
+        ``samples.jsonl`` (``score``: the weighted sum; ``rewards``: each reward source's) and logs them as the
+        trackers' ``samples`` table (a column per reward source: ``rewards/<name>``)."""
         rollout = self._last_rollout
         if self.accelerator.is_main_process:
+            table = []
             with (self.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as handle:
                 for i in range(min(self.ppo.samples_to_log, len(rollout.texts))):
                     sample = {"step": self.step, "prompt": rollout.prompts[i], "completion": rollout.texts[i],
                               "score": rollout.scores[i].item(),
                               "rewards": {name: values[i].item() for name, values in rollout.source_scores.items()}}
                     handle.write(json.dumps(sample) + "\n")
+                    rewards = sample.pop("rewards")
+                    table.append({**sample, **{f"rewards/{name}": value for name, value in rewards.items()}})
+            self.log_table("samples", table)
         return self._record
 
     def save_state(self, directory: Path, weights: dict[str, torch.Tensor] | None) -> dict[str, Any]:
