@@ -325,3 +325,32 @@ def test_a_pipelines_stages_are_runs_of_one_project_and_a_new_tracker_reruns_not
     assert sorted((r.info.run_name, r.data.tags["stage"]) for r in runs) == [("pretrain", "pretrain"), ("sft", "sft")]
     sft = next(r for r in runs if r.info.run_name == "sft")
     assert [m.step for m in client.get_metric_history(sft.info.run_id, "loss")] == [1, 2]
+
+
+# ---- several processes: process 0 reports, once ----------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_report_once_from_process_0(tmp_path, tokenizer_dir, demos):
+    needs("tensorboard")
+    needs("mlflow")
+    import subprocess
+
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch without the gloo backend")
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(sft_config(tmp_path / "ddp", tokenizer_dir, demos, "tensorboard", "mlflow")
+                                     .model_dump(mode="json")))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "rlhfkit", "sft", "--config", str(config)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = read_metrics(tmp_path / "ddp")
+    (logdir,) = (tmp_path / "ddp" / TENSORBOARD_DIR).iterdir()
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1  # one writer
+    scalars = EventAccumulator(str(logdir)).Reload().Scalars("loss")
+    assert [(e.step, pytest.approx(e.value)) for e in scalars] == logged(records, "loss")
+    client = mlflow_client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("trackers-test").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
