@@ -499,6 +499,15 @@ def test_admin_imports_prompts_samples_and_pairs(app, store):
     progress = {row["kind"]: row for row in store.progress()}
     assert (progress["ranking"]["items"], progress["ranking"]["answers_needed"]) == (3, 2 + 6)
     assert progress["demonstration"]["items"] == 3
+    pair = b'{"prompt": "S", "completions": ["a", "b"]}\n'
+    before = progress["ab"]["items"]
+    for kind in ("ab", "pairs"):  # "pairs", the old name of "ab": imported, with a note
+        boss.post("/admin/import", data={"csrf_token": token, "kind": kind, "replicas": "1"},
+                  files={"file": ("ab.jsonl", pair)})
+        page = boss.get("/admin").text
+        assert "Imported 1 A/B pairs from ab.jsonl, 1 labeler(s) each." in page
+        assert ("it is now &#39;ab&#39;" in page) == (kind == "pairs")
+    assert {row["kind"]: row["items"] for row in store.progress()}["ab"] == before + 2
 
 
 def test_a_bad_import_names_file_line_and_field_and_writes_nothing(app, store):
@@ -534,8 +543,11 @@ def test_exports_are_what_the_trainers_read(app, store, tmp_path):
     order = shown_order(store.user_by_name("ann").id, item_id, 3)  # RANKING_FORM ranks them as shown
     assert record.completions == ("red", f"blue {XSS}", "seven") and record.ranking == tuple((i,) for i in order)
     assert record.meta["shown_order"] == order
-    pairs = boss.get("/admin/export/pairs").text.splitlines()
+    pairs = boss.get("/admin/export/pairs-from-rankings").text.splitlines()
     assert len(pairs) == 3
+    old = boss.get("/admin/export/pairs")  # the old name: a permanent redirect to the new one
+    assert old.status_code == 308 and old.headers["location"] == "/admin/export/pairs-from-rankings"
+    assert boss.get("/admin/export/pairs", follow_redirects=True).text.splitlines() == pairs
     assert boss.get("/admin/export/poems").status_code == 404
 
 

@@ -104,7 +104,7 @@ def test_import_every_kind_with_replicas(run, db, tmp_path):
     pair = {"prompt": "p", "completions": ["a", "b"], "meta": {"models": ["x", "y"]}}
     pairs = _jsonl(tmp_path / "pairs.jsonl", [pair])
     for path, kind, replicas, count in ((prompts_csv, "prompts", 2, 2), (prompts_jsonl, "prompts", 1, 1),
-                                        (samples, "samples", 3, 2), (pairs, "pairs", 1, 1)):
+                                        (samples, "samples", 3, 2), (pairs, "ab", 1, 1)):
         result = run("feedback", "import", path, "--kind", kind, "--replicas", replicas, "--db", db)
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["items"] == count
@@ -135,7 +135,7 @@ def test_a_bad_record_names_the_file_line_and_field_and_imports_nothing(run, db,
     ("missing.jsonl", None, "prompts", "no such file"),
     ("prompts[v2].jsonl", None, "prompts", "prompts[v2].jsonl: no such file"),  # not taken as rich markup
     ("prompts.csv", "text\nhello\n", "prompts", "field 'prompt': is missing"),
-    ("pairs.csv", "prompt\nhello\n", "pairs", "pairs are read from JSON lines"),
+    ("pairs.csv", "prompt\nhello\n", "ab", "ab are read from JSON lines"),
     ("empty.jsonl", "\n", "samples", "contains no records"),
     ("bad.jsonl", "{not json\n", "samples", "line 1: invalid JSON"),
     ("blank.jsonl", '{"prompt": "p", "completions": ["a", " "]}\n', "samples", "field 'completions[1]': is empty"),
@@ -179,8 +179,25 @@ def test_export_writes_records_the_trainers_read(run, db, labeled, tmp_path):
                                        labeler="ann", meta={"ratings": [7, 4, 1], "flags": [[], [], ["made_up_facts"]],
                                                             "shown_order": shown})
     assert records[1].ranking == ((0,), (1, 2)) and records[1].labeler == "bob"
-    result = run("export", "--db", db, "--kind", "pairs", "--out", tmp_path / "pairs.jsonl")
+    result = run("export", "--db", db, "--kind", "pairs-from-rankings", "--out", tmp_path / "pairs.jsonl")
     assert json.loads(result.stdout)["records"] == 5 and len(read_records(tmp_path / "pairs.jsonl", "preference")) == 5
+
+
+def test_the_old_kind_names_still_work_with_a_deprecation_message(run, db, labeled, tmp_path):
+    """`import --kind pairs` (A/B) and `export --kind pairs` (from rankings) were easily mixed up: now `ab` and
+    `pairs-from-rankings`; the old names do what they did and say what to use instead."""
+    pair = _jsonl(tmp_path / "ab.jsonl", [{"prompt": "p", "completions": ["a", "b"]}])
+    result = run("feedback", "import", pair, "--kind", "pairs", "--db", db)
+    assert result.exit_code == 0 and json.loads(result.stdout)["kind"] == "ab"
+    assert "warning: import kind 'pairs' is deprecated: it is now 'ab'" in _message(result)
+    assert labeled.item(3).kind == "ab"
+    result = run("export", "--db", db, "--kind", "pairs", "--out", tmp_path / "old.jsonl")
+    assert result.exit_code == 0 and json.loads(result.stdout)["kind"] == "pairs-from-rankings"
+    assert "it is now 'pairs-from-rankings'" in _message(result)
+    new = run("export", "--db", db, "--kind", "pairs-from-rankings", "--out", tmp_path / "new.jsonl")
+    assert new.stderr == "" and (tmp_path / "old.jsonl").read_text() == (tmp_path / "new.jsonl").read_text()
+    result = run("export", "--db", db, "--kind", "essays", "--out", tmp_path / "x.jsonl")
+    assert result.exit_code == 2 and "pairs (now pairs-from-rankings)" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -488,7 +488,9 @@ def test_exported_rankings_read_back_flat_without_ties(answered, tmp_path):
 
 
 def test_exported_pairs_are_every_untied_pair(answered, tmp_path):
-    records = _round_trip(tmp_path, answered, "pairs", "preference")
+    records = _round_trip(tmp_path, answered, "pairs-from-rankings", "preference")
+    with pytest.warns(DeprecationWarning, match="now 'pairs-from-rankings'"):
+        assert list(answered.export("pairs")) == list(answered.export("pairs-from-rankings"))
     prompt = [{"role": "user", "content": "Rank"}]
     assert [(r.chosen, r.rejected, r.labeler) for r in records] == [
         ("b", "a", "ann"), ("b", "c", "ann"), ("a", "c", "ann"), ("a", "c", "bob"), ("b", "c", "bob")]

@@ -328,7 +328,7 @@ app.add_typer(human_app, name="human")
 def human_pairs(
     run_dir: Annotated[Path, typer.Argument(help="A run with samples/<model>.jsonl (pipeline, demo or eval).")],
     models: Annotated[str, typer.Option(help="Models to compare with the baseline, comma-separated.")],
-    out: Annotated[Path, typer.Option(help="A/B records to import: rlhfkit feedback import OUT --kind pairs.")],
+    out: Annotated[Path, typer.Option(help="A/B records to import: rlhfkit feedback import OUT --kind ab.")],
     baseline: Annotated[str, typer.Option(help="The model every other one is compared with.")] = "sft",
     seed: Annotated[int, typer.Option(help="Seed of the random left/right order of each pair.")] = 0,
 ) -> None:
@@ -349,7 +349,7 @@ def human_pairs(
     except ValueError as error:
         raise ConfigError(str(error)) from None
     console.print(f"{write_jsonl(out, records)} A/B pairs written to {out}; "
-                  f"load them with: rlhfkit feedback import {out} --kind pairs")
+                  f"load them with: rlhfkit feedback import {out} --kind ab")
 
 
 @human_app.command("verdicts")

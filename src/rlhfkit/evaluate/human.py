@@ -1,7 +1,7 @@
 """Win rates judged by people: A/B pairs for the feedback app, and the verdicts it exports.
 
 The loop: :func:`ab_pairs` turns a run's samples (``samples/<model>.jsonl``, one completion per held-out
-prompt and model) into A/B records; ``rlhfkit feedback import --kind pairs`` loads them into the app,
+prompt and model) into A/B records; ``rlhfkit feedback import --kind ab`` loads them into the app,
 where labelers judge which output is better; ``rlhfkit export --kind ab`` writes their verdicts;
 :func:`human_win_rates` turns those into win rates with bootstrap intervals, as for the gold judge.
 

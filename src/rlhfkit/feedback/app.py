@@ -63,6 +63,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhfkit.data.readers import json_line
 from rlhfkit.data.records import DataError
+from rlhfkit.feedback.common import OLD_EXPORT_KINDS, import_kind
 from rlhfkit.feedback.imports import IMPORT_KINDS, import_file
 from rlhfkit.feedback.security import (
     MIN_PASSWORD_LENGTH,
@@ -104,7 +105,11 @@ FLAG_LABELS = {"fails_instruction": "Fails to follow the instruction", "harmful"
                "made_up_facts": "Makes up facts"}
 FLAG_KEYS = {"fails_instruction": "f", "harmful": "h", "made_up_facts": "m"}  # shortcut keys on the ranking page
 IMPORT_KIND_LABELS = {"prompts": "prompts: write demonstrations",
-                      "samples": "samples (K outputs per prompt): rate and rank", "pairs": "pairs: A/B judgements"}
+                      "samples": "samples (K outputs per prompt): rate and rank",
+                      "ab": "A/B pairs: judge which is better"}
+EXPORT_KIND_LABELS = {"demonstrations": "demonstrations", "rankings": "rankings (with ratings and flags)",
+                      "pairs-from-rankings": "chosen/rejected pairs drawn from the rankings",
+                      "ab": "verdicts of the A/B pairs"}
 KIND_TITLES = {"demonstration": "Write demonstrations", "ranking": "Rate and rank outputs", "ab": "Judge A/B pairs"}
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -438,7 +443,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     environment.globals.update(letter=_letter, flags=[(flag, FLAG_LABELS[flag]) for flag in FLAGS], flag_keys=FLAG_KEYS,
                                kind_titles=KIND_TITLES, rating_range=range(RATING_RANGE[0], RATING_RANGE[1] + 1),
                                roles=ROLES, import_kinds=[(kind, IMPORT_KIND_LABELS[kind]) for kind in IMPORT_KINDS],
-                               export_kinds=EXPORT_KINDS, item_kinds=ITEM_KINDS, draft_key=draft_key)
+                               export_kinds=[(kind, EXPORT_KIND_LABELS[kind]) for kind in EXPORT_KINDS],
+                               item_kinds=ITEM_KINDS, draft_key=draft_key)
     templates = Jinja2Templates(env=environment)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     # The last middleware added is the outermost: the size limit runs first.
@@ -704,7 +710,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     @app.post("/admin/import", dependencies=[Depends(csrf_protected)])
     def import_items(request: Request, _admin: User = Depends(current_admin),
                      form: FormData = Depends(form_data)) -> Response:
-        upload, kind = form.get("file"), str(form.get("kind", ""))
+        upload, (kind, deprecated) = form.get("file"), import_kind(str(form.get("kind", "")))
         try:
             replicas = int(str(form.get("replicas", "1")))
         except ValueError:
@@ -725,7 +731,10 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                 except (DataError, StoreError) as error:
                     flash(request, "error", f"Nothing imported: {error}")
                 else:
-                    flash(request, "success", f"Imported {count} {kind} from {name}, {replicas} labeler(s) each.")
+                    flash(request, "success", f"Imported {count} {'A/B pairs' if kind == 'ab' else kind} from {name}, "
+                                              f"{replicas} labeler(s) each.")
+                    if deprecated:
+                        flash(request, "info", f"Note: {deprecated}.")
         return redirect("/admin")
 
     @app.get("/admin/review")
@@ -777,6 +786,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     @app.get("/admin/export/{kind}")
     def export(kind: str, _admin: User = Depends(current_admin)) -> Response:
+        if kind in OLD_EXPORT_KINDS:  # an old link or script: the same records under the new name
+            return RedirectResponse(f"/admin/export/{OLD_EXPORT_KINDS[kind]}", status_code=308)
         if kind not in EXPORT_KINDS:
             raise HTTPException(404, f"no such export: {kind}")
         records = list(store.export(kind))  # read before answering, so a database error is a clean 500

@@ -22,7 +22,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlhfkit.cli_common import console, fail_cleanly
-from rlhfkit.feedback.common import EXPORT_KINDS, IMPORT_KINDS, ROLES, StoreError
+from rlhfkit.feedback.common import (
+    EXPORT_KINDS,
+    IMPORT_KINDS,
+    OLD_EXPORT_KINDS,
+    OLD_IMPORT_KINDS,
+    ROLES,
+    StoreError,
+    export_kind,
+    import_kind,
+)
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) is loaded by the commands that open one, not by --help
     from rlhfkit.feedback.store import Store
@@ -98,6 +107,17 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
     return value
 
 
+def _kind(value: str, resolve, choices: tuple[str, ...], old: dict[str, str]) -> str:
+    """A --kind value under its current name; an old name works, with a deprecation message on stderr."""
+    kind, deprecated = resolve(value)
+    if deprecated:
+        console.print(f"[bold yellow]warning:[/] {escape(deprecated)}", highlight=False)
+    if kind not in choices:
+        olds = ", ".join(f"{name} (now {new})" for name, new in old.items())
+        raise typer.BadParameter(f"expected one of {', '.join(choices)}; old names: {olds}", param_hint="--kind")
+    return kind
+
+
 def register(app: typer.Typer) -> None:
     """Add ``serve``, ``export`` and the ``feedback`` sub-app (add-user, import, progress, release, agreement) to
     ``app``."""
@@ -152,14 +172,16 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     @fail_cleanly
     def export(
-        kind: Annotated[str, typer.Option(help=f"What to export: {', '.join(EXPORT_KINDS)}.")],
+        kind: Annotated[str, typer.Option(help="What to export: demonstrations, rankings, pairs-from-rankings "
+                                               "(chosen/rejected pairs drawn from the rankings) or ab (the verdicts "
+                                               "of A/B pairs).")],
         out: Annotated[Path, typer.Option(help="Output JSONL file (.gz to compress).")],
         db: DbOption = DEFAULT_DB,
     ) -> None:
         """Write the labelers' answers as the records rlhfkit's trainers read (skipped items left out)."""
         from rlhfkit.data.readers import write_jsonl
 
-        _choice(kind, EXPORT_KINDS, "--kind")
+        kind = _kind(kind, export_kind, EXPORT_KINDS, OLD_EXPORT_KINDS)
         with open_store(db, create=False) as store:
             count = write_jsonl(out, store.export(kind))
         print(json.dumps({"kind": kind, "records": count, "out": str(out)}))
@@ -188,14 +210,15 @@ def register(app: typer.Typer) -> None:
     def import_(
         path: Annotated[Path, typer.Argument(help="Records: JSONL (prompts also CSV with a 'prompt' column).")],
         kind: Annotated[str, typer.Option(help="prompts (to write demonstrations for), samples (K completions "
-                                               "to rank: rlhfkit sample's output) or pairs (A/B).")],
+                                               "to rate and rank: rlhfkit sample's output) or ab (A/B pairs to "
+                                               "judge: rlhfkit human pairs' output).")],
         replicas: Annotated[int, typer.Option(min=1, help="How many labelers answer each item.")] = 1,
         db: DbOption = DEFAULT_DB,
     ) -> None:
         """Add items for labelers: all of the file or, on the first bad record, nothing."""
         from rlhfkit.feedback.imports import import_file
 
-        _choice(kind, IMPORT_KINDS, "--kind")
+        kind = _kind(kind, import_kind, IMPORT_KINDS, OLD_IMPORT_KINDS)
         with open_store(db, create=True) as store:
             count = import_file(store, path, kind, replicas=replicas)
         print(json.dumps({"kind": kind, "items": count, "replicas": replicas, "db": store.url}))

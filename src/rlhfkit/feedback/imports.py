@@ -8,11 +8,12 @@ validated by the store. Either the whole file is imported or, on the first bad r
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhfkit.data.records import DataError
-from rlhfkit.feedback.common import IMPORT_KINDS
+from rlhfkit.feedback.common import IMPORT_KINDS, import_kind
 
 if TYPE_CHECKING:
     from rlhfkit.feedback.store import Store
@@ -28,6 +29,7 @@ def read_import(path: Path, kind: str, *, source: str | None = None) -> tuple[li
     from rlhfkit.data.readers import iter_jsonl, read_records
     from rlhfkit.data.records import record_to_dict
 
+    kind = import_kind(kind)[0]
     if kind not in IMPORT_KINDS:
         raise ValueError(f"unknown import kind {kind!r}; expected one of {IMPORT_KINDS}")
     name = source or str(path)
@@ -47,10 +49,15 @@ def read_import(path: Path, kind: str, *, source: str | None = None) -> tuple[li
 
 
 def import_file(store: Store, path: Path, kind: str, *, replicas: int, source: str | None = None) -> int:
-    """Add the file's records to ``store`` as items of ``kind``; all or nothing. Returns the number of items."""
+    """Add the file's records to ``store`` as items of ``kind``; all or nothing. Returns the number of items.
+
+    The old name ``"pairs"`` of ``"ab"`` works, with a :class:`DeprecationWarning`."""
+    kind, deprecated = import_kind(kind)
+    if deprecated:
+        warnings.warn(deprecated, DeprecationWarning, stacklevel=2)
     records, lines = read_import(path, kind, source=source)
     name = source or str(path)
-    method = {"prompts": store.import_prompts, "samples": store.import_samples, "pairs": store.import_pairs}[kind]
+    method = {"prompts": store.import_prompts, "samples": store.import_samples, "ab": store.import_pairs}[kind]
     try:
         return method(records, replicas=replicas, source=name)
     except DataError as error:  # the store numbers records: name the file line instead

@@ -15,7 +15,7 @@ from rlhfkit.data.records import DataError
 from rlhfkit.data.sources import SourceRows
 
 # record kind -> what the store exports for it
-EXPORTS = {"demonstration": "demonstrations", "ranking": "rankings", "preference": "pairs"}
+EXPORTS = {"demonstration": "demonstrations", "ranking": "rankings", "preference": "pairs-from-rankings"}
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import random
 import secrets
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -57,7 +58,7 @@ from sqlalchemy.pool import StaticPool
 
 from rlhfkit.data.records import DataError, RankingRecord, parse_record
 from rlhfkit.feedback import agreement as agree
-from rlhfkit.feedback.common import EXPORT_KINDS, ROLES, StoreError
+from rlhfkit.feedback.common import EXPORT_KINDS, ROLES, StoreError, export_kind
 
 ITEM_KINDS = ("demonstration", "ranking", "ab")
 FLAGS = ("fails_instruction", "harmful", "made_up_facts")  # InstructGPT's labeling flags
@@ -989,14 +990,19 @@ class Store:
         ``kind``: ``"demonstrations"`` (``{"prompt", "completion"}``), ``"rankings"`` (``{"prompt",
         "completions", "ranking", "meta": {"ratings", "flags", "shown_order"}}``, the ranking flat when it
         has no ties, everything in the item's indices; ``shown_order`` the indices in the order shown),
-        ``"pairs"`` (every untied pair of every ranking, ``{"prompt", "chosen", "rejected"}``) or ``"ab"``
-        (``{"prompt", "completions", "verdict", "meta"}``, the item's meta with the models). Every record
+        ``"pairs-from-rankings"`` (every untied pair of every ranking, ``{"prompt", "chosen", "rejected"}``) or
+        ``"ab"`` (``{"prompt", "completions", "verdict", "meta"}``, the item's meta with the models). Every record
         has ``"id"`` (the imported record's id, else the item's) and ``"labeler"`` (the username). Rejected
-        answers are left out; an edited answer is exported as its latest version.
+        answers are left out; an edited answer is exported as its latest version. The old name ``"pairs"`` of
+        ``"pairs-from-rankings"`` works, with a :class:`DeprecationWarning`.
         """
+        kind, deprecated = export_kind(kind) if isinstance(kind, str) else (kind, None)
+        if deprecated:
+            warnings.warn(deprecated, DeprecationWarning, stacklevel=2)
         if kind not in EXPORT_KINDS:
             raise StoreError(f"unknown export kind {_shown(kind)}; expected one of {EXPORT_KINDS}", field="kind")
-        item_kind = {"demonstrations": "demonstration", "rankings": "ranking", "pairs": "ranking", "ab": "ab"}[kind]
+        item_kind = {"demonstrations": "demonstration", "rankings": "ranking", "pairs-from-rankings": "ranking",
+                     "ab": "ab"}[kind]
         for item, answer, username in self._answered((item_kind,)):
             common = {"id": item.source_id if item.source_id is not None else str(item.id), "labeler": username}
             payload = answer.payload
@@ -1008,7 +1014,7 @@ class Store:
             else:
                 groups = payload["ranking"]
                 record = RankingRecord(item.prompt, tuple(item.completions), tuple(tuple(g) for g in groups))
-                if kind == "pairs":
+                if kind == "pairs-from-rankings":
                     for winner, loser in record.pairs():
                         yield {"prompt": item.prompt, "chosen": item.completions[winner],
                                "rejected": item.completions[loser], **common}
