@@ -175,8 +175,10 @@ def test_export_writes_records_the_trainers_read(run, db, labeled, tmp_path):
     assert json.loads(result.stdout) == {"kind": "rankings", "records": 2, "out": str(out)}
     records = read_records(out, "ranking")
     shown = shown_order(labeled.user_by_name("ann").id, 1, 3)  # the order ann saw the outputs in
+    times = {key: records[0].meta[key] for key in ("opened_at", "answered_at", "updated_at")}
     assert records[0] == RankingRecord("Name a colour", ("red", "blue", "seven"), ((0,), (1,), (2,)), id="s1",
                                        labeler="ann", meta={"ratings": [7, 4, 1], "flags": [[], [], ["made_up_facts"]],
+                                                            **times, "version": 1, "review_status": "submitted",
                                                             "shown_order": shown})
     assert records[1].ranking == ((0,), (1, 2)) and records[1].labeler == "bob"
     result = run("export", "--db", db, "--kind", "pairs-from-rankings", "--out", tmp_path / "pairs.jsonl")

@@ -463,9 +463,22 @@ def answered(store, users):
 
 
 def _round_trip(tmp_path: Path, store: Store, kind: str, record_kind: str) -> list:
+    """The export read back, each record's meta without the answer's times (checked here: ISO 8601 in UTC,
+    opened <= answered <= updated), its version 1 and review status "submitted"."""
+    from dataclasses import replace
+    from datetime import datetime
+
     path = tmp_path / f"{kind}.jsonl"
     write_jsonl(path, store.export(kind))
-    return read_records(path, record_kind)
+    records = []
+    for record in read_records(path, record_kind):
+        meta = dict(record.meta)
+        opened, answered, updated = (datetime.fromisoformat(meta.pop(key))
+                                     for key in ("opened_at", "answered_at", "updated_at"))
+        assert opened.utcoffset().total_seconds() == 0 and opened <= answered == updated
+        assert (meta.pop("version"), meta.pop("review_status")) == (1, "submitted")
+        records.append(replace(record, meta=meta or None))
+    return records
 
 
 def test_exported_demonstrations_read_back(answered, tmp_path):
@@ -495,15 +508,55 @@ def test_exported_pairs_are_every_untied_pair(answered, tmp_path):
     assert [(r.chosen, r.rejected, r.labeler) for r in records] == [
         ("b", "a", "ann"), ("b", "c", "ann"), ("a", "c", "ann"), ("a", "c", "bob"), ("b", "c", "bob")]
     assert all(isinstance(r, PreferenceRecord) and r.prompt == prompt and r.id == "2" for r in records)
+    assert [(r.meta["chosen_index"], r.meta["rejected_index"]) for r in records[:3]] == [(1, 0), (1, 2), (0, 2)]
+    ann = answered.user_by_name("ann").id
+    assert records[0].meta["shown_order"] == shown_order(ann, 2, 3)
 
 
 def test_exported_ab_verdicts_feed_human_win_rates(answered, tmp_path):
     path = tmp_path / "ab.jsonl"
     assert write_jsonl(path, answered.export("ab")) == 2
     rows = [row for _, row in iter_jsonl(path)]
+    times = {key: rows[0]["meta"][key] for key in ("opened_at", "answered_at", "updated_at")}
     assert rows[0] == {"prompt": "Judge", "completions": ["x", "y"], "verdict": "a", "id": "ab-1", "labeler": "ann",
-                       "meta": {"models": ["ppo", "sft"]}}
+                       "meta": {"models": ["ppo", "sft"], **times, "version": 1, "review_status": "submitted",
+                                "shown_order": [0, 1]}}
     assert human_win_rates(rows, "sft")["ppo"]["win_rate"] == pytest.approx(0.75)
+
+
+def test_exports_keep_the_import_meta_the_labeler_the_times_and_the_order_shown(store, users):
+    """Issue 25: whatever was given at import comes back with each answer, with who answered, when (opened,
+    first answered, last changed), the version, the review status and the order the labeler saw."""
+    from datetime import datetime
+
+    ann, bob, _ = users
+    store.import_prompts([{"prompt": "Say hi", "meta": {"batch": 7, "source": "forum"}}], replicas=2)
+    store.import_samples([{"prompt": "Rank", "completions": ["a", "b", "c"], "id": "r1",
+                           "meta": {"batch": 7, "models": ["m1", "m2", "m3"], "version": "import's own"}}])
+    store.submit(ann.id, _one(store, ann, "demonstration").id, {"completion": "hi"})
+    bob_item = _one(store, bob, "demonstration")
+    store.submit(bob.id, bob_item.id, {"completion": "hello"})
+    store.edit(bob.id, bob_item.id, {"completion": "hello there"})
+    ranking = _one(store, ann, "ranking")
+    store.submit(ann.id, ranking.id, {**RANKING, "ranking": [1, 0, 2]})
+    store.review(store.answer_of(ann.id, ranking.id).id, ann.id, "accepted")
+
+    first, second = store.export("demonstrations")
+    assert (first["labeler"], second["labeler"], second["completion"]) == ("ann", "bob", "hello there")
+    assert {key: first["meta"][key] for key in ("batch", "source")} == {"batch": 7, "source": "forum"}
+    assert (first["meta"]["version"], second["meta"]["version"]) == (1, 2)
+    opened, answered, updated = (datetime.fromisoformat(second["meta"][key])
+                                 for key in ("opened_at", "answered_at", "updated_at"))
+    assert opened <= answered < updated  # bob changed his answer after giving it
+
+    [record] = store.export("rankings")
+    meta = record["meta"]
+    assert record["id"] == "r1" and record["labeler"] == "ann" and meta["review_status"] == "accepted"
+    assert meta["shown_order"] == shown_order(ann.id, ranking.id, 3) and meta["models"] == ["m1", "m2", "m3"]
+    assert meta["version"] == 1  # the labeling's field wins its name; the import's meta is kept whole as well
+    assert meta["import_meta"] == {"batch": 7, "models": ["m1", "m2", "m3"], "version": "import's own"}
+    pairs = list(store.export("pairs-from-rankings"))
+    assert all(pair["meta"]["batch"] == 7 and pair["labeler"] == "ann" for pair in pairs) and len(pairs) == 3
 
 
 def test_export_refuses_an_unknown_kind(store):

@@ -247,6 +247,23 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def _timestamp(moment: datetime | None) -> str | None:
+    """An exported time: ISO 8601 in UTC (``2026-12-07T09:30:00.123456+00:00``), None when unknown."""
+    return _utc(moment).isoformat() if moment is not None else None
+
+
+def export_meta(imported: dict, labeling: dict) -> dict:
+    """An export record's ``meta``: the ``meta`` given at import and the fields of the labeling (``labeling``).
+
+    A labeling field wins a name it shares with the import's meta; the import's meta is then also kept whole
+    under ``import_meta``, so nothing given at import is lost.
+    """
+    meta = {**imported, **labeling}
+    if any(key in imported for key in labeling):
+        meta["import_meta"] = dict(imported)
+    return meta
+
+
 def _answer(row: AnswerRow) -> Answer:
     return Answer(row.id, row.item_id, row.user_id, row.payload, row.skipped, _utc(row.created_at),
                   row.shown_order, row.version, row.status)
@@ -988,13 +1005,16 @@ class Store:
         """The answers as the records rlhfkit's trainers read; skipped answers are never exported.
 
         ``kind``: ``"demonstrations"`` (``{"prompt", "completion"}``), ``"rankings"`` (``{"prompt",
-        "completions", "ranking", "meta": {"ratings", "flags", "shown_order"}}``, the ranking flat when it
-        has no ties, everything in the item's indices; ``shown_order`` the indices in the order shown),
+        "completions", "ranking"}``, the ranking flat when it has no ties, in the item's indices),
         ``"pairs-from-rankings"`` (every untied pair of every ranking, ``{"prompt", "chosen", "rejected"}``) or
-        ``"ab"`` (``{"prompt", "completions", "verdict", "meta"}``, the item's meta with the models). Every record
-        has ``"id"`` (the imported record's id, else the item's) and ``"labeler"`` (the username). Rejected
-        answers are left out; an edited answer is exported as its latest version. The old name ``"pairs"`` of
-        ``"pairs-from-rankings"`` works, with a :class:`DeprecationWarning`.
+        ``"ab"`` (``{"prompt", "completions", "verdict"}``). Every record has ``"id"`` (the imported record's id,
+        else the item's), ``"labeler"`` (the username) and ``"meta"``: the ``meta`` given at import with how
+        the answer came about (:func:`export_meta`): ``opened_at`` (the item assigned to the labeler),
+        ``answered_at`` (the first version), ``updated_at`` (the latest), ``version``, ``review_status``
+        (``"submitted"`` or ``"accepted"``), ``shown_order`` (the outputs' indices in the order the labeler saw
+        them) and, for rankings, ``ratings`` and ``flags`` (pairs: ``chosen_index`` and ``rejected_index``).
+        Rejected answers are left out; an edited answer is exported as its latest version. The old name
+        ``"pairs"`` of ``"pairs-from-rankings"`` works, with a :class:`DeprecationWarning`.
         """
         kind, deprecated = export_kind(kind) if isinstance(kind, str) else (kind, None)
         if deprecated:
@@ -1003,23 +1023,44 @@ class Store:
             raise StoreError(f"unknown export kind {_shown(kind)}; expected one of {EXPORT_KINDS}", field="kind")
         item_kind = {"demonstrations": "demonstration", "rankings": "ranking", "pairs-from-rankings": "ranking",
                      "ab": "ab"}[kind]
-        for item, answer, username in self._answered((item_kind,)):
+        for item, answer, username, opened_at, updated_at in self._exported((item_kind,)):
             common = {"id": item.source_id if item.source_id is not None else str(item.id), "labeler": username}
             payload = answer.payload
+            how = {"opened_at": _timestamp(opened_at), "answered_at": _timestamp(answer.created_at),
+                   "updated_at": _timestamp(updated_at if answer.version > 1 and updated_at else answer.created_at),
+                   "version": answer.version,
+                   "review_status": answer.status}
             if kind == "demonstrations":
-                yield {"prompt": item.prompt, "completion": payload["completion"], **common}
-            elif kind == "ab":
+                yield {"prompt": item.prompt, "completion": payload["completion"], **common,
+                       "meta": export_meta(item.meta, how)}
+            elif kind == "ab":  # shown as imported (the A/B order is drawn when the pairs are made)
                 yield {"prompt": item.prompt, "completions": list(item.completions), "verdict": payload["verdict"],
-                       **common, "meta": dict(item.meta)}
+                       **common, "meta": export_meta(item.meta, {**how, "shown_order": [0, 1]})}
             else:
+                how["shown_order"] = answer.shown_order
                 groups = payload["ranking"]
                 record = RankingRecord(item.prompt, tuple(item.completions), tuple(tuple(g) for g in groups))
                 if kind == "pairs-from-rankings":
                     for winner, loser in record.pairs():
                         yield {"prompt": item.prompt, "chosen": item.completions[winner],
-                               "rejected": item.completions[loser], **common}
+                               "rejected": item.completions[loser], **common,
+                               "meta": export_meta(item.meta, {**how, "chosen_index": winner,
+                                                               "rejected_index": loser})}
                 else:
                     ranking = [g[0] for g in groups] if all(len(g) == 1 for g in groups) else groups
                     yield {"prompt": item.prompt, "completions": list(item.completions), "ranking": ranking,
-                           **common, "meta": {"ratings": payload["ratings"], "flags": payload["flags"],
-                                              "shown_order": answer.shown_order}}
+                           **common, "meta": export_meta(item.meta, {"ratings": payload["ratings"],
+                                                                     "flags": payload["flags"], **how})}
+
+    def _exported(self, kinds: tuple[str, ...]) -> list[tuple]:
+        """(item, answer, username, opened at, latest version at) of :meth:`_answered`'s answers: when the
+        labeler was given the item (None if that assignment is gone) and when the latest version was written."""
+        latest = (select(func.max(AnswerVersionRow.created_at)).where(AnswerVersionRow.answer_id == AnswerRow.id)
+                  .correlate(AnswerRow).scalar_subquery())
+        query = (select(ItemRow, AnswerRow, UserRow.username, AssignmentRow.created_at, latest)
+                 .join(AnswerRow, AnswerRow.item_id == ItemRow.id).join(UserRow, UserRow.id == AnswerRow.user_id)
+                 .outerjoin(AssignmentRow, (AssignmentRow.item_id == ItemRow.id)
+                            & (AssignmentRow.user_id == AnswerRow.user_id))
+                 .where(ItemRow.kind.in_(kinds), self._counted_answer()).order_by(AnswerRow.id))
+        with self._reader() as session:
+            return [tuple(row) for row in session.execute(query)]
