@@ -233,3 +233,22 @@ def test_a_session_key_file_others_can_read_or_too_short_is_refused(tmp_path, mo
     path.chmod(mode)
     with pytest.raises(SessionKeyError, match=message):
         session_key_from_file(path)
+
+
+def test_importing_the_security_module_computes_no_hash():
+    """A hash takes as long as a login: the dummy one is made when the web app starts, not at import (every
+    command imports this module's package), and unknown accounts are still checked against it."""
+    import subprocess
+    import sys
+
+    script = ("import time; from argon2 import PasswordHasher\n"
+              "calls = []\n"
+              "original = PasswordHasher.hash\n"
+              "PasswordHasher.hash = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)\n"
+              "import rlhfkit.feedback.security as security\n"
+              "print(len(calls))\n"
+              "security.warm_up().join()\n"
+              "print(len(calls), security.verify_password(None, 'x'), len(calls))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "1", "False", "1"]

@@ -72,6 +72,7 @@ from rlhfkit.feedback.security import (
     hash_password,
     new_csrf_token,
     verify_password,
+    warm_up,
 )
 from rlhfkit.feedback.store import (
     EXPORT_KINDS,
@@ -436,6 +437,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         settings: assignment expiry and body size limits; :meth:`AppSettings.from_env` when not given.
     """
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    warm_up()  # the unknown-account hash, ready before the first login
     limiter = rate_limiter or LoginRateLimiter()
     settings = settings or AppSettings.from_env()
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 import os
@@ -27,7 +28,21 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 MIN_PASSWORD_LENGTH = 8
 _hasher = PasswordHasher()
-_DUMMY_HASH = _hasher.hash("rlhfkit: a password nobody has")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """The hash an unknown account's login is checked against (computed once: a hash takes as long as a
+    login, so not at import, where it would slow every command down; :func:`warm_up` computes it early)."""
+    return _hasher.hash("rlhfkit: a password nobody has")
+
+
+def warm_up() -> threading.Thread:
+    """Compute the dummy hash in the background (the web app does at start), so that even the first login
+    of an unknown account takes no longer than a known one's."""
+    thread = threading.Thread(target=_dummy_hash, name="rlhfkit-dummy-hash", daemon=True)
+    thread.start()
+    return thread
 
 
 def hash_password(password: str) -> str:
@@ -42,7 +57,7 @@ def verify_password(password_hash: str | None, password: str) -> bool:
     as long to refuse as a wrong password and the timing does not tell which accounts exist.
     """
     try:
-        matches = _hasher.verify(password_hash or _DUMMY_HASH, password)
+        matches = _hasher.verify(password_hash or _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         return False
     return matches and password_hash is not None
