@@ -518,3 +518,34 @@ def test_ratings_and_flags_by_shortcut_keys_shown_on_the_page(browser, tmp_path)
         check.close()
         assert page.errors == []
         page.context.close()
+
+
+def test_a_draft_of_a_changed_answer_is_restored_and_dropped_when_the_answer_is_kept(browser, tmp_path):
+    db = tmp_path / "feedback.db"
+    store = Store(f"sqlite:///{db}")
+    cy = store.create_user("cy", hash_password(PASSWORDS["ann"]))
+    store.import_prompts([{"prompt": "Write one line"}])
+    store.close()
+    with FeedbackServer(db, log=tmp_path / "server.log") as server:
+        page = log_in_as(browser, server, "cy", PASSWORDS["ann"])
+        page.user_id = cy.id
+        page.goto(f"{server.url}/next?kind=demonstration")
+        item_url, item_id = page.url, int(page.url.rsplit("/", 1)[1])
+        page.fill("#completion", "The first line.")
+        page.click("#answer-form button[type=submit]")
+        page.wait_for_url(f"{server.url}/queue")
+        assert stored_draft(page, item_id) is None
+        page.goto(item_url)
+        page.click("#edit-answer")
+        assert page.input_value("#completion") == "The first line."  # the answer, no draft yet
+        page.fill("#completion", "A better line, not saved yet.")
+        page.wait_for_function("() => document.querySelector('[data-draft-status]').textContent !== ''")
+        page.reload()
+        assert page.input_value("#completion") == "A better line, not saved yet."  # the edit's draft is back
+        page.click("[data-discard-draft]")  # "Keep my answer as it is"
+        page.wait_for_url(item_url)
+        assert stored_draft(page, item_id) is None
+        page.click("#edit-answer")
+        assert page.input_value("#completion") == "The first line."
+        assert page.errors == []
+        page.context.close()
