@@ -90,11 +90,11 @@ class PolicyAndValue(torch.nn.Module):
     network, or None), as the one module accelerate prepares with the optimizer.
 
     Every use of them is a call of this module, ``networks(task, ...)``, which runs the method ``task``
-    (:meth:`generate`, :meth:`policy_outputs`, :meth:`values`, :meth:`lm_logits`) inside ``forward``, so
-    that the engine's hooks see every call: FSDP2 (which accelerate applies to one model per optimizer)
-    gathers a unit's parameters in the hooks of its forward, so a call past it (``generate``, a value
-    network's trunk) would meet the root's parameters as shards; DDP averages the gradients of whatever a
-    call through its forward used, the value network's included.
+    (:meth:`generate`, :meth:`with_policy`, :meth:`policy_outputs`, :meth:`values`, :meth:`lm_logits`) inside
+    ``forward``, so that the engine's hooks see every call: FSDP2 (which accelerate applies to one model per
+    optimizer) gathers a unit's parameters in the hooks of its forward, so a call past it (``generate``, a
+    value network's trunk) would meet the root's parameters as shards; DDP averages the gradients of whatever
+    a call through its forward used, the value network's included.
     """
 
     def __init__(self, policy: torch.nn.Module, value: torch.nn.Module | None):
@@ -110,6 +110,11 @@ class PolicyAndValue(torch.nn.Module):
     def generate(self, **kwargs):
         """``generate`` of the policy (with ``synced_gpus`` under FSDP: see :mod:`rlhfkit.rollout.experience`)."""
         return self.policy.generate(**kwargs)
+
+    def with_policy(self, fn, *args, **kwargs):
+        """``fn(policy, *args, **kwargs)``: a function of the policy (rlhfkit's decoding loop) run inside this
+        module's forward, as :meth:`generate` is."""
+        return fn(self.policy, *args, **kwargs)
 
     def policy_outputs(self, batch: dict[str, torch.Tensor], temperature: float, *, hidden: bool = False):
         """:func:`policy_forward` of the policy."""

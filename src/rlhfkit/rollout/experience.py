@@ -5,9 +5,11 @@ implementation details of RLHF with PPO", noted where they apply), all without g
 
 1. **Sample** ``samples_per_prompt`` completions of each prompt with the policy
    (:func:`rlhfkit.rollout.generate.sample`: left-padded prompts, KV cache, temperature / top-k / top-p, stop
-   at EOS or a stop string). A response ends
-   at its first EOS (:func:`response_masks`). The sampling log-probs come from the logits ``generate`` already
-   computed, divided by the temperature (:func:`rlhfkit.algorithms.logprobs.logprobs_of`): no extra forward.
+   at EOS or a stop string): rlhfkit's decoding loop (:mod:`rlhfkit.rollout.decode`: one prompt forward per
+   group of ``samples_per_prompt`` rows, finished rows dropped from the batch), or HF ``generate`` where it
+   does not apply (under FSDP, among others). A response ends at its first EOS (:func:`response_masks`). The
+   sampling log-probs are those of the logits the sampler already computed, divided by the temperature
+   (:func:`rlhfkit.algorithms.logprobs.logprobs_of`): no extra forward.
 2. **Score** with the reward sources (:mod:`rlhfkit.rollout.scoring`: the reward model, normalised so SFT
    outputs score 0, and the weighted reward models and functions of ``ppo.rewards``); a missing EOS can be
    penalised, scores clipped.
@@ -37,7 +39,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.algorithms.advantages import ReduceSum
 from rlhfkit.algorithms.estimators import ESTIMATORS, estimate_advantages
 from rlhfkit.algorithms.kl import kl_estimate, kl_penalized_score
-from rlhfkit.algorithms.logprobs import logprobs_of
 from rlhfkit.config import PPOSection
 from rlhfkit.models.policy_value import policy_forward
 from rlhfkit.rewards.functions import RewardSource, combined_rewards
@@ -141,11 +142,12 @@ class ExperienceMaker:
         sampling = SamplingConfig(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k,
                                   top_p=ppo.top_p, stop_strings=tuple(ppo.stop_strings))
         sampled = sample(partial(networks, "generate"), tok, prompts, sampling, device=self.device,
-                         max_prompt_length=self.max_prompt_length, return_logits=True, synced_gpus=self.synced_gpus)
+                         max_prompt_length=self.max_prompt_length, return_logprobs=True,
+                         policy_call=partial(networks, "with_policy"), synced_gpus=self.synced_gpus)
         policy.train()
         queries, query_mask, responses = sampled.queries, sampled.query_mask, sampled.responses
         response_mask, finished = response_masks(responses, tok.eos_token_id, tok.pad_token_id)
-        logprobs = logprobs_of(sampled.logits, responses, ppo.temperature) * response_mask
+        logprobs = sampled.logprobs * response_mask
         batch = {"queries": queries, "query_mask": query_mask, "responses": responses, "response_mask": response_mask}
         if self.reference is None:  # LoRA (never under FSDP): the policy without its adapters
             with policy.disable_adapter():
