@@ -195,3 +195,25 @@ def test_generate_k_uses_the_loop_and_keeps_the_greedy_texts(tokenizer, task):
     hf = generate_k(model, tokenizer, prompts, 3, sampling, use_decode=False)
     assert [[g.token_ids for g in group] for group in own] == [[g.token_ids for g in group] for group in hf]
     assert [[g.finished for g in group] for group in own] == [[g.finished for g in group] for group in hf]
+
+
+def test_the_rollout_decodes_through_the_prepared_networks(tokenizer, task):
+    """PPO's rollout calls the loop as ``networks("with_policy", fn)``: inside the wrapper's forward, as
+    ``generate`` is, and with the same tokens as ``generate``."""
+    from functools import partial
+
+    from rlhfkit.models.policy_value import PolicyAndValue
+
+    model = stopping_model(tokenizer, 0.7)
+    networks = PolicyAndValue(model, None)
+    calls = []
+    networks.register_forward_pre_hook(lambda module, args: calls.append(args[0]))
+    sampling = SamplingConfig(max_new_tokens=16, temperature=0)
+    prompts = prompts_of(task, 3, 4)
+    own = sample(partial(networks, "generate"), tokenizer, prompts, sampling, return_logprobs=True,
+                 policy_call=partial(networks, "with_policy"), synced_gpus=False)
+    hf = sample(partial(networks, "generate"), tokenizer, prompts, sampling, return_logprobs=True)
+    assert (own.path, hf.path, calls) == ("decode", "generate", ["with_policy", "generate"])
+    mask = response_masks(own.responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0]
+    assert torch.equal(own.responses, hf.responses)
+    assert torch.allclose(own.logprobs * mask, hf.logprobs * mask, atol=1e-5, rtol=0)
