@@ -304,6 +304,10 @@ def test_trl_formats(row, expected):
     ({"chosen": "Blue.", "rejected": "Green."}, "field 'rejected': shares no leading words"),
     ({"prompt": USER, "chosen": "same", "rejected": "same"}, "field 'rejected': is identical to 'chosen'"),
     ({"answer": 42}, "matches no TRL format"),
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [[0], [2], [1]]},
+     "field 'completions': a K-way ranking ('completions' with 'ranking' or 'pairs') is not one of TRL's formats"),
+    ({"prompt": "p", "ranking": [0, 1]}, "field 'ranking': a K-way ranking"),
+    ({"prompt": "p", "pairs": [[0, 1, 1]]}, "field 'pairs': a K-way ranking"),
 ])
 def test_trl_bad_rows(row, message):
     with pytest.raises(DataError, match=re.escape(message)):
@@ -345,6 +349,30 @@ def test_convert_data_command(tmp_path):
     assert result.exit_code == 2 and "bad.jsonl, line 1, field 'passages': expected a list of passages" in message
     result = CliRunner().invoke(app, ["convert-data", "--layout", "nope", "--in", str(bad), "--out", str(out)])
     assert result.exit_code == 2 and "expected one of hh, qa-feedback" in result.output
+
+
+def test_convert_data_trl_stops_at_a_k_way_ranking_and_writes_nothing(tmp_path):
+    """A K-way rankings file given as --layout trl once came out as prompt-only records (exit 0, the completions
+    dropped); it must stop at the first ranking row, naming file, line and field, and leave no output."""
+    from rlhfkit.cli_public import register
+
+    app = typer.Typer()
+    register(app)
+    rankings = tmp_path / "rankings.jsonl"
+    rows = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},  # a TRL row: fine
+            {"prompt": "Name a colour.", "completions": ["Red.", "Blue, or red.", "A fish."], "ranking": [[0, 1], [2]]},
+            {"prompt": "Count to two.", "completions": ["1 2", "2 1"], "ranking": [0, 1]}]
+    rankings.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    out, test_out = tmp_path / "out.jsonl", tmp_path / "test.jsonl"
+    for extra in ([], ["--test-out", str(test_out), "--test-size", "1"]):
+        result = CliRunner().invoke(app, ["convert-data", "--layout", "trl", "--in", str(rankings), "--out", str(out),
+                                          *extra])
+        message = " ".join(result.output.split())  # the console wraps long lines
+        assert result.exit_code == 2, result.output
+        assert "rankings.jsonl, line 2, field 'completions': a K-way ranking" in message
+        assert "rlhfkit's own ranking record" in message and '"skipped"' not in message
+        assert not out.exists() and not test_out.exists()
+    assert [len(r.completions) for r in read_records(rankings, "ranking")] == [2, 3, 2]  # read as it is instead
 
 
 def test_split_held_out_keeps_prompts_apart_and_is_seeded():

@@ -342,7 +342,10 @@ def trl_row(row: dict, where: Where = Where()) -> list[Record]:
 
     A conversational completion must be one assistant message. Language-modelling rows (``{"text"}``) are
     pretraining text, read by ``rlhfkit pretrain`` as they are, and stepwise supervision (``"labels"``
-    per step) has no rlhfkit record: both raise :class:`~rlhfkit.data.records.DataError`.
+    per step) has no rlhfkit record: both raise :class:`~rlhfkit.data.records.DataError`. So does a K-way
+    ranking (``"completions"`` with ``"ranking"`` or ``"pairs"``): TRL has no such format, and the row is
+    already rlhfkit's ranking record (read as it is); were it taken for a prompt-only row, its completions
+    would be dropped without a word.
     """
     keys = set(row)
     common = {key: row[key] for key in ("id", "labeler", "meta") if key in row}
@@ -358,6 +361,12 @@ def trl_row(row: dict, where: Where = Where()) -> list[Record]:
         return [where.parse(obj, "preference")]
     if "labels" in keys and "completions" in keys:
         raise where.error("labels", "stepwise supervision (a label per step) has no rlhfkit record")
+    ranked = [key for key in ("completions", "ranking", "pairs") if key in keys]
+    if ranked:
+        raise where.error(ranked[0], "a K-way ranking ('completions' with 'ranking' or 'pairs') is not one of TRL's "
+                                     "formats (a TRL preference row holds one 'chosen' and one 'rejected'); it is "
+                                     "rlhfkit's own ranking record, which rm, dpo and score read as it is, without "
+                                     "convert-data")
     if "messages" in keys:
         return [where.parse({"messages": row["messages"], **common}, "demonstration")]
     if "completion" in keys:
