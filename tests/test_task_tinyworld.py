@@ -27,10 +27,10 @@ def all_prompts(task: TinyWorld, split: str) -> list[str]:
 
 
 def test_registry():
-    assert TASKS == {"tinyworld": TinyWorld}
+    assert TASKS["tinyworld"] is TinyWorld
     task = get_task("tinyworld")
     assert isinstance(task, TinyWorld) and isinstance(task, Task) and task.name == "tinyworld"
-    with pytest.raises(ValueError, match="known tasks: tinyworld"):
+    with pytest.raises(ValueError, match="known tasks: sums, tinyworld"):
         get_task("nope")
 
 

@@ -67,7 +67,7 @@ def test_an_unknown_task_is_one_message_from_the_cli_and_the_pipeline(tmp_path):
     from_pipeline = error_line(run_pipeline(tmp_path, {"task": "nope", "stages": ["sample", "rank"],
                                                        "sample": {"model": "policy", "prompts": samples},
                                                        "rank": {"samples": samples}}))
-    assert from_cli == from_pipeline == "error: unknown task 'nope'; known tasks: tinyworld"
+    assert from_cli == from_pipeline == "error: unknown task 'nope'; known tasks: sums, tinyworld"
     assert not (tmp_path / "run" / "sample").exists()  # found before the first stage runs
 
 

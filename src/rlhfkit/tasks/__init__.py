@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 from rlhfkit.tasks.base import Task
+from rlhfkit.tasks.sums import Sums
 from rlhfkit.tasks.tinyworld import TinyWorld
 
-TASKS: dict[str, type[Task]] = {TinyWorld.name: TinyWorld}
+TASKS: dict[str, type[Task]] = {TinyWorld.name: TinyWorld, Sums.name: Sums}
 
 
 def get_task(name: str) -> Task:
@@ -19,4 +20,4 @@ def get_task(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "Task", "TinyWorld", "get_task"]
+__all__ = ["TASKS", "Sums", "Task", "TinyWorld", "get_task"]

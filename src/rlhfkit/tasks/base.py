@@ -18,6 +18,7 @@ a pair is exactly a Bradley-Terry choice. Completions identical after whitespace
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
 import random
 
@@ -25,6 +26,11 @@ from rlhfkit.data.records import RankingRecord
 
 #: Gold scores closer than this count as equal when measuring agreement.
 GOLD_TIE_EPS = 1e-9
+
+
+def stable_hash(text: str) -> int:
+    """A hash that, unlike ``hash()``, is the same in every process (tasks split their prompts by it)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def normalize_whitespace(text: str) -> str:
@@ -72,6 +78,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def gold_score(self, prompt: str, completion: str) -> float:
         """The gold judge: deterministic, in [0, 1]."""
+
+    def answer(self, prompt: str) -> str | None:
+        """The exact answer to ``prompt`` where the task is verifiable (its gold judge checks an answer, so a
+        policy can be trained on reward functions alone: the ``answer`` field of an RL prompt record, read by
+        :func:`rlhfkit.rewards.builtin.exact_answer_reward`); None for a task judged on open-ended text."""
+        return None
 
     def labeler_utility(self, prompt: str, completion: str) -> float:
         """How much a simulated labeler likes ``completion`` before noise (default: the gold score)."""

@@ -70,14 +70,13 @@ who agree with each other on 72.6% (a temperature of 0.25 would match them; see 
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
 
-from rlhfkit.tasks.base import Task
+from rlhfkit.tasks.base import Task, stable_hash
 
 # --------------------------------------------------------------------------------------------- the world
 
@@ -360,10 +359,6 @@ def _animal_slots(animal: Animal, name: str = "") -> dict[str, str]:
             "an_class": _article(animal.kind), "classes": CLASSES[animal.kind], "name": name}
 
 
-def _stable_hash(text: str) -> int:
-    """A hash that, unlike ``hash()``, is the same in every process."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-
 
 #: The values each slot can take, for compiling the grammar.
 _SLOT_VALUES: dict[str, tuple[str, ...]] = {
@@ -503,10 +498,10 @@ def _prompt_pool() -> tuple[dict[str, PromptSpec], dict[str, dict[str, list[str]
             true = _true_value(animal, fact)
             false = _false_values(fact, true)
             wrong = CLASSIC_CONFUSION.get(animal.name) if fact == "class" else None
-            for asked in (true, wrong or false[_stable_hash(f"{animal.name}:{fact}") % len(false)]):
+            for asked in (true, wrong or false[stable_hash(f"{animal.name}:{fact}") % len(false)]):
                 spec = PromptSpec("question", animal.name, fact=fact, asked=asked)
                 question = _fill(QUESTION_PROMPTS[fact], _question_slots(spec))
-                suffix = QUESTION_SUFFIXES[_stable_hash(question) % len(QUESTION_SUFFIXES)]
+                suffix = QUESTION_SUFFIXES[stable_hash(question) % len(QUESTION_SUFFIXES)]
                 specs[f"{question} {suffix}"] = spec
     for cat in CATEGORIES:
         for count in LIST_COUNTS:
@@ -520,7 +515,7 @@ def _prompt_pool() -> tuple[dict[str, PromptSpec], dict[str, dict[str, list[str]
     splits: dict[str, dict[str, list[str]]] = {"train": {k: [] for k in KINDS}, "test": {k: [] for k in KINDS}}
     for kind in KINDS:
         keys = sorted({s.split_key for s in specs.values() if s.kind == kind},
-                      key=lambda k: _stable_hash(f"{kind}:{k}"))
+                      key=lambda k: stable_hash(f"{kind}:{k}"))
         held_out = set(keys[: max(1, round(TEST_FRACTION * len(keys)))])
         for prompt, spec in specs.items():
             if spec.kind == kind:
@@ -846,7 +841,7 @@ class TinyWorld(Task):
     def reference_completion(self, prompt: str) -> str:
         """An ideal answer, its wording chosen by a stable hash of the prompt."""
         spec = self.spec(prompt)
-        return _WRITERS[spec.kind](spec, random.Random(_stable_hash(" ".join(prompt.split()))), set())
+        return _WRITERS[spec.kind](spec, random.Random(stable_hash(" ".join(prompt.split()))), set())
 
     def labeler_utility(self, prompt: str, completion: str) -> float:
         """The gold score plus the labeler's length bias."""
