@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from rlhfkit import cli
 from rlhfkit.algorithms.ranking import expand_pairs, ranking_loss
 from rlhfkit.config import RewardConfig, RewardSection, load_config
 from rlhfkit.data.readers import read_records, write_jsonl
-from rlhfkit.data.records import RankingRecord
+from rlhfkit.data.records import PreferenceRecord, RankingRecord
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.evaluate.gold import gold_pairwise_accuracy, labeler_gold_accuracy
 from rlhfkit.models.load import load_tokenizer
@@ -36,6 +37,7 @@ from rlhfkit.trainers.reward import (
     encode_rankings,
     make_loss_fn,
     normalize_reward_model,
+    ranking_metrics,
     reference_texts,
 )
 
@@ -109,6 +111,36 @@ def test_k_completions_go_through_the_model_once(tokenizer, task):
                                           decoder=True)[0] for e in examples for ids in e.sequences])
     expected = ranking_loss(alone, expand_pairs([r.pairs() for r in records], [4, 4]))
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+class FixedRewards(torch.nn.Module):
+    """A stand-in reward model whose output for the batch's i-th row is ``rewards[i]``."""
+
+    def __init__(self, rewards: list[float]):
+        super().__init__()
+        self.rewards = torch.tensor(rewards)
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        assert input_ids.shape[0] == len(self.rewards)
+        return SimpleNamespace(logits=self.rewards[:, None])
+
+
+def test_the_logged_margin_is_trls_mean_chosen_minus_rejected_reward(tokenizer):
+    """TRL's RewardTrainer logs ``margin``, the batch mean of r_chosen - r_rejected; rlhfkit logs it under that
+    name (and, the same value, as ``reward_margin``), over every non-tied pair of a K-way ranking."""
+    records = [RankingRecord("Sort these.", ("best", "middle", "worst"), ((0,), (1,), (2,))),
+               PreferenceRecord("Pick one.", "chosen", "rejected").as_ranking()]
+    examples = encode_rankings(tokenizer, records, decoder=True, max_length=64, max_prompt_length=32)
+    batch = RankingCollator(tokenizer.pad_token_id, "left")(examples)
+    # rows: best 2.0, middle 0.5, worst 1.0; chosen -1.0, rejected 3.0
+    model = FixedRewards([2.0, 0.5, 1.0, -1.0, 3.0])
+    _, _, stats = make_loss_fn(RewardSection(), decoder=True)(model, batch)
+    # pairs best>middle 1.5, best>worst 1.0, middle>worst -0.5, chosen>rejected -4.0: mean -0.5
+    assert float(stats["margin"]) == pytest.approx(-0.5)
+    assert float(stats["reward_margin"]) == pytest.approx(-0.5)
+    assert float(stats["accuracy"]) == pytest.approx(0.5)
+    metrics = ranking_metrics(torch.tensor([1.5, 1.0, -0.5, -4.0]), torch.tensor([3, 3, 3, 2]))
+    assert metrics["margin"] == metrics["reward_margin"] == pytest.approx(-0.5)  # eval/margin and calibration.json
 
 
 # ---- padding -----------------------------------------------------------------------------------------------
@@ -260,10 +292,14 @@ def test_metrics_and_calibration_are_written(trained_rm):
     records = read_metrics(run)
     train_steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_steps] == [10, 20, 30, 40]
-    assert {"loss", "accuracy", "reward_margin", "lr", "grad_norm"} <= set(train_steps[0])
+    assert {"loss", "accuracy", "margin", "reward_margin", "lr", "grad_norm"} <= set(train_steps[0])
+    assert all(r["margin"] == r["reward_margin"] for r in train_steps)  # TRL's name, and rlhfkit's earlier one
+    assert train_steps[-1]["margin"] > 0  # trained: chosen above rejected on average
     assert "ppl" not in train_steps[0]  # not a language-model loss
     evals = [r for r in records if "eval/accuracy" in r]
-    assert evals[0]["step"] == 0 and {"eval/loss", "eval/reward_margin", "eval/accuracy/k4"} <= set(evals[0])
+    assert evals[0]["step"] == 0
+    assert {"eval/loss", "eval/margin", "eval/reward_margin", "eval/accuracy/k4"} <= set(evals[0])
+    assert evals[-1]["eval/margin"] == evals[-1]["eval/reward_margin"] > 0
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
     assert evals[-1]["eval/accuracy"] > 0.6, evals  # gold-ordered rankings: learnable in 40 steps
     calibration = json.loads((run / "calibration.json").read_text())

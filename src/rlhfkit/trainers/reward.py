@@ -13,8 +13,12 @@ After training, the run directory holds, besides the shared layout (``final/``, 
 * ``calibration.json``: held-out accuracy overall and per K, the mean margin, and the calibration table
   (predicted ``sigmoid(r_w - r_l)`` in bins vs observed accuracy).
 
-Metrics (``metrics.jsonl``): ``loss``, ``accuracy``, ``reward_margin`` on training batches, and
-``eval/loss``, ``eval/accuracy``, ``eval/reward_margin``, ``eval/accuracy/k<K>`` on the eval set.
+Metrics (``metrics.jsonl``): ``loss``, ``accuracy``, ``margin`` on training batches, and ``eval/loss``,
+``eval/accuracy``, ``eval/margin``, ``eval/accuracy/k<K>`` on the eval set. ``margin`` is TRL's
+``RewardTrainer`` name and quantity: the mean of ``r_chosen - r_rejected`` over the batch's pairs (a
+ranking's non-tied pairs, each counted once); ``reward_margin`` (and ``eval/reward_margin``), the same value,
+stays for readers of rlhfkit's earlier name. ``accuracy`` is TRL's too, except that an exact tie counts as
+half right (TRL counts it wrong).
 """
 
 from __future__ import annotations
@@ -116,7 +120,8 @@ def make_loss_fn(reward: RewardSection, *, decoder: bool):
         loss = ranking_loss(rewards, pairs, margin=reward.margin, pair_weighting=reward.pair_weighting,
                             center_coef=reward.center_coef)
         margins = pair_margins(rewards.detach(), pairs.winner, pairs.loser)
-        stats = {"accuracy": pairwise_accuracy(margins), "reward_margin": margins.mean()}
+        mean_margin = margins.mean()
+        stats = {"accuracy": pairwise_accuracy(margins), "margin": mean_margin, "reward_margin": mean_margin}
         # what the loss averages over: prompts (each one batch element, InstructGPT) or pairs
         units = pairs.prompt.unique().numel() if reward.pair_weighting == "per_prompt" else len(pairs)
         return loss, torch.tensor(units), stats
@@ -147,10 +152,12 @@ def ranking_margins(model, examples: Sequence[RankingExample], collator: Ranking
 
 
 def ranking_metrics(margins: torch.Tensor, ks: torch.Tensor, loss: float | None = None) -> dict[str, float]:
-    """``loss``, pairwise ``accuracy``, mean ``reward_margin``, ``pairs`` and ``accuracy/k<K>`` per K."""
+    """``loss``, pairwise ``accuracy``, mean ``margin`` (TRL's name; also as ``reward_margin``), ``pairs`` and
+    ``accuracy/k<K>`` per K."""
     metrics = {} if loss is None else {"loss": loss}
-    metrics.update({"accuracy": float(pairwise_accuracy(margins)), "reward_margin": float(margins.mean()),
-                    "pairs": margins.numel()})
+    mean_margin = float(margins.mean())
+    metrics.update({"accuracy": float(pairwise_accuracy(margins)), "margin": mean_margin,
+                    "reward_margin": mean_margin, "pairs": margins.numel()})
     for k in sorted(set(ks.tolist())):
         metrics[f"accuracy/k{k}"] = float(pairwise_accuracy(margins[ks == k]))
     return metrics
