@@ -65,6 +65,32 @@ def alignment_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def timed_demo(settings: list[str], out: Path) -> tuple[dict, float, float]:
+    """Run ``rlhfkit demo`` with the ``--set`` overrides ``settings`` into ``out`` in a fresh process: its
+    ``summary.json``, its wall seconds and the share of the CPUs other processes used meanwhile."""
+    rlhfkit = Path(sys.executable).with_name("rlhfkit")
+    command = [str(rlhfkit), "demo", "--set", f"out_dir={out}"] + [a for item in settings for a in ("--set", item)]
+    machine, children = common.cpu_snapshot()[0], _children_cpu()
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    demo_cpu = _children_cpu() - children
+    other = max(0.0, common.cpu_snapshot()[0] - machine - demo_cpu) / (wall * (os.cpu_count() or 1))
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-8000:])
+        raise SystemExit(f"rlhfkit demo failed (exit {proc.returncode})")
+    return json.loads((out / "summary.json").read_text(encoding="utf-8")), wall, other
+
+
+def print_timings(summary: dict, wall: float, other: float) -> None:
+    """Every stage's seconds, the command's wall time against :data:`TARGET_S`, and the other processes' load."""
+    print(f"{'stage':<18} {'seconds':>8}")
+    for stage, seconds in summary["seconds"].items():
+        print(f"{stage:<18} {seconds:>8.1f}")
+    print(f"{'command (wall)':<18} {wall:>8.1f}   target {TARGET_S} s: {'met' if wall <= TARGET_S else 'MISSED'}")
+    print(f"other processes used {other:.0%} of the CPUs meanwhile")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", action="append", default=[], help="demo override, e.g. ppo.max_steps=50")
@@ -72,24 +98,9 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_demo-")) / "demo"
-    rlhfkit = Path(sys.executable).with_name("rlhfkit")
-    command = [str(rlhfkit), "demo", "--set", f"out_dir={out}"] + [a for item in args.set for a in ("--set", item)]
     try:
-        machine, children = common.cpu_snapshot()[0], _children_cpu()
-        started = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        demo_cpu = _children_cpu() - children
-        other = max(0.0, common.cpu_snapshot()[0] - machine - demo_cpu) / (wall * (os.cpu_count() or 1))
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-8000:])
-            raise SystemExit(f"rlhfkit demo failed (exit {proc.returncode})")
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-        print(f"{'stage':<18} {'seconds':>8}")
-        for stage, seconds in summary["seconds"].items():
-            print(f"{stage:<18} {seconds:>8.1f}")
-        print(f"{'command (wall)':<18} {wall:>8.1f}   target {TARGET_S} s: {'met' if wall <= TARGET_S else 'MISSED'}")
-        print(f"other processes used {other:.0%} of the CPUs meanwhile")
+        summary, wall, other = timed_demo(args.set, out)
+        print_timings(summary, wall, other)
         print(alignment_report(summary))
     finally:
         if not args.keep:

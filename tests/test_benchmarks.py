@@ -153,3 +153,29 @@ def test_bench_demo_reports_the_alignment_targets(bench):
     text = bench_demo.alignment_report(summary)
     assert "within 3 points met" in text
     assert "agree with each other on 60.0% of those pairs (InstructGPT's labelers: 72.6 %)" in text
+
+
+def test_bench_verifiable_reports_accuracy_and_the_paired_gain(bench, tmp_path):
+    """bench_verifiable's report: accuracy with intervals over prompts, the gain over SFT on the same rows."""
+    import json
+
+    import bench_verifiable
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    prompts = [f"What is {i} + 1 + 1 + 1?" for i in range(1, 10)] * 2  # 9 prompts, 2 rows each
+    golds = {"sft": [1.0] * 6 + [0.0] * 12, "grpo": [1.0] * 12 + [0.0] * 6}
+    for model, gold in golds.items():
+        (samples / f"{model}.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": "", "gold": g}) + "\n"
+                                                        for p, g in zip(prompts, gold, strict=True)))
+    summary = {"models": {m: {"gold/criteria": {"shows_work": 0.25}} for m in golds}}
+    text = bench_verifiable.accuracy_report(tmp_path, summary)
+    assert "sft        accuracy  33.3%" in text and "grpo       accuracy  66.7%" in text
+    assert "(18 answers, 9 prompts)" in text and "shows its work  25.0%" in text
+    assert "grpo - sft: +33.3%" in text and "target >= +20%: met" in text
+    (samples / "grpo.jsonl").write_text((samples / "sft.jsonl").read_text())
+    assert "grpo - sft: +0.0% [+0.0%, +0.0%]   target >= +20%: MISSED" in bench_verifiable.accuracy_report(
+        tmp_path, summary)
+    (samples / "grpo.jsonl").write_text((samples / "sft.jsonl").read_text().replace("What", "Wat"))
+    with pytest.raises(SystemExit, match="not evaluated on the same prompts"):
+        bench_verifiable.accuracy_report(tmp_path, summary)

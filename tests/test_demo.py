@@ -91,3 +91,58 @@ def test_running_the_demo_again_skips_every_finished_stage(demo_run):
     summary = run_demo(DemoConfig(out_dir=str(demo_run), eval_prompts=800, best_of_n=16), Console(quiet=True))
     assert {p.parent.name: p.read_text() for p in demo_run.glob("*/stage.json")} == before
     assert summary["seconds"]["total"] > 60  # the recorded seconds of the first run, not of this one
+
+
+def test_a_verifiable_task_runs_the_grpo_recipe_without_a_reward_model(tmp_path):
+    """``rlhfkit demo --set task=sums``: pretrain -> SFT -> GRPO on the exact answer -> eval; no step 2."""
+    from rlhfkit.demo import DemoConfig, demo_pipeline, prepare_task_data
+    from rlhfkit.tasks import get_task
+
+    config = DemoConfig(out_dir=str(tmp_path), task="sums", rl_prompts=50)
+    pipeline = demo_pipeline(config)
+    assert pipeline.stages == ["pretrain", "sft", "ppo", "eval", "report"]
+    ppo = pipeline.model_dump()["ppo"]["ppo"]
+    assert ppo["rewards"] == [{"function": "exact_answer"}] and "reward_model" not in ppo
+    assert ppo["advantage"] == "grpo" and ppo["samples_per_prompt"] == config.grpo.num_generations
+    evaluation = pipeline.model_dump()["eval"]
+    assert "reward_model" not in evaluation and evaluation["models"]["grpo"] == "{ppo}"
+    assert pipeline.model_dump()["report"] == {"illustrate": False}
+    prepare_task_data(config, tmp_path)
+    task = get_task("sums")
+    records = [json.loads(line) for line in (tmp_path / "rl_prompts.jsonl").read_text().splitlines()]
+    assert len(records) == 50 and all(r["answer"] == task.answer(r["prompt"]) for r in records)
+    assert not (tmp_path / "rank_prompts.jsonl").exists()
+    held_out = [json.loads(line)["prompt"] for line in (tmp_path / "eval_prompts.jsonl").read_text().splitlines()]
+    assert not {task.addends(p) for p in held_out} & {task.addends(r["prompt"]) for r in records}
+
+
+def test_a_task_has_its_own_demo_defaults_under_the_settings_given():
+    from rlhfkit.demo import TASK_DEFAULTS, DemoConfig, load_demo_config
+
+    assert load_demo_config(None, []) == DemoConfig()  # tinyworld: the class's defaults
+    sums = load_demo_config(None, ["task=sums", "pretrain.lr=1e-3", "sft.max_steps=5"])
+    assert sums.max_length == TASK_DEFAULTS["sums"]["max_length"] == 64
+    assert sums.pretrain.max_steps == TASK_DEFAULTS["sums"]["pretrain"]["max_steps"]  # the task's default ...
+    assert sums.pretrain.lr == 1e-3 and sums.sft.max_steps == 5  # ... under what was given
+    assert sums.pretrain.batch_size == DemoConfig().pretrain.batch_size  # the rest of the section: the class's
+    assert load_demo_config(None, ["task=sums", "max_length=96"]).max_length == 96
+
+
+@pytest.mark.slow
+def test_the_verifiable_recipe_trains_and_evaluates_end_to_end(tmp_path):
+    from rich.console import Console
+
+    from rlhfkit.demo import DemoConfig, run_demo
+
+    settings = {"max_steps": 4, "lr": 1e-3, "warmup_steps": 0}
+    config = DemoConfig(out_dir=str(tmp_path), task="sums", corpus_docs=200, heldout_docs=20, sft_prompts=100,
+                        sft_eval_prompts=8, eval_prompts=16, rl_prompts=32, hidden_size=32, num_hidden_layers=1,
+                        pretrain=settings, sft=settings, grpo={**settings, "rollout_batch_size": 2,
+                                                               "num_generations": 4, "minibatch_size": 8})
+    summary = run_demo(config, Console(quiet=True))
+    assert set(summary["models"]) == {"pretrain", "sft", "grpo", "grpo@2"} and "reward_model" not in summary
+    assert set(summary["models"]["grpo"]["gold/criteria"]) == {"correct", "shows_work", "steps_correct"}
+    assert set(summary["win_rates"]["grpo"]) == {"gold"}
+    metrics = read_metrics(tmp_path / "ppo")
+    assert metrics[-1]["step"] == 4 and all("rewards/exact_answer" in m for m in metrics)
+    assert (tmp_path / "report.html").exists() and not (tmp_path / "illustration.svg").exists()

@@ -418,11 +418,11 @@ def pipeline(config: Annotated[Path, typer.Option("--config", "-c", help="Pipeli
 @app.command()
 @fail_cleanly
 def demo(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """The embedded default, offline: tiny model, pretrain, SFT, sample and rank, RM, PPO, DPO, evaluation."""
-    from rlhfkit.config import load_config
-    from rlhfkit.demo import DemoConfig, run_demo
+    """The embedded default, offline: tiny model, pretrain, SFT, sample and rank, RM, PPO, DPO, evaluation (with
+    --set task=sums: pretrain, SFT, GRPO on exact answers, evaluation)."""
+    from rlhfkit.demo import load_demo_config, run_demo
 
-    run_demo(load_config(DemoConfig, config, set_ or []), console)
+    run_demo(load_demo_config(config, set_ or []), console)
 
 
 def benchmarks_checkout(cwd: Path | None = None) -> Path:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from rich.console import Console
@@ -41,9 +42,11 @@ from rlhfkit.config import (
     PPOSection,
     PretrainConfig,
     RewardConfig,
+    RewardSourceConfig,
     Section,
     SFTConfig,
     TrainConfig,
+    load_config,
 )
 from rlhfkit.data.readers import write_jsonl
 from rlhfkit.models.tokenizer import train_bpe_tokenizer
@@ -57,7 +60,7 @@ from rlhfkit.pipeline import (
     StageRunner,
     run_pipeline,
 )
-from rlhfkit.tasks import get_task
+from rlhfkit.tasks import Task, get_task
 
 
 class StageSchedule(Section):
@@ -85,8 +88,22 @@ class PPOSchedule(StageSchedule):
     kl_coef: float = Field(0.1, ge=0)
 
 
+class GRPOSchedule(StageSchedule):
+    """The GRPO stage of a verifiable task: ``max_steps`` iterations of ``rollout_batch_size`` prompts with
+    ``num_generations`` samples each, rewarded by the exact answer alone (no reward model, no KL penalty by
+    default: ``beta`` in TRL's GRPO)."""
+
+    rollout_batch_size: int = Field(8, gt=0)
+    num_generations: int = Field(8, ge=2)
+    minibatch_size: int = Field(32, gt=0)
+    ppo_epochs: int = Field(1, gt=0)
+    kl_coef: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+
+
 class DemoConfig(Section):
-    """Sizes of the embedded default; the defaults finish in a few minutes on 2 CPU cores."""
+    """Sizes of the embedded default; the defaults finish in a few minutes on 2 CPU cores (a task's own defaults,
+    :data:`TASK_DEFAULTS`, apply under the settings given through :func:`load_demo_config`)."""
 
     out_dir: str = "runs/demo"
     task: str = "tinyworld"
@@ -121,13 +138,41 @@ class DemoConfig(Section):
     # present in the preferences, pulls a policy optimised hard past the gold judge's ideal length.
     ppo: PPOSchedule = PPOSchedule(max_steps=30, lr=5e-5, warmup_steps=0)
     dpo: DPOSchedule = DPOSchedule(max_steps=400, lr=3e-5, batch_size=16, warmup_steps=5)
+    # A verifiable task (one whose prompts have exact answers, such as ``sums``) runs another recipe: pretrain ->
+    # SFT -> GRPO on ``rl_prompts`` train prompts with the ``exact_answer`` reward -> evaluation; the ``sample``,
+    # ``rank``, ``rm``, ``ppo`` and ``dpo`` settings above are then unused.
+    rl_prompts: int = Field(2000, gt=0)
+    grpo: GRPOSchedule = GRPOSchedule(max_steps=200, lr=1e-4, warmup_steps=0)
+
+
+#: The demo's defaults that differ by task, under the settings a user gives (key by key). ``sums``: short answers
+#: (64 tokens hold a question and its worked answer) and pretraining long enough for the model to learn to copy a
+#: sum and to add two numbers, which a worked answer needs.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sums": {"max_length": 64, "corpus_docs": 4000, "pretrain": {"max_steps": 600}},
+}
+
+
+def load_demo_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DemoConfig:
+    """``rlhfkit demo``'s config: :class:`DemoConfig`'s defaults, the task's :data:`TASK_DEFAULTS`, then the YAML file
+    ``path`` and the ``--set`` ``overrides``."""
+    config = load_config(DemoConfig, path, overrides)
+    if config.task in TASK_DEFAULTS:
+        config = load_config(DemoConfig, path, overrides, base=TASK_DEFAULTS[config.task])
+    return config
 
 
 DATA_FILES = ("corpus", "heldout_text", "sft_train", "sft_eval", "eval_prompts", "rank_prompts")
 
 
+def is_verifiable(task: Task) -> bool:
+    """Whether ``task``'s prompts have exact answers (:meth:`Task.answer`), so the demo trains with GRPO on them."""
+    return task.answer(task.prompts(1)[0]) is not None
+
+
 def prepare_task_data(config: DemoConfig, data: Path) -> None:
-    """Write the task's corpus, demonstrations and prompts as JSONL files (:data:`DATA_FILES`) into ``data``."""
+    """Write the task's corpus, demonstrations and prompts as JSONL files (:data:`DATA_FILES`) into ``data``; for a
+    verifiable task, ``rl_prompts.jsonl`` instead of ``rank_prompts.jsonl``: train prompts with their ``answer``."""
     task = get_task(config.task)
     paths = {name: data / f"{name}.jsonl" for name in DATA_FILES}
     write_jsonl(paths["corpus"], ({"text": t} for t in task.pretraining_corpus(config.corpus_docs,
@@ -140,6 +185,10 @@ def prepare_task_data(config: DemoConfig, data: Path) -> None:
     held_out = task.prompts(config.sft_eval_prompts + config.eval_prompts, split="test", seed=config.seed)
     write_jsonl(paths["sft_eval"], task.demonstrations(held_out[:config.sft_eval_prompts], seed=config.seed + 1))
     write_jsonl(paths["eval_prompts"], ({"prompt": p} for p in held_out[config.sft_eval_prompts:]))
+    if is_verifiable(task):
+        rl_prompts = task.prompts(config.rl_prompts, split="train", seed=config.seed + 2)
+        write_jsonl(data / "rl_prompts.jsonl", ({"prompt": p, "answer": task.answer(p)} for p in rl_prompts))
+        return
     rank_prompts = task.prompts(config.rank_prompts, split="train", seed=config.seed + 1)
     write_jsonl(paths["rank_prompts"], ({"prompt": p} for p in rank_prompts))
 
@@ -172,11 +221,6 @@ def demo_pipeline(config: DemoConfig) -> PipelineConfig:
     new_tokens = config.max_length // 2
     ppo, dpo = config.ppo, config.dpo
     sft_policy = ModelConfig(name_or_path="{sft}")
-    models = {"pretrain": "{pretrain}", "sft": "{sft}", "ppo": "{ppo}", "dpo": "{dpo}"}
-    for name, schedule in (("ppo", ppo), ("dpo", dpo)):  # half-way: a point of the KL frontier
-        half = schedule.max_steps // 2
-        if half >= 1:
-            models[f"{name}@{half}"] = f"{{{name}:checkpoint-{half}}}"
     sections: dict[str, Section] = {
         "pretrain": PretrainConfig(
             model=ModelConfig(preset=config.preset, tokenizer="{tokenizer}",
@@ -187,6 +231,12 @@ def demo_pipeline(config: DemoConfig) -> PipelineConfig:
         "sft": SFTConfig(model=ModelConfig(name_or_path="{pretrain}"),
                          data=data("{data:sft_train.jsonl}", eval="{data:sft_eval.jsonl}"),
                          train=_train(config, "sft", config.sft)),
+    }
+    if is_verifiable(get_task(config.task)):
+        return _pipeline(config, {**sections, **_verifiable_sections(config, data)})
+    models = {"pretrain": "{pretrain}", "sft": "{sft}", "ppo": "{ppo}", "dpo": "{dpo}", **_half_way("ppo", ppo),
+              **_half_way("dpo", dpo)}
+    sections |= {
         "sample": SampleStage(model="{sft}", prompts="{data:rank_prompts.jsonl}", k=config.k,
                               max_new_tokens=new_tokens, temperature=config.sample_temperature, batch_size=128),
         "rank": RankStage(),
@@ -206,8 +256,42 @@ def demo_pipeline(config: DemoConfig) -> PipelineConfig:
                           temperature=config.eval_temperature, rm_gold_samples=config.k, best_of_n=config.best_of_n),
         "report": ReportStage(),
     }
+    return _pipeline(config, sections)
+
+
+def _half_way(stage: str, schedule: StageSchedule, name: str | None = None) -> dict[str, str]:
+    """``{"<name>@<half>": "{<stage>:checkpoint-<half>}"}``: the model saved half-way, a point of the KL frontier."""
+    half = schedule.max_steps // 2
+    return {f"{name or stage}@{half}": f"{{{stage}:checkpoint-{half}}}"} if half >= 1 else {}
+
+
+def _verifiable_sections(config: DemoConfig, data) -> dict[str, Section]:
+    """A verifiable task's stages after SFT: GRPO (the ``ppo`` stage with group baselines) rewarded by
+    ``exact_answer`` on the ``answer`` field of ``rl_prompts.jsonl``, and the evaluation of every model by the
+    task's gold judge (the answer's correctness), with no reward model anywhere."""
+    grpo, new_tokens = config.grpo, config.max_length // 2
+    models = {"pretrain": "{pretrain}", "sft": "{sft}", "grpo": "{ppo}", **_half_way("ppo", grpo, "grpo")}
+    return {
+        "ppo": PPOConfig(model=ModelConfig(name_or_path="{sft}"), data=data("{data:rl_prompts.jsonl}"),
+                         train=_train(config, "ppo", grpo, log_every=5, scheduler="constant"),
+                         ppo=PPOSection(rewards=[RewardSourceConfig(function="exact_answer")], advantage="grpo",
+                                        samples_per_prompt=grpo.num_generations,
+                                        rollout_batch_size=grpo.rollout_batch_size,
+                                        minibatch_size=grpo.minibatch_size, ppo_epochs=grpo.ppo_epochs,
+                                        kl_coef=grpo.kl_coef, max_new_tokens=new_tokens, temperature=grpo.temperature,
+                                        samples_to_log=grpo.num_generations)),
+        "eval": EvalStage(models=models, prompts="{data:eval_prompts.jsonl}", baseline="sft",
+                          heldout_text="{data:heldout_text.jsonl}", max_new_tokens=new_tokens,
+                          temperature=config.eval_temperature),
+        # the illustration draws step 2's rankings, which this recipe has none of
+        "report": ReportStage(illustrate=False),
+    }
+
+
+def _pipeline(config: DemoConfig, sections: dict[str, Section]) -> PipelineConfig:
+    """The pipeline config of ``sections``, run in :data:`STAGES`' order."""
     return PipelineConfig(out_dir=config.out_dir, seed=config.seed, task=config.task,
-                          stages=[stage.name for stage in STAGES],
+                          stages=[stage.name for stage in STAGES if stage.name in sections],
                           **{name: section.model_dump(mode="json", exclude_unset=True)
                              for name, section in sections.items()})
 
@@ -224,7 +308,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     runner = StageRunner(out, console)
     data = out / "data"
     data_config = config.model_dump(include={"task", "seed", "corpus_docs", "heldout_docs", "sft_prompts",
-                                             "sft_eval_prompts", "eval_prompts", "rank_prompts"})
+                                             "sft_eval_prompts", "eval_prompts", "rank_prompts", "rl_prompts"})
     runner.run("data", data_config, set(), lambda: prepare_task_data(config, data))
     runner.run("tokenizer", {"vocab_size": config.vocab_size}, {"data"},
                lambda: train_bpe_tokenizer(_tokenizer_texts(data), vocab_size=config.vocab_size,
