@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,20 +92,26 @@ def print_timings(summary: dict, wall: float, other: float) -> None:
     print(f"other processes used {other:.0%} of the CPUs meanwhile")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_benchmark(description: str, fixed: list[str], report: Callable[[Path, dict], str]) -> None:
+    """The command line of a demo benchmark: ``--set`` overrides (after ``fixed``) and ``--keep``; runs the demo
+    (:func:`timed_demo`) and prints its timings and ``report(run_dir, summary)``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--set", action="append", default=[], help="demo override, e.g. ppo.max_steps=50")
     parser.add_argument("--keep", help="run directory to keep (default: a temporary one, removed)")
     args = parser.parse_args()
 
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_demo-")) / "demo"
     try:
-        summary, wall, other = timed_demo(args.set, out)
+        summary, wall, other = timed_demo([*fixed, *args.set], out)
         print_timings(summary, wall, other)
-        print(alignment_report(summary))
+        print(report(out, summary))
     finally:
         if not args.keep:
             shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def main() -> None:
+    run_benchmark(__doc__.split("\n\n")[0], [], lambda run, summary: alignment_report(summary))
 
 
 if __name__ == "__main__":

@@ -12,16 +12,13 @@ SFT with a paired interval on the same prompts (target: at least 20 points).
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_demo import print_timings, timed_demo  # noqa: E402
+from bench_demo import run_benchmark  # noqa: E402
 
 from rlhfkit.evaluate.metrics import mean_interval  # noqa: E402
 
@@ -55,19 +52,7 @@ def accuracy_report(run: Path, summary: dict, baseline: str = "sft", tuned: str 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", action="append", default=[], help="demo override, e.g. grpo.max_steps=100")
-    parser.add_argument("--keep", help="run directory to keep (default: a temporary one, removed)")
-    args = parser.parse_args()
-
-    out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_verifiable-")) / "sums"
-    try:
-        summary, wall, other = timed_demo(["task=sums", *args.set], out)
-        print_timings(summary, wall, other)
-        print(accuracy_report(out, summary))
-    finally:
-        if not args.keep:
-            shutil.rmtree(out.parent, ignore_errors=True)
+    run_benchmark(__doc__.split("\n\n")[0], ["task=sums"], accuracy_report)
 
 
 if __name__ == "__main__":
