@@ -22,6 +22,11 @@
 After the task data and the tokenizer, the demo is an ordinary pipeline (:mod:`rlhfkit.pipeline`):
 ``config.yaml`` in ``out_dir`` is a pipeline config that ``rlhfkit pipeline --config`` runs again, and
 running the demo again skips every stage that finished with the same settings.
+
+A verifiable task (``--set task=sums``: prompts with exact answers, :meth:`rlhfkit.tasks.Task.answer`) runs
+another recipe: ``data/rl_prompts.jsonl`` (train prompts with their ``answer``) instead of the rank prompts, and
+pretrain -> SFT -> GRPO rewarded by ``exact_answer`` (the ``ppo/`` stage) -> evaluation -> report, with no
+samples, rankings, reward model, DPO or illustration.
 """
 
 from __future__ import annotations
