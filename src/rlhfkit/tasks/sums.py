@@ -127,8 +127,8 @@ class Sums(Task):
         return out
 
     def pretraining_corpus(self, n_docs: int, *, seed: int = 0) -> list[str]:
-        """Documents of addition facts ("12 + 8 = 20.") and of sums worked out step by step ("7 + 5 + 8: 7 + 5 =
-        12. 12 + 8 = 20."), never a question and never a sum of many digits in one step.
+        """Documents of addition facts ("12 + 8 = 20.") and of sums worked out step by step ("Step by step:
+        7 + 5 + 8 + 3 = 12 + 8 + 3 = 20 + 3 = 23."), never a question and never a sum of many digits in one step.
 
         The facts cover every running total a question can reach plus every digit, so the corpus teaches each
         step of a worked answer; the worked sums teach the chain itself.
