@@ -32,6 +32,7 @@ samples, rankings, reward model, DPO or illustration.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +271,7 @@ def _half_way(stage: str, schedule: StageSchedule, name: str | None = None) -> d
     return {f"{name or stage}@{half}": f"{{{stage}:checkpoint-{half}}}"} if half >= 1 else {}
 
 
-def _verifiable_sections(config: DemoConfig, data) -> dict[str, Section]:
+def _verifiable_sections(config: DemoConfig, data: Callable[..., DataConfig]) -> dict[str, Section]:
     """A verifiable task's stages after SFT: GRPO (the ``ppo`` stage with group baselines) rewarded by
     ``exact_answer`` on the ``answer`` field of ``rl_prompts.jsonl``, and the evaluation of every model by the
     task's gold judge (the answer's correctness), with no reward model anywhere."""
