@@ -20,6 +20,11 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"]), batch["loss_mask"][:, 1:].sum()
 
 
+def target_tokens(example: Example) -> int:
+    """The tokens of ``example`` that :func:`lm_loss` predicts (the loss mask past the first position)."""
+    return sum(example.loss_mask[1:])
+
+
 def encode_demonstrations(tokenizer, records, *, max_length: int, max_prompt_length: int,
                           source: str, console: Console | None = None) -> list[Example]:
     """Tokenize demonstration records; report how many had to be truncated."""
@@ -45,7 +50,7 @@ def build_sft_trainer(config: SFTConfig, console: Console | None = None) -> Trai
 
     return Trainer(stage="sft", config=config, train=config.train, model=model, tokenizer=tokenizer,
                    train_examples=load(data.train), eval_examples=load(data.eval) if data.eval else (),
-                   collator=PadCollator(tokenizer.pad_token_id), loss_fn=lm_loss)
+                   collator=PadCollator(tokenizer.pad_token_id), loss_fn=lm_loss, example_units=target_tokens)
 
 
 def run_sft(config: SFTConfig, console: Console | None = None) -> dict[str, float]:
