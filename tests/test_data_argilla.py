@@ -145,7 +145,7 @@ def test_other_errors_name_what_to_fix(tmp_path):
     assert error.line == 2 and "expected a JSON object" in error.message
     with pytest.raises(DataError) as listed:
         read_argilla(_write(tmp_path / "list.json", [NESTED[0], 5]), "rankings", question="ranking")
-    assert str(listed.value).endswith("list.json, record 2: expected an Argilla record (an object), got int")
+    assert str(listed.value).endswith("list.json, record 2: expected a JSON object, got int")
     with pytest.raises(ValueError, match="unknown kind 'votes'"):
         read_argilla(tmp_path / "bad.jsonl", "votes", question="q")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.data.public import PublicData, SkipRow, Where
+from rlhfkit.data.public import PublicData, SkipRow, Where, convert_rows
 from rlhfkit.data.readers import _rows
 from rlhfkit.data.records import DataError, Record
 
@@ -193,18 +193,8 @@ def read_argilla(path: str | os.PathLike, kind: str, *, question: str, prompt_fi
     location = Path(path)
     if location.is_dir() and (location / RECORDS_FILE).is_file():
         location = location / RECORDS_FILE
-    reader = _Reader(kind, question, prompt_field, options or {})
     source, unit, rows = _rows(location, split)
-    data = PublicData(records=[], rows=0)
-    for position, row in rows:
-        where = Where(source, position, unit)
-        if not isinstance(row, dict):
-            raise where.error(None, f"expected an Argilla record (an object), got {type(row).__name__}")
-        data.rows += 1
-        try:
-            data.records.extend(reader(row, where))
-        except SkipRow as skip:
-            data.skipped[str(skip)] += 1
+    data = convert_rows(rows, _Reader(kind, question, prompt_field, options or {}), source=source, unit=unit)
     if not data.records:
         raise DataError(f"holds no {kind} from question {question!r} ({data.rows} records read, skipped: "
                         f"{dict(data.skipped)})", source=source)
