@@ -916,6 +916,7 @@ def test_the_review_page_searches_filters_pages_and_shows_each_labelers_progress
     assert "2 answer(s)" in boss.get("/admin/review?labeler=ann&kind=demonstration").text
     assert "3 answer(s)" in boss.get("/admin/review?labeler=ann").text
     assert "Name a colour" in boss.get("/admin/review?q=colour&kind=ranking").text
+    assert "No answers to ab items here." in boss.get("/admin/review?status=&kind=ab").text
     assert boss.get("/admin/review?labeler=nobody").status_code == 404
     api = client_login_api(app, "boss")
     listed = api.get("/api/admin/answers?labeler=bob&q=paris&limit=1").json()
