@@ -213,10 +213,12 @@ def test_every_form_post_needs_the_csrf_token(app):
     browser, token = login(app, "boss")
     item_id = open_item(browser, "demonstration")
     paths = {path.replace("{item_id}", str(item_id)) for path in _post_routes(app) if path != "/api/login"}
-    paths = {path.replace("{answer_id}", "1") for path in paths}
+    paths = {path.replace("{answer_id}", "1").replace("{user_id}", "2").replace("{token_id}", "1") for path in paths}
     assert paths == {"/login", "/logout", "/account/password", f"/items/{item_id}", f"/items/{item_id}/skip",
                      "/admin/users", "/admin/import", "/admin/answers/1/review", "/admin/assignments/release",
-                     "/api/me/password",
+                     "/admin/users/2/active", "/admin/users/2/password", "/admin/tokens/1/revoke",
+                     "/account/tokens", "/account/tokens/1/revoke", "/api/me/password", "/api/tokens",
+                     "/api/tokens/1/revoke", "/api/admin/users/2/active", "/api/admin/users/2/password",
                      f"/api/items/{item_id}/answer", f"/api/items/{item_id}/skip", "/api/admin/answers/1/review",
                      "/api/admin/assignments/release"}
     for path in sorted(paths):
@@ -228,7 +230,7 @@ def test_every_form_post_needs_the_csrf_token(app):
     assert puts == ["/api/items/{item_id}/answer"]
     assert browser.put(f"/api/items/{item_id}/answer", json={"completion": "x"},
                        headers={"X-CSRF-Token": "forged"}).status_code == 403
-    assert store_answers(app) == 0
+    assert store_answers(app) == 0 and app_store(app).user(2).active and app_store(app).tokens() == []
     assert browser.get("/queue").status_code == 200  # still logged in: the forged logout did nothing
     assert browser.post("/logout", data={"csrf_token": token}).status_code == 303
 
@@ -476,12 +478,12 @@ def test_admin_creates_accounts(app, store):
     boss, token = login(app, "boss")
     boss.post("/admin/users", data={"csrf_token": token, "username": "cara", "password": "cara password",
                                     "role": "labeler"})
-    assert "Created the labeler account" in boss.get("/admin").text
+    assert "Created the labeler account" in boss.get("/admin/users").text
     for data, message in (({"username": "cara", "password": "long password", "role": "labeler"}, "is taken"),
                           ({"username": "dan", "password": "short", "role": "labeler"}, "at least 8 characters"),
                           ({"username": "dan", "password": "long password", "role": "root"}, "unknown role")):
         boss.post("/admin/users", data={"csrf_token": token, **data})
-        assert message in boss.get("/admin").text, data
+        assert message in boss.get("/admin/users").text, data
     assert [user.username for user in store.users()] == ["boss", "ann", "bob", "cara"]
     cara, _ = login(app, "cara", "cara password")
     assert cara.get("/queue").status_code == 200
@@ -773,3 +775,151 @@ def test_the_review_page_accepts_and_rejects_answers(app, store):
     assert [answer.status for answer in store.answers()] == ["accepted", "rejected"]
     assert boss.get("/admin/review?status=maybe").status_code == 404
     assert "Previous page" in boss.get("/admin/review?status=accepted&page=2").text
+
+
+# ------------------------------------------------------------------------------------ accounts and tokens
+
+
+def test_an_admin_deactivates_and_reactivates_a_labeler(app, store):
+    ann, ann_token = login(app, "ann")
+    item_id = open_item(ann, "demonstration")
+    boss, token = login(app, "boss")
+    ann_id = store.user_by_name("ann").id
+    assert boss.post(f"/admin/users/{ann_id}/active", data={"csrf_token": token, "active": "0"}).status_code == 303
+    assert "Deactivated “ann”" in boss.get("/admin/users").text
+    assert ann.get("/queue").status_code == 303  # her live session ended
+    assert client(app).post("/api/login", json={"username": "ann", "password": PASSWORDS["ann"]}).status_code == 401
+    bob, _ = login(app, "bob")
+    assert open_item(bob, "demonstration") == item_id  # her open assignment was released
+    boss.post(f"/admin/users/{ann_id}/active", data={"csrf_token": token, "active": "1"})
+    assert "Reactivated “ann”" in boss.get("/admin/users").text
+    login(app, "ann")
+    boss_id = store.user_by_name("boss").id
+    boss.post(f"/admin/users/{boss_id}/active", data={"csrf_token": token, "active": "0"})
+    assert "you cannot deactivate your own account" in boss.get("/admin/users").text and store.user(boss_id).active
+    assert boss.post("/admin/users/999/active", data={"csrf_token": token, "active": "0"}).status_code == 404
+    api = client_login_api(app, "boss")
+    headers = {"X-CSRF-Token": api.get("/api/me").json()["csrf_token"]}
+    assert api.post(f"/api/admin/users/{ann_id}/active", json={"active": "no"}, headers=headers).status_code == 422
+    assert api.post(f"/api/admin/users/{ann_id}/active", json={"active": False},
+                    headers=headers).json() == {"id": ann_id, "username": "ann", "active": False}
+    listed = {row["username"]: row for row in api.get("/api/admin/users").json()["users"]}
+    assert listed["ann"]["active"] is False and listed["ann"]["id"] == ann_id and listed["bob"]["open_assignments"] == 1
+    assert ann_token and client_login_api(app, "bob").get("/api/admin/users").status_code == 403
+
+
+def test_an_admin_resets_a_password_and_the_accounts_sessions_end(app, store):
+    ann, _ = login(app, "ann")
+    boss, token = login(app, "boss")
+    ann_id = store.user_by_name("ann").id
+    boss.post(f"/admin/users/{ann_id}/password", data={"csrf_token": token, "new_password": "short"})
+    assert "Password of “ann” not changed: field &#39;new password&#39;: must be at least 8 characters" in boss.get(
+        "/admin/users").text
+    assert ann.get("/queue").status_code == 200
+    boss.post(f"/admin/users/{ann_id}/password", data={"csrf_token": token, "new_password": "ann's new password"})
+    assert "every session of theirs ended" in boss.get("/admin/users").text
+    assert ann.get("/queue").status_code == 303
+    login(app, "ann", "ann's new password")
+    api = client_login_api(app, "boss")
+    headers = {"X-CSRF-Token": api.get("/api/me").json()["csrf_token"]}
+    assert api.post(f"/api/admin/users/{ann_id}/password", json={"new_password": "third password"},
+                    headers=headers).status_code == 200
+    login(app, "ann", "third password")
+    missing = api.post("/api/admin/users/999/password", json={"new_password": "x" * 10}, headers=headers)
+    assert missing.status_code == 404
+
+
+def test_api_tokens_work_on_the_json_api_until_revoked_or_the_account_is_deactivated(app, store):
+    ann, token = login(app, "ann")
+    page = ann.post("/account/tokens", data={"csrf_token": token, "name": "my script"})
+    secret = re.search(r'<code class="secret">([^<]+)</code>', page.text).group(1)
+    assert "shown only this once" in page.text and secret not in ann.get("/account").text
+    assert secret not in str(ann.cookies.values())
+    script = client(app)  # no cookie: the token alone
+    bearer = {"Authorization": f"Bearer {secret}"}
+    assert script.get("/api/me", headers=bearer).json() == {"username": "ann", "role": "labeler", "csrf_token": None}
+    item = script.get("/api/next?kind=demonstration", headers=bearer).json()["item"]
+    answered = script.post(f"/api/items/{item['id']}/answer", json={"completion": "by a script"}, headers=bearer)
+    assert answered.status_code == 200  # no CSRF token needed with an API token
+    assert script.get("/queue", headers=bearer).status_code == 303  # pages take no tokens
+    assert script.get("/api/admin/progress", headers=bearer).status_code == 403  # a labeler's token
+    for header in ("Bearer nonsense", "Basic YW5uOnB3", "Bearer "):
+        refused = script.get("/api/me", headers={"Authorization": header})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", header
+    # a bad token is refused even beside a valid session cookie (no CSRF check is skipped for it)
+    forged = ann.post(f"/api/items/{item['id']}/skip", json={"reason": "x"}, headers={"Authorization": "Bearer no"})
+    assert forged.status_code == 401
+    made = script.post("/api/tokens", json={"name": "second"}, headers=bearer)
+    assert made.status_code == 201 and made.json()["token"].startswith("rlhfkit_")
+    listed = script.get("/api/tokens", headers=bearer).json()["tokens"]
+    assert [row["name"] for row in listed] == ["my script", "second"] and "token" not in listed[0]
+    assert script.post("/api/tokens", json={"name": "second"}, headers=bearer).status_code == 422
+    boss = client_login_api(app, "boss")
+    boss_headers = {"X-CSRF-Token": boss.get("/api/me").json()["csrf_token"]}
+    assert [row["username"] for row in boss.get("/api/admin/tokens").json()["tokens"]] == ["ann", "ann"]
+    bob = client_login_api(app, "bob")
+    bob_headers = {"X-CSRF-Token": bob.get("/api/me").json()["csrf_token"]}
+    assert bob.post(f"/api/tokens/{listed[1]['id']}/revoke", headers=bob_headers).status_code == 404  # not his
+    revoked = boss.post(f"/api/tokens/{listed[1]['id']}/revoke", headers=boss_headers)  # an admin revokes any
+    assert revoked.json()["revoked_at"] is not None
+    assert script.get("/api/me", headers={"Authorization": f"Bearer {made.json()['token']}"}).status_code == 401
+    boss.post(f"/api/admin/users/{store.user_by_name('ann').id}/active", json={"active": False}, headers=boss_headers)
+    assert script.get("/api/me", headers=bearer).status_code == 401  # a deactivated account's token
+    boss.post(f"/api/admin/users/{store.user_by_name('ann').id}/active", json={"active": True}, headers=boss_headers)
+    assert script.get("/api/me", headers=bearer).status_code == 200
+    ann, token = login(app, "ann")
+    ann.post(f"/account/tokens/{listed[0]['id']}/revoke", data={"csrf_token": token})
+    assert "Revoked the API token “my script”" in ann.get("/account").text
+    assert script.get("/api/me", headers=bearer).status_code == 401
+    assert ann.post(f"/account/tokens/{listed[0]['id'] + 99}/revoke", data={"csrf_token": token}).status_code == 404
+
+
+def test_the_admin_lists_and_revokes_every_token_and_a_bad_name_is_refused(app, store):
+    ann, token = login(app, "ann")
+    refused = ann.post("/account/tokens", data={"csrf_token": token, "name": " "})
+    assert refused.status_code == 422 and "token name" in refused.text and store.tokens() == []
+    made, _ = store.create_token(store.user_by_name("ann").id, f"nightly {XSS}")
+    boss, boss_token = login(app, "boss")
+    page = boss.get("/admin/users").text
+    assert f'id="token-{made.id}"' in page and XSS not in page
+    boss.post(f"/admin/tokens/{made.id}/revoke", data={"csrf_token": boss_token})
+    assert "Revoked the API token" in boss.get("/admin/users").text and not store.tokens()[0].active
+    assert boss.post("/admin/tokens/999/revoke", data={"csrf_token": boss_token}).status_code == 404
+
+
+# -------------------------------------------------------------------------------------------- review page
+
+
+def test_the_review_page_searches_filters_pages_and_shows_each_labelers_progress(app, store, monkeypatch):
+    import rlhfkit.feedback.app as app_module
+
+    monkeypatch.setattr(app_module, "REVIEW_PAGE_SIZE", 2)
+    store.import_prompts([{"prompt": f"Describe city {number}"} for number in range(3)], replicas=2)
+    for name in ("ann", "bob"):
+        browser, token = login(app, name)
+        for _ in range(2):
+            item_id = open_item(browser, "demonstration")
+            browser.post(f"/items/{item_id}", data={"csrf_token": token, "completion": f"{name} on Paris"})
+        item_id = open_item(browser, "ranking")
+        form = ranking_form(store, name, item_id, [6, 3, 3], [1, 2, 3] if name == "ann" else [1, 3, 2],
+                            [[], [], []])
+        browser.post(f"/items/{item_id}", data={**form, "csrf_token": token})
+    boss, _ = login(app, "boss")
+    page = boss.get("/admin/review").text
+    assert "6 answer(s); page 1 of 3." in page and page.count('class="card review"') == 2
+    assert "Next page" in page and "Previous page" not in page
+    labelers = page[page.index('id="labelers"'):page.index("</section>", page.index('id="labelers"'))]
+    assert "0.667" in labelers  # ann and bob rank the shared item alike on 2 of its 3 pairs
+    assert boss.get("/admin/review?page=3").text.count('class="card review"') == 2
+    found = boss.get("/admin/review?q=BOB+on+paris&status=").text
+    assert "2 answer(s)" in found and found.count("· bob") == 2
+    assert "2 answer(s)" in boss.get("/admin/review?labeler=ann&kind=demonstration").text
+    assert "3 answer(s)" in boss.get("/admin/review?labeler=ann").text
+    assert "Name a colour" in boss.get("/admin/review?q=colour&kind=ranking").text
+    assert "No answers to ab items here." in boss.get("/admin/review?status=&kind=ab").text
+    assert boss.get("/admin/review?labeler=nobody").status_code == 404
+    api = client_login_api(app, "boss")
+    listed = api.get("/api/admin/answers?labeler=bob&q=paris&limit=1").json()
+    assert listed["total"] == 2 and len(listed["answers"]) == 1 and listed["answers"][0]["labeler"] == "bob"
+    assert api.get("/api/admin/answers?labeler=nobody").status_code == 422
+    assert api.get("/api/admin/answers?limit=0").status_code == 422

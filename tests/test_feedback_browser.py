@@ -549,3 +549,61 @@ def test_a_draft_of_a_changed_answer_is_restored_and_dropped_when_the_answer_is_
         assert page.input_value("#completion") == "The first line."
         assert page.errors == []
         page.context.close()
+
+
+def test_an_admin_manages_accounts_and_tokens_and_searches_the_review_queue(browser, tmp_path):
+    """Issue 25: deactivate / reactivate a labeler and reset her password from the accounts page (her open
+    page is logged out each time); she makes an API token, shown once; the review page finds answers by text
+    and labeler."""
+    import urllib.request
+
+    store = Store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    store.create_user("boss", hash_password(PASSWORDS["boss"]), "admin")
+    for name in ("ann", "cy"):
+        store.create_user(name, hash_password(PASSWORDS["ann"]))
+    store.import_prompts([{"prompt": "Describe Lisbon"}, {"prompt": "Describe Oslo"}], replicas=2)
+    for name in ("ann", "cy"):
+        user = store.user_by_name(name)
+        for _ in range(2):
+            item = store.next_item(user.id)
+            store.submit(user.id, item.id, {"completion": f"{name} writes about {item.prompt.split()[-1]}"})
+    ann_id = store.user_by_name("ann").id
+    store.close()
+    with FeedbackServer(tmp_path / "feedback.db", log=tmp_path / "server.log") as server:
+        ann = log_in_as(browser, server, "ann", PASSWORDS["ann"])
+        boss = log_in_as(browser, server, "boss", PASSWORDS["boss"])
+        boss.goto(f"{server.url}/admin/users")
+        server.folder = tmp_path
+        shot(boss, server, "accounts")
+        boss.locator(f"#account-{ann_id} button.deactivate").click()
+        assert "Deactivated “ann”" in boss.locator(".flash-success").inner_text()
+        assert boss.locator(f"#account-{ann_id} td").nth(2).inner_text() == "no"
+        ann.goto(f"{server.url}/queue")
+        assert "/login" in ann.url  # her session ended
+        boss.locator(f"#account-{ann_id} button.reactivate").click()
+        boss.fill(f"#password-{ann_id}", "a brand new password")
+        boss.locator(f"#account-{ann_id} form.inline button").click()
+        assert "every session of theirs ended" in boss.locator(".flash-success").inner_text()
+        ann = log_in_as(browser, server, "ann", "a brand new password")
+        assert ann.url.endswith("/queue")
+        ann.goto(f"{server.url}/account")
+        ann.fill("#token-name", "nightly export")
+        ann.click("#api-tokens button[type=submit]:text('Create token')")
+        secret = ann.locator("#new-token code.secret").inner_text()
+        assert secret.startswith("rlhfkit_")
+        request = urllib.request.Request(f"{server.url}/api/me", headers={"Authorization": f"Bearer {secret}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.load(response)["username"] == "ann"
+        ann.reload()
+        assert ann.locator("#new-token").count() == 0 and secret not in ann.content()  # shown once
+        boss.goto(f"{server.url}/admin/review")
+        assert boss.locator(".card.review").count() == 4
+        boss.fill("#q", "oslo")
+        boss.select_option("#filter-labeler", "cy")
+        boss.click("form.filters button[type=submit]")
+        assert boss.locator("#found").inner_text().startswith("1 answer(s)")
+        assert "cy writes about Oslo" in boss.locator(".card.review").inner_text()
+        assert "cy" in boss.locator("#labelers").inner_text()
+        assert ann.errors == [] and boss.errors == []
+        for page in (ann, boss):
+            page.context.close()

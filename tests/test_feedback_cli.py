@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from datetime import timedelta
 
 import pytest
 import typer
@@ -379,3 +380,47 @@ def test_serve_refuses_a_key_file_others_can_read_and_a_key_with_a_file(run, tmp
     server_db = default_session_key_file("postgresql://ann:secret@db.example/feedback")
     assert server_db.parent.name == "rlhfkit" and server_db.name.startswith("feedback-session-")
     assert server_db == default_session_key_file("postgresql+psycopg://ann:other@db.example/feedback")
+
+
+def test_accounts_are_deactivated_reactivated_and_given_a_new_password(run, db):
+    run("feedback", "add-user", "ann", "--password", "ann password", "--db", db)
+    store = Store(f"sqlite:///{db}")
+    ann = store.user_by_name("ann")
+    store.import_prompts([{"prompt": "p"}])
+    store.next_item(ann.id)
+    session = store.create_session(ann.id, timedelta(hours=1))
+    result = run("feedback", "deactivate", "ann", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"username": "ann", "active": False}
+    assert store.session_user(session) is None and store.open_assignments() == []
+    assert json.loads(run("feedback", "reactivate", "ann", "--db", db).stdout) == {"username": "ann", "active": True}
+    session = store.create_session(ann.id, timedelta(hours=1))
+    result = run("feedback", "reset-password", "ann", "--db", db, input="new password\nnew password\n")
+    assert result.exit_code == 0, result.output
+    assert verify_password(store.user(ann.id).password_hash, "new password") and store.session_user(session) is None
+    result = run("feedback", "reset-password", "ann", "--password", "short", "--db", db)
+    assert result.exit_code == 2 and "at least 8 characters" in _message(result)
+    result = run("feedback", "deactivate", "nobody", "--db", db)
+    assert result.exit_code == 2 and "no account 'nobody'" in _message(result)
+    store.close()
+
+
+def test_api_tokens_are_made_listed_and_revoked(run, db):
+    run("feedback", "add-user", "ann", "--password", "ann password", "--db", db)
+    result = run("feedback", "add-token", "ann", "--name", "nightly export", "--db", db)
+    assert result.exit_code == 0, result.output
+    made = json.loads(result.stdout)
+    assert made["token"].startswith("rlhfkit_") and made["name"] == "nightly export"
+    store = Store(f"sqlite:///{db}")
+    assert store.token_user(made["token"]).username == "ann"
+    listed = run("feedback", "tokens", "--db", db, "--user", "ann")
+    assert listed.exit_code == 0 and "nightly export" in listed.stdout and made["token"] not in listed.stdout
+    again = run("feedback", "add-token", "ann", "--name", "nightly export", "--db", db)
+    assert again.exit_code == 2 and "already has a token named 'nightly export'" in _message(again)
+    revoked = run("feedback", "revoke-token", made["id"], "--db", db)
+    assert revoked.exit_code == 0 and json.loads(revoked.stdout)["revoked_at"]
+    assert store.token_user(made["token"]) is None
+    missing = run("feedback", "revoke-token", 99, "--db", db)
+    assert missing.exit_code == 2 and "no API token with id 99" in _message(missing)
+    assert "no account 'bob'" in _message(run("feedback", "tokens", "--db", db, "--user", "bob"))
+    store.close()

@@ -75,7 +75,7 @@ def _one(store: Store, user: User, kind: str | None = None) -> Item:
 def test_migrations_build_exactly_the_models(store):
     with store.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
+        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
 
 
 def test_reopening_keeps_the_data_and_migrate_false_skips_alembic(url):
@@ -776,3 +776,115 @@ def test_user_progress_and_answer_of(store, users):
     assert store.answer_of(ann.id, first.id).payload == RANKING
     assert store.answer_of(ann.id, skipped.id).skipped
     assert store.answer_of(bob.id, first.id) is None
+
+
+# ------------------------------------------------------------------------------------ accounts and tokens
+
+
+def test_a_deactivated_account_loses_its_sessions_and_open_assignments_until_reactivated(store, users):
+    ann, bob, _ = users
+    store.import_prompts([{"prompt": "p"}, {"prompt": "q"}])
+    answered, left_open = _one(store, ann), None
+    store.submit(ann.id, answered.id, {"completion": "kept"})
+    left_open = _one(store, ann)
+    session = store.create_session(ann.id, timedelta(hours=1))
+    token, secret = store.create_token(ann.id, "script")
+    assert store.set_active(ann.id, False).active is False
+    assert store.session_user(session) is None and store.token_user(secret) is None
+    assert store.open_assignments() == [] and _one(store, bob) == left_open  # released to another labeler
+    assert [answer.item_id for answer in store.answers(user_id=ann.id)] == [answered.id]  # answers stay
+    assert store.set_active(ann.id, True).active is True
+    assert store.token_user(secret) == store.user(ann.id)  # a token outlives a deactivation, a session does not
+    assert store.session_user(session) is None
+    with pytest.raises(StoreError, match="no user with id 999"):
+        store.set_active(999, False)
+
+
+def test_api_tokens_are_stored_hashed_listed_and_revoked(store, users):
+    ann, bob, _ = users
+    token, secret = store.create_token(ann.id, "nightly export")
+    assert secret.startswith("rlhfkit_") and len(secret) > 40
+    assert (token.name, token.username, token.active) == ("nightly export", "ann", True)
+    assert store.token_user(secret) == ann and store.token_user(secret + "x") is None
+    with pytest.raises(StoreError, match="already has a token named 'nightly export'"):
+        store.create_token(ann.id, "nightly export")
+    for name in ("", " padded", "x" * 65, None):
+        with pytest.raises(StoreError) as error:
+            store.create_token(ann.id, name)
+        assert error.value.field == "name"
+    bobs, _ = store.create_token(bob.id, "bob's")
+    assert [t.name for t in store.tokens()] == ["nightly export", "bob's"]
+    assert [t.name for t in store.tokens(bob.id)] == ["bob's"]
+    with pytest.raises(StoreError, match=f"no API token with id {bobs.id}"):
+        store.revoke_token(bobs.id, user_id=ann.id)  # not ann's to revoke
+    revoked = store.revoke_token(token.id, user_id=ann.id)
+    assert revoked.revoked_at is not None and not revoked.active and store.token_user(secret) is None
+    assert store.revoke_token(token.id).revoked_at == revoked.revoked_at  # revoking twice changes nothing
+    assert store.create_token(ann.id, "nightly export")[0].active  # the name is free again
+    with store.engine.connect() as connection:
+        assert secret not in str(connection.exec_driver_sql("SELECT * FROM api_tokens").all())
+
+
+# ----------------------------------------------------------------------------------------------- review
+
+
+def test_answers_are_searched_and_filtered_by_labeler_and_counted(store, users):
+    ann, bob, _ = users
+    store.import_prompts([{"prompt": 'Say "100%" café'}, {"prompt": "Name_a tree"}], replicas=2)
+    store.import_samples([{"prompt": "Colour?", "completions": ["Crimson red", "blue"]}])
+    for user in (ann, bob):
+        for _ in range(2):
+            item = _one(store, user, "demonstration")
+            store.submit(user.id, item.id, {"completion": f"{user.username} wrote\nline two"})
+    item = _one(store, ann, "ranking")
+    store.submit(ann.id, item.id, {"ratings": [5, 2], "flags": [[], []], "ranking": [[0], [1]]})
+    assert store.count_answers() == 5 and store.count_answers(user_id=bob.id) == 2
+    assert len(store.answers(search='"100%" CAFÉ')) == 2  # quotes, % and non-ASCII as written
+    assert len(store.answers(search="100%")) == 2 and store.answers(search="10_%") == []  # LIKE's characters literal
+    assert len(store.answers(search="name_a")) == 2 and store.answers(search="namexa") == []
+    assert [a.user_id for a in store.answers(search="BOB WROTE\nline")] == [bob.id, bob.id]  # the answer's text
+    assert [a.item_id for a in store.answers(search="crimson")] == [item.id]  # a ranking's outputs
+    assert store.count_answers("demonstration", user_id=ann.id, search="two") == 2
+    assert [a.id for a in store.answers(limit=2, offset=1)] == [a.id for a in store.answers()][1:3]
+
+
+def test_labeler_stats_count_answers_by_review_status_and_time_per_item(store, users):
+    ann, bob, cy = users
+    store.import_prompts([{"prompt": "p"}, {"prompt": "q"}, {"prompt": "r"}])
+    first, second = _one(store, ann), None
+    store.submit(ann.id, first.id, {"completion": "a"})
+    second = _one(store, ann)
+    store.skip(ann.id, second.id, "cannot")
+    third = _one(store, ann)
+    store.submit(ann.id, third.id, {"completion": "c"})
+    _one(store, bob)
+    with store.engine.begin() as connection:  # ann opened her items 30 and 90 seconds before answering them
+        for item_id, seconds in ((first.id, 30), (third.id, 90)):
+            opened = connection.exec_driver_sql(f"SELECT created_at FROM answers WHERE item_id = {item_id}").scalar()
+            moment = opened if isinstance(opened, datetime) else datetime.fromisoformat(opened)
+            connection.exec_driver_sql("UPDATE assignments SET created_at = ? WHERE item_id = ?"
+                                       if store.url.startswith("sqlite") else
+                                       "UPDATE assignments SET created_at = %s WHERE item_id = %s",
+                                       (moment - timedelta(seconds=seconds), item_id))
+    store.review(store.answer_of(ann.id, first.id).id, cy.id, "accepted")
+    stats = {row["username"]: row for row in store.labeler_stats()}
+    assert {key: stats["ann"][key] for key in ("answers", "skipped", "submitted", "accepted", "rejected",
+                                                "open_assignments")} == {
+        "answers": 2, "skipped": 1, "submitted": 1, "accepted": 1, "rejected": 0, "open_assignments": 0}
+    assert stats["ann"]["median_seconds"] == pytest.approx(60, abs=1)
+    assert stats["bob"]["open_assignments"] == 1 and stats["bob"]["median_seconds"] is None
+
+
+def test_agreement_on_rankings_only(store, users):
+    ann, bob, _ = users
+    store.import_samples([{"prompt": "p", "completions": ["a", "b", "c"]}], replicas=2)
+    store.import_pairs([{"prompt": "q", "completions": ["x", "y"]}], replicas=2)
+    for user, ranking, verdict in ((ann, [[0], [1], [2]], "a"), (bob, [[0], [2], [1]], "b")):
+        item = _one(store, user, "ranking")
+        store.submit(user.id, item.id, {"ratings": [4, 4, 4], "flags": [[], [], []], "ranking": ranking})
+        pair = _one(store, user, "ab")
+        store.submit(user.id, pair.id, {"verdict": verdict})
+    assert store.agreement(("ranking",))["overall"]["pairwise_agreement"] == pytest.approx(2 / 3)
+    assert store.agreement()["overall"]["pairwise_agreement"] == pytest.approx(1 / 3)
+    with pytest.raises(StoreError, match="agreement is measured on ranking and ab items"):
+        store.agreement(("demonstration",))

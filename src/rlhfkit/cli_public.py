@@ -1,4 +1,4 @@
-"""Commands for public data and models: ``rlhfkit convert-data`` and ``rlhfkit convert``.
+"""Commands for public data and models: ``rlhfkit convert-data``, ``rlhfkit convert-argilla`` and ``rlhfkit convert``.
 
 ``cli.py`` adds them to its app with :func:`register`; like every command, they report on the shared console and
 end a data error or a missing file with one clear message and exit code 2 (:mod:`rlhfkit.cli_common`).
@@ -18,7 +18,8 @@ from rlhfkit.data.public import LAYOUTS
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``convert-data`` and ``convert`` to ``app`` (the ``rlhfkit`` app of :mod:`rlhfkit.cli`)."""
+    """Add ``convert-data``, ``convert-argilla`` and ``convert`` to ``app`` (the ``rlhfkit`` app of
+    :mod:`rlhfkit.cli`)."""
     @app.command("convert-data")
     @fail_cleanly
     def convert_data(
@@ -53,6 +54,40 @@ def register(app: typer.Typer) -> None:
                 raise typer.BadParameter(str(error), param_hint="--test-size") from None
             summary.update({"test_records": write_jsonl(test_out, held_out), "test_out": str(test_out)})
         summary.update({"records": write_jsonl(out, records), "skipped": dict(data.skipped), "out": str(out)})
+        console.print_json(json.dumps(summary))
+
+    @app.command("convert-argilla")
+    @fail_cleanly
+    def convert_argilla(
+        source: Annotated[Path, typer.Option("--in", help="Argilla's exported records: records.json (to_json), a "
+                                                          "to_disk folder, a save_to_disk folder of to_datasets(), "
+                                                          "or JSON lines / Parquet of records.")],
+        kind: Annotated[str, typer.Option(help="rankings or pairs (from a ranking question), demonstrations (from "
+                                               "a text question).")],
+        question: Annotated[str, typer.Option(help="The question whose responses to read.")],
+        out: Annotated[Path, typer.Option(help="Output JSONL of rlhfkit records (.gz to compress).")],
+        prompt_field: Annotated[str, typer.Option(help="The field that holds the prompt.")] = "prompt",
+        option: Annotated[list[str] | None, typer.Option(
+            help="OPTION=FIELD: the text field a ranking option stands for (repeat; by default the options are "
+                 "the fields' names).")] = None,
+        split: Annotated[str | None, typer.Option(help="The split of a saved DatasetDict.")] = None,
+    ) -> None:
+        """Turn Argilla's exported records (one per labeler's submitted response) into rlhfkit rankings, pairs
+        or demonstrations; records without a submitted response are skipped and counted."""
+        from rlhfkit.data.argilla import ARGILLA_KINDS, read_argilla
+        from rlhfkit.data.readers import write_jsonl
+
+        if kind not in ARGILLA_KINDS:
+            raise typer.BadParameter(f"expected one of {', '.join(ARGILLA_KINDS)}", param_hint="--kind")
+        options = {}
+        for mapping in option or []:
+            name, _, field = mapping.partition("=")
+            if not name or not field:
+                raise typer.BadParameter(f"expected OPTION=FIELD, got {mapping!r}", param_hint="--option")
+            options[name] = field
+        data = read_argilla(source, kind, question=question, prompt_field=prompt_field, options=options, split=split)
+        summary = {"rows": data.rows, "records": write_jsonl(out, data.records), "skipped": dict(data.skipped),
+                   "out": str(out)}
         console.print_json(json.dumps(summary))
 
     @app.command("convert")

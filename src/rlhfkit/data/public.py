@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -403,6 +403,26 @@ class PublicData:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
+def convert_rows(rows: Iterable[tuple[int, Any]], convert: Callable[[dict, Where], list[Record]], *,
+                 source: str, unit: str, limit: int | None = None) -> PublicData:
+    """The records ``convert(row, where)`` makes of numbered raw rows (at most ``limit``), the rows it raised
+    :class:`SkipRow` for counted by reason; a row that is not an object is a :class:`DataError` at its place."""
+    data = PublicData(records=[], rows=0)
+    for position, row in rows:
+        where = Where(source, position, unit)
+        if not isinstance(row, dict):
+            raise where.error(None, f"expected a JSON object, got {type(row).__name__}")
+        data.rows += 1
+        try:
+            data.records.extend(convert(row, where))
+        except SkipRow as skip:
+            data.skipped[str(skip)] += 1
+        if limit is not None and len(data.records) >= limit:
+            del data.records[limit:]
+            break
+    return data
+
+
 def read_public(path: str | os.PathLike, layout: str, *, split: str | None = None,
                 limit: int | None = None) -> PublicData:
     """Read a file (or saved dataset, or ``hf:NAME``) in a public ``layout`` as rlhfkit records.
@@ -420,21 +440,8 @@ def read_public(path: str | os.PathLike, layout: str, *, split: str | None = Non
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    convert = LAYOUTS[layout]
     source, unit, rows = _rows(path, split)
-    data = PublicData(records=[], rows=0)
-    for position, row in rows:
-        where = Where(source, position, unit)
-        if not isinstance(row, dict):
-            raise where.error(None, f"expected a JSON object, got {type(row).__name__}")
-        data.rows += 1
-        try:
-            data.records.extend(convert(row, where))
-        except SkipRow as skip:
-            data.skipped[str(skip)] += 1
-        if limit is not None and len(data.records) >= limit:
-            del data.records[limit:]
-            break
+    data = convert_rows(rows, LAYOUTS[layout], source=source, unit=unit, limit=limit)
     if not data.records:
         raise DataError(f"holds no {layout} records ({data.rows} rows read, skipped: {dict(data.skipped)})",
                         source=source)

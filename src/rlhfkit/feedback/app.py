@@ -13,21 +13,30 @@ contradicts the ratings is saved only once the labeler confirms it. A different 
 (409) and the page shows the answer that stands; the labeler changes it with "Edit" until an admin has
 reviewed it, and every version is kept.
 
-Pages: ``/login``, ``/logout`` (POST), ``/account`` (change the password), ``/queue``, ``/next?kind=K``
-(assign or resume an item of kind K), ``/items/{id}`` (GET shows, ``?edit=1`` to change the answer; POST
-answers or, with ``edit=1``, changes it), ``/items/{id}/skip`` (POST), ``/admin``, ``/admin/users``
-(POST), ``/admin/import`` (POST), ``/admin/review`` (answers to accept or reject),
-``/admin/answers/{id}/review`` (POST), ``/admin/assignments/release`` (POST), ``/admin/export/{kind}``,
-``/admin/agreement.json``.
-JSON API (the same session cookie; the CSRF token in the ``X-CSRF-Token`` header): ``POST /api/login``,
-``GET /api/me``, ``POST /api/me/password``, ``GET /api/next``, ``GET|POST|PUT /api/items/{id}/answer``
-(read with its history, answer, change), ``POST /api/items/{id}/skip``, ``GET /api/admin/progress``,
-``GET /api/admin/answers``, ``POST /api/admin/answers/{id}/review``, ``GET /api/admin/assignments``,
-``POST /api/admin/assignments/release``. In the API a ranking is always in the item's indices; the item
-carries ``shown_order``, the order to show its completions in.
+Pages: ``/login``, ``/logout`` (POST), ``/account`` (change the password; make and revoke API tokens:
+``/account/tokens``, ``/account/tokens/{id}/revoke``), ``/queue``, ``/next?kind=K`` (assign or resume an item
+of kind K), ``/items/{id}`` (GET shows, ``?edit=1`` to change the answer; POST answers or, with ``edit=1``,
+changes it), ``/items/{id}/skip`` (POST), ``/admin``, ``/admin/users`` (the accounts; POST creates one),
+``/admin/users/{id}/active`` and ``/admin/users/{id}/password`` (POST: deactivate or reactivate, set a new
+password), ``/admin/tokens/{id}/revoke`` (POST), ``/admin/import`` (POST), ``/admin/review`` (answers to accept
+or reject, searched and filtered, a page at a time, with each labeler's progress, time per item and
+agreement), ``/admin/answers/{id}/review`` (POST), ``/admin/assignments/release`` (POST),
+``/admin/export/{kind}``, ``/admin/agreement.json``.
+JSON API (the same session cookie and the CSRF token in the ``X-CSRF-Token`` header, or an API token in
+``Authorization: Bearer <token>``, which needs no CSRF token): ``POST /api/login``, ``GET /api/me``,
+``POST /api/me/password``, ``GET|POST /api/tokens``, ``POST /api/tokens/{id}/revoke``, ``GET /api/next``,
+``GET|POST|PUT /api/items/{id}/answer`` (read with its history, answer, change), ``POST /api/items/{id}/skip``,
+``GET /api/admin/users``, ``POST /api/admin/users/{id}/active``, ``POST /api/admin/users/{id}/password``,
+``GET /api/admin/tokens``, ``GET /api/admin/progress``, ``GET /api/admin/answers``,
+``POST /api/admin/answers/{id}/review``, ``GET /api/admin/assignments``, ``POST /api/admin/assignments/release``.
+In the API a ranking is always in the item's indices; the item carries ``shown_order``, the order to show its
+completions in.
 
 Security: argon2 password hashes; server-side sessions (the signed HttpOnly ``SameSite=Strict`` cookie
-holds a random token, ended on the server at logout and at a password change); a CSRF token on every
+holds a random token, ended on the server at logout, at a password change and when an admin deactivates the
+account or sets its password); API tokens stored as SHA-256 only, refused once revoked or while their account
+is deactivated, and taken on the JSON API alone (a request with one is never authenticated by its cookie, so
+it needs no CSRF token); a CSRF token on every
 state-changing request; the admin role checked on every admin route; a labeler reaches only the items
 assigned to them (any other item is a 404, so ids are not probed); login back-off per account and client
 (a correct password from another client is never locked out) and per client; request size limits (a few
@@ -48,7 +57,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import jinja2
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -83,6 +92,7 @@ from rlhfkit.feedback.store import (
     ROLES,
     Answer,
     AnswerConflict,
+    ApiToken,
     Item,
     NotAssigned,
     Store,
@@ -391,6 +401,11 @@ def _answer_json(answer: Answer) -> dict:
             "version": answer.version, "status": answer.status}
 
 
+def _token_json(token: ApiToken) -> dict:
+    return {"id": token.id, "name": token.name, "username": token.username, "created_at": token.created_at.isoformat(),
+            "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None}
+
+
 def _ranking_warnings(item: Item, payload: dict) -> list[str]:
     """The API's warnings about an accepted answer: where a ranking contradicts its ratings (item indices)."""
     if item.kind != "ranking":
@@ -414,6 +429,19 @@ def _home(user: User) -> str:
 
 def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/")
+
+
+def bearer_token(request: Request) -> str | None:
+    """The API token of a JSON API request's ``Authorization: Bearer <token>`` header; None without the header
+    (and on pages, which take no tokens); 401 for another kind of Authorization header."""
+    header = request.headers.get("authorization")
+    if header is None or not _wants_json(request):
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "expected the header Authorization: Bearer <token>",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return token.strip()
 
 
 # --------------------------------------------------------------------------------------------- the app
@@ -470,6 +498,15 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         return store.session_user(token) if isinstance(token, str) else None
 
     def current_user(request: Request) -> User:
+        """The user of the request: its API token's (``Authorization: Bearer``, JSON API only: then the token
+        alone counts, never the cookie) or its session's; else 401 (API) or the login page."""
+        token = bearer_token(request)
+        if token is not None:
+            user = store.token_user(token)
+            if user is None:
+                raise HTTPException(401, "the API token is unknown or revoked, or its account is deactivated",
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return user
         user = session_user(request)
         if user is None:
             request.session.pop("token", None)
@@ -485,7 +522,11 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         return await request.form(max_part_size=MAX_FORM_FIELD_BYTES)
 
     async def csrf_protected(request: Request) -> None:
-        """Every state-changing request carries the session's CSRF token (header or form field)."""
+        """Every state-changing request carries the session's CSRF token (header or form field), but for
+        requests with an API token: no browser adds that header to a request of another site, and such a
+        request is never authenticated by its cookie (:func:`current_user`)."""
+        if bearer_token(request) is not None:
+            return
         submitted = request.headers.get("x-csrf-token")
         if submitted is None and request.headers.get("content-type", "").startswith(
                 ("application/x-www-form-urlencoded", "multipart/form-data")):
@@ -538,13 +579,33 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     def change_password(request: Request, user: User, current: str, new: str) -> None:
         """Check the current password, store the new one and end every session of the user; this client
-        gets a fresh session. :class:`StoreError` names the bad field."""
+        gets a fresh session (unless it came with an API token). :class:`StoreError` names the bad field."""
         if not verify_password(user.password_hash, current):
             raise StoreError("is wrong", field="current password")
+        set_password(user, new, field="new password")
+        if bearer_token(request) is None:
+            start_session(request, user)
+
+    def set_password(user: User, new: str, *, field: str) -> None:
+        """Store a new password (at least :data:`MIN_PASSWORD_LENGTH` characters) and end every session of the
+        user. :class:`StoreError` names ``field`` when it is too short."""
         if len(new) < MIN_PASSWORD_LENGTH:
-            raise StoreError(f"must be at least {MIN_PASSWORD_LENGTH} characters", field="new password")
+            raise StoreError(f"must be at least {MIN_PASSWORD_LENGTH} characters", field=field)
         store.set_password(user.id, hash_password(new))
-        start_session(request, user)
+
+    def account_of(user_id: int) -> User:
+        """The account an admin route names, or 404."""
+        account = store.user(user_id)
+        if account is None:
+            raise HTTPException(404, f"no account with id {user_id}")
+        return account
+
+    def set_active(admin: User, account: User, active: bool) -> User:
+        """Deactivate or reactivate an account (:meth:`Store.set_active`); an admin cannot deactivate themself
+        (:class:`StoreError`), so there is always someone left to reactivate accounts."""
+        if account.id == admin.id and not active:
+            raise StoreError("you cannot deactivate your own account", field="active")
+        return store.set_active(account.id, active)
 
     # -------------------------------------------------------------------------------- error pages
 
@@ -597,9 +658,15 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         end_session(request)
         return redirect("/login")
 
+    def account_page(request: Request, user: User, *, status_code: int = 200, error: StoreError | None = None,
+                     new_token: tuple[ApiToken, str] | None = None) -> Response:
+        """The user's account page: the password form and their API tokens (a new one's secret shown once)."""
+        return render(request, "account.html", status_code=status_code, user=user, error=error,
+                      min_password_length=MIN_PASSWORD_LENGTH, tokens=store.tokens(user.id), new_token=new_token)
+
     @app.get("/account")
     def account(request: Request, user: User = Depends(current_user)) -> Response:
-        return render(request, "account.html", user=user, error=None, min_password_length=MIN_PASSWORD_LENGTH)
+        return account_page(request, user)
 
     @app.post("/account/password", dependencies=[Depends(csrf_protected)])
     def account_password(request: Request, user: User = Depends(current_user),
@@ -607,9 +674,27 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         try:
             change_password(request, user, str(form.get("current_password", "")), str(form.get("new_password", "")))
         except StoreError as error:
-            return render(request, "account.html", status_code=422, user=user, error=error,
-                          min_password_length=MIN_PASSWORD_LENGTH)
+            return account_page(request, user, status_code=422, error=error)
         flash(request, "success", "Password changed; every other session of yours was logged out.")
+        return redirect("/account")
+
+    @app.post("/account/tokens", dependencies=[Depends(csrf_protected)])
+    def create_token(request: Request, user: User = Depends(current_user),
+                     form: FormData = Depends(form_data)) -> Response:
+        """A new API token, its secret on this page only (never put in a redirect or the cookie)."""
+        try:
+            new_token = store.create_token(user.id, str(form.get("name", "")))
+        except StoreError as error:
+            return account_page(request, user, status_code=422, error=StoreError(error.message, field="token name"))
+        return account_page(request, user, new_token=new_token)
+
+    @app.post("/account/tokens/{token_id}/revoke", dependencies=[Depends(csrf_protected)])
+    def revoke_own_token(request: Request, token_id: int, user: User = Depends(current_user)) -> Response:
+        try:
+            token = store.revoke_token(token_id, user_id=user.id)
+        except StoreError as error:
+            raise HTTPException(404, error.message) from None
+        flash(request, "success", f"Revoked the API token “{token.name}”.")
         return redirect("/account")
 
     # ------------------------------------------------------------------------------- labeler pages
@@ -695,6 +780,14 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                       users=store.users(), min_password_length=MIN_PASSWORD_LENGTH,
                       open_assignments=store.open_assignments(), settings=settings)
 
+    @app.get("/admin/users")
+    def users_page(request: Request, admin: User = Depends(current_admin)) -> Response:
+        """The accounts: create, deactivate or reactivate, reset a password; every API token, to revoke."""
+        ids = {user.username: user.id for user in store.users()}
+        accounts = [{"id": ids[row["username"]], **row} for row in store.labeler_stats()]
+        return render(request, "users.html", user=admin, accounts=accounts, tokens=store.tokens(),
+                      min_password_length=MIN_PASSWORD_LENGTH)
+
     @app.post("/admin/users", dependencies=[Depends(csrf_protected)])
     def create_user(request: Request, _admin: User = Depends(current_admin),
                     form: FormData = Depends(form_data)) -> Response:
@@ -707,7 +800,41 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             flash(request, "error", f"Account not created: {error}")
         else:
             flash(request, "success", f"Created the {created.role} account “{created.username}”.")
-        return redirect("/admin")
+        return redirect("/admin/users")
+
+    @app.post("/admin/users/{user_id}/active", dependencies=[Depends(csrf_protected)])
+    def set_active_form(request: Request, user_id: int, admin: User = Depends(current_admin),
+                        form: FormData = Depends(form_data)) -> Response:
+        account = account_of(user_id)
+        try:
+            changed = set_active(admin, account, form.get("active") == "1")
+        except StoreError as error:
+            flash(request, "error", f"Not changed: {error.message}.")
+        else:
+            flash(request, "success", f"Reactivated “{changed.username}”." if changed.active else
+                  f"Deactivated “{changed.username}”: logged out, open assignments released, API tokens refused.")
+        return redirect("/admin/users")
+
+    @app.post("/admin/users/{user_id}/password", dependencies=[Depends(csrf_protected)])
+    def reset_password_form(request: Request, user_id: int, _admin: User = Depends(current_admin),
+                            form: FormData = Depends(form_data)) -> Response:
+        account = account_of(user_id)
+        try:
+            set_password(account, str(form.get("new_password", "")), field="new password")
+        except StoreError as error:
+            flash(request, "error", f"Password of “{account.username}” not changed: {error}")
+        else:
+            flash(request, "success", f"New password set for “{account.username}”; every session of theirs ended.")
+        return redirect("/admin/users")
+
+    @app.post("/admin/tokens/{token_id}/revoke", dependencies=[Depends(csrf_protected)])
+    def revoke_token_form(request: Request, token_id: int, _admin: User = Depends(current_admin)) -> Response:
+        try:
+            token = store.revoke_token(token_id)
+        except StoreError as error:
+            raise HTTPException(404, error.message) from None
+        flash(request, "success", f"Revoked the API token “{token.name}” of {token.username}.")
+        return redirect("/admin/users")
 
     @app.post("/admin/import", dependencies=[Depends(csrf_protected)])
     def import_items(request: Request, _admin: User = Depends(current_admin),
@@ -739,26 +866,44 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                         flash(request, "info", f"Note: {deprecated}.")
         return redirect("/admin")
 
+    def labeler_id(username: str) -> int | None:
+        """The id of the labeler a filter names (None for every labeler); :class:`StoreError` when unknown."""
+        if not username:
+            return None
+        account = store.user_by_name(username)
+        if account is None:
+            raise StoreError(f"no account {username[:64]!r}", field="labeler")
+        return account.id
+
     @app.get("/admin/review")
-    def review_page(request: Request, status: str = "submitted", kind: str = "", page: int = 1,
-                    admin: User = Depends(current_admin)) -> Response:
-        """Answers to accept or reject, oldest first, :data:`REVIEW_PAGE_SIZE` a page, filtered by status and kind."""
+    def review_page(request: Request, status: str = "submitted", kind: str = "", labeler: str = "", q: str = "",
+                    page: int = 1, admin: User = Depends(current_admin)) -> Response:
+        """Answers to accept or reject, oldest first, :data:`REVIEW_PAGE_SIZE` a page, filtered by status (empty:
+        every status), kind and labeler and searched for ``q`` (prompt, outputs, answer); above them, each
+        labeler's progress, median time per item and agreement on rankings."""
         if page < 1:
             raise HTTPException(404, "pages start at 1")
+        filters = {"kind": kind or None, "status": status or None, "skipped": False, "search": q.strip() or None}
         try:
-            answers = store.answers(kind or None, status=status, skipped=False, limit=REVIEW_PAGE_SIZE + 1,
-                                    offset=(page - 1) * REVIEW_PAGE_SIZE)
+            filters["user_id"] = labeler_id(labeler)
+            total = store.count_answers(**filters)
+            answers = store.answers(**filters, limit=REVIEW_PAGE_SIZE, offset=(page - 1) * REVIEW_PAGE_SIZE)
         except StoreError as error:
             raise HTTPException(404, str(error)) from None
         names = {user.id: user.username for user in store.users()}
         rows = []
-        for answer in answers[:REVIEW_PAGE_SIZE]:
+        for answer in answers:
             item = store.item(answer.item_id)
             rows.append({"answer": answer, "item": item, "labeler": names[answer.user_id],
                          "order": answer.shown_order or list(range(len(item.completions))),
                          "summary": answer_summary(item, answer.payload, False, answer.shown_order)})
-        return render(request, "review.html", user=admin, rows=rows, status=status, kind=kind, page=page,
-                      more=len(answers) > REVIEW_PAGE_SIZE, statuses=("submitted", *REVIEW_VERDICTS))
+        agreement = {row["username"]: row for row in store.agreement(("ranking",))["per_labeler"]}
+        query = {"status": status, "kind": kind, "labeler": labeler, "q": q}
+        return render(request, "review.html", user=admin, rows=rows, page=page, total=total,
+                      pages=max(1, -(-total // REVIEW_PAGE_SIZE)), statuses=("submitted", *REVIEW_VERDICTS),
+                      labelers=store.labeler_stats(), agreement=agreement, names=sorted(names.values()),
+                      query=query, here=f"/admin/review?{urlencode({**query, 'page': page})}",
+                      page_link=lambda number: f"/admin/review?{urlencode({**query, 'page': number})}")
 
     @app.post("/admin/answers/{answer_id}/review", dependencies=[Depends(csrf_protected)])
     def review_answer(request: Request, answer_id: int, admin: User = Depends(current_admin),
@@ -834,7 +979,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     @app.get("/api/me")
     def api_me(request: Request, user: User = Depends(current_user)) -> Response:
-        return JSONResponse({"username": user.username, "role": user.role, "csrf_token": csrf_token(request)})
+        token = csrf_token(request) if bearer_token(request) is None else None  # an API token needs none
+        return JSONResponse({"username": user.username, "role": user.role, "csrf_token": token})
 
     @app.post("/api/me/password", dependencies=[Depends(csrf_protected)])
     def api_password(request: Request, user: User = Depends(current_user), body: Any = Depends(json_body)) -> Response:
@@ -844,7 +990,32 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             change_password(request, user, str(body.get("current_password", "")), str(body.get("new_password", "")))
         except StoreError as error:
             return store_error(error)
-        return JSONResponse({"csrf_token": request.session["csrf"]})
+        return JSONResponse({"csrf_token": request.session.get("csrf")})
+
+    @app.get("/api/tokens")
+    def api_tokens(user: User = Depends(current_user)) -> Response:
+        """The user's own API tokens (never their secrets)."""
+        return JSONResponse({"tokens": [_token_json(token) for token in store.tokens(user.id)]})
+
+    @app.post("/api/tokens", dependencies=[Depends(csrf_protected)])
+    def api_create_token(user: User = Depends(current_user), body: Any = Depends(json_body)) -> Response:
+        """``{"name"}``: a new token of the user; its secret is in this answer only (``token``)."""
+        if not isinstance(body, dict):
+            raise HTTPException(422, "expected an object with the token's name")
+        try:
+            token, secret = store.create_token(user.id, body.get("name"))
+        except StoreError as error:
+            return store_error(error)
+        return JSONResponse({**_token_json(token), "token": secret}, status_code=201)
+
+    @app.post("/api/tokens/{token_id}/revoke", dependencies=[Depends(csrf_protected)])
+    def api_revoke_token(token_id: int, user: User = Depends(current_user)) -> Response:
+        """Revoke one of the user's tokens (an admin: anyone's)."""
+        try:
+            token = store.revoke_token(token_id, user_id=None if user.role == "admin" else user.id)
+        except StoreError as error:
+            raise HTTPException(404, error.message) from None
+        return JSONResponse(_token_json(token))
 
     @app.get("/api/next")
     def api_next(kind: str | None = None, user: User = Depends(current_user)) -> Response:
@@ -895,21 +1066,65 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             return conflict_error(conflict)
         return JSONResponse({"answer": _answer_json(answer)})
 
+    @app.get("/api/admin/users")
+    def api_users(_admin: User = Depends(current_admin)) -> Response:
+        """Every account with its id and its work (:meth:`Store.labeler_stats`)."""
+        ids = {user.username: user.id for user in store.users()}
+        return JSONResponse({"users": [{"id": ids[row["username"]], **row} for row in store.labeler_stats()]})
+
+    @app.post("/api/admin/users/{user_id}/active", dependencies=[Depends(csrf_protected)])
+    def api_set_active(user_id: int, admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:
+        """``{"active": false}`` deactivates the account (its sessions end, its open assignments are released),
+        ``{"active": true}`` reactivates it."""
+        account = account_of(user_id)
+        if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
+            return store_error(StoreError("expected true or false", field="active"))
+        try:
+            changed = set_active(admin, account, body["active"])
+        except StoreError as error:
+            return store_error(error)
+        return JSONResponse({"id": changed.id, "username": changed.username, "active": changed.active})
+
+    @app.post("/api/admin/users/{user_id}/password", dependencies=[Depends(csrf_protected)])
+    def api_reset_password(user_id: int, _admin: User = Depends(current_admin),
+                           body: Any = Depends(json_body)) -> Response:
+        """``{"new_password"}``: the admin sets a new password; every session of the account ends."""
+        account = account_of(user_id)
+        password = body.get("new_password") if isinstance(body, dict) else None
+        if not isinstance(password, str):
+            return store_error(StoreError("expected a string", field="new_password"))
+        try:
+            set_password(account, password, field="new_password")
+        except StoreError as error:
+            return store_error(error)
+        return JSONResponse({"id": account.id, "username": account.username})
+
+    @app.get("/api/admin/tokens")
+    def api_all_tokens(_admin: User = Depends(current_admin)) -> Response:
+        """Every account's API tokens (never their secrets)."""
+        return JSONResponse({"tokens": [_token_json(token) for token in store.tokens()]})
+
     @app.get("/api/admin/progress")
     def api_progress(_admin: User = Depends(current_admin)) -> Response:
         return JSONResponse({"progress": store.progress()})
 
     @app.get("/api/admin/answers")
-    def api_answers(kind: str | None = None, status: str | None = None,
-                    _admin: User = Depends(current_admin)) -> Response:
-        """Answers to review (``status=submitted``), or any others; skips are left out."""
+    def api_answers(kind: str | None = None, status: str | None = None, labeler: str = "", q: str = "",
+                    limit: int | None = None, offset: int = 0, _admin: User = Depends(current_admin)) -> Response:
+        """Answers to review (``status=submitted``), or any others, of one ``labeler`` and holding the text ``q``
+        when given; skips are left out. ``total`` counts them all; ``limit`` and ``offset`` page them."""
+        if (limit is not None and limit < 1) or offset < 0:
+            return store_error(StoreError("limit must be 1 or more and offset 0 or more", field="limit"))
         try:
-            answers = store.answers(kind, status=status, skipped=False)
+            filters = {"kind": kind, "status": status, "skipped": False, "user_id": labeler_id(labeler),
+                       "search": q.strip() or None}
+            answers = store.answers(**filters, limit=limit, offset=offset)
+            total = store.count_answers(**filters)
         except StoreError as error:
             return store_error(error)
         names = {user.id: user.username for user in store.users()}
-        return JSONResponse({"answers": [{**_answer_json(answer), "labeler": names[answer.user_id]}
-                                         for answer in answers]})
+        return JSONResponse({"total": total, "answers": [{**_answer_json(answer), "labeler": names[answer.user_id]}
+                                                         for answer in answers]})
 
     @app.post("/api/admin/answers/{answer_id}/review", dependencies=[Depends(csrf_protected)])
     def api_review(answer_id: int, admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:

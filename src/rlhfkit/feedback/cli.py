@@ -34,7 +34,7 @@ from rlhfkit.feedback.common import (
 )
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) is loaded by the commands that open one, not by --help
-    from rlhfkit.feedback.store import Store
+    from rlhfkit.feedback.store import Store, User
 
 DEFAULT_DB = "sqlite:///feedback.db"
 POSTGRES_DRIVERS = ("psycopg", "psycopg2")
@@ -119,9 +119,10 @@ def _kind(value: str, resolve, choices: tuple[str, ...], old: dict[str, str]) ->
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve``, ``export`` and the ``feedback`` sub-app (add-user, import, progress, release, agreement) to
-    ``app``."""
-    feedback = typer.Typer(help="The human-feedback app's database: accounts, imports, progress, agreement.",
+    """Add ``serve``, ``export`` and the ``feedback`` sub-app (add-user, deactivate, reactivate, reset-password,
+    add-token, tokens, revoke-token, import, progress, release, agreement) to ``app``."""
+    feedback = typer.Typer(help="The human-feedback app's database: accounts, API tokens, imports, progress, "
+                                "agreement.",
                            no_args_is_help=True)
     app.add_typer(feedback, name="feedback")
 
@@ -205,6 +206,98 @@ def register(app: typer.Typer) -> None:
             user = store.create_user(username, hash_password(password), role)
         print(json.dumps({"id": user.id, "username": user.username, "role": user.role}))
 
+    def account(store: Store, username: str, param_hint: str = "USERNAME") -> User:
+        """The account named ``username``, or a usage error naming the parameter that gave it."""
+        found = store.user_by_name(username)
+        if found is None:
+            raise typer.BadParameter(f"no account {username!r}", param_hint=param_hint)
+        return found
+
+    def set_active(username: str, db: str, active: bool) -> None:
+        with open_store(db, create=False) as store:
+            user = store.set_active(account(store, username).id, active)
+        print(json.dumps({"username": user.username, "active": user.active}))
+
+    @feedback.command("deactivate")
+    @fail_cleanly
+    def deactivate(
+        username: Annotated[str, typer.Argument(help="The account to deactivate.")],
+        db: DbOption = DEFAULT_DB,
+    ) -> None:
+        """Deactivate an account: it cannot log in, its sessions end, its open assignments go to other labelers
+        and its API tokens are refused (its answers stay)."""
+        set_active(username, db, False)
+
+    @feedback.command("reactivate")
+    @fail_cleanly
+    def reactivate(
+        username: Annotated[str, typer.Argument(help="The account to reactivate.")],
+        db: DbOption = DEFAULT_DB,
+    ) -> None:
+        """Let a deactivated account log in again (its unrevoked API tokens work again too)."""
+        set_active(username, db, True)
+
+    @feedback.command("reset-password")
+    @fail_cleanly
+    def reset_password(
+        username: Annotated[str, typer.Argument(help="The account whose password to set.")],
+        password: Annotated[str, typer.Option(prompt="New password", hide_input=True, confirmation_prompt=True,
+                                              help="The new password (asked for, hidden, when not given).")],
+        db: DbOption = DEFAULT_DB,
+    ) -> None:
+        """Set a new password for an account; every session of the account ends."""
+        from rlhfkit.feedback.security import MIN_PASSWORD_LENGTH, hash_password
+
+        if len(password) < MIN_PASSWORD_LENGTH:
+            raise typer.BadParameter(f"must be at least {MIN_PASSWORD_LENGTH} characters", param_hint="--password")
+        with open_store(db, create=False) as store:
+            user = account(store, username)
+            store.set_password(user.id, hash_password(password))
+        print(json.dumps({"username": user.username, "password": "changed"}))
+
+    @feedback.command("add-token")
+    @fail_cleanly
+    def add_token(
+        username: Annotated[str, typer.Argument(help="The account the token acts as.")],
+        name: Annotated[str, typer.Option(help="What the token is for (unique among the account's tokens).")],
+        db: DbOption = DEFAULT_DB,
+    ) -> None:
+        """Create an API token for scripts (Authorization: Bearer TOKEN on the JSON API); it is printed once and
+        only its hash is stored."""
+        with open_store(db, create=False) as store:
+            token, secret = store.create_token(account(store, username).id, name)
+        print(json.dumps({"id": token.id, "username": token.username, "name": token.name, "token": secret}))
+
+    @feedback.command("tokens")
+    @fail_cleanly
+    def tokens(
+        db: DbOption = DEFAULT_DB,
+        user: Annotated[str | None, typer.Option(help="Only this account's tokens.")] = None,
+    ) -> None:
+        """List the API tokens (never their secrets), revoked ones too."""
+        with open_store(db, create=False) as store:
+            rows = store.tokens(account(store, user, "--user").id if user is not None else None)
+        table = Table(title="API tokens")
+        for column in ("id", "user", "name", "created", "revoked"):
+            table.add_column(column, justify="right" if column == "id" else "left")
+        for token in rows:
+            table.add_row(str(token.id), escape(token.username), escape(token.name),
+                          token.created_at.strftime("%Y-%m-%d %H:%M UTC"),
+                          token.revoked_at.strftime("%Y-%m-%d %H:%M UTC") if token.revoked_at else "-")
+        Console().print(table)
+
+    @feedback.command("revoke-token")
+    @fail_cleanly
+    def revoke_token(
+        token_id: Annotated[int, typer.Argument(help="The token's id (rlhfkit feedback tokens lists them).")],
+        db: DbOption = DEFAULT_DB,
+    ) -> None:
+        """Revoke an API token for good."""
+        with open_store(db, create=False) as store:
+            token = store.revoke_token(token_id)
+        print(json.dumps({"id": token.id, "username": token.username, "name": token.name,
+                          "revoked_at": token.revoked_at.isoformat()}))
+
     @feedback.command("import")
     @fail_cleanly
     def import_(
@@ -251,14 +344,8 @@ def register(app: typer.Typer) -> None:
         from datetime import timedelta
 
         with open_store(db, create=False) as store:
-            user_id = None
-            if user is not None:
-                found = store.user_by_name(user)
-                if found is None:
-                    raise typer.BadParameter(f"no account {user!r}", param_hint="--user")
-                user_id = found.id
             released = store.release_assignments(
-                user_id=user_id, item_id=item,
+                user_id=account(store, user, "--user").id if user is not None else None, item_id=item,
                 older_than=timedelta(minutes=older_than_minutes) if older_than_minutes else None)
         print(json.dumps({"released": released}))
 

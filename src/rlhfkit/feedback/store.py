@@ -20,15 +20,20 @@ on every reload); answers are always in the item's own indices and keep the orde
 A labeler may change their answer (:meth:`Store.edit`) until an admin reviews it
 (:meth:`Store.review`: accepted or rejected; a rejected answer no longer counts, so the item goes back to
 the queue). Every version is kept (:meth:`Store.history`); exports use the latest. The app's login
-sessions live here too, so logging out or changing the password ends them on the server.
+sessions live here too, so logging out or changing the password ends them on the server, and so do the
+scripts' API tokens (:meth:`Store.create_token`; only their SHA-256 is stored). An admin deactivates an
+account (:meth:`Store.set_active`): its sessions end, its open assignments are released and its tokens are
+refused until it is reactivated.
 :meth:`Store.export` writes the answers as the records rlhfkit's trainers read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import secrets
+import statistics
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -45,10 +50,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    cast,
     create_engine,
     delete,
     event,
     func,
+    or_,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -68,6 +75,8 @@ REVIEW_VERDICTS = (ACCEPTED, REJECTED)
 RATING_RANGE = (1, 7)
 MAX_COMPLETION_CHARS = 100_000  # a written demonstration
 MAX_REASON_CHARS = 10_000  # a skip's reason
+MAX_TOKEN_NAME_CHARS = 64
+TOKEN_PREFIX = "rlhfkit_"  # API tokens start with it, so a leaked one is easy to recognise
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS = Path(__file__).parent / "migrations"
 _POSTGRES_MIGRATION_LOCK = 0x726C6866  # pg_advisory_xact_lock key: one migrating process at a time
@@ -178,6 +187,20 @@ class SessionRow(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ApiTokenRow(Base):
+    """A named API token for scripts (``Authorization: Bearer ...``); only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (UniqueConstraint("token_hash", name="uq_api_tokens_token_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(MAX_TOKEN_NAME_CHARS))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 # ------------------------------------------------------------------------------------- returned values
 
 
@@ -232,6 +255,27 @@ class AnswerVersion:
     payload: dict
     skipped: bool
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """An API token as listed: never its secret, which is shown once, when it is made."""
+
+    id: int
+    user_id: int
+    username: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def _api_token(row: ApiTokenRow, username: str) -> ApiToken:
+    return ApiToken(row.id, row.user_id, username, row.name, _utc(row.created_at),
+                    _utc(row.revoked_at) if row.revoked_at else None)
 
 
 def _user(row: UserRow) -> User:
@@ -452,6 +496,11 @@ def _same_or_conflict(existing: Answer, payload: dict, skipped: bool) -> Answer:
     raise AnswerConflict(f"you already {what} this item differently; change your answer instead", existing)
 
 
+def _like_escape(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern (escape character ``\\``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -574,6 +623,24 @@ class Store:
         """Every user, in creation order."""
         with self._reader() as session:
             return [_user(row) for row in session.scalars(select(UserRow).order_by(UserRow.id))]
+
+    def set_active(self, user_id: int, active: bool) -> User:
+        """Deactivate (``active=False``) or reactivate an account, in one transaction.
+
+        A deactivated account cannot log in, its sessions end and its open (unanswered) assignments are
+        released, so their items go to other labelers; its answers stay, and its API tokens are refused
+        until it is reactivated. :class:`StoreError` for an unknown user.
+        """
+        with self._writer() as session:
+            row = session.scalar(select(UserRow).where(UserRow.id == user_id).with_for_update())
+            if row is None:
+                raise StoreError(f"no user with id {user_id}", field="user_id")
+            row.active = bool(active)
+            if not active:
+                session.execute(delete(SessionRow).where(SessionRow.user_id == user_id))
+                session.execute(self._release(user_id, None, None))
+            session.commit()
+            return _user(row)
 
     # ----------------------------------------------------------------------------------------- import
 
@@ -725,6 +792,13 @@ class Store:
         Only those of ``user_id``, of ``item_id`` and older than ``older_than`` when given (all open ones
         when none is). Returns how many were released.
         """
+        with self._writer() as session:
+            released = session.execute(self._release(user_id, item_id, older_than)).rowcount
+            session.commit()
+        return released
+
+    def _release(self, user_id: int | None, item_id: int | None, older_than: timedelta | None):
+        """The DELETE of the open assignments :meth:`release_assignments` releases."""
         query = delete(AssignmentRow).where(~self._assignment_answered().exists())
         if user_id is not None:
             query = query.where(AssignmentRow.user_id == user_id)
@@ -732,10 +806,7 @@ class Store:
             query = query.where(AssignmentRow.item_id == item_id)
         if older_than is not None:
             query = query.where(AssignmentRow.created_at < _now() - older_than)
-        with self._writer() as session:
-            released = session.execute(query).rowcount
-            session.commit()
-        return released
+        return query
 
     def open_assignments(self) -> list[dict]:
         """Every open (unanswered) assignment, oldest first: ``{"item_id", "kind", "username", "assigned_at"}``."""
@@ -909,6 +980,69 @@ class Store:
             session.execute(delete(SessionRow).where(SessionRow.user_id == user_id))
             session.commit()
 
+    # ------------------------------------------------------------------------------------- API tokens
+
+    def create_token(self, user_id: int, name: str) -> tuple[ApiToken, str]:
+        """A new API token of the user, named ``name`` (unique among the user's unrevoked tokens).
+
+        Returns the token as listed and its secret (``rlhfkit_...``), which is never stored, only its
+        SHA-256: show it once. :class:`StoreError` for a bad or taken name or an unknown user.
+        """
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise StoreError("must be non-empty, without leading or trailing spaces", field="name")
+        if len(name) > MAX_TOKEN_NAME_CHARS:
+            raise StoreError(f"is longer than {MAX_TOKEN_NAME_CHARS} characters", field="name")
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self._writer() as session:
+            user = session.scalar(select(UserRow).where(UserRow.id == user_id).with_for_update())
+            if user is None:
+                raise StoreError(f"no user with id {user_id}", field="user_id")
+            taken = select(ApiTokenRow.id).where(ApiTokenRow.user_id == user_id, ApiTokenRow.name == name,
+                                                 ApiTokenRow.revoked_at.is_(None))
+            if session.scalar(taken) is not None:
+                raise StoreError(f"{user.username} already has a token named {name!r}", field="name")
+            row = ApiTokenRow(user_id=user_id, name=name, token_hash=_token_hash(secret))
+            session.add(row)
+            session.commit()
+            return _api_token(row, user.username), secret
+
+    def tokens(self, user_id: int | None = None) -> list[ApiToken]:
+        """The API tokens (of ``user_id`` when given; revoked ones too), oldest first."""
+        query = (select(ApiTokenRow, UserRow.username).join(UserRow, UserRow.id == ApiTokenRow.user_id)
+                 .order_by(ApiTokenRow.id))
+        if user_id is not None:
+            query = query.where(ApiTokenRow.user_id == user_id)
+        with self._reader() as session:
+            return [_api_token(row, username) for row, username in session.execute(query)]
+
+    def revoke_token(self, token_id: int, *, user_id: int | None = None) -> ApiToken:
+        """Revoke an API token for good (of ``user_id`` only, when given: a user revokes their own).
+
+        Revoking a revoked token changes nothing. :class:`StoreError` for an unknown token (or another
+        user's, with ``user_id``).
+        """
+        with self._writer() as session:
+            query = select(ApiTokenRow).where(ApiTokenRow.id == token_id)
+            if user_id is not None:
+                query = query.where(ApiTokenRow.user_id == user_id)
+            row = session.scalar(query.with_for_update())
+            if row is None:
+                raise StoreError(f"no API token with id {token_id}", field="token_id")
+            if row.revoked_at is None:
+                row.revoked_at = _now()
+            username = session.scalar(select(UserRow.username).where(UserRow.id == row.user_id))
+            session.commit()
+            return _api_token(row, username)
+
+    def token_user(self, secret: str) -> User | None:
+        """The active user of an unrevoked API token, or None (unknown or revoked token, deactivated user)."""
+        query = (select(UserRow).join(ApiTokenRow, ApiTokenRow.user_id == UserRow.id)
+                 .where(ApiTokenRow.token_hash == _token_hash(secret), ApiTokenRow.revoked_at.is_(None),
+                        UserRow.active.is_(True)))
+        with self._reader() as session:
+            row = session.scalar(query)
+            return _user(row) if row else None
+
     # ---------------------------------------------------------------------------------------- reports
 
     def item(self, item_id: int) -> Item | None:
@@ -918,24 +1052,53 @@ class Store:
             return _item(row) if row else None
 
     def answers(self, kind: str | None = None, *, status: str | None = None, skipped: bool | None = None,
-                limit: int | None = None, offset: int = 0) -> list[Answer]:
+                user_id: int | None = None, search: str | None = None, limit: int | None = None,
+                offset: int = 0) -> list[Answer]:
         """Every answer (skipped ones included), oldest first; only answers to items of ``kind``, with review
-        ``status`` (``submitted``, ``accepted``, ``rejected``) and skipped or not when given; a page of
-        ``limit`` answers from ``offset`` on when given."""
+        ``status`` (``submitted``, ``accepted``, ``rejected``), skipped or not, by ``user_id`` and holding the
+        text ``search`` (:meth:`_answer_filter`) when given; a page of ``limit`` answers from ``offset`` on
+        when given."""
+        query = self._answer_filter(select(AnswerRow), kind, status, skipped, user_id, search)
+        with self._reader() as session:
+            return [_answer(row) for row in session.scalars(query.order_by(AnswerRow.id).offset(offset).limit(limit))]
+
+    def count_answers(self, kind: str | None = None, *, status: str | None = None, skipped: bool | None = None,
+                      user_id: int | None = None, search: str | None = None) -> int:
+        """How many answers :meth:`answers` gives with the same filters (without ``limit``)."""
+        query = self._answer_filter(select(func.count()).select_from(AnswerRow), kind, status, skipped, user_id,
+                                    search)
+        with self._reader() as session:
+            return session.scalar(query)
+
+    @staticmethod
+    def _answer_filter(query, kind: str | None, status: str | None, skipped: bool | None, user_id: int | None,
+                       search: str | None):
+        """``query`` (over answers) narrowed to the filters of :meth:`answers`.
+
+        ``search`` matches the item's prompt and completions and the answer (a written demonstration, a skip's
+        reason): a substring, case-insensitive for ASCII letters. It is looked for in the JSON the database
+        stores, so it matches text as written, quotes, newlines and other characters included.
+        """
         if kind is not None and kind not in ITEM_KINDS:
             raise StoreError(f"unknown kind {_shown(kind)}; expected one of {ITEM_KINDS}", field="kind")
         statuses = (SUBMITTED, *REVIEW_VERDICTS)
         if status is not None and status not in statuses:
             raise StoreError(f"unknown status {_shown(status)}; expected one of {statuses}", field="status")
-        query = select(AnswerRow).order_by(AnswerRow.id)
+        if kind is not None or search:
+            query = query.join(ItemRow, ItemRow.id == AnswerRow.item_id)
         if kind is not None:
-            query = query.join(ItemRow, ItemRow.id == AnswerRow.item_id).where(ItemRow.kind == kind)
+            query = query.where(ItemRow.kind == kind)
         if status is not None:
             query = query.where(AnswerRow.status == status)
         if skipped is not None:
             query = query.where(AnswerRow.skipped.is_(skipped))
-        with self._reader() as session:
-            return [_answer(row) for row in session.scalars(query.offset(offset).limit(limit))]
+        if user_id is not None:
+            query = query.where(AnswerRow.user_id == user_id)
+        if search:
+            pattern = "%" + _like_escape(json.dumps(search.lower())[1:-1]) + "%"
+            query = query.where(or_(*(func.lower(cast(column, Text)).like(pattern, escape="\\")
+                                      for column in (ItemRow.prompt, ItemRow.completions, AnswerRow.payload))))
+        return query
 
     def progress(self) -> list[dict]:
         """Per item kind: ``{"kind", "items", "answers_needed", "answers", "skipped", "complete_items"}``.
@@ -974,6 +1137,41 @@ class Store:
                 counts[kind]["skipped" if skipped else "answered"] = count
         return counts
 
+    def labeler_stats(self) -> list[dict]:
+        """Per account, in creation order: ``{"username", "role", "active", "answers", "skipped", "submitted",
+        "accepted", "rejected", "open_assignments", "median_seconds"}``.
+
+        ``answers`` counts the answers that are not skips, by review status in ``submitted``, ``accepted`` and
+        ``rejected``. ``median_seconds`` is the median time from the item's assignment (the labeler opened it)
+        to the first version of the answer, over the answers that are not skips (None without any).
+        """
+        stats = {user.id: {"username": user.username, "role": user.role, "active": user.active, "answers": 0,
+                           "skipped": 0, SUBMITTED: 0, ACCEPTED: 0, REJECTED: 0, "open_assignments": 0,
+                           "median_seconds": None} for user in self.users()}
+        counts = (select(AnswerRow.user_id, AnswerRow.skipped, AnswerRow.status, func.count())
+                  .group_by(AnswerRow.user_id, AnswerRow.skipped, AnswerRow.status))
+        open_assignments = (select(AssignmentRow.user_id, func.count()).where(~self._assignment_answered().exists())
+                            .group_by(AssignmentRow.user_id))
+        times = (select(AnswerRow.user_id, AssignmentRow.created_at, AnswerRow.created_at)
+                 .join(AssignmentRow, (AssignmentRow.user_id == AnswerRow.user_id)
+                       & (AssignmentRow.item_id == AnswerRow.item_id))
+                 .where(AnswerRow.skipped.is_(False)))
+        seconds: dict[int, list[float]] = {}
+        with self._reader() as session:
+            for user_id, skipped, status, count in session.execute(counts):
+                if skipped:
+                    stats[user_id]["skipped"] += count
+                else:
+                    stats[user_id]["answers"] += count
+                    stats[user_id][status] += count
+            for user_id, count in session.execute(open_assignments):
+                stats[user_id]["open_assignments"] = count
+            for user_id, opened, answered in session.execute(times):
+                seconds.setdefault(user_id, []).append(max(0.0, (_utc(answered) - _utc(opened)).total_seconds()))
+        for user_id, values in seconds.items():
+            stats[user_id]["median_seconds"] = statistics.median(values)
+        return list(stats.values())
+
     def _answered(self, kinds: tuple[str, ...]) -> list[tuple[ItemRow, AnswerRow, str]]:
         """(item, answer, username) of every counted answer (neither skipped nor rejected) to items of
         ``kinds``, latest versions, oldest answer first."""
@@ -983,8 +1181,9 @@ class Store:
         with self._reader() as session:
             return [tuple(row) for row in session.execute(query)]
 
-    def agreement(self) -> dict:
-        """Inter-labeler agreement over ranking and A/B answers (see :mod:`rlhfkit.feedback.agreement`).
+    def agreement(self, kinds: tuple[str, ...] = ("ranking", "ab")) -> dict:
+        """Inter-labeler agreement over the answers to items of ``kinds``, rankings and A/B verdicts by default
+        (see :mod:`rlhfkit.feedback.agreement`).
 
         Returns ``{"per_item": [{"item_id", "labelers", "pairwise_agreement", "kendall_tau"}] (items with
         at least two labelers), "per_labeler": [{"username", "items", "pairwise_agreement", "kendall_tau",
@@ -992,7 +1191,9 @@ class Store:
         is None where it is undefined. An A/B verdict counts as a ranking of the two completions.
         """
         by_item: dict[int, tuple[dict[str, list[list[int]]], list[list[int]] | None]] = {}
-        for item, answer, username in self._answered(("ranking", "ab")):
+        if not kinds or any(kind not in ("ranking", "ab") for kind in kinds):
+            raise StoreError(f"agreement is measured on ranking and ab items, not {_shown(kinds)}", field="kinds")
+        for item, answer, username in self._answered(tuple(kinds)):
             rankings, _ = by_item.setdefault(item.id, ({}, item.gold))
             rankings[username] = _answer_ranking(item, answer.payload)
         per_item = [{"item_id": item_id, "labelers": sorted(rankings), **agree.item_agreement(rankings)}
