@@ -92,13 +92,17 @@ def test_the_corpus_teaches_the_steps_and_never_asks(task):
     docs = task.pretraining_corpus(300, seed=0)
     assert docs == task.pretraining_corpus(300, seed=0)
     text = " ".join(docs)
-    assert "?" not in text and "answer" not in text
+    assert "?" not in text and "What" not in text and "Add" not in text
     facts = re.findall(r"(?<![+=] )\b(\d+) \+ (\d+) = (\d+)\.", text)  # the single facts, not worked sums
-    assert len(facts) > 500 and all(int(x) + int(y) == int(z) for x, y, z in facts)
-    worked = re.findall(r"Step by step: ([\d +=]+)\.", text)
-    assert len(worked) > 100
-    for line in worked:  # every side of a worked sum has the same total
-        assert len({sum(map(int, re.findall(r"\d+", side))) for side in line.split("=")}) == 1, line
+    assert len(facts) > 300 and all(int(x) + int(y) == int(z) for x, y, z in facts)
+    worked = re.findall(r"Step by step: ([\d +=]+)\. The answer is (\d+)\.", text)
+    assert len(worked) > 100 and len(worked) == text.count("Step by step")
+    for line, answer in worked:  # every side of a worked sum has the same total, the answer's
+        assert {sum(map(int, re.findall(r"\d+", side))) for side in line.split("=")} == {int(answer)}, line
+    # the digits are stated before their worked sum, as a sum, as a list or not at all
+    stated = re.findall(r"(?:^|\. )([\d ,+and]+)\. Step by step: ([\d +]+) =", text)
+    assert {"+" in digits for digits, _ in stated} == {True, False}
+    assert all(re.findall(r"\d", digits) == re.findall(r"\d", first) for digits, first in stated)
     # every step a question can need: each running total up to 9 * (max addends - 1), plus each digit
     top = 9 * (max(ADDENDS) - 1)
     steps = re.findall(r"(\d+) \+ (\d+) =", " ".join(task.pretraining_corpus(3000, seed=1)))

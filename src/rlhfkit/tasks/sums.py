@@ -40,6 +40,8 @@ LABELERS = (("l1", 0.9), ("l2", 0.7), ("l3", 0.5), ("l4", 0.3), ("l5", 0.1))
 DIRECT_SLIP = 0.4
 #: How many digits a question adds (each 1-9).
 ADDENDS = (4,)
+#: Share of the pretraining documents that work a sum out (the others state addition facts).
+WORKED_SHARE = 0.6
 #: Share of the questions held out for testing (by a stable hash of the addends).
 TEST_SHARE = 0.2
 TEMPLATES = ("What is {sum}?", "Compute {sum}.", "Add {list}.", "What do you get when you add {list}?",
@@ -127,26 +129,32 @@ class Sums(Task):
         return out
 
     def pretraining_corpus(self, n_docs: int, *, seed: int = 0) -> list[str]:
-        """Documents of addition facts ("12 + 8 = 20.") and of sums worked out step by step ("Step by step:
-        7 + 5 + 8 + 3 = 12 + 8 + 3 = 20 + 3 = 23."), never a question and never a sum of many digits in one step.
+        """Documents of addition facts ("12 + 8 = 20.") and of sums worked out step by step to their result
+        ("7, 5, 8 and 3. Step by step: 7 + 5 + 8 + 3 = 12 + 8 + 3 = 20 + 3 = 23. The answer is 23."), never a
+        question and never a sum of many digits in one step.
 
         The facts cover every running total a question can reach plus every digit, so the corpus teaches each
-        step of a worked answer; the worked sums teach the chain itself.
+        step of a worked answer. The worked sums (:data:`WORKED_SHARE` of the documents) teach the chain and
+        the copying it needs: the digits, stated first as a sum, as a list or not at all, are copied into the
+        first line, each line copies the rest of the one before, and the answer copies the last total.
         """
         rng = random.Random(seed)
         top = 9 * (max(ADDENDS) - 1)
         docs = []
         for _ in range(n_docs):
-            if rng.random() < 0.5:
+            if rng.random() >= WORKED_SHARE:
                 facts = []
                 for _ in range(rng.randint(4, 8)):
                     total, digit = rng.randint(1, top), rng.randint(1, 9)
                     facts.append(f"{total} + {digit} = {total + digit}.")
                 docs.append(" ".join(facts))
             else:
-                sums = [worked_solution(tuple(rng.randint(1, 9) for _ in range(rng.choice(ADDENDS))))
-                        for _ in range(rng.randint(1, 3))]
-                docs.append(" ".join(text.rsplit(" The answer", 1)[0] for text in sums))
+                sums = []
+                for _ in range(rng.randint(1, 2)):
+                    addends = tuple(rng.randint(1, 9) for _ in range(rng.choice(ADDENDS)))
+                    stated = rng.choice(("", f"{_as_sum(addends)}. ", f"{_as_list(addends)}. "))
+                    sums.append(stated + worked_solution(addends))
+                docs.append(" ".join(sums))
         return docs
 
     def demonstrations(self, prompts: list[str], *, seed: int = 0) -> list[dict]:
