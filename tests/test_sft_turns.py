@@ -50,6 +50,18 @@ def targets(mask):
     return [position for position, on in enumerate(mask) if on]
 
 
+def spans_of(tokenizer, example):
+    """The decoded runs of consecutive target tokens."""
+    spans, span = [], []
+    for token, on in zip(example.input_ids, example.loss_mask, strict=True):
+        if on:
+            span.append(token)
+        elif span:
+            spans.append(span)
+            span = []
+    return [tokenizer.decode(s) for s in spans + ([span] if span else [])]
+
+
 def test_hand_checked_mask_of_both_options(small_tokenizer):
     records = parse(CONVERSATION)
     every, last = (encode(small_tokenizer, records, option)[0]
@@ -98,15 +110,34 @@ def test_an_mt_bench_style_record(tmp_path, tokenizer):
     replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
     for option, trained in (("all_assistant_turns", replies), ("last_assistant_turn", replies[1:])):
         example = encode(tokenizer, records, option, max_length=256, max_prompt_length=128)[0]
-        spans, span = [], []
-        for token, on in zip(example.input_ids, example.loss_mask, strict=True):
-            if on:
-                span.append(token)
-            elif span:
-                spans.append(span)
-                span = []
-        spans += [span] if span else []
-        assert [tokenizer.decode(s) for s in spans] == [reply + "<|end|>" for reply in trained]
+        assert spans_of(tokenizer, example) == [reply + "<|end|>" for reply in trained]
+
+
+# ChatML as SmolLM2's template writes it (written here from the format: a default system turn where the chat has
+# none; every turn <|im_start|>role\ncontent<|im_end|>\n; <|im_end|> is the EOS)
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_chatml_template_trains_each_reply_through_im_end():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Weather in Oslo? Checking. It rains."] * 20, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                        chat_template=CHATML)
+    example = encode_conversation(tokenizer, CONVERSATION[1:], max_length=200, max_prompt_length=100)
+    assert spans_of(tokenizer, example) == ["Checking.<|im_end|>", "It rains.<|im_end|>"]
+    rendered = tokenizer.apply_chat_template(CONVERSATION[1:], tokenize=False)
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert tokenizer.decode(example.input_ids) == rendered.removesuffix("\n")
 
 
 def test_a_template_that_rewrites_earlier_turns_is_a_clear_error():
