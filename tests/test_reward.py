@@ -371,6 +371,24 @@ def test_reference_file_for_normalisation(tmp_path, trained_rm):
     assert completions == ["Yes.", "No.", "Yes, very."] and prompts[1] == "Is a cat big?"
 
 
+def test_scorable_rows_take_trl_conversational_completions(tmp_path):
+    """reward.reference and rlhfkit score read TRL's conversational completions (a list of one assistant message)."""
+    from rlhfkit.data.records import DataError
+    from rlhfkit.trainers.reward import iter_scorable
+
+    user = [{"role": "user", "content": "Is a fox red?"}]
+    path = tmp_path / "reference.jsonl"
+    write_jsonl(path, [{"prompt": user, "completion": [{"role": "assistant", "content": "Yes."}]},
+                       {"prompt": user, "chosen": [{"role": "assistant", "content": "Yes."}],
+                        "rejected": [{"role": "assistant", "content": "No."}]},
+                       {"prompt": user, "completion": [{"role": "user", "content": "Yes."}]}])
+    rows = iter_scorable(path)
+    assert [next(rows)[3], next(rows)[3]] == [["Yes."], ["Yes.", "No."]]
+    with pytest.raises(DataError, match=r"line 3, field 'completion': expected a string or a list of one assistant "
+                                        r"message, got list"):
+        next(rows)
+
+
 def test_score_cli_adds_normalised_rewards(tmp_path, trained_rm, monkeypatch):
     run, trainer, _ = trained_rm
     monkeypatch.setattr(cli.console, "width", 1000)
