@@ -16,7 +16,8 @@ with the reason (:func:`read_public` counts those). The layouts (``read_public(p
 * ``self-instruct``: the self-instruct seed tasks (Wang et al. 2023, "Self-Instruct";
   github.com/yizhongw/self-instruct, ``seed_tasks.jsonl``), :func:`self_instruct`.
 * ``trl``: TRL's dataset formats, standard and conversational (huggingface.co/docs/trl, "Dataset
-  formats and types"), :func:`trl_row`.
+  formats and types"), :func:`trl_row`. Every stage reads these files as they are too; converting one
+  writes rlhfkit's own forms.
 
 The records are written as rlhfkit's own JSON forms by :func:`~rlhfkit.data.readers.write_jsonl` and read
 back by :func:`~rlhfkit.data.readers.read_records`.
