@@ -98,7 +98,8 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
     :func:`encode_demonstration` encodes a completion; the text the template puts after the content is context,
     less the EOS text where the template puts it first (rlhfkit's template and ChatML's ``<|im_end|>`` do). With
     such a template the sequence is the template's rendering, tokenized turn by turn, and each turn's targets are
-    exactly what the model generates in it, EOS included. One assistant turn gives what
+    exactly what the model generates in it, EOS included; a template that ends a turn with another marker gets the
+    EOS as an extra token before it, as a single completion does. One assistant turn gives what
     :func:`encode_demonstration` gives.
 
     Too long: the context before the first reply keeps its last ``max_prompt_length`` tokens, then the sequence
