@@ -291,6 +291,7 @@ USER = [{"role": "user", "content": "What color is the sky?"}]
     ({"messages": [*USER, {"role": "assistant", "content": "It is blue."}]},
      DemonstrationRecord(USER, "It is blue.")),
     ({"prompt": USER}, PromptRecord(USER)),
+    ({"prompt": USER, "answer": "4", "id": 2}, PromptRecord(USER, id="2", fields={"answer": "4"})),
 ])
 def test_trl_formats(row, expected):
     assert trl_row(row) == [expected]
@@ -301,7 +302,8 @@ def test_trl_formats(row, expected):
     ({"prompt": "p", "completions": ["a", "b"], "labels": [True, False]}, "field 'labels': stepwise supervision"),
     ({"prompt": USER, "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
       "rejected": "c"}, "field 'chosen': expected a string or a list of one assistant message"),
-    ({"chosen": "Blue.", "rejected": "Green."}, "field 'rejected': shares no leading words"),
+    ({"chosen": "Blue.", "rejected": "Green."}, "field 'prompt': is missing, and 'chosen' and 'rejected' share no "
+                                                "leading words"),
     ({"prompt": USER, "chosen": "same", "rejected": "same"}, "field 'rejected': is identical to 'chosen'"),
     ({"answer": 42}, "matches no TRL format"),
     ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [[0], [2], [1]]},
@@ -324,6 +326,84 @@ def test_read_public_reads_gzip_and_mixed_trl_rows(tmp_path):
     assert [type(r) for r in data.records] == [PreferenceRecord, DemonstrationRecord]
     with pytest.raises(ValueError, match="unknown layout 'ultrafeedback'"):
         read_public(path, "ultrafeedback")
+
+
+# TRL's examples ("Dataset formats and types"), standard and conversational, as each stage reads them
+TRL_FILES = {
+    # sft: language modelling (conversational, with a tool turn) and prompt-completion
+    "demonstration": [
+        {"messages": [{"role": "system", "content": "You can call tools."}, *USER,
+                      {"role": "assistant", "content": "Let me look."}, {"role": "tool", "content": "clear"},
+                      {"role": "assistant", "content": "It is blue."}]},
+        {"prompt": "The sky is", "completion": " blue."},
+        {"prompt": USER, "completion": [{"role": "assistant", "content": "It is blue."}]},
+    ],
+    # rm and dpo: preference with an explicit or implicit prompt
+    "ranking": [
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+        {"prompt": USER, "chosen": [{"role": "assistant", "content": "It is blue."}],
+         "rejected": [{"role": "assistant", "content": "It is green."}]},
+        {"chosen": [*USER, {"role": "assistant", "content": "It is blue."}],
+         "rejected": [*USER, {"role": "assistant", "content": "It is green."}]},
+    ],
+    # dpo with dpo.loss kto: unpaired preference
+    "labeled": [
+        {"prompt": "The sky is", "completion": " blue.", "label": True},
+        {"prompt": USER, "completion": [{"role": "assistant", "content": "It is green."}], "label": False},
+    ],
+    # ppo and grpo: prompt-only, with a column for a reward function
+    "prompt": [
+        {"prompt": "The sky is", "answer": "blue"},
+        {"prompt": USER, "answer": "blue"},
+    ],
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_every_stage_reads_trl_files_as_they_are(tmp_path, suffix):
+    """What rlhfkit sft, rm, dpo (kto) and ppo / grpo read (``read_records`` with their kinds), without convert-data."""
+    files = {}
+    for kind, rows in TRL_FILES.items():
+        files[kind] = tmp_path / f"{kind}{suffix}"
+        if suffix == ".jsonl":
+            write_jsonl(files[kind], rows)
+        else:  # a Parquet file per row, as datasets writes them (one TRL format per dataset: its rows share columns)
+            import datasets
+
+            files[kind] = [tmp_path / f"{kind}-{n}{suffix}" for n in range(len(rows))]
+            for path, row in zip(files[kind], rows, strict=True):
+                datasets.Dataset.from_list([row]).to_parquet(str(path))
+    read = {kind: [record for path in (paths if isinstance(paths, list) else [paths])
+                   for record in read_records(path, kind)] for kind, paths in files.items()}
+    assert sorted(read["demonstration"], key=repr) == sorted([
+        DemonstrationRecord([{"role": "system", "content": "You can call tools."}, *USER,
+                             {"role": "assistant", "content": "Let me look."}, {"role": "tool", "content": "clear"}],
+                            "It is blue."),
+        DemonstrationRecord("The sky is", " blue."),
+        DemonstrationRecord(USER, "It is blue."),
+    ], key=repr)
+    blue_green = ((0,), (1,))
+    assert sorted(read["ranking"], key=repr) == sorted([
+        RankingRecord("The sky is", (" blue.", " green."), blue_green),
+        RankingRecord("The sky is ", ("blue.", "green."), blue_green),
+        RankingRecord(USER, ("It is blue.", "It is green."), blue_green),
+        RankingRecord(USER, ("It is blue.", "It is green."), blue_green),
+    ], key=repr)
+    assert sorted(read["labeled"], key=repr) == sorted([
+        LabeledRecord("The sky is", " blue.", True), LabeledRecord(USER, "It is green.", False)], key=repr)
+    assert sorted(read["prompt"], key=repr) == sorted([
+        PromptRecord("The sky is", fields={"answer": "blue"}), PromptRecord(USER, fields={"answer": "blue"})],
+        key=repr)
+
+
+def test_convert_data_trl_keeps_a_prompt_only_row_s_columns(tmp_path):
+    """A GRPO prompt file converted with --layout trl keeps the column its reward function reads."""
+    source = tmp_path / "grpo.jsonl"
+    write_jsonl(source, TRL_FILES["prompt"])
+    out = tmp_path / "prompts.jsonl"
+    write_jsonl(out, read_public(source, "trl").records)
+    assert [row for _, row in iter_jsonl(out)] == TRL_FILES["prompt"]
 
 
 # --- rlhfkit convert-data -------------------------------------------------------------------------------------

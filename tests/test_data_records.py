@@ -186,7 +186,7 @@ BAD_RECORDS = [
         "prompt",
         {"prompt": [USER, {"role": "bot", "content": "x"}]},
         "prompt[1].role",
-        "unknown role 'bot'; expected one of ('system', 'user', 'assistant')",
+        "unknown role 'bot'; expected one of ('system', 'user', 'assistant', 'tool')",
     ),
     ("prompt", {"prompt": [{"role": "user", "content": "  "}]}, "prompt[0].content", "is empty"),
     (
@@ -222,7 +222,7 @@ BAD_RECORDS = [
         "demonstration",
         {"messages": [{"role": "human", "content": "q"}, ASSISTANT]},
         "messages[0].role",
-        "unknown role 'human'; expected one of ('system', 'user', 'assistant')",
+        "unknown role 'human'; expected one of ('system', 'user', 'assistant', 'tool')",
     ),
     ("ranking", rank(["a"], [0]), "completions", "needs at least 2 completions, got 1"),
     ("ranking", rank("ab", [0, 1]), "completions", "expected a list of strings, got str"),
@@ -263,10 +263,54 @@ BAD_RECORDS = [
     (
         "preference",
         {"prompt": "p", "chosen": ["a"], "rejected": "b"},
-        "chosen",
-        "expected a string, got list",
+        "chosen[0]",
+        "expected a message object, got str",
     ),
-    ("preference", {"chosen": "a", "rejected": "b"}, "prompt", "is missing"),
+    (
+        "preference",
+        {"prompt": "p", "chosen": [USER], "rejected": "b"},
+        "chosen",
+        "expected a string or a list of one assistant message, got messages of roles user (an rlhfkit completion "
+        "is one reply)",
+    ),
+    (
+        "demonstration",
+        {"prompt": "p", "completion": [ASSISTANT, ASSISTANT]},
+        "completion",
+        "expected a string or a list of one assistant message, got messages of roles assistant, assistant (an "
+        "rlhfkit completion is one reply)",
+    ),
+    (
+        "preference",
+        {"chosen": "a", "rejected": "b"},
+        "prompt",
+        "is missing, and 'chosen' and 'rejected' share no leading words (no implicit prompt)",
+    ),
+    (
+        "preference",
+        {"chosen": [USER, ASSISTANT], "rejected": [{"role": "user", "content": "bye"}, ASSISTANT]},
+        "prompt",
+        "is missing, and 'chosen' and 'rejected' start with different messages (no implicit prompt)",
+    ),
+    (
+        "preference",
+        {"chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": "hi"}, USER, ASSISTANT]},
+        "rejected",
+        "expected one assistant message after the implicit prompt (the leading messages both sides share: 1), got 3",
+    ),
+    (
+        "preference",
+        {"chosen": "The sky is blue.", "rejected": [USER, ASSISTANT]},
+        "prompt",
+        "is missing; for an implicit prompt 'chosen' and 'rejected' must be both strings or both lists of messages",
+    ),
+    (
+        "demonstration",
+        {"text": "The sky is blue."},
+        "text",
+        "a language-modelling row is pretraining text (rlhfkit pretrain reads it); a demonstration needs 'prompt' "
+        "and 'completion', or 'messages'",
+    ),
     (
         "preference",
         rank(["a", "b"], [0, 1]),

@@ -199,6 +199,31 @@ def test_kto_trains_on_unpaired_records(tmp_path, tokenizer_dir, preference_file
     assert {"loss", "kl", "rewards/chosen", "rewards/rejected"} <= set(read_metrics(tmp_path / "run")[1])
 
 
+def test_dpo_and_kto_train_on_trl_files_as_they_are(tmp_path, tokenizer_dir, preference_files):
+    """TRL's conversational preference with an implicit prompt (DPO) and unpaired preference (KTO), without
+    convert-data."""
+    pairs = [json.loads(line) for line in (preference_files / "pairs.jsonl").read_text().splitlines()]
+
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text}]
+
+    write_jsonl(tmp_path / "trl_pairs.jsonl", [
+        {"chosen": user(r["prompt"]) + assistant(r["chosen"]), "rejected": user(r["prompt"]) + assistant(r["rejected"])}
+        for r in pairs])
+    write_jsonl(tmp_path / "trl_unpaired.jsonl", [
+        {"prompt": user(r["prompt"]), "completion": assistant(r[side]), "label": side == "chosen"}
+        for r in pairs for side in ("chosen", "rejected")])
+    for data, loss in (("trl_pairs.jsonl", "dpo"), ("trl_unpaired.jsonl", "kto")):
+        config = dpo_config(tmp_path, tokenizer_dir, tmp_path, name=loss, data=data, dpo={"loss": loss}, max_steps=2)
+        config.data.eval = None
+        trainer = build_dpo_trainer(config)
+        assert len(trainer.train_examples) == len(pairs) * (1 if loss == "dpo" else 2)
+        assert math.isfinite(trainer.train()["loss"])
+
+
 # ---- training runs ---------------------------------------------------------------------------------------
 
 

@@ -267,6 +267,21 @@ def test_reward_functions_alone_and_beside_the_reward_model(ppo_setup, tmp_path,
         assert sample["score"] == pytest.approx(parts["reward_model"] - 0.1 * parts["words"], abs=1e-5)
 
 
+def test_grpo_reads_a_trl_prompt_only_parquet_file_and_its_answer_column(ppo_setup, tmp_path, task):
+    """TRL's conversational prompt-only dataset with the column a reward function reads, as datasets writes it."""
+    import datasets
+
+    reward_file = tmp_path / "my_rewards.py"
+    reward_file.write_text(REWARD_FILE, encoding="utf-8")
+    prompts = tmp_path / "prompts.parquet"
+    datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}], "answer": "#### 12"}
+                                for p in task.prompts(4, seed=0)]).to_parquet(str(prompts))
+    config = ppo_config(ppo_setup, "trl-prompts", "ppo.reward_model=null", "ppo.advantage=grpo",
+                        "ppo.samples_per_prompt=2", f"data.train={prompts}", "train.max_steps=1",
+                        f"ppo.rewards=[{{function: '{reward_file}:answer_length', name: ref}}]")
+    assert PPOTrainer(config).train()["rewards/ref"] == len("#### 12")
+
+
 def test_a_failing_reward_function_stops_the_run_naming_it(ppo_setup, tmp_path):
     from rlhfkit.rewards.functions import RewardFunctionError
 

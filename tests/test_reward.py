@@ -371,6 +371,38 @@ def test_reference_file_for_normalisation(tmp_path, trained_rm):
     assert completions == ["Yes.", "No.", "Yes, very."] and prompts[1] == "Is a cat big?"
 
 
+def test_reward_model_trains_on_trl_preference_files_as_they_are(tmp_path, tokenizer_dir, task):
+    """TRL's standard implicit-prompt preference (train) and conversational preference (eval), without convert-data."""
+    records = [pair for ranking in task_rankings(task, 12, seed=5, k=2, temperature=0)
+               for pair in ranking.to_preferences()]
+    write_jsonl(tmp_path / "train.jsonl", [{"chosen": f"{r.prompt} {r.chosen}", "rejected": f"{r.prompt} {r.rejected}"}
+                                           for r in records])
+    write_jsonl(tmp_path / "eval.jsonl", [
+        {"prompt": [{"role": "user", "content": r.prompt}], "chosen": [{"role": "assistant", "content": r.chosen}],
+         "rejected": [{"role": "assistant", "content": r.rejected}]} for r in records])
+    trainer = build_reward_trainer(rm_config(tmp_path / "run", tokenizer_dir, tmp_path, max_steps=2, eval_every=2))
+    assert len(trainer.train_records) == len(records) and all(r.prompt.strip() for r in trainer.train_records)
+    assert {"eval/accuracy", "eval/margin"} <= set(trainer.train())
+
+
+def test_scorable_rows_take_trl_conversational_completions(tmp_path):
+    """reward.reference and rlhfkit score read TRL's conversational completions (a list of one assistant message)."""
+    from rlhfkit.data.records import DataError
+    from rlhfkit.trainers.reward import iter_scorable
+
+    user = [{"role": "user", "content": "Is a fox red?"}]
+    path = tmp_path / "reference.jsonl"
+    write_jsonl(path, [{"prompt": user, "completion": [{"role": "assistant", "content": "Yes."}]},
+                       {"prompt": user, "chosen": [{"role": "assistant", "content": "Yes."}],
+                        "rejected": [{"role": "assistant", "content": "No."}]},
+                       {"prompt": user, "completion": [{"role": "user", "content": "Yes."}]}])
+    rows = iter_scorable(path)
+    assert [next(rows)[3], next(rows)[3]] == [["Yes."], ["Yes.", "No."]]
+    with pytest.raises(DataError, match=r"line 3, field 'completion': expected a string or a list of one assistant "
+                                        r"message, got list"):
+        next(rows)
+
+
 def test_score_cli_adds_normalised_rewards(tmp_path, trained_rm, monkeypatch):
     run, trainer, _ = trained_rm
     monkeypatch.setattr(cli.console, "width", 1000)

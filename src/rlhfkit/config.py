@@ -161,12 +161,25 @@ class PretrainConfig(Section):
     train: TrainConfig
 
 
+class SFTSection(Section):
+    """Which assistant turns of a conversation SFT trains on (a ``messages`` record, or a prompt of messages that
+    holds earlier assistant turns); system, user and tool messages are never targets.
+
+    ``loss_on``: ``last_assistant_turn`` (the reply that ends the conversation; the turns before it are the
+    prompt) or ``all_assistant_turns`` (every assistant message, each with the EOS that ends it; TRL's
+    ``assistant_only_loss``, see ``rlhfkit.data.collators.encode_conversation``).
+    """
+
+    loss_on: Literal["last_assistant_turn", "all_assistant_turns"] = "last_assistant_turn"
+
+
 class SFTConfig(Section):
     """Supervised fine-tuning on demonstrations; the loss covers response tokens only."""
 
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    sft: SFTSection = Field(default_factory=SFTSection)
 
 
 class DPOSection(Section):
@@ -444,6 +457,8 @@ TRL_NAMES: tuple[TRLName, ...] = (
             "on by default in rlhfkit"),
     TRLName("trust_remote_code", "SFTConfig, RewardConfig, DPOConfig, GRPOConfig, ...", "model.trust_remote_code"),
     TRLName("max_length", "SFTConfig, RewardConfig, DPOConfig, KTOConfig", "data.max_length"),
+    TRLName("assistant_only_loss", "SFTConfig", "sft.loss_on",
+            "true is all_assistant_turns; rlhfkit never trains on prompt tokens, and by default on the last turn only"),
     TRLName("max_prompt_length", "DPOConfig, GRPOConfig (TRL 0.x)", "data.max_prompt_length"),
     TRLName("center_rewards_coefficient", "RewardConfig", "reward.center_coef"),
     TRLName("beta", "DPOConfig, KTOConfig", "dpo.beta"),

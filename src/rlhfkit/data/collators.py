@@ -2,7 +2,8 @@
 
 Prompts and responses are tokenized separately and concatenated, so the boundary between them is
 exact (no BPE merge across it) and matches what the model sees at generation time: the rendered
-prompt, then the tokens it generates, then EOS.
+prompt, then the tokens it generates, then EOS. A conversation whose every assistant turn is a target
+(:func:`encode_conversation`) is built the same way, turn by turn.
 """
 
 from __future__ import annotations
@@ -13,18 +14,29 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rlhfkit.data.records import Prompt
+from rlhfkit.data.records import Message, Prompt
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *,
+                add_generation_prompt: bool) -> str:
+    """A conversation as text: the tokenizer's chat template when it has one, else rlhfkit's plain form
+    (``role: content`` turns separated by a blank line; the generation prompt is ``assistant: `` as a turn
+    of its own)."""
+    if tokenizer.chat_template is None:
+        turns = [f"{m['role']}: {m['content']}" for m in messages]
+        return "\n\n".join([*turns, "assistant: "] if add_generation_prompt else turns)
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     """The text the model continues: the chat template with a generation prompt when the tokenizer
-    has one (a plain string becomes one user message), else the plain prompt text."""
-    if tokenizer.chat_template is None:
-        if isinstance(prompt, str):
-            return prompt
-        return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\n\nassistant: "
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    has one (a plain string becomes one user message), else the plain prompt text (a list of messages
+    in rlhfkit's plain form, see :func:`render_chat`)."""
+    if tokenizer.chat_template is None and isinstance(prompt, str):
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
@@ -57,6 +69,74 @@ def encode_demonstration(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, com
     if len(completion_ids) > room:
         completion_ids, truncated = completion_ids[:room], True
     return Example(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids), truncated)
+
+
+class TemplatePrefixError(ValueError):
+    """A chat template whose rendering of a conversation does not extend its rendering of the conversation's
+    start, so turns cannot be told apart by rendering prefixes (:func:`encode_conversation`)."""
+
+
+def _extends(text: str, start: str, what: str) -> None:
+    """Raise :class:`TemplatePrefixError` unless ``text`` begins with ``start``, showing where they part."""
+    if text.startswith(start):
+        return
+    at = next((i for i, (a, b) in enumerate(zip(text, start, strict=False)) if a != b), min(len(text), len(start)))
+    raise TemplatePrefixError(f"the chat template breaks the prefix property: {what} (at character {at}, expected "
+                              f"{start[at:at + 40]!r}, the template gives {text[at:at + 40]!r}); with this template "
+                              "only the last assistant turn can be trained (sft.loss_on: last_assistant_turn)")
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *,
+                        max_length: int, max_prompt_length: int) -> Example:
+    """A conversation with the loss on every assistant message (TRL's ``assistant_only_loss``) and on nothing of
+    its system, user and tool messages.
+
+    The sequence is built turn by turn from renderings of the conversation's prefixes (:func:`render_chat`), not
+    by searching the text: for assistant message ``i``, ``messages[:i]`` rendered with the generation prompt must
+    extend the text placed so far, and its new part is context (tokenized on its own); ``messages[:i + 1]``
+    rendered without it must extend that by the message's content. The target is the content's tokens and EOS, as
+    :func:`encode_demonstration` encodes a completion; the text the template puts after the content is context,
+    less the EOS text where the template puts it first (rlhfkit's template and ChatML's ``<|im_end|>`` do). With
+    such a template the sequence is the template's rendering, tokenized turn by turn, and each turn's targets are
+    exactly what the model generates in it, EOS included; a template that ends a turn with another marker gets the
+    EOS as an extra token before it, as a single completion does. One assistant turn gives what
+    :func:`encode_demonstration` gives.
+
+    Too long: the context before the first reply keeps its last ``max_prompt_length`` tokens, then the sequence
+    is cut to ``max_length`` (later turns are lost, their mask with them).
+
+    Raises:
+        TemplatePrefixError: the template's rendering of a longer prefix does not begin with that of a shorter
+            one (a template that rewrites earlier turns, e.g. one that drops past reasoning).
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    placed = ""  # the rendered text whose tokens are in ids
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        _extends(before, placed, f"messages[:{i}] with the generation prompt does not begin with the turns before")
+        after = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        _extends(after, before + message["content"],
+                 f"messages[:{i + 1}] does not begin with messages[:{i}] and the generation prompt, then message {i}'s "
+                 "content")
+        context = tokenizer(before[len(placed):], add_special_tokens=False)["input_ids"]
+        reply = tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += context + reply
+        mask += [0] * len(context) + [1] * len(reply)
+        placed = before + message["content"]
+        if after.startswith(tokenizer.eos_token, len(placed)):
+            placed += tokenizer.eos_token
+    if not mask:
+        raise ValueError("the conversation has no assistant message")
+    truncated = False
+    first = mask.index(1)
+    if first > max_prompt_length:
+        ids, mask, truncated = ids[first - max_prompt_length:], mask[first - max_prompt_length:], True
+    if len(ids) > max_length:
+        ids, mask, truncated = ids[:max_length], mask[:max_length], True
+    return Example(ids, mask, truncated)
 
 
 def pack_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], block_size: int) -> list[Example]:

@@ -16,7 +16,8 @@ with the reason (:func:`read_public` counts those). The layouts (``read_public(p
 * ``self-instruct``: the self-instruct seed tasks (Wang et al. 2023, "Self-Instruct";
   github.com/yizhongw/self-instruct, ``seed_tasks.jsonl``), :func:`self_instruct`.
 * ``trl``: TRL's dataset formats, standard and conversational (huggingface.co/docs/trl, "Dataset
-  formats and types"), :func:`trl_row`.
+  formats and types"), :func:`trl_row`. Every stage reads these files as they are too; converting one
+  writes rlhfkit's own forms.
 
 The records are written as rlhfkit's own JSON forms by :func:`~rlhfkit.data.readers.write_jsonl` and read
 back by :func:`~rlhfkit.data.readers.read_records`.
@@ -28,7 +29,6 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from rlhfkit.data.readers import _rows
 from rlhfkit.data.records import (
@@ -295,50 +295,19 @@ def self_instruct(row: dict, where: Where = Where()) -> list[DemonstrationRecord
 # --- TRL dataset formats --------------------------------------------------------------------------------
 
 
-def _trl_completion(value: Any, key: str, where: Where) -> str:
-    """A TRL completion: a string (standard) or a list of one assistant message (conversational)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
-            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
-        return value[0]["content"]
-    raise where.error(key, "expected a string or a list of one assistant message (rlhfkit completions are one "
-                           "reply)")
-
-
-def _implicit_prompt(chosen: Any, rejected: Any, where: Where) -> tuple[Any, Any, Any]:
-    """Split TRL's implicit-prompt preference into (prompt, chosen, rejected).
-
-    Conversational: the leading messages both share are the prompt, and each side must end with one
-    assistant message after them. Standard: the shared text up to its last whitespace is the prompt, and
-    the rest of each side is its completion (prompt + completion is the original text).
-    """
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-            shared += 1
-        if shared == 0:
-            raise where.error("rejected", "shares no leading message with 'chosen' (no implicit prompt)")
-        return chosen[:shared], chosen[shared:], rejected[shared:]
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-            shared += 1
-        cut = max((i + 1 for i in range(shared) if chosen[i].isspace()), default=0)
-        if not chosen[:cut].strip():
-            raise where.error("rejected", "shares no leading words with 'chosen' (no implicit prompt)")
-        return chosen[:cut], chosen[cut:], rejected[cut:]
-    raise where.error("chosen", "expected 'chosen' and 'rejected' both strings or both lists of messages")
-
-
 def trl_row(row: dict, where: Where = Where()) -> list[Record]:
     """A row in one of TRL's dataset formats, standard (strings) or conversational (lists of messages).
 
+    The row's columns say which record it is, and :func:`~rlhfkit.data.records.parse_record` reads it as it is
+    (it reads TRL's conversational completions and implicit prompts, so every stage reads these files without
+    ``convert-data`` too):
+
     * preference ``{"prompt", "chosen", "rejected"}`` and implicit-prompt preference ``{"chosen",
-      "rejected"}`` -> a pairwise record (see :func:`_implicit_prompt` for how the prompt is found);
+      "rejected"}`` -> a pairwise record;
     * unpaired preference ``{"prompt", "completion", "label"}`` -> a labeled record;
     * prompt-completion ``{"prompt", "completion"}`` and conversational ``{"messages"}`` -> a demonstration;
-    * prompt-only ``{"prompt"}`` -> a prompt record.
+    * prompt-only ``{"prompt"}`` -> a prompt record that keeps the row's other columns (e.g. a reference
+      ``answer``) as fields, which reward functions receive.
 
     A conversational completion must be one assistant message. Language-modelling rows (``{"text"}``) are
     pretraining text, read by ``rlhfkit pretrain`` as they are, and stepwise supervision (``"labels"``
@@ -348,17 +317,8 @@ def trl_row(row: dict, where: Where = Where()) -> list[Record]:
     would be dropped without a word.
     """
     keys = set(row)
-    common = {key: row[key] for key in ("id", "labeler", "meta") if key in row}
     if "chosen" in keys or "rejected" in keys:
-        for key in ("chosen", "rejected"):
-            if row.get(key) is None:
-                raise where.error(key, "is missing")
-        prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-        if prompt is None:
-            prompt, chosen, rejected = _implicit_prompt(chosen, rejected, where)
-        obj = {"prompt": prompt, "chosen": _trl_completion(chosen, "chosen", where),
-               "rejected": _trl_completion(rejected, "rejected", where), **common}
-        return [where.parse(obj, "preference")]
+        return [where.parse(row, "preference")]
     if "labels" in keys and "completions" in keys:
         raise where.error("labels", "stepwise supervision (a label per step) has no rlhfkit record")
     ranked = [key for key in ("completions", "ranking", "pairs") if key in keys]
@@ -367,16 +327,10 @@ def trl_row(row: dict, where: Where = Where()) -> list[Record]:
                                      "formats (a TRL preference row holds one 'chosen' and one 'rejected'); it is "
                                      "rlhfkit's own ranking record, which rm, dpo and score read as it is, without "
                                      "convert-data")
-    if "messages" in keys:
-        return [where.parse({"messages": row["messages"], **common}, "demonstration")]
-    if "completion" in keys:
-        obj = {"prompt": row.get("prompt"), "completion": _trl_completion(row["completion"], "completion", where),
-               **common}
-        if "label" in keys:
-            return [where.parse({**obj, "label": row["label"]}, "labeled")]
-        return [where.parse(obj, "demonstration")]
+    if "messages" in keys or "completion" in keys:
+        return [where.parse(row, "labeled" if "label" in keys else "demonstration")]
     if "prompt" in keys:
-        return [where.parse({"prompt": row["prompt"], **common}, "prompt")]
+        return [where.parse(row, "prompt")]
     if "text" in keys:
         raise where.error("text", "a language-modelling row is pretraining text: give the file to rlhfkit "
                                   "pretrain as it is")

@@ -2,9 +2,11 @@
 
 Five kinds of record flow through rlhfkit (the JSON forms are the project's data formats):
 
-* ``prompt``: ``{"prompt": str}`` or ``{"prompt": [{"role": ..., "content": ...}, ...]}``
+* ``prompt``: ``{"prompt": str}`` or ``{"prompt": [{"role": ..., "content": ...}, ...]}`` (roles: system,
+  user, assistant, tool)
 * ``demonstration`` (SFT): ``{"prompt", "completion"}`` or ``{"messages": [...]}``, where the last
-  message is the assistant's reply and the messages before it are the prompt
+  message is the assistant's reply and the messages before it are the prompt (SFT can train the earlier
+  assistant turns too: ``sft.loss_on``)
 * ``ranking``: ``{"prompt", "completions": [str, ...], "ranking": [...]}``, best first; ties are
   groups, e.g. ``[[0, 2], [1], [3]]``. The same kind reads a set of pairwise judgements,
   ``{"prompt", "completions": [str, ...], "pairs": [[i, j, preference], ...]}`` (a :class:`PairSetRecord`):
@@ -19,8 +21,14 @@ Five kinds of record flow through rlhfkit (the JSON forms are the project's data
 Every record may also carry ``id`` (str or int, kept as str), ``labeler`` (str) and ``meta``
 (dict). A prompt record keeps its other keys as ``fields`` (reward functions receive them, e.g. a reference
 answer) and reads GSM8K's ``{"question", "answer"}`` with ``question`` as the prompt; other kinds ignore
-other keys. :func:`parse_record` validates a decoded JSON object and raises a
-:class:`DataError` that names the source, line and field of the first problem it finds.
+other keys.
+
+These forms include TRL's dataset formats (huggingface.co/docs/trl, "Dataset formats and types"), standard and
+conversational, so a TRL file is read as it is: a completion, ``chosen`` or ``rejected`` may be a list of one
+assistant message (TRL's conversational form), and a pairwise object without ``prompt`` has TRL's implicit prompt,
+the start ``chosen`` and ``rejected`` share (:meth:`_Checker.implicit_prompt`). :func:`parse_record` validates a
+decoded JSON object and raises a :class:`DataError` that names the source, line and field of the first problem it
+finds.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ Prompt = str | list[Message]
 RECORD_KINDS = ("prompt", "demonstration", "ranking", "preference", "labeled")
 #: The optional keys every kind of record may carry.
 _COMMON_KEYS = ("id", "labeler", "meta")
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class DataError(ValueError):
@@ -366,11 +374,62 @@ class _Checker:
             raise self.error("pairs", "ties every pair, so it prefers none")
         return tuple(triples)
 
+    def completion(self, key: str) -> str:
+        """The completion at ``key``: text, or TRL's conversational form, a list of one assistant message."""
+        value = self.require(key)
+        if not isinstance(value, list):
+            return self.text(value, key)
+        messages = self.messages(value, key)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            roles = ", ".join(m["role"] for m in messages) or "none"
+            raise self.error(key, f"expected a string or a list of one assistant message, got messages of roles "
+                                  f"{roles} (an rlhfkit completion is one reply)")
+        return messages[0]["content"]
+
+    def implicit_prompt(self) -> tuple[Prompt, str, str]:
+        """TRL's preference with an implicit prompt: ``chosen`` and ``rejected`` each hold the whole text, and the
+        prompt is what they share at the start.
+
+        Conversational (lists of messages): the leading messages both hold are the prompt, and after them each
+        must hold one assistant message. Standard (strings): the shared text up to its last whitespace is the
+        prompt (so a word both start alike is not split), and the rest of each is its completion.
+        """
+        chosen, rejected = self.require("chosen"), self.require("rejected")
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            chosen, rejected = self.messages(chosen, "chosen"), self.messages(rejected, "rejected")
+            shared = 0
+            while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+                shared += 1
+            if shared == 0:
+                raise self.error("prompt", "is missing, and 'chosen' and 'rejected' start with different messages "
+                                           "(no implicit prompt)")
+            replies = []
+            for key, messages in (("chosen", chosen), ("rejected", rejected)):
+                rest = messages[shared:]
+                if len(rest) != 1 or rest[0]["role"] != "assistant":
+                    raise self.error(key, f"expected one assistant message after the implicit prompt (the leading "
+                                          f"messages both sides share: {shared}), got {len(rest)}")
+                replies.append(rest[0]["content"])
+            return chosen[:shared], replies[0], replies[1]
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            shared = 0
+            while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+                shared += 1
+            cut = max((i + 1 for i in range(shared) if chosen[i].isspace()), default=0)
+            if not chosen[:cut].strip():
+                raise self.error("prompt", "is missing, and 'chosen' and 'rejected' share no leading words "
+                                           "(no implicit prompt)")
+            return chosen[:cut], self.text(chosen[cut:], "chosen"), self.text(rejected[cut:], "rejected")
+        raise self.error("prompt", "is missing; for an implicit prompt 'chosen' and 'rejected' must be both strings "
+                                   "or both lists of messages")
+
     def pairwise(self) -> tuple[Prompt, str, str]:
-        """The prompt, chosen and rejected completions of a pairwise object."""
-        prompt = self.prompt()
-        chosen = self.text(self.require("chosen"), "chosen")
-        rejected = self.text(self.require("rejected"), "rejected")
+        """The prompt, chosen and rejected completions of a pairwise object (TRL's preference formats: with a
+        ``prompt``, or an implicit one when it is absent)."""
+        if "prompt" in self.obj:
+            prompt, chosen, rejected = self.prompt(), self.completion("chosen"), self.completion("rejected")
+        else:
+            prompt, chosen, rejected = self.implicit_prompt()
         if chosen == rejected:
             raise self.error("rejected", "is identical to 'chosen'")
         return prompt, chosen, rejected
@@ -415,6 +474,9 @@ def parse_record(
         return PromptRecord(prompt, **check.common(), fields=fields or None)
 
     if kind == "demonstration":
+        if "text" in obj and not {"prompt", "messages"} & set(obj):
+            raise check.error("text", "a language-modelling row is pretraining text (rlhfkit pretrain reads it); "
+                                      "a demonstration needs 'prompt' and 'completion', or 'messages'")
         if "completion" not in obj and "messages" in obj:
             messages = check.messages(obj["messages"], "messages")
             if not messages:
@@ -425,12 +487,11 @@ def parse_record(
                 raise check.error("messages", "needs at least one message before the assistant's reply")
             return DemonstrationRecord(messages[:-1], messages[-1]["content"], **check.common())
         prompt = check.prompt()
-        completion = check.text(check.require("completion"), "completion")
-        return DemonstrationRecord(prompt, completion, **check.common())
+        return DemonstrationRecord(prompt, check.completion("completion"), **check.common())
 
     if kind == "labeled" and ("label" in obj or "completion" in obj):
         prompt = check.prompt()
-        completion = check.text(check.require("completion"), "completion")
+        completion = check.completion("completion")
         label = check.require("label")
         if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV cells are text
             label = label.strip().lower() == "true"

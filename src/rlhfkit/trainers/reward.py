@@ -28,6 +28,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -176,8 +177,9 @@ def iter_scorable(path: str | os.PathLike) -> Iterator[tuple[int, dict, Prompt, 
 
     A row holds a ``prompt`` and either a ``completion`` (field ``"completion"``), a list of
     ``completions`` (field ``"completions"``: samples, rankings) or ``chosen``/``rejected`` (field
-    ``"chosen"``: a pairwise record, scored as [chosen, rejected]). Other rows stop with a
-    :class:`DataError` naming the file, line and field.
+    ``"chosen"``: a pairwise record, scored as [chosen, rejected]). A completion, ``chosen`` or ``rejected`` may
+    also be TRL's conversational form, a list of one assistant message (its content is scored). Other rows stop
+    with a :class:`DataError` naming the file, line and field.
     """
     source = str(path)
     for line, row in iter_jsonl(path):
@@ -197,11 +199,18 @@ def iter_scorable(path: str | os.PathLike) -> Iterator[tuple[int, dict, Prompt, 
             field, texts = "chosen", [row["chosen"], row["rejected"]]
         else:
             raise error("completion", "is missing (expected 'completion', 'completions' or 'chosen'/'rejected')")
+        texts = [text[0].get("content") if _one_assistant_message(text) else text for text in texts]
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise error(field if field == "completion" else f"{field}[{i}]",
-                            f"expected a string, got {type(text).__name__}")
+                            f"expected a string or a list of one assistant message, got {type(text).__name__}")
         yield line, row, prompt, texts, field
+
+
+def _one_assistant_message(value: Any) -> bool:
+    """Whether ``value`` is TRL's conversational completion: a list of one assistant message."""
+    return isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+        and value[0].get("role") == "assistant"
 
 
 def reference_texts(config: RewardConfig, train_records: Sequence[RankingRecord]) -> tuple[list, list[str]]:

@@ -1,14 +1,24 @@
-"""Step 1 of InstructGPT: supervised fine-tuning on labelers' demonstrations (loss on responses only)."""
+"""Step 1 of InstructGPT: supervised fine-tuning on labelers' demonstrations (loss on responses only: the last
+assistant turn of a conversation, or every one with ``sft.loss_on: all_assistant_turns``)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from rich.console import Console
 
 from rlhfkit.algorithms.logprobs import masked_lm_loss
 from rlhfkit.config import SFTConfig
-from rlhfkit.data.collators import Example, PadCollator, encode_demonstration
+from rlhfkit.data.collators import (
+    Example,
+    PadCollator,
+    TemplatePrefixError,
+    encode_conversation,
+    encode_demonstration,
+)
 from rlhfkit.data.readers import read_records
+from rlhfkit.data.records import DataError, DemonstrationRecord
 from rlhfkit.models.load import load_causal_lm, position_ids_from_mask
 from rlhfkit.trainers.base import Trainer
 
@@ -25,11 +35,32 @@ def target_tokens(example: Example) -> int:
     return sum(example.loss_mask[1:])
 
 
-def encode_demonstrations(tokenizer, records, *, max_length: int, max_prompt_length: int,
-                          source: str, console: Console | None = None) -> list[Example]:
-    """Tokenize demonstration records; report how many had to be truncated."""
-    examples = [encode_demonstration(tokenizer, r.prompt, r.completion, max_length=max_length,
-                                     max_prompt_length=max_prompt_length) for r in records]
+def encode_demonstrations(tokenizer, records: Sequence[DemonstrationRecord], *, max_length: int,
+                          max_prompt_length: int, loss_on: str = "last_assistant_turn", source: str,
+                          console: Console | None = None) -> list[Example]:
+    """Tokenize demonstration records; report how many had to be truncated.
+
+    ``loss_on`` is ``sft.loss_on``: with ``all_assistant_turns`` a record whose prompt is a list of messages is
+    encoded as one conversation with its completion (:func:`encode_conversation`), so the assistant turns in the
+    prompt are targets too; otherwise the completion alone is (:func:`encode_demonstration`).
+
+    Raises:
+        DataError: the chat template cannot separate a record's turns; it names ``source`` and the record
+            (counted from 1 among the records read).
+    """
+    examples = []
+    for number, record in enumerate(records, start=1):
+        if loss_on == "all_assistant_turns" and not isinstance(record.prompt, str):
+            conversation = [*record.prompt, {"role": "assistant", "content": record.completion}]
+            try:
+                examples.append(encode_conversation(tokenizer, conversation, max_length=max_length,
+                                                    max_prompt_length=max_prompt_length))
+            except TemplatePrefixError as error:
+                named = f"(id {record.id}) " if record.id is not None else ""
+                raise DataError(f"{named}{error}", source=source, line=number, unit="record") from None
+        else:
+            examples.append(encode_demonstration(tokenizer, record.prompt, record.completion, max_length=max_length,
+                                                 max_prompt_length=max_prompt_length))
     truncated = sum(e.truncated for e in examples)
     if truncated and console is not None:
         console.print(f"[yellow]{source}: {truncated} of {len(examples)} records truncated to "
@@ -46,7 +77,8 @@ def build_sft_trainer(config: SFTConfig, console: Console | None = None) -> Trai
     def load(path: str) -> list[Example]:
         records = read_records(path, "demonstration", split=data.split, limit=data.limit)
         return encode_demonstrations(tokenizer, records, max_length=data.max_length,
-                                     max_prompt_length=data.max_prompt_length, source=path, console=console)
+                                     max_prompt_length=data.max_prompt_length, loss_on=config.sft.loss_on,
+                                     source=path, console=console)
 
     return Trainer(stage="sft", config=config, train=config.train, model=model, tokenizer=tokenizer,
                    train_examples=load(data.train), eval_examples=load(data.eval) if data.eval else (),
