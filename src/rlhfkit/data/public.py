@@ -29,6 +29,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from rlhfkit.data.readers import _rows
 from rlhfkit.data.records import (
