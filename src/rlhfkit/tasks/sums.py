@@ -16,9 +16,8 @@ Labelers write demonstrations in two forms:
 How often a labeler shows the work varies (:data:`LABELERS`: 10 % to 90 %, half of all demonstrations on
 average). SFT imitates both forms and the direct answers' slips; rewarded for the final answer's correctness
 alone, reinforcement learning has two ways to do better than imitation: prefer the form that is right more
-often, and stop reproducing the slips. (Measured with the demo's ~1M-parameter model, neither happens yet
-within the demo's budget: the model rarely gets a worked answer right, since copying the rest of a line is hard
-for it after 600 pretraining steps; see docs/tasks.md.)
+often, and stop reproducing the slips. (Measured with the demo's ~1M-parameter model: SFT is right 50 % of the
+time and GRPO 98 %, answering in the worked form every time; see docs/tasks.md.)
 
 The gold judge is the answer's correctness (1 or 0); :meth:`Sums.gold_details` also reports whether the
 work was shown and the fraction of its steps that hold. Prompts are split into train and test by a stable
