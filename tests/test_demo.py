@@ -117,7 +117,7 @@ def test_a_verifiable_task_runs_the_grpo_recipe_without_a_reward_model(tmp_path)
 
 
 def test_a_task_has_its_own_demo_defaults_under_the_settings_given():
-    from rlhfkit.demo import TASK_DEFAULTS, DemoConfig, load_demo_config
+    from rlhfkit.demo import TASK_DEFAULTS, DemoConfig, demo_pipeline, load_demo_config
 
     assert load_demo_config(None, []) == DemoConfig()  # tinyworld: the class's defaults
     sums = load_demo_config(None, ["task=sums", "pretrain.lr=1e-3", "sft.max_steps=5"])
@@ -126,6 +126,12 @@ def test_a_task_has_its_own_demo_defaults_under_the_settings_given():
     assert sums.pretrain.lr == 1e-3 and sums.sft.max_steps == 5  # ... under what was given
     assert sums.pretrain.batch_size == DemoConfig().pretrain.batch_size  # the rest of the section: the class's
     assert load_demo_config(None, ["task=sums", "max_length=96"]).max_length == 96
+    # the stages built from them: sums pretrains at a constant rate and averages SFT's tokens over the training set
+    pipeline = demo_pipeline(sums)
+    assert pipeline.pretrain["train"]["scheduler"] == "constant" and pipeline.sft["sft"]["loss_average"] == "dataset"
+    tinyworld = demo_pipeline(DemoConfig())
+    assert tinyworld.pretrain["train"]["scheduler"] == "cosine" and tinyworld.sft["sft"]["loss_average"] == "batch"
+    assert tinyworld.ppo["train"]["scheduler"] == "constant"
 
 
 @pytest.mark.slow

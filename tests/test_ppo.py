@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import PPOConfig, load_config
+from rlhfkit.data.readers import write_jsonl
 from rlhfkit.engine.checkpoint import checkpoints
 from rlhfkit.engine.errors import TrainingError
 from rlhfkit.engine.guard import NONFINITE_FILE
@@ -280,6 +281,34 @@ def test_grpo_reads_a_trl_prompt_only_parquet_file_and_its_answer_column(ppo_set
                         "ppo.samples_per_prompt=2", f"data.train={prompts}", "train.max_steps=1",
                         f"ppo.rewards=[{{function: '{reward_file}:answer_length', name: ref}}]")
     assert PPOTrainer(config).train()["rewards/ref"] == len("#### 12")
+
+
+def test_grpo_logs_its_groups_spread_and_trls_grpo_names(ppo_setup, tmp_path, task):
+    """reward_std is the mean over groups of their scores' standard deviation, frac_reward_zero_std the share of
+    groups that all scored alike; TRL's GRPO names repeat rlhfkit's figures."""
+    from rlhfkit.trainers.ppo import TRL_GRPO_METRICS
+
+    reward_file = tmp_path / "my_rewards.py"
+    reward_file.write_text(REWARD_FILE, encoding="utf-8")
+    common = ["ppo.reward_model=null", "ppo.advantage=grpo", "ppo.samples_per_prompt=4", "ppo.samples_to_log=16"]
+    config = ppo_config(ppo_setup, "grpo-words", *common, f"ppo.rewards=[{{function: '{reward_file}:words'}}]")
+    PPOTrainer(config).train()
+    for step, record in enumerate(read_metrics(ppo_setup / "grpo-words"), start=1):
+        assert record["step"] == step
+        assert all(record[trl] == record[ours] for trl, ours in TRL_GRPO_METRICS.items())
+        assert 0 <= record["frac_reward_zero_std"] < 1 and record["reward_std"] > 0  # sampled word counts differ
+    # the samples of the last iteration: every group's spread by hand (the log holds the first samples_to_log)
+    samples = [json.loads(line) for line in (ppo_setup / "grpo-words" / "samples.jsonl").read_text().splitlines()]
+    groups = torch.tensor([s["score"] for s in samples if s["step"] == 2]).view(4, 4)  # 4 prompts x 4 samples
+    assert record["reward_std"] == pytest.approx(groups.std(-1).mean().item(), rel=1e-5)
+    assert record["frac_reward_zero_std"] == (groups.amax(-1) == groups.amin(-1)).float().mean().item()
+    # a reward that every completion of a prompt shares: no group has a spread
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, ({"prompt": p, "answer": "x" * (i + 1)} for i, p in enumerate(task.prompts(8, seed=0))))
+    config = ppo_config(ppo_setup, "grpo-same", *common, f"ppo.rewards=[{{function: '{reward_file}:answer_length'}}]",
+                        f"data.train={prompts}")
+    metrics = PPOTrainer(config).train()
+    assert metrics["frac_reward_zero_std"] == 1.0 and metrics["reward_std"] == 0.0
 
 
 def test_a_failing_reward_function_stops_the_run_naming_it(ppo_setup, tmp_path):

@@ -76,11 +76,13 @@ def test_eval_every_need_not_be_a_multiple_of_log_every(tmp_path, tokenizer_dir,
     assert "loss" not in next(r for r in records if r["step"] == 3)  # an evaluation of its own
 
 
-def test_every_target_token_weighs_the_same_whatever_its_batch(tmp_path, tokenizer_dir, demo_files):
-    """SFT scales each micro-batch's mean loss by its target tokens over the training set's mean per micro-batch:
-    the loss summed over an epoch is the mean over all its tokens (not a mean of per-batch means, which favours
-    the tokens of short, length-grouped batches)."""
-    trainer = build_sft_trainer(sft_config(tmp_path, tokenizer_dir, demo_files, "run", group_by_length=True))
+@pytest.mark.parametrize("average", ["batch", "dataset"])
+def test_sft_averages_the_loss_per_batch_or_over_the_training_set(tmp_path, tokenizer_dir, demo_files, average):
+    """``sft.loss_average: dataset`` scales each micro-batch's mean loss by its target tokens over the training
+    set's mean per micro-batch: the loss summed over an epoch is the mean over all its tokens, not a mean of
+    per-batch means, which favours the tokens of short, length-grouped batches (``batch``, the default)."""
+    config = sft_config(tmp_path, tokenizer_dir, demo_files, "run", group_by_length=True)
+    trainer = build_sft_trainer(load_config(SFTConfig, None, [f"sft.loss_average={average}"], base=config.model_dump()))
     examples = trainer.train_examples
     per_batch = sum(sum(e.loss_mask[1:]) for e in examples) * 8 / len(examples)  # batch_size 8
     weights, tokens = [], []
@@ -95,9 +97,12 @@ def test_every_target_token_weighs_the_same_whatever_its_batch(tmp_path, tokeniz
     trainer.optimizer_step = capture
     for index in range(trainer.n_batches):  # one epoch: 64 examples, 8 full micro-batches
         trainer._optimizer_step([trainer._micro_batch(index)])
-    assert weights == pytest.approx([n / per_batch for n in tokens], rel=1e-5)
-    assert max(weights) > 1.2 * min(weights)  # grouped by length: the batches' token counts differ
-    assert sum(weights) == pytest.approx(trainer.n_batches, rel=1e-5)  # on average the learning rate is unchanged
+    assert max(tokens) > 1.2 * min(tokens)  # grouped by length: the batches' token counts differ
+    if average == "batch":
+        assert weights == [1.0] * trainer.n_batches
+    else:
+        assert weights == pytest.approx([n / per_batch for n in tokens], rel=1e-5)
+        assert sum(weights) == pytest.approx(trainer.n_batches, rel=1e-5)  # on average the learning rate is unchanged
 
 
 def test_training_lowers_held_out_loss(tmp_path, tokenizer_dir, demo_files):

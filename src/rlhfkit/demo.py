@@ -51,6 +51,7 @@ from rlhfkit.config import (
     RewardSourceConfig,
     Section,
     SFTConfig,
+    SFTSection,
     TrainConfig,
     load_config,
 )
@@ -139,6 +140,8 @@ class DemoConfig(Section):
     # (66 %); 600 steps, 0.40 (47 %) / 0.68 (85 %), the demonstrations' own mean (~0.68) on training prompts.
     pretrain: StageSchedule = StageSchedule(max_steps=300, lr=3e-3, batch_size=32)
     sft: StageSchedule = StageSchedule(max_steps=600, lr=2e-3, batch_size=32)
+    # sft.loss_average (rlhfkit.config.SFTSection): how SFT averages its tokens; the sums task's "dataset"
+    sft_loss_average: Literal["batch", "dataset"] = "batch"
     # Step 2: the SFT policy samples ``k`` completions for each of ``rank_prompts`` train prompts at
     # ``sample_temperature``; the task's simulated labeler ranks them (noisy, length-biased).
     rank_prompts: int = Field(2000, gt=0)
@@ -162,7 +165,9 @@ class DemoConfig(Section):
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # copying a sum's digits into a worked answer is learnt suddenly, at a step that varies from run to run (900
     # cosine-decayed steps: 1 % and 100 % of sums copied in two runs; 1200 at a constant rate: 68-98 %; docs/tasks.md)
-    "sums": {"max_length": 64, "corpus_docs": 8000, "pretrain": {"max_steps": 1200, "scheduler": "constant"}},
+    # SFT that weighs a worked answer's tokens as much as a direct one's keeps the demonstrations' share of each form
+    "sums": {"max_length": 64, "corpus_docs": 8000, "pretrain": {"max_steps": 1200, "scheduler": "constant"},
+             "sft_loss_average": "dataset"},
 }
 
 
@@ -244,7 +249,7 @@ def demo_pipeline(config: DemoConfig) -> PipelineConfig:
             train=_train(config, "pretrain", config.pretrain)),
         "sft": SFTConfig(model=ModelConfig(name_or_path="{pretrain}"),
                          data=data("{data:sft_train.jsonl}", eval="{data:sft_eval.jsonl}"),
-                         train=_train(config, "sft", config.sft)),
+                         train=_train(config, "sft", config.sft), sft=SFTSection(loss_average=config.sft_loss_average)),
     }
     if is_verifiable(get_task(config.task)):
         return _pipeline(config, {**sections, **_verifiable_sections(config, data)})

@@ -183,17 +183,28 @@ class ExperienceMaker:
                        advantages, returns, prompts, texts, positions, source_scores)
 
 
-def rollout_statistics(rollout: Rollout, kl_coef: float,
-                       reduce_sum: ReduceSum | None = None) -> tuple[dict[str, float], dict[str, int]]:
+def rollout_statistics(rollout: Rollout, kl_coef: float, reduce_sum: ReduceSum | None = None,
+                       group_size: int = 1) -> tuple[dict[str, float], dict[str, int]]:
     """Per-sequence means over the whole rollout (every process's share: one reduction of sums) of the score,
     each reward source's rewards (``rewards/<name>``), the summed k1 KL (the adaptive controller's input), the
     KL-penalised reward and the response length; and the rollout's numbers of sequences and of tokens (prompts
-    and responses)."""
+    and responses).
+
+    With groups (``group_size`` > 1 samples of each prompt, prompt-major), also the spread of the scores within
+    a group, under TRL's GRPO names: ``reward_std``, the mean over groups of their (sample) standard deviation,
+    and ``frac_reward_zero_std``, the share of groups whose samples all scored the same (their group-relative
+    advantages are zero: the update learns nothing from them, as DAPO's dynamic sampling points out).
+    """
     kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1")
     per_sequence = {"objective/scores": rollout.scores, "objective/kl": kl.mul(rollout.response_mask).sum(-1),
                     "objective/rlhf_reward": kl_penalized_score(rollout.scores, kl, rollout.response_mask, kl_coef),
                     "response_length": rollout.response_mask.sum(-1).float(),
                     **{f"rewards/{name}": values for name, values in rollout.source_scores.items()}}
+    if group_size > 1:  # every sequence carries its group's figure: equal groups, so the mean is over groups
+        groups = rollout.scores.float().view(-1, group_size)
+        per_sequence["reward_std"] = groups.std(-1).repeat_interleave(group_size)
+        per_sequence["frac_reward_zero_std"] = (groups.amax(-1) == groups.amin(-1)).float().repeat_interleave(
+            group_size)
     n_tokens = rollout.response_mask.sum() + rollout.query_mask.sum()
     if reduce_sum is None:
         means = {name: values.mean().item() for name, values in per_sequence.items()}

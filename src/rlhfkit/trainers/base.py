@@ -104,7 +104,7 @@ class Trainer(Engine):
     fine-tuned on a mix of short and long answers then prefers the short ones (measured on the ``sums``
     task: the share of worked answers fell from the demonstrations' 50 % to 28 %). This is the per-token
     normalisation that transformers adopted for gradient accumulation (``num_items_in_batch``), applied
-    across batches too.
+    across batches too. SFT uses it under ``sft.loss_average: dataset``.
     """
 
 

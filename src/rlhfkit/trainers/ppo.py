@@ -64,6 +64,11 @@ from rlhfkit.trainers.base import model_card
 SAMPLES_FILE = "samples.jsonl"
 
 
+#: TRL's ``GRPOTrainer`` metric name -> rlhfkit's (TRL's ``PPOTrainer`` names), logged under both for GRPO.
+TRL_GRPO_METRICS = {"reward": "objective/scores", "kl": "objective/kl", "entropy": "objective/entropy",
+                    "completions/mean_length": "response_length", "clip_ratio/region_mean": "policy/clipfrac_avg"}
+
+
 class PPOTrainer(Engine):
     """The PPO recipe on the engine; see the module docstring. ``train()`` runs (or resumes) to
     ``train.max_steps`` iterations. ``self.model`` is the prepared :class:`PolicyAndValue`. PPO's messages go
@@ -263,7 +268,7 @@ class PPOTrainer(Engine):
         train_stats = self.update(rollout)
         train_s = time.perf_counter() - started - rollout_s
         coef = self.kl_controller.value
-        means, counts = rollout_statistics(rollout, coef, self.reduce_sum)
+        means, counts = rollout_statistics(rollout, coef, self.reduce_sum, self.ppo.samples_per_prompt)
         self.kl_controller.update(means["objective/kl"], counts["sequences"])
         self._last_rollout = rollout
         self._record = {"objective/scores": means["objective/scores"], "objective/kl": means["objective/kl"],
@@ -272,7 +277,10 @@ class PPOTrainer(Engine):
                         "lr": self.scheduler.get_last_lr()[0], "time/rollout_s": rollout_s, "time/train_s": train_s,
                         "tokens_per_s": counts["tokens"] * (1 + self.ppo.ppo_epochs) / (rollout_s + train_s),
                         "rollout/sequences": counts["sequences"],
-                        **{name: value for name, value in means.items() if name.startswith("rewards/")}}
+                        **{name: value for name, value in means.items()
+                           if name.startswith("rewards/") or name in ("reward_std", "frac_reward_zero_std")}}
+        if self.ppo.advantage in ("grpo", "dr_grpo"):  # the same figures under TRL's GRPO names too
+            self._record.update({trl: self._record[ours] for trl, ours in TRL_GRPO_METRICS.items()})
 
     def log_record(self, elapsed_s: float, steps: int) -> dict[str, float]:
         """The last iteration's metrics; process 0 also appends its first ``samples_to_log`` samples to

@@ -82,7 +82,8 @@ def build_sft_trainer(config: SFTConfig, console: Console | None = None) -> Trai
 
     return Trainer(stage="sft", config=config, train=config.train, model=model, tokenizer=tokenizer,
                    train_examples=load(data.train), eval_examples=load(data.eval) if data.eval else (),
-                   collator=PadCollator(tokenizer.pad_token_id), loss_fn=lm_loss, example_units=target_tokens)
+                   collator=PadCollator(tokenizer.pad_token_id), loss_fn=lm_loss,
+                   example_units=target_tokens if config.sft.loss_average == "dataset" else None)
 
 
 def run_sft(config: SFTConfig, console: Console | None = None) -> dict[str, float]:
