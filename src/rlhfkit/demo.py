@@ -108,8 +108,8 @@ class GRPOSchedule(StageSchedule):
     minibatch_size: int = Field(32, gt=0)
     ppo_epochs: int = Field(1, gt=0)
     kl_coef: float = Field(0.0, ge=0)
-    # the evaluation's temperature: rolled out at 1.0, where a worked answer (~30 tokens) goes wrong more often than
-    # a direct one, GRPO learnt to answer directly (docs/tasks.md)
+    # the evaluation's temperature: at 1.0 a worked answer (~30 tokens) goes wrong more often than a direct one, and
+    # GRPO at 1.0 learnt to answer directly (measured before the corpus taught the copies; docs/tasks.md)
     temperature: float = Field(0.7, gt=0)
 
 
