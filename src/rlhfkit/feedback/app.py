@@ -783,9 +783,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     @app.get("/admin/users")
     def users_page(request: Request, admin: User = Depends(current_admin)) -> Response:
         """The accounts: create, deactivate or reactivate, reset a password; every API token, to revoke."""
-        ids = {user.username: user.id for user in store.users()}
-        accounts = [{"id": ids[row["username"]], **row} for row in store.labeler_stats()]
-        return render(request, "users.html", user=admin, accounts=accounts, tokens=store.tokens(),
+        return render(request, "users.html", user=admin, accounts=store.labeler_stats(), tokens=store.tokens(),
                       min_password_length=MIN_PASSWORD_LENGTH)
 
     @app.post("/admin/users", dependencies=[Depends(csrf_protected)])
@@ -1069,8 +1067,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     @app.get("/api/admin/users")
     def api_users(_admin: User = Depends(current_admin)) -> Response:
         """Every account with its id and its work (:meth:`Store.labeler_stats`)."""
-        ids = {user.username: user.id for user in store.users()}
-        return JSONResponse({"users": [{"id": ids[row["username"]], **row} for row in store.labeler_stats()]})
+        return JSONResponse({"users": store.labeler_stats()})
 
     @app.post("/api/admin/users/{user_id}/active", dependencies=[Depends(csrf_protected)])
     def api_set_active(user_id: int, admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:

@@ -1138,16 +1138,16 @@ class Store:
         return counts
 
     def labeler_stats(self) -> list[dict]:
-        """Per account, in creation order: ``{"username", "role", "active", "answers", "skipped", "submitted",
+        """Per account, in creation order: ``{"id", "username", "role", "active", "answers", "skipped", "submitted",
         "accepted", "rejected", "open_assignments", "median_seconds"}``.
 
         ``answers`` counts the answers that are not skips, by review status in ``submitted``, ``accepted`` and
         ``rejected``. ``median_seconds`` is the median time from the item's assignment (the labeler opened it)
         to the first version of the answer, over the answers that are not skips (None without any).
         """
-        stats = {user.id: {"username": user.username, "role": user.role, "active": user.active, "answers": 0,
-                           "skipped": 0, SUBMITTED: 0, ACCEPTED: 0, REJECTED: 0, "open_assignments": 0,
-                           "median_seconds": None} for user in self.users()}
+        stats = {user.id: {"id": user.id, "username": user.username, "role": user.role, "active": user.active,
+                           "answers": 0, "skipped": 0, SUBMITTED: 0, ACCEPTED: 0, REJECTED: 0,
+                           "open_assignments": 0, "median_seconds": None} for user in self.users()}
         counts = (select(AnswerRow.user_id, AnswerRow.skipped, AnswerRow.status, func.count())
                   .group_by(AnswerRow.user_id, AnswerRow.skipped, AnswerRow.status))
         open_assignments = (select(AssignmentRow.user_id, func.count()).where(~self._assignment_answered().exists())
