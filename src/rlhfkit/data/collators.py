@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rlhfkit.data.records import Message, Prompt
+from rlhfkit.data.records import Message, Prompt, common_prefix_length
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *,
@@ -80,7 +80,7 @@ def _extends(text: str, start: str, what: str) -> None:
     """Raise :class:`TemplatePrefixError` unless ``text`` begins with ``start``, showing where they part."""
     if text.startswith(start):
         return
-    at = next((i for i, (a, b) in enumerate(zip(text, start, strict=False)) if a != b), min(len(text), len(start)))
+    at = common_prefix_length(text, start)
     raise TemplatePrefixError(f"the chat template breaks the prefix property: {what} (at character {at}, expected "
                               f"{start[at:at + 40]!r}, the template gives {text[at:at + 40]!r}); with this template "
                               "only the last assistant turn can be trained (sft.loss_on: last_assistant_turn)")

@@ -33,6 +33,7 @@ finds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -397,9 +398,7 @@ class _Checker:
         chosen, rejected = self.require("chosen"), self.require("rejected")
         if isinstance(chosen, list) and isinstance(rejected, list):
             chosen, rejected = self.messages(chosen, "chosen"), self.messages(rejected, "rejected")
-            shared = 0
-            while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-                shared += 1
+            shared = common_prefix_length(chosen, rejected)
             if shared == 0:
                 raise self.error("prompt", "is missing, and 'chosen' and 'rejected' start with different messages "
                                            "(no implicit prompt)")
@@ -412,9 +411,7 @@ class _Checker:
                 replies.append(rest[0]["content"])
             return chosen[:shared], replies[0], replies[1]
         if isinstance(chosen, str) and isinstance(rejected, str):
-            shared = 0
-            while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-                shared += 1
+            shared = common_prefix_length(chosen, rejected)
             cut = max((i + 1 for i in range(shared) if chosen[i].isspace()), default=0)
             if not chosen[:cut].strip():
                 raise self.error("prompt", "is missing, and 'chosen' and 'rejected' share no leading words "
@@ -433,6 +430,11 @@ class _Checker:
         if chosen == rejected:
             raise self.error("rejected", "is identical to 'chosen'")
         return prompt, chosen, rejected
+
+
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """How many leading elements (characters, messages) ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _type_name(value: Any) -> str:
