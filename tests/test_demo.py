@@ -152,3 +152,31 @@ def test_the_verifiable_recipe_trains_and_evaluates_end_to_end(tmp_path):
     metrics = read_metrics(tmp_path / "ppo")
     assert metrics[-1]["step"] == 4 and all("rewards/exact_answer" in m for m in metrics)
     assert (tmp_path / "report.html").exists() and not (tmp_path / "illustration.svg").exists()
+
+
+@pytest.mark.slow
+def test_online_dpo_joins_the_demo_on_the_rank_prompts_with_the_task_labeler(tmp_path):
+    """``--set online_dpo_enabled=true``: online DPO from SFT, judged by the task's labeler, evaluated beside DPO."""
+    from rich.console import Console
+
+    from rlhfkit.demo import DemoConfig, demo_pipeline, run_demo
+
+    settings = {"max_steps": 4, "lr": 1e-3, "warmup_steps": 0}
+    config = DemoConfig(out_dir=str(tmp_path), corpus_docs=200, heldout_docs=20, sft_prompts=100, sft_eval_prompts=8,
+                        eval_prompts=16, rank_prompts=32, hidden_size=32, num_hidden_layers=1, pretrain=settings,
+                        sft=settings, rm=settings, dpo=settings, ppo={**settings, "rollout_batch_size": 4,
+                                                                      "minibatch_size": 4},
+                        online_dpo_enabled=True, online_dpo={**settings, "batch_size": 8})
+    pipeline = demo_pipeline(config)
+    assert pipeline.stages.index("online_dpo") == pipeline.stages.index("dpo") + 1
+    online = pipeline.model_dump()["online_dpo"]
+    assert online["online"]["task"] == "tinyworld" and online["online"]["num_generations"] == config.k
+    assert online["data"]["train"] == "{data:rank_prompts.jsonl}"
+    assert "online_dpo" not in demo_pipeline(DemoConfig()).stages  # off by default
+    summary = run_demo(config, Console(quiet=True))
+    assert {"online_dpo", "online_dpo@2", "dpo"} <= set(summary["models"])
+    assert set(summary["win_rates"]["online_dpo"]) >= {"gold"}
+    metrics = read_metrics(tmp_path / "online_dpo")
+    assert metrics[-1]["step"] == 4 and "objective/scores" not in metrics[-1]  # a labeler ranks: no scores
+    rows = [json.loads(line) for line in (tmp_path / "online_dpo" / "samples.jsonl").read_text().splitlines()]
+    assert rows and all(len(r["completions"]) == config.k for r in rows)

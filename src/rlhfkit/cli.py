@@ -88,6 +88,17 @@ def dpo(config: ConfigOption = None, set_: SetOption = None) -> None:
     _train(DPOConfig, run_dpo, config, set_)
 
 
+@app.command("online-dpo")
+@fail_cleanly
+def online_dpo(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Online DPO: the policy's own samples, ranked by a reward model, reward functions or a task's labeler as it
+    trains, and a DPO-family loss on their pairs (online.ref_update_every: iterative DPO)."""
+    from rlhfkit.config import OnlineDPOConfig
+    from rlhfkit.trainers.online_dpo import run_online_dpo
+
+    _train(OnlineDPOConfig, run_online_dpo, config, set_)
+
+
 @app.command()
 @fail_cleanly
 def tokenizer(

@@ -403,6 +403,66 @@ class PPOSection(Section):
         return self
 
 
+class OnlineDPOSection(Section):
+    """Online DPO: preferences between the current policy's own samples, judged as it trains (Guo et al. 2024,
+    "Direct Language Model Alignment from Online AI Feedback"; TRL's ``OnlineDPOTrainer``).
+
+    One step samples ``num_generations`` completions for each of ``rollout_batch_size`` prompts from the policy
+    being trained, the judge ranks each prompt's completions, and the policy takes one optimizer step of
+    ``dpo.loss`` on the rankings' pairs (``pairs``: ``all`` non-tied pairs, or ``best_worst``, the best against
+    the worst, one pair per prompt). The judge is ``task``'s simulated labeler (a built-in task: a human in the
+    loop) or the reward sources (``reward_model`` and ``rewards``, summed with their weights, as PPO's).
+    ``ref_update_every``: the reference becomes a copy of the policy every so many steps (iterative DPO, Xiong
+    et al. 2024: a new reference each round); unset, it stays the initial policy. ``train.max_steps`` counts
+    steps; a step's preference pairs are ``rollout_batch_size`` x the pairs of a ranking.
+    """
+
+    task: str | None = None
+    reward_model: str | None = None
+    rewards: list[RewardSourceConfig] = Field(default_factory=list)
+    rollout_batch_size: int = Field(16, gt=0)
+    num_generations: int = Field(2, ge=2)
+    pairs: Literal["all", "best_worst"] = "all"
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    ref_update_every: int | None = Field(None, gt=0)
+    samples_to_log: int = Field(4, ge=0)
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> OnlineDPOSection:
+        has_rewards = self.reward_model is not None or bool(self.rewards)
+        if (self.task is None) != has_rewards:
+            raise ValueError("online: the judge is either a built-in task's simulated labeler (online.task) or reward "
+                             "sources (online.reward_model and/or online.rewards), exactly one of the two")
+        return self
+
+
+class OnlineDPOConfig(Section):
+    """Online DPO: ``model`` is the policy (initialised from SFT), ``data.train`` the prompts, ``dpo`` the loss
+    and its reference, ``online`` the sampling and the judge."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    online: OnlineDPOSection
+
+    @model_validator(mode="after")
+    def _pairwise(self) -> OnlineDPOConfig:
+        if self.dpo.loss == "kto":
+            raise ValueError("online DPO trains on pairs of its samples: dpo.loss kto (unpaired) is not supported")
+        if self.dpo.precompute_reference:
+            raise ValueError("dpo.precompute_reference: online DPO's responses are sampled as it trains, so their "
+                             "reference log-probs cannot be computed beforehand")
+        if self.online.ref_update_every is not None and (self.dpo.reference != "auto" or self.dpo.reference_model
+                                                          or self.model.lora is not None or self.dpo.reference_free):
+            raise ValueError("online.ref_update_every refreshes a frozen copy of the policy: it needs dpo.reference "
+                             "auto, no dpo.reference_model, no model.lora and a loss with a reference")
+        return self
+
+
 #: ``rlhfkit grpo``'s starting point: TRL's ``GRPOConfig`` defaults (trl 1.16) where they differ from
 #: :class:`PPOSection`'s, on the same trainer: group baselines of 8 completions (``num_generations``), no KL
 #: penalty (``beta`` 0), one pass over each rollout (``num_iterations``). ``epsilon`` (0.2), ``temperature`` (1.0)

@@ -44,6 +44,8 @@ from rlhfkit.config import (
     DPOConfig,
     DPOSection,
     ModelConfig,
+    OnlineDPOConfig,
+    OnlineDPOSection,
     PPOConfig,
     PPOSection,
     PretrainConfig,
@@ -84,6 +86,15 @@ class DPOSchedule(StageSchedule):
     """The DPO stage: its schedule and the KL strength beta."""
 
     beta: float = Field(0.3, gt=0)
+
+
+class OnlineDPOSchedule(DPOSchedule):
+    """The online DPO stage (run with ``online_dpo_enabled``): ``max_steps`` steps, each ``batch_size`` rank prompts
+    with ``k`` samples of the policy being trained, ranked by the task's simulated labeler (as the rank stage ranks
+    SFT's), one DPO step on their pairs. The default, 125 x 16, asks for as many rankings as the rank stage (2000 of
+    4): offline and online DPO learn from the same number of labels."""
+
+    ref_update_every: int | None = Field(None, gt=0)
 
 
 class PPOSchedule(StageSchedule):
@@ -152,6 +163,9 @@ class DemoConfig(Section):
     # present in the preferences, pulls a policy optimised hard past the gold judge's ideal length.
     ppo: PPOSchedule = PPOSchedule(max_steps=30, lr=5e-5, warmup_steps=0)
     dpo: DPOSchedule = DPOSchedule(max_steps=400, lr=3e-5, batch_size=16, warmup_steps=5)
+    # online DPO beside offline DPO, from SFT on the rank prompts (off by default: it adds a stage)
+    online_dpo_enabled: bool = False
+    online_dpo: OnlineDPOSchedule = OnlineDPOSchedule(max_steps=125, lr=3e-5, batch_size=16, warmup_steps=5)
     # A verifiable task (one whose prompts have exact answers, such as ``sums``) runs another recipe: pretrain ->
     # SFT -> GRPO on ``rl_prompts`` train prompts with the ``exact_answer`` reward -> evaluation; the ``sample``,
     # ``rank``, ``rm``, ``ppo`` and ``dpo`` settings above are then unused.
@@ -255,6 +269,15 @@ def demo_pipeline(config: DemoConfig) -> PipelineConfig:
         return _pipeline(config, {**sections, **_verifiable_sections(config, data)})
     models = {"pretrain": "{pretrain}", "sft": "{sft}", "ppo": "{ppo}", "dpo": "{dpo}", **_half_way("ppo", ppo),
               **_half_way("dpo", dpo)}
+    if config.online_dpo_enabled:
+        online = config.online_dpo
+        models |= {"online_dpo": "{online_dpo}", **_half_way("online_dpo", online)}
+        sections["online_dpo"] = OnlineDPOConfig(
+            model=sft_policy, data=data("{data:rank_prompts.jsonl}"),
+            train=_train(config, "online_dpo", online, log_every=5), dpo=DPOSection(beta=online.beta),
+            online=OnlineDPOSection(task=config.task, rollout_batch_size=online.batch_size, num_generations=config.k,
+                                    max_new_tokens=new_tokens, temperature=config.sample_temperature,
+                                    ref_update_every=online.ref_update_every))
     sections |= {
         "sample": SampleStage(model="{sft}", prompts="{data:rank_prompts.jsonl}", k=config.k,
                               max_new_tokens=new_tokens, temperature=config.sample_temperature, batch_size=128),

@@ -55,6 +55,7 @@ from rlhfkit import workflows
 from rlhfkit.config import (
     ConfigError,
     DPOConfig,
+    OnlineDPOConfig,
     PPOConfig,
     PretrainConfig,
     RewardConfig,
@@ -255,6 +256,7 @@ STAGES: tuple[Stage, ...] = (
     _trainer("rm", RewardConfig, "rlhfkit.trainers.reward.run_reward"),
     _trainer("ppo", PPOConfig, "rlhfkit.trainers.ppo.run_ppo"),
     _trainer("dpo", DPOConfig, "rlhfkit.trainers.dpo.run_dpo"),
+    _trainer("online_dpo", OnlineDPOConfig, "rlhfkit.trainers.online_dpo.run_online_dpo"),
     Stage("eval", EvalStage, _evaluate, output="eval.json"),
     Stage("report", ReportStage, _report, defaults_suffice=True, reads_the_run=True),
 )

@@ -24,15 +24,17 @@ CARD_FILE = "README.md"
 LIBRARY = "rlhfkit"
 # what each stage does, for the card's first line
 STAGE_TITLES = {"pretrain": "pretraining (next-token prediction)", "sft": "supervised fine-tuning (SFT)",
-                "rm": "reward modelling", "dpo": "direct preference optimisation", "ppo": "reinforcement learning"}
+                "rm": "reward modelling", "dpo": "direct preference optimisation", "ppo": "reinforcement learning",
+                "online_dpo": "online direct preference optimisation"}
 _EVALUATION = re.compile(r"\n<!-- rlhfkit:evaluation -->\n.*<!-- /rlhfkit:evaluation -->\n", re.DOTALL)
 
 
 def method_tags(stage: str, config: BaseModel) -> list[str]:
     """The card's tags for what the stage trained: ``sft``, ``reward-model``, ``dpo`` (and its loss when another:
     ``ipo``, ``kto``, ...), ``ppo`` or the group-baseline estimator (``grpo``, ``rloo``, ...), and ``lora``."""
-    if stage == "dpo":
-        tags = ["dpo"] + ([config.dpo.loss] if config.dpo.loss != "dpo" else [])
+    if stage in ("dpo", "online_dpo"):
+        tags = (["online-dpo"] if stage == "online_dpo" else []) + ["dpo"] + (
+            [config.dpo.loss] if config.dpo.loss != "dpo" else [])
     elif stage == "ppo":
         tags = ["ppo" if config.ppo.advantage == "gae" else config.ppo.advantage.replace("_", "-")]
     else:
@@ -104,9 +106,12 @@ def write_model_card(directory: str | Path, *, stage: str, config: BaseModel, me
              "## Training", "", f"- started from: {started}", f"- training data: `{data.train}`"]
     if data.eval:
         lines.append(f"- evaluation data: `{data.eval}`")
-    if stage == "ppo":
-        rewards = [config.ppo.reward_model, *(s.model or s.function for s in config.ppo.rewards)]
-        lines.append(f"- rewarded by: {', '.join(f'`{r}`' for r in rewards if r)}")
+    if stage in ("ppo", "online_dpo"):
+        judged = config.ppo if stage == "ppo" else config.online
+        rewards = [judged.reward_model, *(s.model or s.function for s in judged.rewards)]
+        if stage == "online_dpo" and judged.task:
+            rewards = [f"{judged.task}'s simulated labeler"]
+        lines.append(f"- {'rewarded' if stage == 'ppo' else 'judged'} by: {', '.join(f'`{r}`' for r in rewards if r)}")
     lines += ["", "## Final metrics", ""]
     if metrics:
         lines += ["| metric | value |", "| --- | --- |", *(f"| {k} | {_number(v)} |" for k, v in metrics.items())]

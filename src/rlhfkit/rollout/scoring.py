@@ -1,4 +1,5 @@
-"""What an RL rollout is rewarded by: ``ppo.reward_model`` and the weighted sources of ``ppo.rewards``.
+"""What an RL rollout is rewarded by: ``ppo.reward_model`` and the weighted sources of ``ppo.rewards`` (online
+DPO's judge too: ``online.reward_model`` and ``online.rewards``).
 
 Every source is a :class:`~rlhfkit.rewards.functions.RewardSource`: a reward function (built-in or the user's,
 :mod:`rlhfkit.rewards`) or a reward model wrapped as one (:func:`model_reward`), so that one weighted sum with
@@ -13,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import PPOSection
+from rlhfkit.config import RewardSourceConfig
 from rlhfkit.models.reward import load_for_scoring, score_texts
 from rlhfkit.rewards.functions import RewardSource, reward_source
 
@@ -33,13 +34,13 @@ def model_reward(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     return RewardSource(name, score, weight)
 
 
-def reward_sources(ppo: PPOSection, *, max_length: int, max_prompt_length: int,
+def reward_sources(rewards: Sequence[RewardSourceConfig], *, max_length: int, max_prompt_length: int,
                    reward_model: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> list[RewardSource]:
     """The sources a rollout is scored by: ``reward_model`` (``ppo.reward_model``, loaded), weight 1, then every
-    entry of ``ppo.rewards`` (reward model directories are loaded here, functions found by name)."""
+    entry of ``rewards`` (``ppo.rewards``: reward model directories are loaded here, functions found by name)."""
     window = {"max_length": max_length, "max_prompt_length": max_prompt_length}
     sources = [model_reward(MAIN_REWARD_MODEL, *reward_model, **window)] if reward_model is not None else []
-    for spec in ppo.rewards:
+    for spec in rewards:
         if spec.model is not None:
             sources.append(model_reward(spec.metric_name, *load_for_scoring(spec.model), weight=spec.weight, **window))
         else:

@@ -118,7 +118,7 @@ class PPOTrainer(Engine):
         self.kl_controller = (AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
                               if self.ppo.adaptive_kl else FixedKLController(self.ppo.kl_coef))
         self.ema = WeightAverage(self._unwrapped_policy(), self.ppo.ema_decay) if self.ppo.ema_decay else None
-        rewards = reward_sources(self.ppo, max_length=config.data.max_length + self.ppo.max_new_tokens,
+        rewards = reward_sources(self.ppo.rewards, max_length=config.data.max_length + self.ppo.max_new_tokens,
                                  max_prompt_length=config.data.max_prompt_length, reward_model=main_reward)
         self.experience = ExperienceMaker(
             self.tokenizer, self.reference, rewards, ppo=self.ppo,
