@@ -321,18 +321,20 @@ def test_ppo_update_on_two_processes_equals_one_process(ppo_setup, tmp_path, nam
 
 @pytest.mark.slow
 def test_grpo_with_lora_and_gradient_accumulation_on_two_processes(ppo_setup, tmp_path):
+    """... and dynamic sampling, whose further batches every process samples together."""
     from test_ppo import ppo_config
     from transformers import AutoModelForCausalLM
 
     from rlhfkit.engine.metrics import read_metrics
 
     config = ppo_config(ppo_setup, "unused", "train.max_steps=1", "ppo.advantage=grpo", "ppo.samples_per_prompt=2",
-                        "model.lora.r=4", "train.grad_accum=2")
+                        "model.lora.r=4", "train.grad_accum=2", "ppo.dynamic_sampling=true")
     path = tmp_path / "grpo.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     run("ppo", path, tmp_path / "run", 2)
     rows = read_metrics(tmp_path / "run")
     assert [(row["step"], row["rollout/sequences"]) for row in rows] == [(1, 4 * 2)]
+    assert rows[0]["dynamic_sampling/batches"] >= 1 and 0 <= rows[0]["dynamic_sampling/informative_frac"] <= 1
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # the LoRA policy, merged
 
 

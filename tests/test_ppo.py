@@ -384,3 +384,67 @@ def test_the_grpo_command_starts_from_trls_grpo_defaults_and_takes_its_names(ppo
     assert read_metrics(ppo_setup / "grpo-command")[-1]["kl_coef"] == 0.0
     # `rlhfkit ppo` keeps PPO's own defaults
     assert load_config(PPOConfig, None, [*common, "ppo.minibatch_size=2"]).ppo.advantage == "gae"
+
+
+def test_informative_groups_are_those_whose_scores_differ():
+    from rlhfkit.rollout.experience import informative_groups
+
+    assert informative_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 0.5, -0.5]), 2) == [1, 3]
+    assert informative_groups(torch.tensor([3.0, 3.0, 3.0]), 3) == []
+
+
+def test_scored_batches_concatenate_with_prompts_left_and_responses_right_padded():
+    from rlhfkit.rollout.experience import Scored
+
+    def part(queries, responses, score):
+        queries, responses = torch.tensor(queries), torch.tensor(responses)
+        return Scored(queries, (queries != 0).long(), responses, (responses != 0).long(), responses.float() / 10,
+                      torch.tensor([score] * len(queries)), ["p"] * len(queries), ["t"] * len(queries),
+                      torch.arange(len(queries)), {"r": torch.tensor([score] * len(queries))})
+
+    joined = Scored.concat([part([[0, 4, 5]], [[7, 8, 0]], 1.0), part([[3, 4, 5, 6]], [[9, 0]], 2.0)], pad_token_id=0)
+    assert joined.queries.tolist() == [[0, 0, 4, 5], [3, 4, 5, 6]]
+    assert joined.query_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert joined.responses.tolist() == [[7, 8, 0], [9, 0, 0]]
+    assert joined.response_mask.tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert joined.logprobs[1].tolist() == pytest.approx([0.9, 0.0, 0.0])
+    assert joined.scores.tolist() == [1.0, 2.0] and joined.source_scores["r"].tolist() == [1.0, 2.0]
+    assert joined.rows([1]).queries.tolist() == [[3, 4, 5, 6]]
+
+
+DYNAMIC_REWARD = '''
+def half_constant(prompts, completions, constant, **fields):
+    return [1.0 if c else float(len(text)) for c, text in zip(constant, completions)]
+'''
+
+
+def test_dynamic_sampling_replaces_groups_that_scored_alike(ppo_setup, tmp_path, task):
+    """DAPO's dynamic sampling: prompts whose samples all get the same reward are replaced by further prompts."""
+    reward_file = tmp_path / "dynamic.py"
+    reward_file.write_text(DYNAMIC_REWARD, encoding="utf-8")
+    prompts = task.prompts(24, seed=3)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p, "constant": i % 2 == 0} for i, p in enumerate(prompts)])
+    constant = {p for i, p in enumerate(prompts) if i % 2 == 0}
+    common = ["ppo.reward_model=null", "ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
+              f"data.train={tmp_path / 'prompts.jsonl'}", f"ppo.rewards=[{{function: '{reward_file}:half_constant'}}]",
+              "ppo.samples_to_log=8", "train.max_steps=3"]
+    metrics = PPOTrainer(ppo_config(ppo_setup, "dynamic", *common, "ppo.dynamic_sampling=true",
+                                    "ppo.dynamic_sampling_max_batches=4")).train()
+    assert metrics["rollout/sequences"] == 8  # the rollout keeps its size
+    assert 1 < metrics["dynamic_sampling/batches"] <= 4 and 0.2 < metrics["dynamic_sampling/informative_frac"] < 0.8
+    assert metrics["frac_reward_zero_std"] <= 0.25  # half the prompts alike without it
+    logged = [json.loads(line) for line in (ppo_setup / "dynamic" / "samples.jsonl").read_text().splitlines()]
+    kept = [row["prompt"] in constant for row in logged]
+    assert sum(kept) <= len(kept) // 4, "groups that scored alike stayed in the rollout"
+    # every prompt alike: nothing to replace them with; after the last batch the rollout is filled with them
+    write_jsonl(tmp_path / "alike.jsonl", [{"prompt": p, "constant": True} for p in prompts])
+    metrics = PPOTrainer(ppo_config(ppo_setup, "alike", *common, f"data.train={tmp_path / 'alike.jsonl'}",
+                                    "ppo.dynamic_sampling=true")).train()
+    assert metrics["rollout/sequences"] == 8 and metrics["frac_reward_zero_std"] == 1.0
+    assert metrics["dynamic_sampling/batches"] == 3 and metrics["dynamic_sampling/informative_frac"] == 0.0
+
+
+def test_dynamic_sampling_needs_groups():
+    with pytest.raises(ValueError, match="dynamic_sampling .* needs ppo.samples_per_prompt >= 2"):
+        load_config(PPOConfig, None, ["train.output_dir=x", "model.name_or_path=x", "data.train=x",
+                                      "ppo.reward_model=x", "ppo.dynamic_sampling=true"])

@@ -378,6 +378,10 @@ class PPOSection(Section):
     ptx_data: str | None = None
     ema_decay: float | None = Field(None, gt=0, lt=1)
     samples_to_log: int = Field(4, ge=0)
+    # DAPO's dynamic sampling: the groups whose samples all scored the same (nothing for a group baseline to learn)
+    # are replaced by groups of further prompts, sampled up to dynamic_sampling_max_batches batches in all
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_batches: int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> PPOSection:
@@ -387,6 +391,9 @@ class PPOSection(Section):
                              f"rollout_batch_size x samples_per_prompt = {rollout} sequences")
         if self.advantage in ("rloo", "grpo", "dr_grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"ppo.advantage={self.advantage} needs ppo.samples_per_prompt >= 2")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ValueError("ppo.dynamic_sampling keeps the groups whose samples scored differently: it needs "
+                             "ppo.samples_per_prompt >= 2")
         if self.reward_model is None and not self.rewards:
             raise ValueError("ppo needs a reward: ppo.reward_model (a directory) or ppo.rewards (reward models "
                              "and functions with weights)")

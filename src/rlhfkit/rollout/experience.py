@@ -89,6 +89,56 @@ def iteration_prompts(n_prompts: int, batch_size: int, iteration: int, seed: int
     return picked
 
 
+@dataclass
+class Scored:
+    """Sampled and scored sequences (steps 1 and 2), before the reference and value forwards: the fields of
+    :class:`Rollout` that they have, ``prompt_positions`` as ``positions``."""
+
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    scores: torch.Tensor
+    prompts: list
+    texts: list[str]
+    positions: torch.Tensor
+    source_scores: dict[str, torch.Tensor]
+
+    def rows(self, index: list[int]) -> Scored:
+        """The sequences ``index``, in that order."""
+        at = torch.tensor(index, dtype=torch.long)
+        return Scored(self.queries[at], self.query_mask[at], self.responses[at], self.response_mask[at],
+                      self.logprobs[at], self.scores[at], [self.prompts[i] for i in index],
+                      [self.texts[i] for i in index], self.positions[at],
+                      {name: values[at] for name, values in self.source_scores.items()})
+
+    @staticmethod
+    def concat(parts: list[Scored], pad_token_id: int) -> Scored:
+        """``parts`` one after the other: prompts left-padded, responses right-padded to the widest."""
+        def pad(name: str, value: int, left: bool) -> torch.Tensor:
+            width = max(getattr(part, name).size(1) for part in parts)
+            padded = []
+            for part in parts:
+                tensor = getattr(part, name)
+                gap = (width - tensor.size(1), 0) if left else (0, width - tensor.size(1))
+                padded.append(torch.nn.functional.pad(tensor, gap, value=value))
+            return torch.cat(padded)
+
+        return Scored(pad("queries", pad_token_id, True), pad("query_mask", 0, True),
+                      pad("responses", pad_token_id, False), pad("response_mask", 0, False), pad("logprobs", 0, False),
+                      torch.cat([p.scores for p in parts]), [x for p in parts for x in p.prompts],
+                      [x for p in parts for x in p.texts], torch.cat([p.positions for p in parts]),
+                      {name: torch.cat([p.source_scores[name] for p in parts]) for name in parts[0].source_scores})
+
+
+def informative_groups(scores: torch.Tensor, group_size: int) -> list[int]:
+    """The groups (of ``group_size`` consecutive samples of one prompt) whose scores are not all equal: the groups
+    a group baseline learns from (DAPO's dynamic sampling keeps only these; Yu et al. 2025, eq. 11)."""
+    groups = scores.view(-1, group_size)
+    return torch.nonzero(groups.amax(-1) > groups.amin(-1)).flatten().tolist()
+
+
 def response_masks(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of real response tokens (up to and including the first EOS) and whether each row ended.
 
@@ -125,19 +175,24 @@ class ExperienceMaker:
     synced_gpus: bool
     device: torch.device
 
-    @torch.no_grad()
     def __call__(self, networks: torch.nn.Module, prompts: list, prompt_positions: list[int],
                  kl_coef: float, prompt_fields: list[dict | None] | None = None) -> Rollout:
         """The rollout of ``prompts`` (each sampled ``samples_per_prompt`` times, prompt-major) by ``networks``
         (the prepared :class:`~rlhfkit.models.policy_value.PolicyAndValue`) with KL coefficient ``kl_coef``;
         ``prompt_fields``: each prompt record's extra fields, for the reward functions."""
+        return self.complete(networks, self.sample_and_score(networks, prompts, prompt_positions, prompt_fields),
+                             kl_coef)
+
+    @torch.no_grad()
+    def sample_and_score(self, networks: torch.nn.Module, prompts: list, prompt_positions: list[int],
+                         prompt_fields: list[dict | None] | None = None) -> Scored:
+        """Steps 1 and 2 of the module docstring: ``samples_per_prompt`` samples of each prompt, scored."""
         ppo, tok = self.ppo, self.tokenizer
         k = ppo.samples_per_prompt
         prompts = [p for p in prompts for _ in range(k)]  # prompt-major groups
         fields = fields_by_name([f for f in prompt_fields or [None] * len(prompt_positions) for _ in range(k)])
         positions = torch.tensor([p for p in prompt_positions for _ in range(k)])
-        policy_and_value = extract_model_from_parallel(networks)
-        policy = policy_and_value.policy
+        policy = extract_model_from_parallel(networks).policy
         policy.eval()
         sampling = SamplingConfig(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k,
                                   top_p=ppo.top_p, stop_strings=tuple(ppo.stop_strings))
@@ -145,21 +200,8 @@ class ExperienceMaker:
                          max_prompt_length=self.max_prompt_length, return_logprobs=True,
                          policy_call=partial(networks, "with_policy"), synced_gpus=self.synced_gpus)
         policy.train()
-        queries, query_mask, responses = sampled.queries, sampled.query_mask, sampled.responses
+        responses = sampled.responses
         response_mask, finished = response_masks(responses, tok.eos_token_id, tok.pad_token_id)
-        logprobs = sampled.logprobs * response_mask
-        batch = {"queries": queries, "query_mask": query_mask, "responses": responses, "response_mask": response_mask}
-        if self.reference is None:  # LoRA (never under FSDP): the policy without its adapters
-            with policy.disable_adapter():
-                ref_logprobs = networks("policy_outputs", batch, ppo.temperature)[0]
-        else:
-            ref_logprobs = policy_forward(self.reference, batch, ppo.temperature)[0]
-        ref_logprobs = ref_logprobs * response_mask
-        values = None
-        if ESTIMATORS[ppo.advantage].needs_values:  # a value head reads the policy's hidden states
-            states = (networks("policy_outputs", batch, ppo.temperature, hidden=True)[2]
-                      if ppo.value_model == "head" else None)
-            values = networks("values", batch, states) * response_mask
         texts, completion_ids = [], []
         for row, mask in zip(responses.tolist(), response_mask.tolist(), strict=True):
             ids = [t for t, m in zip(row, mask, strict=True) if m]
@@ -174,13 +216,36 @@ class ExperienceMaker:
             scores = scores - ppo.missing_eos_penalty * (~finished).float()
         if ppo.reward_clip is not None:
             scores = scores.clamp(-ppo.reward_clip, ppo.reward_clip)
-        kl = kl_estimate(logprobs, ref_logprobs, ppo.kl_estimator) * response_mask
+        return Scored(sampled.queries, sampled.query_mask, responses, response_mask,
+                      sampled.logprobs * response_mask, scores, prompts, texts, positions, source_scores)
+
+    @torch.no_grad()
+    def complete(self, networks: torch.nn.Module, scored: Scored, kl_coef: float) -> Rollout:
+        """Steps 3 and 4 of the module docstring on ``scored``: the reference and value forwards, the KL-shaped
+        rewards and the advantages."""
+        ppo = self.ppo
+        response_mask = scored.response_mask
+        batch = {"queries": scored.queries, "query_mask": scored.query_mask, "responses": scored.responses,
+                 "response_mask": response_mask}
+        if self.reference is None:  # LoRA (never under FSDP): the policy without its adapters
+            with extract_model_from_parallel(networks).policy.disable_adapter():
+                ref_logprobs = networks("policy_outputs", batch, ppo.temperature)[0]
+        else:
+            ref_logprobs = policy_forward(self.reference, batch, ppo.temperature)[0]
+        ref_logprobs = ref_logprobs * response_mask
+        values = None
+        if ESTIMATORS[ppo.advantage].needs_values:  # a value head reads the policy's hidden states
+            states = (networks("policy_outputs", batch, ppo.temperature, hidden=True)[2]
+                      if ppo.value_model == "head" else None)
+            values = networks("values", batch, states) * response_mask
+        kl = kl_estimate(scored.logprobs, ref_logprobs, ppo.kl_estimator) * response_mask
         advantages, returns = estimate_advantages(
-            ppo.advantage, scores, kl, response_mask, kl_coef=kl_coef, values=values, group_size=k, gamma=ppo.gamma,
-            lam=ppo.lam, whiten_rewards=ppo.whiten_rewards, whiten_advantages=ppo.whiten_advantages,
-            reduce_sum=self.reduce_sum)
-        return Rollout(queries, query_mask, responses, response_mask, logprobs, ref_logprobs, values, scores,
-                       advantages, returns, prompts, texts, positions, source_scores)
+            ppo.advantage, scored.scores, kl, response_mask, kl_coef=kl_coef, values=values,
+            group_size=ppo.samples_per_prompt, gamma=ppo.gamma, lam=ppo.lam, whiten_rewards=ppo.whiten_rewards,
+            whiten_advantages=ppo.whiten_advantages, reduce_sum=self.reduce_sum)
+        return Rollout(scored.queries, scored.query_mask, scored.responses, response_mask, scored.logprobs,
+                       ref_logprobs, values, scored.scores, advantages, returns, scored.prompts, scored.texts,
+                       scored.positions, scored.source_scores)
 
 
 def rollout_statistics(rollout: Rollout, kl_coef: float, reduce_sum: ReduceSum | None = None,

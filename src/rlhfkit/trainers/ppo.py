@@ -57,7 +57,14 @@ from rlhfkit.engine.sharding import state_loader, submodule_state
 from rlhfkit.models.load import load_causal_lm, save_model
 from rlhfkit.models.policy_value import VALUE_DIR, PolicyAndValue, ValueHead, value_network
 from rlhfkit.models.reward import load_for_scoring
-from rlhfkit.rollout.experience import ExperienceMaker, Rollout, iteration_prompts, rollout_statistics
+from rlhfkit.rollout.experience import (
+    ExperienceMaker,
+    Rollout,
+    Scored,
+    informative_groups,
+    iteration_prompts,
+    rollout_statistics,
+)
 from rlhfkit.rollout.scoring import reward_sources
 from rlhfkit.trainers.base import model_card
 
@@ -187,8 +194,51 @@ class PPOTrainer(Engine):
         copies of the policy's weights are cast once for all generation steps, not per token.
         """
         with self.accelerator.autocast():
-            return self.experience(self.model, [self.prompts[i] for i in prompt_positions], prompt_positions,
-                                   self.kl_controller.value, [self.prompt_fields[i] for i in prompt_positions])
+            scored = self._sample_and_score(prompt_positions)
+            if self.ppo.dynamic_sampling:
+                scored = self._informative(scored)
+            return self.experience.complete(self.model, scored, self.kl_controller.value)
+
+    def _sample_and_score(self, prompt_positions: list[int]) -> Scored:
+        return self.experience.sample_and_score(self.model, [self.prompts[i] for i in prompt_positions],
+                                                prompt_positions, [self.prompt_fields[i] for i in prompt_positions])
+
+    def _informative(self, scored: Scored) -> Scored:
+        """DAPO's dynamic sampling: ``scored``'s groups whose samples did not all score the same, then those of
+        further prompts (each batch as many as the iteration's, from a stream of their own) until there are as
+        many groups as ``scored`` has, or ``ppo.dynamic_sampling_max_batches`` batches were sampled; any place
+        left is filled with the first batch's uninformative groups, so that the rollout keeps its size. Every
+        process samples as many batches as the one that needs the most (their generations may be collective).
+        Logs ``dynamic_sampling/batches`` and ``dynamic_sampling/informative_frac`` (of the groups sampled)."""
+        ppo, k = self.ppo, self.ppo.samples_per_prompt
+        need = scored.scores.numel() // k
+        kept, found, batches = [], 0, 0
+        batch = scored
+        while True:
+            batches += 1
+            informative = informative_groups(batch.scores, k)
+            found += len(informative)
+            kept.append(batch.rows([g * k + j for g in informative[:need - sum(len(x.prompts) // k for x in kept)]
+                                    for j in range(k)]))
+            missing = need - sum(len(x.prompts) // k for x in kept)
+            if self.reduce_sum is not None:
+                missing = int(self.reduce_sum(torch.tensor(float(missing), device=self.accelerator.device)).item())
+            if missing <= 0 or batches == ppo.dynamic_sampling_max_batches:
+                break
+            extra = iteration_prompts(len(self.prompts), ppo.rollout_batch_size,
+                                      self.step * (ppo.dynamic_sampling_max_batches - 1) + batches - 1,
+                                      self.cfg.seed + 1)
+            batch = self._sample_and_score(self._prompt_share(extra))
+        have = sum(len(x.prompts) // k for x in kept)
+        first = set(informative_groups(scored.scores, k))
+        filler = [g for g in range(need) if g not in first][:need - have]
+        kept.append(scored.rows([g * k + j for g in filler for j in range(k)]))
+        informative_count = torch.tensor([float(found), float(batches * need)], device=self.accelerator.device)
+        if self.reduce_sum is not None:
+            informative_count = self.reduce_sum(informative_count)
+        self._sampling = {"dynamic_sampling/batches": float(batches),
+                          "dynamic_sampling/informative_frac": (informative_count[0] / informative_count[1]).item()}
+        return Scored.concat([x for x in kept if x.prompts], self.tokenizer.pad_token_id)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """``ppo_epochs`` passes of minibatch updates over this process's ``rollout``; returns averaged
@@ -278,7 +328,8 @@ class PPOTrainer(Engine):
                         "tokens_per_s": counts["tokens"] * (1 + self.ppo.ppo_epochs) / (rollout_s + train_s),
                         "rollout/sequences": counts["sequences"],
                         **{name: value for name, value in means.items()
-                           if name.startswith("rewards/") or name in ("reward_std", "frac_reward_zero_std")}}
+                           if name.startswith("rewards/") or name in ("reward_std", "frac_reward_zero_std")},
+                        **(self._sampling if self.ppo.dynamic_sampling else {})}
         if self.ppo.advantage in ("grpo", "dr_grpo"):  # the same figures under TRL's GRPO names too
             self._record.update({trl: self._record[ours] for trl, ours in TRL_GRPO_METRICS.items()})
 
