@@ -153,7 +153,7 @@ def test_a_pipeline_section_suggests_keys_with_its_stage_prefix(tmp_path):
 
 
 def test_every_trl_name_points_at_a_key_of_a_stage_config():
-    from rlhfkit.config import TRL_NAMES, DPOConfig, PPOConfig, RewardConfig
+    from rlhfkit.config import TRL_NAMES, DPOConfig, OnlineDPOConfig, PPOConfig, RewardConfig
 
     def keys(cls, prefix=()):
         for name, field in cls.model_fields.items():
@@ -163,7 +163,7 @@ def test_every_trl_name_points_at_a_key_of_a_stage_config():
             if section is not None:
                 yield from keys(section, (*prefix, name))
 
-    known = {key for cls in (SFTConfig, RewardConfig, DPOConfig, PPOConfig) for key in keys(cls)}
+    known = {key for cls in (SFTConfig, RewardConfig, DPOConfig, PPOConfig, OnlineDPOConfig) for key in keys(cls)}
     assert [entry.key for entry in TRL_NAMES if entry.key not in known] == []
     assert len({(entry.name, entry.key) for entry in TRL_NAMES}) == len(TRL_NAMES)
 
@@ -175,6 +175,17 @@ def trl_names_table():
     rows = ["| TRL name | in TRL | rlhfkit key | note |", "| --- | --- | --- | --- |"]
     rows += [f"| `{e.name}` | {e.trl} | `{e.key}` | {e.note} |" for e in TRL_NAMES]
     return "\n".join(rows) + "\n"
+
+
+def test_trl_names_of_online_dpo_point_at_its_online_section(tmp_path):
+    from rlhfkit.config import OnlineDPOConfig
+
+    good = write(tmp_path, GOOD)
+    for given, meant in (("train.max_new_tokens=32", "online.max_new_tokens"),
+                         ("online.reward_model_path=rm", "online.reward_model"),
+                         ("train.temperature=0.7", "online.temperature"), ("online.loss_type=ipo", "dpo.loss")):
+        with pytest.raises(ConfigError, match=rf"{given.split('=')[0]}: unknown key; did you mean {meant}\?"):
+            load_config(OnlineDPOConfig, good, ["online.task=tinyworld", given])
 
 
 def test_the_docs_page_of_trl_names_is_the_table():

@@ -576,6 +576,10 @@ TRL_NAMES: tuple[TRLName, ...] = (
     TRLName("missing_eos_penalty", "PPOConfig, RLOOConfig (TRL 0.x)", "ppo.missing_eos_penalty"),
     TRLName("reward_model_path", "PPOConfig, RLOOConfig (TRL 0.x)", "ppo.reward_model"),
     TRLName("sft_model_path", "PPOConfig, RLOOConfig (TRL 0.x)", "model.name_or_path", "the policy starts from it"),
+    TRLName("max_new_tokens", "OnlineDPOConfig", "online.max_new_tokens"),
+    TRLName("temperature", "OnlineDPOConfig", "online.temperature"),
+    TRLName("reward_model_path", "OnlineDPOConfig", "online.reward_model",
+            "or online.task: a built-in task's simulated labeler as the judge"),
 )
 
 

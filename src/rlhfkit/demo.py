@@ -122,6 +122,8 @@ class GRPOSchedule(StageSchedule):
     # the evaluation's temperature: at 1.0 a worked answer (~30 tokens) goes wrong more often than a direct one, and
     # GRPO at 1.0 learnt to answer directly (measured before the corpus taught the copies; docs/tasks.md)
     temperature: float = Field(0.7, gt=0)
+    # DAPO's dynamic sampling (ppo.dynamic_sampling): groups all right or all wrong replaced by further prompts'
+    dynamic_sampling: bool = False
 
 
 class DemoConfig(Section):
@@ -321,7 +323,8 @@ def _verifiable_sections(config: DemoConfig, data: Callable[..., DataConfig]) ->
                                         rollout_batch_size=grpo.rollout_batch_size,
                                         minibatch_size=grpo.minibatch_size, ppo_epochs=grpo.ppo_epochs,
                                         kl_coef=grpo.kl_coef, max_new_tokens=new_tokens, temperature=grpo.temperature,
-                                        samples_to_log=grpo.num_generations)),
+                                        samples_to_log=grpo.num_generations,
+                                        dynamic_sampling=grpo.dynamic_sampling)),
         "eval": EvalStage(models=models, prompts="{data:eval_prompts.jsonl}", baseline="sft",
                           heldout_text="{data:heldout_text.jsonl}", max_new_tokens=new_tokens,
                           temperature=config.eval_temperature),
