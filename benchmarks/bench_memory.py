@@ -1,4 +1,5 @@
-"""Peak memory of every rlhfkit stage: full fine-tuning, LoRA, and gradient checkpointing.
+"""Peak memory of every rlhfkit stage: full fine-tuning, LoRA (float32 or bfloat16 weights), QLoRA (4-bit
+weights), and gradient checkpointing.
 
 Each (stage, setting) trains a few steps in a fresh process on the same saved random model and reports
 its peak RSS (``common.peak_rss_mib``). With LoRA the reference of DPO and PPO is the policy with its
@@ -7,6 +8,7 @@ adapters disabled, so no frozen copy is kept; the full settings keep one. Nothin
     python benchmarks/bench_memory.py                        # small (14.4M) model, every stage, 3 settings
     python benchmarks/bench_memory.py --size tiny --stages dpo ppo --json memory.json
     python benchmarks/bench_memory.py --size base --stages dpo ppo --settings full lora   # 113M: weights dominate
+    python benchmarks/bench_memory.py --size base --stages sft dpo --settings lora lora-bf16 qlora   # QLoRA
 
 ``--mmap-threshold BYTES`` runs the children with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed: every allocation
 above it is a mapping of its own, returned to the system when freed. By default glibc raises the threshold
@@ -32,7 +34,10 @@ from pathlib import Path
 import common
 
 STAGES = ("sft", "rm", "dpo", "ppo")
-SETTINGS = ("full", "lora", "checkpointing")
+#: full fine-tuning, LoRA (float32 weights; lora-bf16: bfloat16 weights), QLoRA (LoRA on 4-bit NF4 weights,
+#: computed in float32; needs bitsandbytes) and full fine-tuning with gradient checkpointing
+SETTINGS = ("full", "lora", "lora-bf16", "qlora", "checkpointing")
+DEFAULT_SETTINGS = ("full", "lora", "checkpointing")
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"}
 BATCH_SIZE = 8
 STEPS = {"sft": 6, "rm": 6, "dpo": 6, "ppo": 2}
@@ -71,9 +76,11 @@ def stage_config(stage: str, setting: str, inputs: dict, output_dir: str):
     """The stage's config for ``setting``: the same data, batch and steps; only LoRA / checkpointing differ."""
     from rlhfkit.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
 
-    model = {"name_or_path": inputs["policy"], "dtype": "float32"}
-    if setting == "lora":
+    model = {"name_or_path": inputs["policy"], "dtype": "bfloat16" if setting == "lora-bf16" else "float32"}
+    if setting in ("lora", "lora-bf16", "qlora"):
         model["lora"] = dict(LORA)
+    if setting == "qlora":
+        model["quantization"] = "4bit"
     train = {"output_dir": output_dir, "batch_size": BATCH_SIZE, "max_steps": STEPS[stage], "lr": 1e-4,
              "warmup_steps": 0, "log_every": 1, "eval_every": None, "save_every": None, "resume": False,
              "progress": False, "mixed_precision": "no", "gradient_checkpointing": setting == "checkpointing"}
@@ -166,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", choices=list(SIZES))
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=SETTINGS)
     parser.add_argument("--mmap-threshold", type=int, metavar="BYTES",
                         help="fix glibc's MALLOC_MMAP_THRESHOLD_ in the runs (e.g. 131072): peaks of live memory")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")

@@ -48,6 +48,8 @@ class ModelConfig(Section):
     ``name_or_path`` is a local Hugging Face directory or a hub id (when online). Without it, a
     Llama-style model is built from ``preset`` (no download) with the tokenizer at ``tokenizer``;
     ``architecture`` overrides preset fields (e.g. ``hidden_size``, ``num_hidden_layers``).
+    ``quantization: 4bit`` is QLoRA (Dettmers et al. 2023): the pretrained weights are loaded in bitsandbytes'
+    4-bit NF4 (double-quantised, computed in ``dtype``) and frozen, and only the LoRA adapters (``lora``) train.
     """
 
     name_or_path: str | None = None
@@ -57,6 +59,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
+    quantization: Literal["4bit"] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -64,6 +67,13 @@ class ModelConfig(Section):
             raise ValueError("give exactly one of model.name_or_path or model.preset")
         if self.preset is not None and self.tokenizer is None:
             raise ValueError("model.preset needs model.tokenizer (a tokenizer directory)")
+        if self.quantization is not None:
+            if self.lora is None:
+                raise ValueError("model.quantization: 4bit freezes the quantised weights: it trains LoRA adapters "
+                                 "only (QLoRA); set model.lora")
+            if self.name_or_path is None or str(self.name_or_path).lower().endswith(".gguf"):
+                raise ValueError("model.quantization quantises pretrained weights: give a Hugging Face model with "
+                                 "model.name_or_path (not a preset, not a .gguf file)")
         return self
 
 

@@ -91,7 +91,7 @@ class DPOSchedule(StageSchedule):
 class OnlineDPOSchedule(DPOSchedule):
     """The online DPO stage (run with ``online_dpo_enabled``): ``max_steps`` steps, each ``batch_size`` rank prompts
     with ``k`` samples of the policy being trained, ranked by the task's simulated labeler (as the rank stage ranks
-    SFT's), one DPO step on their pairs. The default, 125 x 16, asks for as many rankings as the rank stage (2000 of
+    SFT's), one DPO step on their pairs. The default, 100 x 20, asks for as many rankings as the rank stage (2000 of
     4): offline and online DPO learn from the same number of labels."""
 
     ref_update_every: int | None = Field(None, gt=0)
@@ -167,7 +167,7 @@ class DemoConfig(Section):
     dpo: DPOSchedule = DPOSchedule(max_steps=400, lr=3e-5, batch_size=16, warmup_steps=5)
     # online DPO beside offline DPO, from SFT on the rank prompts (off by default: it adds a stage)
     online_dpo_enabled: bool = False
-    online_dpo: OnlineDPOSchedule = OnlineDPOSchedule(max_steps=125, lr=3e-5, batch_size=16, warmup_steps=5)
+    online_dpo: OnlineDPOSchedule = OnlineDPOSchedule(max_steps=100, lr=1e-4, batch_size=20, warmup_steps=5)
     # A verifiable task (one whose prompts have exact answers, such as ``sums``) runs another recipe: pretrain ->
     # SFT -> GRPO on ``rl_prompts`` train prompts with the ``exact_answer`` reward -> evaluation; the ``sample``,
     # ``rank``, ``rm``, ``ppo`` and ``dpo`` settings above are then unused.

@@ -39,7 +39,8 @@ def method_tags(stage: str, config: BaseModel) -> list[str]:
         tags = ["ppo" if config.ppo.advantage == "gae" else config.ppo.advantage.replace("_", "-")]
     else:
         tags = [{"pretrain": "pretraining", "rm": "reward-model"}.get(stage, stage)]
-    return tags + (["lora"] if config.model.lora is not None else [])
+    return tags + (["lora"] if config.model.lora is not None else []) + (
+        ["qlora", "4-bit"] if config.model.quantization is not None else [])
 
 
 def _front_matter(source: str) -> dict:

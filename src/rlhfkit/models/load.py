@@ -105,7 +105,8 @@ def load_causal_lm(config: ModelConfig, *, seed: int = 0) -> tuple[PreTrainedMod
             model = load_gguf_model(config.name_or_path, dtype=DTYPES[config.dtype])
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                config.name_or_path, dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code)
+                config.name_or_path, dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code,
+                **quantization_options(config))
     else:
         tokenizer = load_tokenizer(config.tokenizer)
         model = build_causal_lm(tokenizer, config.preset, seed=seed, **config.architecture).to(DTYPES[config.dtype])
@@ -116,14 +117,53 @@ def load_causal_lm(config: ModelConfig, *, seed: int = 0) -> tuple[PreTrainedMod
     return model, tokenizer
 
 
+#: Modules never quantised: the heads (a reward model's score head trains in full precision).
+UNQUANTIZED_MODULES = ["lm_head", "score", "classifier", "pre_classifier"]
+
+
+def quantization_options(config: ModelConfig) -> dict:
+    """``from_pretrained``'s options for ``config.quantization`` (none without it): bitsandbytes' 4-bit NF4 with
+    double quantisation, computed in ``config.dtype``, the heads left unquantised, every weight on this process's
+    device (QLoRA).
+
+    Raises:
+        ImportError: bitsandbytes is not installed.
+    """
+    if config.quantization is None:
+        return {}
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("model.quantization: 4bit loads the weights with bitsandbytes, which is not installed: "
+                          "pip install 'rlhfkit[qlora]'")
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=DTYPES[config.dtype],
+                                      llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    return {"quantization_config": quantization, "device_map": {"": PartialState().device}}
+
+
+def is_quantized(model) -> bool:
+    """Whether ``model`` (or the model inside a peft wrapper) holds bitsandbytes 4-bit weights."""
+    return bool(getattr(model, "is_loaded_in_4bit", False)
+                or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False))
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraConfig, *, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with trainable LoRA adapters (peft); the base weights are frozen.
 
     With adapters disabled (``model.disable_adapter()``) the wrapped model is the original one, which
-    is how later stages get a frozen reference without a second copy in memory.
+    is how later stages get a frozen reference without a second copy in memory. A 4-bit model is first made
+    ready for training as QLoRA does (peft's ``prepare_model_for_kbit_training``: the unquantised weights, such
+    as the norms, in float32, and gradients flowing from the input embeddings).
     """
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=lora.target_modules, task_type=task_type)
@@ -146,6 +186,71 @@ def save_model(model, tokenizer: PreTrainedTokenizerBase, directory: str, *, mer
     if merge_lora and hasattr(model, "merge_and_unload"):
         import copy
 
-        model = copy.deepcopy(model).merge_and_unload()
+        model = dequantized_merge(model) if is_quantized(model) else copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
+
+
+@torch.no_grad()
+def dequantized_merge(model) -> PreTrainedModel:
+    """A QLoRA model (peft adapters on 4-bit weights) as a plain model in its compute dtype: each 4-bit weight
+    de-quantised and its adapters' delta added in full precision. (peft's ``merge_and_unload`` adds the delta to
+    the de-quantised weight and quantises the sum again, which rounds the trained delta to 4 bits.)"""
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn import Params4bit
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    dtype = base.config.quantization_config.bnb_4bit_compute_dtype if hasattr(base.config, "quantization_config") \
+        else torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    def dense(param) -> torch.Tensor:
+        if isinstance(param, Params4bit):
+            return bnb_functional.dequantize_4bit(param.data, param.quant_state).to(dtype)
+        return param.data.to(dtype)
+
+    weights: dict[str, torch.Tensor] = {}
+    lora_layers = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    for name, module in lora_layers.items():
+        weight = dense(module.base_layer.weight)
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                weight = weight + module.get_delta_weight(adapter).to(dtype)
+        weights[f"{name}.weight"] = weight
+        if module.base_layer.bias is not None:
+            weights[f"{name}.bias"] = module.base_layer.bias.data.to(dtype)
+    for name, param in base.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if ".original_module." in name or any(owner == n or owner.startswith(f"{n}.") for n in lora_layers):
+            continue  # a LoRA layer's (above), or the untrained copy of a fully trained module
+        weights[name.replace(".modules_to_save.default.", ".")] = dense(param)
+    config = copy_config_without_quantization(base.config)
+    plain = type(base)(config).to(dtype)
+    missing, unexpected = plain.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if k not in _tied_keys(plain)]:
+        raise RuntimeError(f"de-quantising the QLoRA model: missing {missing}, unexpected {unexpected}")
+    if getattr(base, "generation_config", None) is not None:
+        plain.generation_config = base.generation_config
+    return plain.eval()
+
+
+def copy_config_without_quantization(config):
+    """A copy of a model config without its ``quantization_config`` (a plain model's config)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _tied_keys(model) -> set[str]:
+    """The parameter names that share another's tensor (a tied output embedding): absent from a state dict."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.setdefault(id(param), name)
+    return tied

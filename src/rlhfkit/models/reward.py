@@ -44,7 +44,15 @@ from transformers import (
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.collators import encode_prompt
 from rlhfkit.data.records import Prompt
-from rlhfkit.models.load import DTYPES, apply_lora, is_gguf, load_gguf_model, load_tokenizer, position_ids_from_mask
+from rlhfkit.models.load import (
+    DTYPES,
+    apply_lora,
+    is_gguf,
+    load_gguf_model,
+    load_tokenizer,
+    position_ids_from_mask,
+    quantization_options,
+)
 
 MEAN_KEY = "rlhfkit_reward_mean"
 STD_KEY = "rlhfkit_reward_std"
@@ -110,7 +118,7 @@ def load_reward_model(config: ModelConfig, *, seed: int = 0) -> tuple[PreTrained
                 else:
                     model, info = AutoModelForSequenceClassification.from_pretrained(
                         config.name_or_path, dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code,
-                        **options)
+                        **options, **quantization_options(config))
         finally:
             hf_logging.set_verbosity(verbosity)
         heads = {"score", "classifier", "pre_classifier"}
