@@ -171,3 +171,12 @@ def test_the_shipped_config_validates():
 
     config = load_config(OnlineDPOConfig, Path(__file__).resolve().parents[1] / "configs" / "online_dpo.yaml")
     assert config.online.reward_model and config.online.num_generations == 4
+
+
+@pytest.mark.parametrize("overrides", [["dpo.loss=simpo"], ["model.lora.r=4", "online.pairs=best_worst"],
+                                       ["dpo.loss=ipo", "train.grad_accum=2"]])
+def test_other_losses_lora_and_micro_batches_train(ppo_setup, overrides):
+    metrics = OnlineDPOTrainer(online_config(ppo_setup, "variant", "train.resume=false", *overrides)).train()
+    assert metrics["loss"] == metrics["loss"] and "rewards/margins" in metrics
+    if "online.pairs=best_worst" in overrides:  # one pair per prompt that has one
+        assert metrics["online/pairs"] == 4 - metrics["online/prompts_without_pair"]
