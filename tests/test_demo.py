@@ -171,6 +171,7 @@ def test_online_dpo_joins_the_demo_on_the_rank_prompts_with_the_task_labeler(tmp
     assert pipeline.stages.index("online_dpo") == pipeline.stages.index("dpo") + 1
     online = pipeline.model_dump()["online_dpo"]
     assert online["online"]["task"] == "tinyworld" and online["online"]["num_generations"] == config.k
+    assert online["online"]["pairs"] == "best_worst"
     assert online["data"]["train"] == "{data:rank_prompts.jsonl}"
     assert "online_dpo" not in demo_pipeline(DemoConfig()).stages  # off by default
     summary = run_demo(config, Console(quiet=True))

@@ -41,6 +41,8 @@ from rlhfkit.engine.sharding import state_loader
 from rlhfkit.models.card import write_model_card
 from rlhfkit.models.load import save_model
 
+#: The step log of the trainers that sample as they train (PPO's rollouts, online DPO's judged samples)
+SAMPLES_FILE = "samples.jsonl"
 LENGTH_GROUP_BATCHES = 50  # micro-batches per length-sorted group of :func:`epoch_order` (as transformers' 50)
 
 # (model, batch) -> (loss to minimise, number of units it averages over[, {metric name: batch value}])

@@ -23,7 +23,7 @@ Metrics: the DPO trainer's (``loss``, ``rewards/chosen``, ``rewards/rejected``, 
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected``), ``online/pairs`` and ``online/prompts_without_pair``,
 ``response_length`` (tokens), with reward sources ``objective/scores`` (the weighted sum's mean) and
 ``rewards/<source>``; ``samples.jsonl`` holds the first ``online.samples_to_log`` prompts' samples and ranking of
-each step. Checkpoints hold the reference when it is refreshed, so a resumed run continues exactly. One process
+each logged step. Checkpoints hold the reference when it is refreshed, so a resumed run continues exactly. One process
 only for now (several are refused).
 """
 
@@ -55,7 +55,7 @@ from rlhfkit.rollout.generate import SamplingConfig, generate_k
 from rlhfkit.rollout.scoring import fields_by_name, reward_sources
 from rlhfkit.tasks import get_task
 from rlhfkit.tasks.base import Task
-from rlhfkit.trainers.base import model_card
+from rlhfkit.trainers.base import SAMPLES_FILE, model_card
 from rlhfkit.trainers.dpo import (
     EncodeStats,
     PreferenceCollator,
@@ -64,8 +64,6 @@ from rlhfkit.trainers.dpo import (
     ranking_examples,
     supports_shared_prompt,
 )
-
-SAMPLES_FILE = "samples.jsonl"
 
 
 def score_ranking(scores: Sequence[float]) -> tuple[tuple[int, ...], ...]:
@@ -122,11 +120,11 @@ class OnlineDPOTrainer(Engine):
     step_logs = (SAMPLES_FILE,)
     progress_metrics = {"loss": "loss", "online/pairs": "pairs"}
 
-    def __init__(self, config: OnlineDPOConfig, console: Console | None = None):
+    def __init__(self, config: OnlineDPOConfig):
         if config.train.max_steps is None:
             raise TrainingError("online_dpo: set train.max_steps (the number of steps, each one round of sampling, "
                                 "judging and one update)")
-        self.online, self.console = config.online, console or Console(stderr=True)
+        self.online = config.online
         super().__init__(stage="online_dpo", config=config, train=config.train)
         if self.world > 1:
             raise TrainingError(f"online_dpo runs on one process for now ({self.world} were started)")
@@ -189,7 +187,9 @@ class OnlineDPOTrainer(Engine):
             flat = [s for group in scores for s in group]
             self._record["objective/scores"] = sum(flat) / len(flat)
             self._record.update({f"rewards/{name}": sum(v) / len(v) for name, v in per_source.items()})
-        self._logged = [{"step": self.step + 1, "prompt": prompt, "completions": group,
+        # a ranking's indices are into its record's completions (a labeler leaves empty ones out)
+        self._logged = [{"step": self.step + 1, "prompt": prompt,
+                         "completions": group if record is None else list(record.completions),
                          "ranking": None if record is None else [list(g) for g in record.ranking],
                          **({} if scores is None else {"scores": scores[i]})}
                         for i, (prompt, group, record) in enumerate(zip(prompts, texts, records, strict=True))
@@ -239,5 +239,6 @@ class OnlineDPOTrainer(Engine):
 
 
 def run_online_dpo(config: OnlineDPOConfig, console: Console | None = None) -> dict[str, float]:
-    """Train the policy by online DPO; writes the run directory; returns the last metrics."""
-    return OnlineDPOTrainer(config, console).train()
+    """Train the policy by online DPO; writes the run directory; returns the last metrics. ``console`` is the stage
+    runners' common argument (:data:`rlhfkit.pipeline.STAGES`); the engine's progress bar reports instead."""
+    return OnlineDPOTrainer(config).train()

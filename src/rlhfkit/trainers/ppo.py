@@ -66,10 +66,7 @@ from rlhfkit.rollout.experience import (
     rollout_statistics,
 )
 from rlhfkit.rollout.scoring import reward_sources
-from rlhfkit.trainers.base import model_card
-
-SAMPLES_FILE = "samples.jsonl"
-
+from rlhfkit.trainers.base import SAMPLES_FILE, model_card
 
 #: TRL's ``GRPOTrainer`` metric name -> rlhfkit's (TRL's ``PPOTrainer`` names), logged under both for GRPO.
 TRL_GRPO_METRICS = {"reward": "objective/scores", "kl": "objective/kl", "entropy": "objective/entropy",
