@@ -209,27 +209,29 @@ class PPOTrainer(Engine):
         Logs ``dynamic_sampling/batches`` and ``dynamic_sampling/informative_frac`` (of the groups sampled)."""
         ppo, k = self.ppo, self.ppo.samples_per_prompt
         need = scored.scores.numel() // k
-        kept, found, batches = [], 0, 0
-        batch = scored
+
+        def rows_of(groups: list[int]) -> list[int]:
+            return [g * k + j for g in groups for j in range(k)]
+
+        kept: list[Scored] = []
+        have, found, batches, batch = 0, 0, 0, scored
         while True:
             batches += 1
             informative = informative_groups(batch.scores, k)
             found += len(informative)
-            kept.append(batch.rows([g * k + j for g in informative[:need - sum(len(x.prompts) // k for x in kept)]
-                                    for j in range(k)]))
-            missing = need - sum(len(x.prompts) // k for x in kept)
-            if self.reduce_sum is not None:
-                missing = int(self.reduce_sum(torch.tensor(float(missing), device=self.accelerator.device)).item())
-            if missing <= 0 or batches == ppo.dynamic_sampling_max_batches:
+            kept.append(batch.rows(rows_of(informative[:need - have])))
+            have += min(len(informative), need - have)
+            missing = torch.tensor(float(need - have), device=self.accelerator.device)
+            if self.reduce_sum is not None:  # a process still lacking groups keeps every process sampling
+                missing = self.reduce_sum(missing)
+            if missing.item() <= 0 or batches == ppo.dynamic_sampling_max_batches:
                 break
             extra = iteration_prompts(len(self.prompts), ppo.rollout_batch_size,
                                       self.step * (ppo.dynamic_sampling_max_batches - 1) + batches - 1,
                                       self.cfg.seed + 1)
             batch = self._sample_and_score(self._prompt_share(extra))
-        have = sum(len(x.prompts) // k for x in kept)
         first = set(informative_groups(scored.scores, k))
-        filler = [g for g in range(need) if g not in first][:need - have]
-        kept.append(scored.rows([g * k + j for g in filler for j in range(k)]))
+        kept.append(scored.rows(rows_of([g for g in range(need) if g not in first][:need - have])))
         informative_count = torch.tensor([float(found), float(batches * need)], device=self.accelerator.device)
         if self.reduce_sum is not None:
             informative_count = self.reduce_sum(informative_count)
