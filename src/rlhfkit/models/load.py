@@ -225,7 +225,7 @@ def dequantized_merge(model) -> PreTrainedModel:
         if ".original_module." in name or any(owner == n or owner.startswith(f"{n}.") for n in lora_layers):
             continue  # a LoRA layer's (above), or the untrained copy of a fully trained module
         weights[name.replace(".modules_to_save.default.", ".")] = dense(param)
-    config = copy_config_without_quantization(base.config)
+    config = _plain_config(base.config)
     plain = type(base)(config).to(dtype)
     missing, unexpected = plain.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if k not in _tied_keys(plain)]:
@@ -235,7 +235,7 @@ def dequantized_merge(model) -> PreTrainedModel:
     return plain.eval()
 
 
-def copy_config_without_quantization(config):
+def _plain_config(config):
     """A copy of a model config without its ``quantization_config`` (a plain model's config)."""
     import copy
 
