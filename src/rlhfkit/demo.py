@@ -123,7 +123,7 @@ class GRPOSchedule(StageSchedule):
     # the evaluation's temperature: at 1.0 a worked answer (~30 tokens) goes wrong more often than a direct one, and
     # GRPO at 1.0 learnt to answer directly (measured before the corpus taught the copies; docs/tasks.md)
     temperature: float = Field(0.7, gt=0)
-    # DAPO's dynamic sampling (ppo.dynamic_sampling): groups all right or all wrong give way to other prompts'
+    # DAPO's dynamic sampling (ppo.dynamic_sampling): groups all right or all wrong give way to other groups
     dynamic_sampling: bool = False
 
 
