@@ -132,11 +132,17 @@ class Scored:
                       {name: torch.cat([p.source_scores[name] for p in parts]) for name in parts[0].source_scores})
 
 
-def informative_groups(scores: torch.Tensor, group_size: int) -> list[int]:
-    """The groups (of ``group_size`` consecutive samples of one prompt) whose scores are not all equal: the groups
-    a group baseline learns from (DAPO's dynamic sampling keeps only these; Yu et al. 2025, eq. 11)."""
+def alike_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group (``group_size`` consecutive samples of one prompt), whether its samples all scored the same: a
+    group baseline learns nothing from such a group (its advantages are zero)."""
     groups = scores.view(-1, group_size)
-    return torch.nonzero(groups.amax(-1) > groups.amin(-1)).flatten().tolist()
+    return groups.amax(-1) == groups.amin(-1)
+
+
+def informative_groups(scores: torch.Tensor, group_size: int) -> list[int]:
+    """The groups whose scores are not all equal (:func:`alike_groups`): the groups a group baseline learns from
+    (DAPO's dynamic sampling keeps only these; Yu et al. 2025, eq. 11)."""
+    return torch.nonzero(~alike_groups(scores, group_size)).flatten().tolist()
 
 
 def response_masks(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,8 +274,7 @@ def rollout_statistics(rollout: Rollout, kl_coef: float, reduce_sum: ReduceSum |
     if group_size > 1:  # every sequence carries its group's figure: equal groups, so the mean is over groups
         groups = rollout.scores.float().view(-1, group_size)
         per_sequence["reward_std"] = groups.std(-1).repeat_interleave(group_size)
-        per_sequence["frac_reward_zero_std"] = (groups.amax(-1) == groups.amin(-1)).float().repeat_interleave(
-            group_size)
+        per_sequence["frac_reward_zero_std"] = alike_groups(groups, group_size).float().repeat_interleave(group_size)
     n_tokens = rollout.response_mask.sum() + rollout.query_mask.sum()
     if reduce_sum is None:
         means = {name: values.mean().item() for name, values in per_sequence.items()}

@@ -29,7 +29,6 @@ only for now (several are refused).
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import time
@@ -225,7 +224,7 @@ class OnlineDPOTrainer(Engine):
     def save_state(self, directory: Path, weights: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         save_model(self._policy(), self.tokenizer, str(directory), merge_lora=False, state_dict=weights)
         refreshed = self.online.ref_update_every and self.step >= self.online.ref_update_every
-        return {"reference": copy.deepcopy(self.reference.module.state_dict()) if refreshed else None}
+        return {"reference": self.reference.module.state_dict() if refreshed else None}  # written at once
 
     def load_state(self, directory: Path, state: dict[str, Any]) -> None:
         load_weights(self._policy(), directory, state_loader(self.accelerator, self.model))
