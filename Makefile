@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rlhfkit-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench labelstudio clean
 
 setup: $(STAMP)
 
@@ -33,5 +33,12 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/bench_sft.py
 
+# Label Studio, a server beside rlhfkit (rlhfkit only writes and reads its JSON), in its own venv: its pins would
+# move rlhfkit's (numpy, pyarrow). sentry-sdk 3 dropped an option label-studio 1.23 passes it at start-up.
+# tests/test_data_labelstudio.py runs a real server from it (skipped without it).
+labelstudio:
+	test -x .venv-labelstudio/bin/python || $(PYTHON) -m venv .venv-labelstudio
+	.venv-labelstudio/bin/python -m pip install --quiet "label-studio==1.23.2" "sentry-sdk<3"
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-labelstudio runs .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Commands for public data and models: ``rlhfkit convert-data``, ``rlhfkit convert-argilla`` and ``rlhfkit convert``.
+"""Commands for public data, labeling tools and models: ``rlhfkit convert-data``, ``convert-argilla``,
+``labelstudio-project``, ``convert-labelstudio`` and ``convert``.
 
 ``cli.py`` adds them to its app with :func:`register`; like every command, they report on the shared console and
 end a data error or a missing file with one clear message and exit code 2 (:mod:`rlhfkit.cli_common`).
@@ -18,8 +19,8 @@ from rlhfkit.data.public import LAYOUTS
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``convert-data``, ``convert-argilla`` and ``convert`` to ``app`` (the ``rlhfkit`` app of
-    :mod:`rlhfkit.cli`)."""
+    """Add ``convert-data``, ``convert-argilla``, ``labelstudio-project``, ``convert-labelstudio`` and ``convert``
+    to ``app`` (the ``rlhfkit`` app of :mod:`rlhfkit.cli`)."""
     @app.command("convert-data")
     @fail_cleanly
     def convert_data(
@@ -86,6 +87,49 @@ def register(app: typer.Typer) -> None:
                 raise typer.BadParameter(f"expected OPTION=FIELD, got {mapping!r}", param_hint="--option")
             options[name] = field
         data = read_argilla(source, kind, question=question, prompt_field=prompt_field, options=options, split=split)
+        summary = {"rows": data.rows, "records": write_jsonl(out, data.records), "skipped": dict(data.skipped),
+                   "out": str(out)}
+        console.print_json(json.dumps(summary))
+
+    @app.command("labelstudio-project")
+    @fail_cleanly
+    def labelstudio_project(
+        source: Annotated[Path, typer.Option("--in", help="rlhfkit records: samples ({prompt, completions}) for "
+                                                          "rankings and pairs, prompts for demonstrations.")],
+        kind: Annotated[str, typer.Option(help="rankings (rank K completions), pairs (choose one of two) or "
+                                               "demonstrations (write the answer).")],
+        out: Annotated[Path, typer.Option(help="Folder for label_config.xml and tasks.json.")],
+        ties: Annotated[bool, typer.Option(help="Rankings: one bucket per place, so labelers can tie "
+                                                "completions.")] = False,
+        instructions: Annotated[str | None, typer.Option(help="Shown above every task.")] = None,
+        seed: Annotated[int, typer.Option(help="Seed of the order shown (drawn per task).")] = 0,
+    ) -> None:
+        """Write a Label Studio project from rlhfkit data: the labeling interface (label_config.xml) and the
+        tasks to import (tasks.json); the completions are shown in an order drawn per task."""
+        from rlhfkit.data.labelstudio import LABELSTUDIO_KINDS, write_project
+
+        if kind not in LABELSTUDIO_KINDS:
+            raise typer.BadParameter(f"expected one of {', '.join(LABELSTUDIO_KINDS)}", param_hint="--kind")
+        console.print_json(json.dumps(write_project(source, kind, out, ties=ties, instructions=instructions,
+                                                    seed=seed)))
+
+    @app.command("convert-labelstudio")
+    @fail_cleanly
+    def convert_labelstudio(
+        source: Annotated[Path, typer.Option("--in", help="Label Studio's JSON export (a list of tasks with their "
+                                                          "annotations).")],
+        kind: Annotated[str, typer.Option(help="rankings or pairs (from a ranker or pairwise project), "
+                                               "demonstrations (from a text area).")],
+        out: Annotated[Path, typer.Option(help="Output JSONL of rlhfkit records (.gz to compress).")],
+    ) -> None:
+        """Turn Label Studio's JSON export (one record per annotation) into rlhfkit rankings, pairs or
+        demonstrations; tasks without annotations, and cancelled annotations, are skipped and counted."""
+        from rlhfkit.data.labelstudio import LABELSTUDIO_KINDS, read_labelstudio
+        from rlhfkit.data.readers import write_jsonl
+
+        if kind not in LABELSTUDIO_KINDS:
+            raise typer.BadParameter(f"expected one of {', '.join(LABELSTUDIO_KINDS)}", param_hint="--kind")
+        data = read_labelstudio(source, kind)
         summary = {"rows": data.rows, "records": write_jsonl(out, data.records), "skipped": dict(data.skipped),
                    "out": str(out)}
         console.print_json(json.dumps(summary))
