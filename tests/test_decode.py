@@ -12,7 +12,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from rlhfkit.models.build import build_causal_lm
 from rlhfkit.models.policy_value import policy_forward
-from rlhfkit.rollout.decode import Sampler, filter_logits, repeat_groups, resolve_sampler, unsupported_reason
+from rlhfkit.rollout.decode import Sampler, filter_logits, repeat_groups, unsupported_reason
 from rlhfkit.rollout.experience import response_masks
 from rlhfkit.rollout.generate import SamplingConfig, generate_k, sample
 
@@ -134,13 +134,27 @@ def test_filter_logits_equals_hf_warpers(temperature, top_k, top_p):
     assert torch.equal(filter_logits(logits, temperature, top_k, top_p), expected)
 
 
-def test_sampler_settings_resolve_as_generate_does(tokenizer):
-    model = build_causal_lm(tokenizer, "tiny", seed=0)
-    assert resolve_sampler(model, 0, 5, 0.5) == Sampler(greedy=True)
-    assert resolve_sampler(model, 0.7, 0, 0.9) == Sampler(False, 0.7, 50, 0.9)  # HF's top-k 50 when not given
-    model.generation_config.top_k = 0
-    assert resolve_sampler(model, 1.0, 0, 1.0) == Sampler(False, 1.0, 0, 1.0)
-    assert resolve_sampler(model, 1.0, 8, 1.0).top_k == 8
+def test_sampler_is_what_generate_is_given(tokenizer):
+    assert SamplingConfig(temperature=0, top_k=5, top_p=0.5).sampler == Sampler(greedy=True)
+    assert SamplingConfig(temperature=0.7, top_p=0.9).sampler == Sampler(False, 0.7, 0, 0.9)
+    assert SamplingConfig(temperature=1.0, top_k=8).generate_kwargs(tokenizer)["top_k"] == 8
+
+
+def test_top_k_zero_samples_the_whole_distribution(tokenizer, task):
+    """``top_k: 0`` is no top-k on both paths, as TRL's configs mean it (HF's ``generate`` applies its default of
+    50 unless given 0): a near-uniform random model then draws tokens outside its 50 likeliest. A policy gradient
+    needs samples of the distribution whose log-probs it uses."""
+    model = build_causal_lm(tokenizer, "tiny", seed=0).eval()
+    model.generation_config.top_k = 50  # what a model's own generation config may say: the setting given wins
+    prompts = task.prompts(16, seed=2)
+    sampling = SamplingConfig(max_new_tokens=1, temperature=1.0)
+    torch.manual_seed(0)
+    hf, own = both(model, tokenizer, prompts, sampling)
+    for out in (hf, own):
+        with torch.no_grad():
+            logits = model(input_ids=out.queries, attention_mask=out.query_mask).logits[:, -1]
+        ranks = (logits > logits.gather(-1, out.responses[:, :1])).sum(-1)
+        assert int(ranks.max()) >= 50, out.path
 
 
 def test_repeat_groups():

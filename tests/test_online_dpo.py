@@ -109,8 +109,10 @@ def test_online_dpo_steps_log_rankings_that_follow_the_scores(ppo_setup):
 
 def test_online_dpo_learns_what_the_judge_prefers(ppo_setup):
     """Rewarded for the share of its tokens with ids below 256 (about half of a random policy's), the tiny policy
-    writes more of them within a few steps (a swapped chosen and rejected would make it write fewer)."""
-    config = online_config(ppo_setup, "learns", "train.max_steps=12", "train.lr=3e-3", "online.rollout_batch_size=8",
+    writes more of them within a few steps (a swapped chosen and rejected would make it write fewer). It samples from
+    its 50 likeliest tokens: a random policy's whole distribution over 1024 tokens spreads 12 steps' changes thin."""
+    config = online_config(ppo_setup, "learns", "train.max_steps=12", "train.lr=3e-3", "online.top_k=50",
+                           "online.rollout_batch_size=8",
                            "online.num_generations=2", "dpo.beta=0.5",
                            f"online.rewards=[{{function: '{ppo_setup / 'online_rewards.py'}:low_ids'}}]")
     OnlineDPOTrainer(config).train()

@@ -39,9 +39,6 @@ try:  # transformers >= 4.56: a cache is a list of layers
 except ImportError:  # older: a DynamicCache keeps lists of key and value tensors
     INDEXABLE_LAYERS = None
 
-# HF's global defaults for a setting neither the call nor the model's generation config gives
-# (``GenerationConfig._get_default_generation_params``): top-k 50 applies unless asked otherwise
-HF_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 # what a model's generation config may set for this loop to sample what ``generate`` samples
 HANDLED_GENERATION_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "do_sample",
                            "temperature", "top_k", "top_p", "max_length", "max_new_tokens", "use_cache",
@@ -90,25 +87,6 @@ class Sampler:
             return logits.argmax(-1)
         probs = filter_logits(logits, self.temperature, self.top_k, self.top_p).softmax(-1)
         return torch.multinomial(probs, num_samples=1).squeeze(1)
-
-
-def resolve_sampler(model, temperature: float, top_k: int, top_p: float) -> Sampler:
-    """The :class:`Sampler` HF ``generate`` uses for ``temperature`` (0: greedy), ``top_k`` (0: not given) and
-    ``top_p`` as :meth:`rlhfkit.rollout.generate.SamplingConfig.generate_kwargs` passes them: a setting not given
-    comes from the model's generation config, else from HF's defaults (so ``top_k`` 0 means 50 there, as in
-    ``generate``)."""
-    if temperature == 0:
-        return Sampler(greedy=True)
-    config = getattr(model, "generation_config", None)
-
-    def setting(name, given):
-        if given is not None:
-            return given
-        own = getattr(config, name, None)
-        return HF_DEFAULTS[name] if own is None else own
-
-    return Sampler(False, float(setting("temperature", temperature)), int(setting("top_k", top_k or None)),
-                   float(setting("top_p", top_p)))
 
 
 def unsupported_reason(model, options: dict) -> str | None:

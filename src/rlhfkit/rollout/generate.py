@@ -15,12 +15,13 @@ from transformers import PreTrainedTokenizerBase
 from rlhfkit.algorithms.logprobs import logprobs_of
 from rlhfkit.data.collators import Example, PadCollator, encode_prompt
 from rlhfkit.data.records import Prompt
-from rlhfkit.rollout.decode import decode, resolve_sampler, unsupported_reason
+from rlhfkit.rollout.decode import Sampler, decode, unsupported_reason
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample; ``temperature == 0`` means greedy decoding."""
+    """How to sample; ``temperature == 0`` means greedy decoding, ``top_k == 0`` no top-k (the whole distribution, as
+    TRL's configs and HF's ``generate`` read 0; ``generate`` given no top-k would keep the 50 likeliest tokens)."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -33,8 +34,15 @@ class SamplingConfig:
         stop = {"stop_strings": list(self.stop_strings), "tokenizer": tokenizer} if self.stop_strings else {}
         if self.temperature == 0:
             return {"do_sample": False, **stop}
-        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k or None,
-                "top_p": self.top_p, **stop}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, **stop}
+
+    @property
+    def sampler(self) -> Sampler:
+        """How rlhfkit's decoding loop draws each token: what ``generate`` draws with :meth:`generate_kwargs`
+        (every setting given, so a model's generation config changes nothing)."""
+        if self.temperature == 0:
+            return Sampler(greedy=True)
+        return Sampler(False, self.temperature, self.top_k, self.top_p)
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,7 @@ def sample(generate_fn: Callable, tokenizer: PreTrainedTokenizerBase, prompts: S
         def run(policy):
             if unsupported_reason(policy, options) is not None:
                 return None
-            sampler = resolve_sampler(policy, sampling.temperature, sampling.top_k, sampling.top_p)
-            return decode(policy, queries, query_mask, sampler, max_new_tokens=sampling.max_new_tokens,
+            return decode(policy, queries, query_mask, sampling.sampler, max_new_tokens=sampling.max_new_tokens,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           logprob_temperature=logprob_temperature,
                           stopped=stop_string_check(tokenizer, sampling.stop_strings, encoded))
