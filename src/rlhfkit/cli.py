@@ -198,7 +198,8 @@ def score(
                                                                "bound: the training window's (else 256).")] = None,
 ) -> None:
     """Add a reward to each record: `reward` for a completion, `rewards` for a completions list,
-    `reward_chosen`/`reward_rejected` for a pair. Reports accuracy against the file's own rankings."""
+    `reward_chosen`/`reward_rejected` for a pair. Reports accuracy against the file's own rankings: the share of
+    their pairs the rewards order alike, an exact tie of two rewards counting as half right."""
     from rlhfkit import workflows
 
     summary = workflows.score_records(model, data, out, normalize=not raw, task=task, batch_size=batch_size,

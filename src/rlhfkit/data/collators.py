@@ -39,9 +39,16 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
+def token_ids(tokenizer: PreTrainedTokenizerBase, text: str | Sequence[str]) -> list[int] | list[list[int]]:
+    """Token ids of ``text`` (or of each of a list of texts), no special tokens added. Every caller cuts them to its
+    own window, so the tokenizer's warning about sequences longer than the model's maximum is not asked for."""
+    return tokenizer(text if isinstance(text, str) else list(text), add_special_tokens=False,
+                     verbose=False)["input_ids"]
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     """Token ids of the rendered prompt (the template itself holds any BOS token)."""
-    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return token_ids(tokenizer, render_prompt(tokenizer, prompt))
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ def encode_demonstration(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, com
     end of a chat), then the completion is cut to fit ``max_length`` (losing its EOS).
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    completion_ids = token_ids(tokenizer, completion) + [tokenizer.eos_token_id]
     truncated = False
     if len(prompt_ids) > max_prompt_length:
         prompt_ids, truncated = prompt_ids[-max_prompt_length:], True
@@ -121,8 +128,8 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
         _extends(after, before + message["content"],
                  f"messages[:{i + 1}] does not begin with messages[:{i}] and the generation prompt, then message {i}'s "
                  "content")
-        context = tokenizer(before[len(placed):], add_special_tokens=False)["input_ids"]
-        reply = tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        context = token_ids(tokenizer, before[len(placed):])
+        reply = token_ids(tokenizer, message["content"]) + [tokenizer.eos_token_id]
         ids += context + reply
         mask += [0] * len(context) + [1] * len(reply)
         placed = before + message["content"]
@@ -146,7 +153,7 @@ def pack_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], block_s
     dropped unless it is the only one.
     """
     stream: list[int] = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+    for ids in token_ids(tokenizer, texts):
         stream.extend(ids)
         stream.append(tokenizer.eos_token_id)
     starts = range(0, max(len(stream) - block_size + 1, 1), block_size)

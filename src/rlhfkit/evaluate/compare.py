@@ -32,7 +32,7 @@ from rich.table import Table
 
 from rlhfkit.algorithms.logprobs import sequence_logprobs
 from rlhfkit.config import ModelConfig
-from rlhfkit.data.collators import Example, PadCollator, encode_prompt
+from rlhfkit.data.collators import Example, PadCollator, encode_prompt, token_ids
 from rlhfkit.evaluate.metrics import distinct_n, standard_error, win_rate
 from rlhfkit.evaluate.overoptimisation import best_of_n_kl
 from rlhfkit.models.load import load_causal_lm, position_ids_from_mask
@@ -76,7 +76,7 @@ def text_perplexity(model, tokenizer, texts: Sequence[str], *, max_length: int =
     cost the model's language modelling (the "alignment tax" of Ouyang et al. 2022, section 4.2)."""
     examples = []
     for text in texts:
-        ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
+        ids = (token_ids(tokenizer, text) + [tokenizer.eos_token_id])[:max_length]
         examples.append(Example(ids, [1] * len(ids)))
     total = sum(_summed_logprobs(model, tokenizer, examples, batch_size=batch_size))
     predicted = sum(len(e.input_ids) - 1 for e in examples)  # every token but the first is predicted

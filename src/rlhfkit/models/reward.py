@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from rlhfkit.config import ModelConfig
-from rlhfkit.data.collators import encode_prompt
+from rlhfkit.data.collators import encode_prompt, token_ids
 from rlhfkit.data.records import Prompt
 from rlhfkit.models.load import (
     DTYPES,
@@ -158,7 +158,7 @@ def encode_for_reward(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, comple
         prompt_ids = prompt_ids[-max_prompt_length:]
     room = max(max_length - (3 if pair_form else 0) - len(prompt_ids), 0)
     encoded = []
-    for completion_ids in tokenizer(list(completions), add_special_tokens=False)["input_ids"]:
+    for completion_ids in token_ids(tokenizer, completions):
         completion_ids = completion_ids + suffix
         truncated = prompt_truncated or len(completion_ids) > room
         completion_ids = completion_ids[:room]
