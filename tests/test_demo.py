@@ -134,6 +134,19 @@ def test_a_task_has_its_own_demo_defaults_under_the_settings_given():
     assert tinyworld.ppo["train"]["scheduler"] == "constant"
 
 
+def test_every_sampling_stage_of_the_demo_draws_with_its_one_top_k():
+    """Rollouts, the rank stage's samples, online DPO and the evaluation sample alike (issue 22 asked whether they
+    differed): the demo's ``top_k`` reaches each of them, for both recipes."""
+    from rlhfkit.demo import DemoConfig, demo_pipeline
+
+    for config in (DemoConfig(online_dpo_enabled=True), DemoConfig(task="sums"),
+                   DemoConfig(top_k=0, online_dpo_enabled=True)):
+        pipeline = demo_pipeline(config)
+        sampling = [pipeline.ppo["ppo"], pipeline.eval] + (
+            [pipeline.sample, pipeline.online_dpo["online"]] if config.task == "tinyworld" else [])
+        assert [section["top_k"] for section in sampling] == [config.top_k] * len(sampling)
+
+
 @pytest.mark.slow
 def test_the_verifiable_recipe_trains_and_evaluates_end_to_end(tmp_path):
     from rich.console import Console

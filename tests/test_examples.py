@@ -88,3 +88,30 @@ def test_the_public_data_run_sh_reads_is_there(script):
         if not (ROOT.parent / "shared" / "data").is_dir():
             pytest.skip("../shared/data is absent: the examples' public data live beside the project")
         assert (ROOT / source).exists(), f"{script}: {source} is missing"
+
+
+def test_length_report_by_hand(tmp_path):
+    """examples/hh-reward-model/length_report.py on four pairs whose outcomes are counted here by hand."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("length_report", EXAMPLES / "hh-reward-model" / "length_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pairs = [  # chosen words, rejected words, reward chosen, reward rejected
+        (10, 5, 1.0, 0.0),   # longer chosen, model right
+        (5, 10, 0.0, 1.0),   # shorter chosen, model wrong
+        (10, 11, 0.5, 0.5),  # length-matched (within 20 %), model tied: half
+        (12, 10, 2.0, 1.0),  # length-matched, longer chosen, model right
+    ]
+    rows = [{"prompt": "p", "chosen": " ".join(["w"] * c), "rejected": " ".join(["w"] * r), "reward_chosen": rc,
+             "reward_rejected": rr} for c, r, rc, rr in pairs]
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = module.report(scored)
+    assert (result["pairs"], result["length_matched_pairs"]) == (4, 2)
+    assert result["reward model"]["all"]["mean"] == pytest.approx(2.5 / 4)
+    assert result["reward model"]["length_matched"]["mean"] == pytest.approx(1.5 / 2)
+    assert result["longer wins"]["all"]["mean"] == pytest.approx(2 / 4)
+    assert result["shorter wins"]["length_matched"]["mean"] == pytest.approx(1 / 2)  # right on the third pair only
+    assert result["spearman_reward_length"] > 0.5  # longer replies got the higher rewards here

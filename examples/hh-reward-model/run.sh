@@ -26,3 +26,7 @@ timed nice -n 5 "$RLHFKIT" rm --config $EX/rm-tiny.yaml
 for model in rm-minilm rm-tiny; do
     "$RLHFKIT" score --model $OUT/$model/final --data $OUT/data/test.jsonl --out $OUT/$model/test-scored.jsonl
 done
+
+# 5. how much of each accuracy is length: the "longer wins" / "shorter wins" rules on the same pairs, all and
+#    length-matched (replies within 20 % of each other's length), with 95 % intervals
+"$PYTHON" $EX/length_report.py $OUT/rm-minilm/test-scored.jsonl $OUT/rm-tiny/test-scored.jsonl
