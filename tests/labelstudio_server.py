@@ -12,13 +12,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from postgres_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300  # first start: database migrations (about a minute on 2 cores)
@@ -40,17 +40,11 @@ def why_unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class LabelStudioServer:
     """``with LabelStudioServer() as server: server.api.post("/api/projects", json=...)``."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = secrets.token_hex(20)
         self.directory = Path(tempfile.mkdtemp(prefix="rlhfkit-labelstudio-"))

@@ -18,6 +18,20 @@ from rlhfkit.cli_common import console, fail_cleanly
 from rlhfkit.data.public import LAYOUTS
 
 
+def _check_kind(kind: str, kinds: tuple[str, ...]) -> None:
+    if kind not in kinds:
+        raise typer.BadParameter(f"expected one of {', '.join(kinds)}", param_hint="--kind")
+
+
+def _write_converted(data, out: Path) -> None:
+    """Write the records read (a :class:`~rlhfkit.data.public.PublicData`) to ``out`` and print what was done."""
+    from rlhfkit.data.readers import write_jsonl
+
+    summary = {"rows": data.rows, "records": write_jsonl(out, data.records), "skipped": dict(data.skipped),
+               "out": str(out)}
+    console.print_json(json.dumps(summary))
+
+
 def register(app: typer.Typer) -> None:
     """Add ``convert-data``, ``convert-argilla``, ``labelstudio-project``, ``convert-labelstudio`` and ``convert``
     to ``app`` (the ``rlhfkit`` app of :mod:`rlhfkit.cli`)."""
@@ -76,20 +90,16 @@ def register(app: typer.Typer) -> None:
         """Turn Argilla's exported records (one per labeler's submitted response) into rlhfkit rankings, pairs
         or demonstrations; records without a submitted response are skipped and counted."""
         from rlhfkit.data.argilla import ARGILLA_KINDS, read_argilla
-        from rlhfkit.data.readers import write_jsonl
 
-        if kind not in ARGILLA_KINDS:
-            raise typer.BadParameter(f"expected one of {', '.join(ARGILLA_KINDS)}", param_hint="--kind")
+        _check_kind(kind, ARGILLA_KINDS)
         options = {}
         for mapping in option or []:
             name, _, field = mapping.partition("=")
             if not name or not field:
                 raise typer.BadParameter(f"expected OPTION=FIELD, got {mapping!r}", param_hint="--option")
             options[name] = field
-        data = read_argilla(source, kind, question=question, prompt_field=prompt_field, options=options, split=split)
-        summary = {"rows": data.rows, "records": write_jsonl(out, data.records), "skipped": dict(data.skipped),
-                   "out": str(out)}
-        console.print_json(json.dumps(summary))
+        _write_converted(read_argilla(source, kind, question=question, prompt_field=prompt_field, options=options,
+                                      split=split), out)
 
     @app.command("labelstudio-project")
     @fail_cleanly
@@ -108,8 +118,7 @@ def register(app: typer.Typer) -> None:
         tasks to import (tasks.json); the completions are shown in an order drawn per task."""
         from rlhfkit.data.labelstudio import LABELSTUDIO_KINDS, write_project
 
-        if kind not in LABELSTUDIO_KINDS:
-            raise typer.BadParameter(f"expected one of {', '.join(LABELSTUDIO_KINDS)}", param_hint="--kind")
+        _check_kind(kind, LABELSTUDIO_KINDS)
         console.print_json(json.dumps(write_project(source, kind, out, ties=ties, instructions=instructions,
                                                     seed=seed)))
 
@@ -125,14 +134,9 @@ def register(app: typer.Typer) -> None:
         """Turn Label Studio's JSON export (one record per annotation) into rlhfkit rankings, pairs or
         demonstrations; tasks without annotations, and cancelled annotations, are skipped and counted."""
         from rlhfkit.data.labelstudio import LABELSTUDIO_KINDS, read_labelstudio
-        from rlhfkit.data.readers import write_jsonl
 
-        if kind not in LABELSTUDIO_KINDS:
-            raise typer.BadParameter(f"expected one of {', '.join(LABELSTUDIO_KINDS)}", param_hint="--kind")
-        data = read_labelstudio(source, kind)
-        summary = {"rows": data.rows, "records": write_jsonl(out, data.records), "skipped": dict(data.skipped),
-                   "out": str(out)}
-        console.print_json(json.dumps(summary))
+        _check_kind(kind, LABELSTUDIO_KINDS)
+        _write_converted(read_labelstudio(source, kind), out)
 
     @app.command("convert")
     @fail_cleanly
