@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 from postgres_server import free_port
@@ -66,18 +67,20 @@ class LabelStudioServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"label-studio exited with {self.process.returncode}:\n{self._log_tail()}")
+                self._fail(f"label-studio exited with {self.process.returncode}")
             try:
                 if self.api.get("/api/projects").status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(2)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"label-studio did not answer within {START_TIMEOUT_S} s:\n{self._log_tail()}")
+        self._fail(f"label-studio did not answer within {START_TIMEOUT_S} s")
 
-    def _log_tail(self) -> str:
-        return (self.directory / "server.log").read_text(errors="replace")[-3000:]
+    def _fail(self, what: str) -> NoReturn:
+        """Stop what was started, then raise with the end of the server's log (read before its directory goes)."""
+        tail = (self.directory / "server.log").read_text(errors="replace")[-3000:]
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"{what}:\n{tail}")
 
     def __exit__(self, *exc) -> None:
         if self.api is not None:

@@ -28,7 +28,8 @@ def _bitsandbytes_missing() -> str | None:
     return None
 
 
-bitsandbytes = pytest.mark.skipif(_bitsandbytes_missing() is not None, reason=str(_bitsandbytes_missing()))
+_WHY_NO_4BIT = _bitsandbytes_missing()  # one trial quantisation per session
+bitsandbytes = pytest.mark.skipif(_WHY_NO_4BIT is not None, reason=str(_WHY_NO_4BIT))
 QLORA = {"quantization": "4bit", "lora": {"r": 4, "alpha": 8}}
 
 
