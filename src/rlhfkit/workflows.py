@@ -28,7 +28,7 @@ from rich.console import Console
 
 from rlhfkit.config import ConfigError, ModelConfig
 from rlhfkit.data.readers import iter_jsonl, read_records, read_texts, write_jsonl
-from rlhfkit.data.records import DataError, PromptRecord
+from rlhfkit.data.records import DataError, PromptRecord, prompt_fields
 from rlhfkit.rollout.generate import SamplingConfig
 from rlhfkit.tasks import Task, get_task
 
@@ -41,8 +41,10 @@ def load_task(name: str) -> Task:
         raise ConfigError(str(error)) from None
 
 
-def _with_id(row: dict, record: PromptRecord) -> dict:
-    """``row`` with the prompt record's ``id``, when it has one."""
+def _row(record: PromptRecord, **fields) -> dict:
+    """An output row for a prompt record: its prompt (and tools, :func:`prompt_fields`), ``fields``, and its ``id``
+    when it has one."""
+    row = {**prompt_fields(record.prompt), **fields}
     return row if record.id is None else {**row, "id": record.id}
 
 
@@ -62,7 +64,7 @@ def generate_completions(model: str, prompts: str | Path, out: str | Path, sampl
 
     records, policy, tokenizer = _prompts_and_policy(model, prompts, None)
     generations = generate(policy, tokenizer, [r.prompt for r in records], sampling, seed=seed)
-    count = write_jsonl(out, (_with_id({"prompt": r.prompt, "completion": g.text, "finished": g.finished}, r)
+    count = write_jsonl(out, (_row(r, completion=g.text, finished=g.finished)
                               for r, g in zip(records, generations, strict=True)))
     console.print(f"{count} completions written to {out}")
     return count
@@ -86,7 +88,7 @@ def sample_completions(model: str, prompts: str | Path, out: str | Path, samplin
 
     records, policy, tokenizer = _prompts_and_policy(model, prompts, limit)
     groups = generate_k(policy, tokenizer, [r.prompt for r in records], k, sampling, seed=seed)
-    rows = (_with_id({"prompt": r.prompt, "completions": [g.text for g in group if g.finished or not finished_only]}, r)
+    rows = (_row(r, completions=[g.text for g in group if g.finished or not finished_only])
             for r, group in zip(records, groups, strict=True))
     count = write_jsonl(out, rows)
     console.print(f"{count} prompts x {k} completions written to {out}")
@@ -211,7 +213,7 @@ def best_of_n(model: str, reward_model: str, prompts: str | Path, out: str | Pat
     with console.status(f"sampling {len(records)} prompts x {n} and scoring them"):
         picks = sample_best_of_n(policy, tokenizer, scorer, [r.prompt for r in records], n, sampling, seed=seed,
                                  score_batch_size=sampling.batch_size)
-    count = write_jsonl(out, (_with_id({"prompt": r.prompt, "completion": pick.text, "reward": pick.score, "n": n}, r)
+    count = write_jsonl(out, (_row(r, completion=pick.text, reward=pick.score, n=n)
                               for r, pick in zip(records, picks, strict=True)))
     every = [s for pick in picks for s in pick.scores]
     console.print(f"{count} best-of-{n} completions written to {out}")

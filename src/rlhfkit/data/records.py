@@ -6,7 +6,7 @@ Five kinds of record flow through rlhfkit (the JSON forms are the project's data
   user, assistant, tool)
 * ``demonstration`` (SFT): ``{"prompt", "completion"}`` or ``{"messages": [...]}``, where the last
   message is the assistant's reply and the messages before it are the prompt (SFT can train the earlier
-  assistant turns too: ``sft.loss_on``)
+  assistant turns too: ``sft.loss_on``); the reply may call tools (its completion is then the message)
 * ``ranking``: ``{"prompt", "completions": [str, ...], "ranking": [...]}``, best first; ties are
   groups, e.g. ``[[0, 2], [1], [3]]``. The same kind reads a set of pairwise judgements,
   ``{"prompt", "completions": [str, ...], "pairs": [[i, j, preference], ...]}`` (a :class:`PairSetRecord`):
@@ -29,16 +29,68 @@ assistant message (TRL's conversational form), and a pairwise object without ``p
 the start ``chosen`` and ``rejected`` share (:meth:`_Checker.implicit_prompt`). :func:`parse_record` validates a
 decoded JSON object and raises a :class:`DataError` that names the source, line and field of the first problem it
 finds.
+
+Tool use (TRL's and transformers' chat format): an assistant message may carry ``tool_calls``, a list of
+``{"type": "function", "function": {"name": str, "arguments": object or JSON string}}`` (an ``id`` is kept), and
+then needs no ``content``; a ``tool`` message holds a tool's result in ``content`` and may name the function
+(``name``) and the call (``tool_call_id``). A record with a conversational prompt may carry ``tools``, the JSON
+schemas of the functions the model may call (``{"type": "function", "function": {"name", "description",
+"parameters"}}``), which the chat template renders; the prompt is then a :class:`Chat`. Messages are normalized:
+arguments become objects and a tool-calling reply without text gets ``content`` ``""``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-Message = dict[str, str]
+#: A chat message: ``role`` and ``content`` (str), and for tool use ``tool_calls`` (assistant) or ``name`` and
+#: ``tool_call_id`` (tool); see the module's docstring.
+Message = dict[str, Any]
+
+
+class Chat(list):
+    """A conversational prompt that offers the model tools: the list of its messages, with the record's ``tools``
+    (the JSON schemas of the functions it may call), which the chat template renders (``apply_chat_template(...,
+    tools=...)``). A conversation without tools is a plain list. A slice or copy of a :class:`Chat` is a plain list,
+    so code that builds a conversation from a prompt passes :func:`tools_of` on."""
+
+    def __init__(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]]) -> None:
+        super().__init__(messages)
+        self.tools = list(tools)
+
+    def __eq__(self, other: object) -> bool:
+        return list.__eq__(self, other) and tools_of(self) == tools_of(other)  # type: ignore[arg-type]
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a list is
+
+
 Prompt = str | list[Message]
+
+
+def tools_of(prompt: Prompt) -> list[dict[str, Any]] | None:
+    """The tools a prompt offers the model (a :class:`Chat`'s), or None."""
+    return prompt.tools if isinstance(prompt, Chat) else None
+
+
+def with_tools(messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> list[Message]:
+    """``messages`` as a prompt that offers ``tools``: a :class:`Chat`, or a plain list when there are none."""
+    return Chat(messages, tools) if tools else list(messages)
+
+
+def prompt_fields(prompt: Prompt) -> dict[str, Any]:
+    """The JSON fields of a prompt, as :func:`parse_record` reads them back: ``prompt`` and, when it offers tools,
+    the record-level ``tools``."""
+    fields: dict[str, Any] = {"prompt": prompt if isinstance(prompt, str) else [dict(m) for m in prompt]}
+    if tools_of(prompt):
+        fields["tools"] = tools_of(prompt)
+    return fields
+
 
 RECORD_KINDS = ("prompt", "demonstration", "ranking", "preference", "labeled")
 #: The optional keys every kind of record may carry.
@@ -97,13 +149,21 @@ class PromptRecord:
 
 @dataclass(frozen=True)
 class DemonstrationRecord:
-    """A prompt with a human-written completion, for supervised fine-tuning."""
+    """A prompt with a human-written completion, for supervised fine-tuning: the reply's text, or the assistant
+    message itself when the reply calls tools (``tool_calls``)."""
 
     prompt: Prompt
-    completion: str
+    completion: str | Message
     id: str | None = None
     labeler: str | None = None
     meta: dict[str, Any] | None = None
+
+    def conversation(self) -> list[Message]:
+        """The prompt's messages (a string prompt is one user message) and the reply, with the prompt's tools."""
+        prompt = [{"role": "user", "content": self.prompt}] if isinstance(self.prompt, str) else self.prompt
+        reply = self.completion if isinstance(self.completion, dict) else {"role": "assistant",
+                                                                            "content": self.completion}
+        return with_tools([*prompt, reply], tools_of(self.prompt))
 
 
 @dataclass(frozen=True)
@@ -273,18 +333,48 @@ class _Checker:
         return value
 
     def prompt(self) -> Prompt:
-        """The required ``prompt``: non-empty text or a non-empty list of chat messages."""
+        """The required ``prompt``: non-empty text or a non-empty list of chat messages (with the record's
+        ``tools``, see :meth:`chat`)."""
         value = self.require("prompt")
         if isinstance(value, list):
             if not value:
                 raise self.error("prompt", "has no messages")
-            return self.messages(value, "prompt")
+            return self.chat(self.messages(value, "prompt"))
         if not isinstance(value, str):
             raise self.error("prompt", f"expected a string or a list of messages, got {_type_name(value)}")
+        if self.obj.get("tools") is not None:
+            raise self.error("tools", "needs a conversational prompt (a list of messages) to offer the tools in")
         return self.text(value, "prompt")
 
+    def chat(self, messages: list[Message]) -> list[Message]:
+        """A conversational prompt with the record's optional ``tools``: a list of function schemas, objects
+        that name their function (``{"type": "function", "function": {"name": ..., ...}}``)."""
+        tools = self.obj.get("tools")
+        if tools is None:
+            return messages
+        if not isinstance(tools, list):
+            raise self.error("tools", f"expected a list of function schemas (objects), got {_type_name(tools)}")
+        for position, tool in enumerate(tools):
+            where = f"tools[{position}]"
+            if not isinstance(tool, dict):
+                raise self.error(where, f"expected a function schema (an object), got {_type_name(tool)}")
+            self.function_name(tool, where)
+        return with_tools(messages, tools)
+
+    def function_name(self, obj: dict, where: str) -> str:
+        """The name in ``obj["function"]`` (a tool call's or a tool schema's), which must be an object."""
+        function = obj.get("function")
+        if not isinstance(function, dict):
+            raise self.error(f"{where}.function", "is missing" if function is None
+                             else f"expected an object, got {_type_name(function)}")
+        if function.get("name") is None:
+            raise self.error(f"{where}.function.name", "is missing")
+        return self.text(function["name"], f"{where}.function.name")
+
     def messages(self, value: Any, field: str) -> list[Message]:
-        """A list of chat messages, each reduced to its ``role`` and ``content``."""
+        """A list of chat messages, each reduced to what a chat template reads: ``role`` and ``content``, an
+        assistant's ``tool_calls`` (:meth:`tool_calls`; with them ``content`` may be absent, read as ``""``) and a
+        tool message's ``name`` and ``tool_call_id``."""
         if not isinstance(value, list):
             raise self.error(field, f"expected a list of messages, got {_type_name(value)}")
         messages = []
@@ -292,14 +382,60 @@ class _Checker:
             where = f"{field}[{position}]"
             if not isinstance(message, dict):
                 raise self.error(where, f"expected a message object, got {_type_name(message)}")
-            for key in ("role", "content"):
-                if message.get(key) is None:
-                    raise self.error(f"{where}.{key}", "is missing")
-            role = message["role"]
+            role = message.get("role")
+            if role is None:
+                raise self.error(f"{where}.role", "is missing")
             if role not in CHAT_ROLES:
                 raise self.error(f"{where}.role", f"unknown role {role!r}; expected one of {CHAT_ROLES}")
-            messages.append({"role": role, "content": self.text(message["content"], f"{where}.content")})
+            calls = message.get("tool_calls")
+            if calls is not None and role != "assistant":
+                raise self.error(f"{where}.tool_calls", f"only an assistant message calls tools, not a {role} message")
+            content = message.get("content")
+            if calls is not None and content in (None, ""):
+                content = ""
+            elif content is None:
+                result = " (the tool's result)" if role == "tool" else ""
+                raise self.error(f"{where}.content", f"is missing{result}")
+            else:
+                content = self.text(content, f"{where}.content")
+            normalized: Message = {"role": role, "content": content}
+            if calls is not None:
+                normalized["tool_calls"] = self.tool_calls(calls, f"{where}.tool_calls")
+            if role == "tool":
+                for key in ("name", "tool_call_id"):
+                    if message.get(key) is not None:
+                        normalized[key] = self.text(message[key], f"{where}.{key}")
+            messages.append(normalized)
         return messages
+
+    def tool_calls(self, value: Any, field: str) -> list[dict[str, Any]]:
+        """An assistant's tool calls, ``[{"type": "function", "function": {"name", "arguments"}}, ...]`` (an ``id``
+        is kept), with each call's arguments as an object (a JSON string of one is decoded)."""
+        if not isinstance(value, list) or not value:
+            raise self.error(field, f"expected a non-empty list of tool calls, got {value!r}"[:200])
+        calls = []
+        for position, call in enumerate(value):
+            where = f"{field}[{position}]"
+            if not isinstance(call, dict):
+                raise self.error(where, f"expected a tool call object, got {_type_name(call)}")
+            if call.get("type", "function") != "function":
+                raise self.error(f"{where}.type", f"expected 'function', got {call['type']!r}")
+            name = self.function_name(call, where)
+            arguments = call["function"].get("arguments")
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError as exc:
+                    raise self.error(f"{where}.function.arguments",
+                                     f"is a string but not JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(arguments, dict):
+                raise self.error(f"{where}.function.arguments", "is missing" if arguments is None else
+                                 f"expected an object (or a JSON string of one), got {_type_name(arguments)}")
+            normalized: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+            if call.get("id") is not None:
+                normalized["id"] = self.text(call["id"], f"{where}.id")
+            calls.append(normalized)
+        return calls
 
     def common(self) -> dict[str, Any]:  # the keys of _COMMON_KEYS
         """The optional ``id``, ``labeler`` and ``meta`` fields (null counts as absent)."""
@@ -375,8 +511,9 @@ class _Checker:
             raise self.error("pairs", "ties every pair, so it prefers none")
         return tuple(triples)
 
-    def completion(self, key: str) -> str:
-        """The completion at ``key``: text, or TRL's conversational form, a list of one assistant message."""
+    def completion(self, key: str, *, calls_tools: bool = False) -> str | Message:
+        """The completion at ``key``: text, or TRL's conversational form, a list of one assistant message (its
+        text; the message itself when it calls tools, which only ``calls_tools`` allows)."""
         value = self.require(key)
         if not isinstance(value, list):
             return self.text(value, key)
@@ -385,7 +522,16 @@ class _Checker:
             roles = ", ".join(m["role"] for m in messages) or "none"
             raise self.error(key, f"expected a string or a list of one assistant message, got messages of roles "
                                   f"{roles} (an rlhfkit completion is one reply)")
-        return messages[0]["content"]
+        return self.reply(messages[0], key, calls_tools=calls_tools)
+
+    def reply(self, message: Message, field: str, *, calls_tools: bool) -> str | Message:
+        """An assistant message as a completion: its text, or (``calls_tools``) the message when it calls tools."""
+        if "tool_calls" not in message:
+            return message["content"]
+        if not calls_tools:
+            raise self.error(field, "a reply that calls tools is read as a demonstration only (SFT); compared or "
+                                    "labeled completions are text")
+        return message
 
     def implicit_prompt(self) -> tuple[Prompt, str, str]:
         """TRL's preference with an implicit prompt: ``chosen`` and ``rejected`` each hold the whole text, and the
@@ -408,9 +554,11 @@ class _Checker:
                 if len(rest) != 1 or rest[0]["role"] != "assistant":
                     raise self.error(key, f"expected one assistant message after the implicit prompt (the leading "
                                           f"messages both sides share: {shared}), got {len(rest)}")
-                replies.append(rest[0]["content"])
-            return chosen[:shared], replies[0], replies[1]
+                replies.append(self.reply(rest[0], key, calls_tools=False))
+            return self.chat(chosen[:shared]), replies[0], replies[1]
         if isinstance(chosen, str) and isinstance(rejected, str):
+            if self.obj.get("tools") is not None:
+                raise self.error("tools", "needs conversational 'chosen' and 'rejected' (lists of messages)")
             shared = common_prefix_length(chosen, rejected)
             cut = max((i + 1 for i in range(shared) if chosen[i].isspace()), default=0)
             if not chosen[:cut].strip():
@@ -472,7 +620,7 @@ def parse_record(
             prompt, used = check.text(obj["question"], "question"), "question"
         else:
             prompt, used = check.prompt(), "prompt"
-        fields = {key: value for key, value in obj.items() if key not in (used, *_COMMON_KEYS)}
+        fields = {key: value for key, value in obj.items() if key not in (used, "tools", *_COMMON_KEYS)}
         return PromptRecord(prompt, **check.common(), fields=fields or None)
 
     if kind == "demonstration":
@@ -487,9 +635,10 @@ def parse_record(
                 raise check.error("messages", "the last message must be the assistant's reply")
             if len(messages) < 2:
                 raise check.error("messages", "needs at least one message before the assistant's reply")
-            return DemonstrationRecord(messages[:-1], messages[-1]["content"], **check.common())
+            reply = check.reply(messages[-1], f"messages[{len(messages) - 1}]", calls_tools=True)
+            return DemonstrationRecord(check.chat(messages[:-1]), reply, **check.common())
         prompt = check.prompt()
-        return DemonstrationRecord(prompt, check.completion("completion"), **check.common())
+        return DemonstrationRecord(prompt, check.completion("completion", calls_tools=True), **check.common())
 
     if kind == "labeled" and ("label" in obj or "completion" in obj):
         prompt = check.prompt()
@@ -542,10 +691,10 @@ def record_to_dict(record: Record) -> dict[str, Any]:
     """
     if not isinstance(record, Record):
         raise TypeError(f"not a record: {type(record).__name__}")
-    prompt = record.prompt if isinstance(record.prompt, str) else [dict(m) for m in record.prompt]
-    row: dict[str, Any] = {"prompt": prompt}
+    row = prompt_fields(record.prompt)
     if isinstance(record, DemonstrationRecord):
-        row["completion"] = record.completion
+        completion = record.completion
+        row["completion"] = [completion] if isinstance(completion, dict) else completion
     elif isinstance(record, LabeledRecord):
         row["completion"] = record.completion
         row["label"] = record.label

@@ -8,6 +8,10 @@ markers used by the chat template::
     Write a story about otters.<|end|>
     <|assistant|>
     Once upon a time ...<|end|>
+
+Tool use reads as in rlhfkit's plain chat form (:data:`rlhfkit.data.collators.TOOL_MACROS`): the tools offered
+after the system message's text (in a system turn of their own when there is none), ``call NAME {arguments}``
+lines after an assistant's text, and a tool's result as ``NAME returned RESULT`` in a ``<|tool|>`` turn.
 """
 
 from __future__ import annotations
@@ -19,14 +23,20 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from rlhfkit.data.collators import TOOL_MACROS
+
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|end|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, *ROLE_TOKENS)
 
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = TOOL_MACROS + (
+    "{%- set system_first = messages and messages[0].role == 'system' -%}"
+    "{%- if tools and not system_first -%}{{ '<|system|>\n' + tools_text(tools) + '<|end|>\n' }}{%- endif -%}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{{ '<|' + message['role'] + '|>\n' + body(message) }}"
+    "{%- if loop.first and tools and system_first -%}{{ '\n' + tools_text(tools) }}{%- endif -%}"
+    "{{ '<|end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )

@@ -11,9 +11,9 @@ from rich.console import Console
 from rlhfkit.algorithms.logprobs import masked_lm_loss
 from rlhfkit.config import SFTConfig
 from rlhfkit.data.collators import (
+    ChatTemplateError,
     Example,
     PadCollator,
-    TemplatePrefixError,
     encode_conversation,
     encode_demonstration,
 )
@@ -42,25 +42,26 @@ def encode_demonstrations(tokenizer, records: Sequence[DemonstrationRecord], *, 
 
     ``loss_on`` is ``sft.loss_on``: with ``all_assistant_turns`` a record whose prompt is a list of messages is
     encoded as one conversation with its completion (:func:`encode_conversation`), so the assistant turns in the
-    prompt are targets too; otherwise the completion alone is (:func:`encode_demonstration`).
+    prompt are targets too; otherwise the completion alone is (:func:`encode_demonstration`; a reply that calls
+    tools, which only the chat template renders, is the conversation's last turn and its only target).
 
     Raises:
-        DataError: the chat template cannot separate a record's turns; it names ``source`` and the record
-            (counted from 1 among the records read).
+        DataError: the chat template cannot separate a record's turns or render its tool use; it names ``source``
+            and the record (counted from 1 among the records read).
     """
     examples = []
     for number, record in enumerate(records, start=1):
-        if loss_on == "all_assistant_turns" and not isinstance(record.prompt, str):
-            conversation = [*record.prompt, {"role": "assistant", "content": record.completion}]
-            try:
-                examples.append(encode_conversation(tokenizer, conversation, max_length=max_length,
-                                                    max_prompt_length=max_prompt_length))
-            except TemplatePrefixError as error:
-                named = f"(id {record.id}) " if record.id is not None else ""
-                raise DataError(f"{named}{error}", source=source, line=number, unit="record") from None
-        else:
-            examples.append(encode_demonstration(tokenizer, record.prompt, record.completion, max_length=max_length,
-                                                 max_prompt_length=max_prompt_length))
+        every_turn = loss_on == "all_assistant_turns" and not isinstance(record.prompt, str)
+        try:
+            if every_turn or isinstance(record.completion, dict):
+                examples.append(encode_conversation(tokenizer, record.conversation(), max_length=max_length,
+                                                    max_prompt_length=max_prompt_length, every_turn=every_turn))
+            else:
+                examples.append(encode_demonstration(tokenizer, record.prompt, record.completion,
+                                                     max_length=max_length, max_prompt_length=max_prompt_length))
+        except ChatTemplateError as error:
+            named = f"(id {record.id}) " if record.id is not None else ""
+            raise DataError(f"{named}{error}", source=source, line=number, unit="record") from None
     truncated = sum(e.truncated for e in examples)
     if truncated and console is not None:
         console.print(f"[yellow]{source}: {truncated} of {len(examples)} records truncated to "
