@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from datetime import timedelta
 
 import pytest
@@ -50,6 +51,11 @@ def db(tmp_path):
 def _message(result) -> str:
     """The error output as one line (messages of several lines joined)."""
     return " ".join(result.stderr.split())
+
+
+def _usage_error(result) -> str:
+    """A usage error's text as one line, without the box drawn around it."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
 
 
 def _jsonl(path, rows):
@@ -179,8 +185,8 @@ def test_export_writes_records_the_trainers_read(run, db, labeled, tmp_path):
     times = {key: records[0].meta[key] for key in ("opened_at", "answered_at", "updated_at")}
     assert records[0] == RankingRecord("Name a colour", ("red", "blue", "seven"), ((0,), (1,), (2,)), id="s1",
                                        labeler="ann", meta={"ratings": [7, 4, 1], "flags": [[], [], ["made_up_facts"]],
-                                                            **times, "version": 1, "review_status": "submitted",
-                                                            "shown_order": shown})
+                                                            "project": "default", **times, "version": 1,
+                                                            "review_status": "submitted", "shown_order": shown})
     assert records[1].ranking == ((0,), (1, 2)) and records[1].labeler == "bob"
     result = run("export", "--db", db, "--kind", "pairs-from-rankings", "--out", tmp_path / "pairs.jsonl")
     assert json.loads(result.stdout)["records"] == 5 and len(read_records(tmp_path / "pairs.jsonl", "preference")) == 5
@@ -424,3 +430,75 @@ def test_api_tokens_are_made_listed_and_revoked(run, db):
     assert missing.exit_code == 2 and "no API token with id 99" in _message(missing)
     assert "no account 'bob'" in _message(run("feedback", "tokens", "--db", db, "--user", "bob"))
     store.close()
+
+
+def test_projects_are_created_listed_updated_and_imported_into(run, db, tmp_path):
+    guide = tmp_path / "guide.md"
+    guide.write_text("# Helpfulness\nRate how **helpful** each answer is.\n", encoding="utf-8")
+    created = run("feedback", "project", "create", "likert", "--instructions", guide, "--rating-scale", "1-5",
+                  "--flags", "off_topic, unsafe", "--db", db)
+    assert created.exit_code == 0, created.output
+    assert json.loads(created.stdout) == {"id": 2, "name": "likert", "rating_scale": [1, 5],
+                                          "flags": ["off_topic", "unsafe"], "instructions_chars": 51}
+    samples = _jsonl(tmp_path / "samples.jsonl", SAMPLES)
+    imported = run("feedback", "import", samples, "--kind", "samples", "--project", "likert", "--db", db)
+    assert json.loads(imported.stdout)["project"] == "likert"
+    imported = run("feedback", "import", samples, "--kind", "samples", "--db", db)
+    assert json.loads(imported.stdout)["project"] == "default"
+    listed = run("feedback", "project", "list", "--db", db)
+    assert listed.exit_code == 0, listed.output
+    likert_row = next(line for line in listed.stdout.splitlines() if "likert" in line)
+    assert [cell.strip() for cell in likert_row.split("│")[1:6]] == [
+        "likert", "2", "1-5", "off_topic, unsafe", "# Helpfulness"]
+    updated = run("feedback", "project", "update", "likert", "--rating-scale", "0-9", "--flags", "", "--db", db)
+    assert json.loads(updated.stdout)["rating_scale"] == [0, 9] and json.loads(updated.stdout)["flags"] == []
+    store = Store(database_url(str(db)))
+    likert = store.project_by_name("likert")
+    assert likert.instructions == guide.read_text(encoding="utf-8") and likert.rating_scale == (0, 9)
+    assert [store.item(n).project_id for n in (1, 2, 3, 4)] == [likert.id, likert.id, 1, 1]
+    store.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("create", "x", "--rating-scale", "5-1"), "Invalid value for --rating-scale: 5-1 is not a scale"),
+    (("create", "x", "--rating-scale", "0-0"), "Invalid value for --rating-scale: 0-0 is not a scale"),
+    (("create", "x", "--rating-scale", "five"), "Invalid value for --rating-scale: expected LOWEST-HIGHEST"),
+    (("create", "x", "--flags", "a,,b"), "Invalid value for --flags: flag 2 ('') must be non-empty"),
+    (("create", "x", "--flags", "a,b,A"), "Invalid value for --flags: flag 'A' is given twice"),
+    (("create", "default"), "Invalid value for NAME: a project named 'default' exists already"),
+    (("create", "x", "--instructions", "missing.md"), "'--instructions'"),
+    (("update", "nope", "--flags", "a"), "Invalid value for NAME: no project 'nope'"),
+    (("update", "default"), "give what to change"),
+])
+def test_project_commands_refuse_bad_input_naming_the_option(run, db, args, message):
+    Store(database_url(str(db))).close()
+    result = run("feedback", "project", *args, "--db", db)
+    assert result.exit_code == 2 and message in _usage_error(result), result.output
+    assert "Traceback" not in result.output
+
+
+def test_import_export_and_progress_of_one_project(run, db, tmp_path):
+    assert run("feedback", "project", "create", "likert", "--rating-scale", "1-5", "--db", db).exit_code == 0
+    samples = _jsonl(tmp_path / "samples.jsonl", SAMPLES)
+    unknown = run("feedback", "import", samples, "--kind", "samples", "--project", "nope", "--db", db)
+    assert unknown.exit_code == 2 and "Invalid value for --project: no project 'nope'" in _usage_error(unknown)
+    run("feedback", "import", samples, "--kind", "samples", "--project", "likert", "--db", db)
+    run("feedback", "import", samples, "--kind", "samples", "--db", db)
+    store = Store(database_url(str(db)))
+    ann = store.create_user("ann", "h")
+    likert = store.project_by_name("likert")
+    for project_id, ratings in ((likert.id, [5, 4, 1]), (None, [7, 4, 1])):
+        item = store.next_item(ann.id, project_id=project_id or 1)
+        store.submit(ann.id, item.id, {"ratings": ratings, "flags": [[]] * 3, "ranking": [0, 1, 2]})
+    store.close()
+    out = tmp_path / "likert.jsonl"
+    exported = run("export", "--kind", "rankings", "--out", out, "--project", "likert", "--db", db)
+    assert json.loads(exported.stdout)["records"] == 1
+    [record] = read_records(out, "ranking")
+    assert record.meta["project"] == "likert" and record.meta["ratings"] == [5, 4, 1]
+    progress = run("feedback", "progress", "--db", db)
+    assert "project likert" in progress.stdout and "project default" in progress.stdout
+    only = run("feedback", "progress", "--project", "likert", "--db", db)
+    assert "project likert" in only.stdout and "project default" not in only.stdout
+    ranking_row = next(line for line in only.stdout.splitlines() if "ranking" in line)
+    assert [cell.strip() for cell in ranking_row.split("│")[2:8]] == ["2", "1", "1", "2", "0", "50%"]

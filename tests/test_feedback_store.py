@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -75,7 +76,7 @@ def _one(store: Store, user: User, kind: str | None = None) -> Item:
 def test_migrations_build_exactly_the_models(store):
     with store.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
+        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0004"
 
 
 def test_reopening_keeps_the_data_and_migrate_false_skips_alembic(url):
@@ -148,10 +149,11 @@ def test_imports_create_items_of_each_kind(store):
                                  {"prompt": chat}], replicas=2) == 2
     assert store.import_samples([{"prompt": "p", "completions": ["a", "b", "c"], "gold": [[1], [0, 2]]}]) == 1
     assert store.import_pairs([{"prompt": "q", "completions": ["x", "y"], "meta": {"models": ["m1", "m2"]}}]) == 1
-    assert store.item(1) == Item(1, "demonstration", "Write a poem", [], 2, {"topic": "art"}, None)
+    default = store.project_by_name("default").id  # items imported without a project go there
+    assert store.item(1) == Item(1, "demonstration", "Write a poem", [], 2, {"topic": "art"}, None, default)
     assert store.item(2).prompt == chat
-    assert store.item(3) == Item(3, "ranking", "p", ["a", "b", "c"], 1, {}, [[1], [0, 2]])
-    assert store.item(4) == Item(4, "ab", "q", ["x", "y"], 1, {"models": ["m1", "m2"]}, None)
+    assert store.item(3) == Item(3, "ranking", "p", ["a", "b", "c"], 1, {}, [[1], [0, 2]], default)
+    assert store.item(4) == Item(4, "ab", "q", ["x", "y"], 1, {"models": ["m1", "m2"]}, None, default)
     assert store.item(5) is None
 
 
@@ -464,7 +466,7 @@ def answered(store, users):
 
 def _round_trip(tmp_path: Path, store: Store, kind: str, record_kind: str) -> list:
     """The export read back, each record's meta without the answer's times (checked here: ISO 8601 in UTC,
-    opened <= answered <= updated), its version 1 and review status "submitted"."""
+    opened <= answered <= updated), its version 1, review status "submitted" and project "default"."""
     from dataclasses import replace
     from datetime import datetime
 
@@ -476,7 +478,7 @@ def _round_trip(tmp_path: Path, store: Store, kind: str, record_kind: str) -> li
         opened, answered, updated = (datetime.fromisoformat(meta.pop(key))
                                      for key in ("opened_at", "answered_at", "updated_at"))
         assert opened.utcoffset().total_seconds() == 0 and opened <= answered == updated
-        assert (meta.pop("version"), meta.pop("review_status")) == (1, "submitted")
+        assert (meta.pop("version"), meta.pop("review_status"), meta.pop("project")) == (1, "submitted", "default")
         records.append(replace(record, meta=meta or None))
     return records
 
@@ -519,8 +521,8 @@ def test_exported_ab_verdicts_feed_human_win_rates(answered, tmp_path):
     rows = [row for _, row in iter_jsonl(path)]
     times = {key: rows[0]["meta"][key] for key in ("opened_at", "answered_at", "updated_at")}
     assert rows[0] == {"prompt": "Judge", "completions": ["x", "y"], "verdict": "a", "id": "ab-1", "labeler": "ann",
-                       "meta": {"models": ["ppo", "sft"], **times, "version": 1, "review_status": "submitted",
-                                "shown_order": [0, 1]}}
+                       "meta": {"models": ["ppo", "sft"], "project": "default", **times, "version": 1,
+                                "review_status": "submitted", "shown_order": [0, 1]}}
     assert human_win_rates(rows, "sft")["ppo"]["win_rate"] == pytest.approx(0.75)
 
 
@@ -888,3 +890,179 @@ def test_agreement_on_rankings_only(store, users):
     assert store.agreement()["overall"]["pairwise_agreement"] == pytest.approx(1 / 3)
     with pytest.raises(StoreError, match="agreement is measured on ranking and ab items"):
         store.agreement(("demonstration",))
+
+
+# -------------------------------------------------------------------------------------- projects
+
+LIKERT = {"rating_scale": (1, 5), "flags": ("off_topic", "unsafe"), "instructions": "Rate **helpfulness**."}
+
+
+def test_a_new_database_has_the_default_project_with_todays_settings(store):
+    [default] = store.projects()
+    assert (default.name, default.instructions, default.rating_scale, default.flags) == (
+        "default", "", (1, 7), ("fails_instruction", "harmful", "made_up_facts"))
+    assert list(default.ratings) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_projects_are_created_found_and_updated(store):
+    likert = store.create_project("likert", **LIKERT)
+    assert (likert.name, likert.instructions, likert.rating_scale, likert.flags) == (
+        "likert", "Rate **helpfulness**.", (1, 5), ("off_topic", "unsafe"))
+    assert store.project_by_name("likert") == store.project(likert.id) == likert
+    assert [project.name for project in store.projects()] == ["default", "likert"]
+    changed = store.update_project(likert.id, instructions="New.", rating_scale=(0, 9), flags=["unsafe"])
+    assert (changed.instructions, changed.rating_scale, changed.flags) == ("New.", (0, 9), ("unsafe",))
+    assert store.update_project(likert.id).flags == ("unsafe",)  # nothing given, nothing changed
+    assert store.create_project("no flags", flags=()).flags == ()
+
+
+@pytest.mark.parametrize(("settings", "field", "message"), [
+    ({"name": " padded"}, "name", "leading or trailing spaces"),
+    ({"name": "default"}, "name", "exists already"),
+    ({"rating_scale": (5, 1)}, "rating_scale", "5-1 is not a scale"),
+    ({"rating_scale": (0, 0)}, "rating_scale", "0-0 is not a scale"),
+    ({"rating_scale": (1, 11)}, "rating_scale", "from 0 to 10"),
+    ({"rating_scale": (1, "5")}, "rating_scale", "two whole numbers"),
+    ({"flags": ("a", "")}, "flags", "flag 2 ('') must be non-empty"),
+    ({"flags": ("unsafe", "Unsafe")}, "flags", "given twice"),
+    ({"flags": "abc"}, "flags", "a list of flag names"),
+])
+def test_bad_project_settings_are_refused_naming_the_field(store, settings, field, message):
+    with pytest.raises(StoreError) as error:
+        store.create_project(**{"name": "p", **settings})
+    assert error.value.field == field and message in error.value.message
+    assert [project.name for project in store.projects()] == ["default"]
+
+
+def test_imports_go_into_the_named_project_and_an_unknown_one_is_refused(store):
+    likert = store.create_project("likert", **LIKERT)
+    store.import_samples([{"prompt": "p", "completions": ["a", "b"]}], project_id=likert.id)
+    store.import_prompts([{"prompt": "q"}])
+    assert [store.item(1).project_id, store.item(2).project_id] == [likert.id, store.project_by_name("default").id]
+    with pytest.raises(StoreError, match="no project with id 99") as error:
+        store.import_pairs([{"prompt": "p", "completions": ["a", "b"]}], project_id=99)
+    assert error.value.field == "project" and store.item(3) is None
+
+
+def test_each_project_has_its_own_queue(store, users):
+    ann, bob, _ = users
+    a, b = store.create_project("a"), store.create_project("b")
+    store.import_prompts([{"prompt": f"a{n}"} for n in range(3)], project_id=a.id, replicas=2)
+    store.import_prompts([{"prompt": f"b{n}"} for n in range(2)], project_id=b.id, replicas=2)
+    for user in (ann, bob):  # a labeler working in project A never gets B's items, and the other way round
+        for project, count in ((a, 3), (b, 2)):
+            for _ in range(count):
+                item = store.next_item(user.id, project_id=project.id)
+                assert item.project_id == project.id
+                store.submit(user.id, item.id, {"completion": "x"})
+            assert store.next_item(user.id, project_id=project.id) is None
+    with pytest.raises(StoreError, match="no project") as error:
+        store.next_item(ann.id, project_id=99)
+    assert error.value.field == "project"
+
+
+def test_answers_follow_their_projects_scale_and_flags(store, users):
+    ann = users[0]
+    likert = store.create_project("likert", **LIKERT)
+    store.import_samples([{"prompt": "p", "completions": ["a", "b"]}], project_id=likert.id)
+    store.import_samples([{"prompt": "q", "completions": ["a", "b"]}])
+    item = store.next_item(ann.id, project_id=likert.id)
+    for payload, field in (({"ratings": [6, 1]}, "ratings[0]"), ({"ratings": [0, 1]}, "ratings[0]"),
+                           ({"flags": [["harmful"], []]}, "flags[0]")):
+        with pytest.raises(StoreError) as error:
+            store.submit(ann.id, item.id, {"ratings": [5, 1], "flags": [[], []], "ranking": [0, 1], **payload})
+        assert error.value.field == field
+    assert "from 1 to 5" in str(pytest.raises(StoreError, store.submit, ann.id, item.id,
+                                              {"ratings": [7, 1], "flags": [[], []], "ranking": [0, 1]}).value)
+    answer = store.submit(ann.id, item.id, {"ratings": [5, 1], "flags": [["unsafe"], []], "ranking": [0, 1]})
+    assert answer.payload["flags"] == [["unsafe"], []]
+    with pytest.raises(StoreError, match="from 1 to 5"):
+        store.edit(ann.id, item.id, {"ratings": [7, 1], "flags": [[], []], "ranking": [0, 1]})
+    default_item = store.next_item(ann.id)  # the default project keeps 1-7 and its flags
+    store.submit(ann.id, default_item.id, {"ratings": [7, 1], "flags": [["harmful"], []], "ranking": [0, 1]})
+
+
+def test_a_projects_scale_and_flags_change_only_where_its_answers_still_fit(store, users):
+    ann = users[0]
+    likert = store.create_project("likert", **LIKERT)
+    store.import_samples([{"prompt": "p", "completions": ["a", "b"]}], project_id=likert.id)
+    item = store.next_item(ann.id, project_id=likert.id)
+    store.submit(ann.id, item.id, {"ratings": [5, 2], "flags": [["unsafe"], []], "ranking": [0, 1]})
+    with pytest.raises(StoreError, match=r"ratings \[5\], outside 1-4") as error:
+        store.update_project(likert.id, rating_scale=(1, 4))
+    assert error.value.field == "rating_scale"
+    with pytest.raises(StoreError, match=r"flags \['unsafe'\]") as error:
+        store.update_project(likert.id, flags=["off_topic"])
+    assert error.value.field == "flags" and store.project(likert.id) == likert  # nothing changed
+    widened = store.update_project(likert.id, rating_scale=(1, 7), flags=["unsafe", "off_topic", "rude"])
+    assert widened.rating_scale == (1, 7) and widened.flags == ("unsafe", "off_topic", "rude")
+    with pytest.raises(StoreError, match="no project with id 99"):
+        store.update_project(99, instructions="x")
+
+
+def test_progress_and_exports_per_project(store, users):
+    ann = users[0]
+    likert = store.create_project("likert", **LIKERT)
+    store.import_samples([{"prompt": "p", "completions": ["a", "b"], "id": "L1"}], project_id=likert.id)
+    store.import_samples([{"prompt": "q", "completions": ["a", "b"], "id": "D1"}, {"prompt": "r",
+                                                                                  "completions": ["c", "d"]}])
+    for project_id, ratings in ((likert.id, [5, 1]), (None, [7, 1])):
+        item = store.next_item(ann.id, project_id=project_id) if project_id else store.next_item(ann.id)
+        store.submit(ann.id, item.id, {"ratings": ratings, "flags": [[], []], "ranking": [0, 1]})
+    [likert_rankings] = [row for row in store.progress(likert.id) if row["kind"] == "ranking"]
+    [all_rankings] = [row for row in store.progress() if row["kind"] == "ranking"]
+    assert (likert_rankings["items"], likert_rankings["answers"], all_rankings["items"]) == (1, 1, 3)
+    assert store.user_progress(ann.id, likert.id)["ranking"] == {"answered": 1, "skipped": 0}
+    assert store.user_progress(ann.id)["ranking"] == {"answered": 2, "skipped": 0}
+    exported = list(store.export("rankings", likert.id))
+    assert [(row["id"], row["meta"]["project"], row["meta"]["ratings"]) for row in exported] == [
+        ("L1", "likert", [5, 1])]
+    assert [row["meta"]["project"] for row in store.export("rankings")] == ["likert", "default"]
+    with pytest.raises(StoreError, match="no project"):
+        list(store.export("rankings", 99))
+
+
+def test_upgrade_from_revision_0003_puts_every_item_in_the_default_project(url):
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+
+    from rlhfkit.feedback.store import MIGRATIONS
+
+    store = Store(url, migrate=False)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0003")
+    old = Store(url, migrate=False)  # rows written through revision 0003's tables
+    now = datetime.now(timezone.utc)
+    with old.engine.begin() as connection:
+        connection.execute(sa.text("INSERT INTO users (id, username, role, password_hash, active, created_at) "
+                                   "VALUES (1, 'ann', 'labeler', 'h', :true, :now)"), {"true": True, "now": now})
+        for item_id, kind, completions in ((1, "ranking", '["a", "b"]'), (2, "demonstration", "[]")):
+            connection.execute(sa.text(
+                "INSERT INTO items (id, kind, prompt, completions, replicas, meta, created_at) "
+                "VALUES (:id, :kind, '\"p\"', :completions, 1, '{}', :now)"),
+                {"id": item_id, "kind": kind, "completions": completions, "now": now})
+            connection.execute(sa.text("INSERT INTO assignments (user_id, item_id, created_at) VALUES (1, :id, :now)"),
+                               {"id": item_id, "now": now})
+        connection.execute(sa.text(
+            "INSERT INTO answers (id, user_id, item_id, payload, skipped, created_at, version, status) "
+            "VALUES (1, 1, 1, :payload, :false, :now, 1, 'submitted')"),
+            {"payload": json.dumps({"ratings": [7, 1], "flags": [["harmful"], []], "ranking": [[0], [1]]}),
+             "false": False, "now": now})
+        connection.execute(sa.text("INSERT INTO answer_versions (answer_id, version, payload, skipped, created_at) "
+                                   "SELECT id, 1, payload, skipped, created_at FROM answers"))
+    old.close()
+    upgrade_database(store.engine)
+    default = store.project_by_name("default")
+    assert (default.rating_scale, default.flags) == ((1, 7), ("fails_instruction", "harmful", "made_up_facts"))
+    assert [store.item(n).project_id for n in (1, 2)] == [default.id, default.id]
+    [answer] = store.answers()
+    assert answer.payload["ratings"] == [7, 1] and len(store.history(answer.id)) == 1  # nothing lost
+    assert store.next_item(1, project_id=default.id).id == 2  # the open assignment, in its project
+    assert [row["meta"]["project"] for row in store.export("rankings", default.id)] == ["default"]
+    with store.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    store.close()

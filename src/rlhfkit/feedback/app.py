@@ -744,7 +744,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         item = store.assigned_item(user.id, item_id)
         editing, order = form.get("edit") == "1", _order(user, item)
         try:
-            payload = validate_answer(item, form_payload(item, form, order))
+            payload = validate_answer(item, form_payload(item, form, order), store.project(item.project_id))
             warnings = contradiction_messages(payload, order) if order is not None else []
             if warnings and form.get("confirm_contradiction") != "1":
                 return item_page(request, user, item, editing=editing, warnings=warnings, form=form)

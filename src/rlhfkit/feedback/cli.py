@@ -23,6 +23,7 @@ from rich.table import Table
 
 from rlhfkit.cli_common import console, fail_cleanly
 from rlhfkit.feedback.common import (
+    DEFAULT_PROJECT,
     EXPORT_KINDS,
     IMPORT_KINDS,
     OLD_EXPORT_KINDS,
@@ -31,15 +32,30 @@ from rlhfkit.feedback.common import (
     StoreError,
     export_kind,
     import_kind,
+    parse_flags,
+    parse_rating_scale,
 )
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) is loaded by the commands that open one, not by --help
-    from rlhfkit.feedback.store import Store, User
+    from rlhfkit.feedback.store import Project, Store, User
 
 DEFAULT_DB = "sqlite:///feedback.db"
 POSTGRES_DRIVERS = ("psycopg", "psycopg2")
 
 DbOption = Annotated[str, typer.Option("--db", help="SQLAlchemy URL (postgresql+psycopg://...) or SQLite file path.")]
+ProjectOption = Annotated[str | None, typer.Option(
+    "--project", help=f"The project's name (rlhfkit feedback project list); default: the project {DEFAULT_PROJECT!r}.")]
+InstructionsOption = Annotated[Path | None, typer.Option(
+    exists=True, dir_okay=False, readable=True,
+    help="A text or Markdown file of instructions, shown to labelers on every task of the project.")]
+RatingScaleOption = Annotated[str | None, typer.Option(
+    help="The ratings of each output, LOWEST-HIGHEST within 0-10 (default for a new project: 1-7).")]
+FlagsOption = Annotated[str | None, typer.Option(
+    help="Comma-separated flag names labelers can tick on each output ('' for none; default for a new project: "
+         "fails_instruction,harmful,made_up_facts).")]
+# the store's names of a project's fields -> the options (or argument) that give them
+PROJECT_PARAMETERS = {"name": "NAME", "instructions": "--instructions", "rating_scale": "--rating-scale",
+                      "flags": "--flags", "project": "--project"}
 
 
 def database_url(db: str) -> str:
@@ -118,13 +134,55 @@ def _kind(value: str, resolve, choices: tuple[str, ...], old: dict[str, str]) ->
     return kind
 
 
+def project_settings(instructions: Path | None, rating_scale: str | None, flags: str | None) -> dict:
+    """The project settings the options give (only those given), checked; a usage error names the bad option."""
+    settings: dict = {}
+    try:
+        if instructions is not None:
+            settings["instructions"] = instructions.read_text(encoding="utf-8")
+        if rating_scale is not None:
+            settings["rating_scale"] = parse_rating_scale(rating_scale)
+        if flags is not None:
+            settings["flags"] = parse_flags(flags)
+    except StoreError as error:
+        raise typer.BadParameter(error.message, param_hint=PROJECT_PARAMETERS[error.field]) from None
+    except UnicodeDecodeError as error:
+        raise typer.BadParameter(f"{instructions} is not UTF-8 text ({error.reason})",
+                                 param_hint="--instructions") from None
+    return settings
+
+
+@contextmanager
+def project_errors() -> Iterator[None]:
+    """A :class:`StoreError` about a project's field as a usage error naming the option that gave it."""
+    try:
+        yield
+    except StoreError as error:
+        if error.field not in PROJECT_PARAMETERS:
+            raise
+        raise typer.BadParameter(error.message, param_hint=PROJECT_PARAMETERS[error.field]) from None
+
+
+def named_project(store: Store, name: str | None) -> Project:
+    """The project named ``name`` (the default project when None), or a usage error naming ``--project``."""
+    found = store.project_by_name(name if name is not None else DEFAULT_PROJECT)
+    if found is None:
+        raise typer.BadParameter(f"no project {name!r}; create it with rlhfkit feedback project create {name}",
+                                 param_hint="--project")
+    return found
+
+
 def register(app: typer.Typer) -> None:
     """Add ``serve``, ``export`` and the ``feedback`` sub-app (add-user, deactivate, reactivate, reset-password,
-    add-token, tokens, revoke-token, import, progress, release, agreement) to ``app``."""
-    feedback = typer.Typer(help="The human-feedback app's database: accounts, API tokens, imports, progress, "
-                                "agreement.",
+    add-token, tokens, revoke-token, project create/update/list, import, progress, release, agreement) to
+    ``app``."""
+    feedback = typer.Typer(help="The human-feedback app's database: accounts, API tokens, projects, imports, "
+                                "progress, agreement.",
                            no_args_is_help=True)
     app.add_typer(feedback, name="feedback")
+    projects = typer.Typer(help="Labeling projects: each has its own instructions, rating scale, flags, queue and "
+                                "exports.", no_args_is_help=True)
+    feedback.add_typer(projects, name="project")
 
     @app.command("serve")
     @fail_cleanly
@@ -178,14 +236,18 @@ def register(app: typer.Typer) -> None:
                                                "of A/B pairs).")],
         out: Annotated[Path, typer.Option(help="Output JSONL file (.gz to compress).")],
         db: DbOption = DEFAULT_DB,
+        project: Annotated[str | None, typer.Option(help="Only this project's answers (default: every project's; "
+                                                         "each record's meta names its project).")] = None,
     ) -> None:
         """Write the labelers' answers as the records rlhfkit's trainers read (skipped items left out)."""
         from rlhfkit.data.readers import write_jsonl
 
         kind = _kind(kind, export_kind, EXPORT_KINDS, OLD_EXPORT_KINDS)
         with open_store(db, create=False) as store:
-            count = write_jsonl(out, store.export(kind))
-        print(json.dumps({"kind": kind, "records": count, "out": str(out)}))
+            project_id = named_project(store, project).id if project is not None else None
+            count = write_jsonl(out, store.export(kind, project_id))
+        print(json.dumps({"kind": kind, **({"project": project} if project is not None else {}), "records": count,
+                          "out": str(out)}))
 
     @feedback.command("add-user")
     @fail_cleanly
@@ -307,29 +369,90 @@ def register(app: typer.Typer) -> None:
                                                "judge: rlhfkit human pairs' output).")],
         replicas: Annotated[int, typer.Option(min=1, help="How many labelers answer each item.")] = 1,
         db: DbOption = DEFAULT_DB,
+        project: ProjectOption = None,
     ) -> None:
-        """Add items for labelers: all of the file or, on the first bad record, nothing."""
+        """Add items for labelers to a project: all of the file or, on the first bad record, nothing."""
         from rlhfkit.feedback.imports import import_file
 
         kind = _kind(kind, import_kind, IMPORT_KINDS, OLD_IMPORT_KINDS)
         with open_store(db, create=True) as store:
-            count = import_file(store, path, kind, replicas=replicas)
-        print(json.dumps({"kind": kind, "items": count, "replicas": replicas, "db": store.url}))
+            target = named_project(store, project)
+            count = import_file(store, path, kind, replicas=replicas, project_id=target.id)
+        print(json.dumps({"kind": kind, "items": count, "replicas": replicas, "project": target.name,
+                          "db": store.url}))
+
+    @projects.command("create")
+    @fail_cleanly
+    def create_project(
+        name: Annotated[str, typer.Argument(help="The project's name (unique).")],
+        instructions: InstructionsOption = None,
+        rating_scale: RatingScaleOption = None,
+        flags: FlagsOption = None,
+        db: DbOption = DEFAULT_DB,
+    ) -> None:
+        """Create a project; import items into it with rlhfkit feedback import --project NAME."""
+        settings = project_settings(instructions, rating_scale, flags)
+        with open_store(db, create=True) as store, project_errors():
+            created = store.create_project(name, **settings)
+        print(json.dumps(_project_json(created)))
+
+    @projects.command("update")
+    @fail_cleanly
+    def update_project(
+        name: Annotated[str, typer.Argument(help="The project to change.")],
+        instructions: InstructionsOption = None,
+        rating_scale: RatingScaleOption = None,
+        flags: FlagsOption = None,
+        db: DbOption = DEFAULT_DB,
+    ) -> None:
+        """Change a project's instructions, rating scale or flags (those given); a new scale or flags must still
+        fit every answer given so far."""
+        settings = project_settings(instructions, rating_scale, flags)
+        if not settings:
+            raise typer.BadParameter("give what to change: --instructions, --rating-scale or --flags",
+                                     param_hint="NAME")
+        with open_store(db, create=False) as store, project_errors():
+            found = store.project_by_name(name)
+            if found is None:
+                raise typer.BadParameter(f"no project {name!r}", param_hint="NAME")
+            changed = store.update_project(found.id, **settings)
+        print(json.dumps(_project_json(changed)))
+
+    @projects.command("list")
+    @fail_cleanly
+    def list_projects(db: DbOption = DEFAULT_DB) -> None:
+        """List the projects: their items, rating scale, flags and the start of their instructions."""
+        with open_store(db, create=False) as store:
+            rows = [(project, sum(row["items"] for row in store.progress(project.id))) for project in store.projects()]
+        table = Table(title="Projects")
+        for column in ("name", "items", "rating scale", "flags", "instructions"):
+            table.add_column(column, justify="right" if column == "items" else "left")
+        for project, items in rows:
+            first_line = project.instructions.strip().split("\n", 1)[0]
+            table.add_row(escape(project.name), str(items), "{}-{}".format(*project.rating_scale),
+                          escape(", ".join(project.flags) or "-"),
+                          escape(first_line[:60] + ("..." if len(first_line) > 60 else "")) or "-")
+        Console().print(table)
 
     @feedback.command("progress")
     @fail_cleanly
-    def progress(db: DbOption = DEFAULT_DB) -> None:
-        """How far the labelers are, per item kind."""
+    def progress(db: DbOption = DEFAULT_DB, project: Annotated[str | None, typer.Option(
+            help="Only this project (default: a table for each project with items).")] = None) -> None:
+        """How far the labelers are, per project and item kind."""
         with open_store(db, create=False) as store:
-            rows = store.progress()
-        table = Table(title="Labeling progress")
-        for column in ("kind", "items", "complete items", "answers", "needed", "skipped", "done"):
-            table.add_column(column, justify="left" if column == "kind" else "right")
-        for row in rows:
-            done = f"{row['answers'] / row['answers_needed']:.0%}" if row["answers_needed"] else "-"
-            table.add_row(row["kind"], str(row["items"]), str(row["complete_items"]), str(row["answers"]),
-                          str(row["answers_needed"]), str(row["skipped"]), done)
-        Console().print(table)
+            chosen = [named_project(store, project)] if project is not None else store.projects()
+            tables = [(found, store.progress(found.id)) for found in chosen]
+        if project is None:  # the projects with items; the default one alone when none has any
+            tables = [(found, rows) for found, rows in tables if any(row["items"] for row in rows)] or tables[:1]
+        for found, rows in tables:
+            table = Table(title=f"Labeling progress: project {escape(found.name)}")
+            for column in ("kind", "items", "complete items", "answers", "needed", "skipped", "done"):
+                table.add_column(column, justify="left" if column == "kind" else "right")
+            for row in rows:
+                done = f"{row['answers'] / row['answers_needed']:.0%}" if row["answers_needed"] else "-"
+                table.add_row(row["kind"], str(row["items"]), str(row["complete_items"]), str(row["answers"]),
+                              str(row["answers_needed"]), str(row["skipped"]), done)
+            Console().print(table)
 
     @feedback.command("release")
     @fail_cleanly
@@ -377,3 +500,9 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def _project_json(project: Project) -> dict:
+    """A project as the project commands print it."""
+    return {"id": project.id, "name": project.name, "rating_scale": list(project.rating_scale),
+            "flags": list(project.flags), "instructions_chars": len(project.instructions)}

@@ -48,8 +48,10 @@ def read_import(path: Path, kind: str, *, source: str | None = None) -> tuple[li
     return [row for _, row in rows], [line for line, _ in rows]
 
 
-def import_file(store: Store, path: Path, kind: str, *, replicas: int, source: str | None = None) -> int:
-    """Add the file's records to ``store`` as items of ``kind``; all or nothing. Returns the number of items.
+def import_file(store: Store, path: Path, kind: str, *, replicas: int, source: str | None = None,
+                project_id: int | None = None) -> int:
+    """Add the file's records to ``store`` as items of ``kind`` in project ``project_id`` (the default project
+    when None); all or nothing. Returns the number of items.
 
     The old name ``"pairs"`` of ``"ab"`` works, with a :class:`DeprecationWarning`."""
     kind, deprecated = import_kind(kind)
@@ -59,7 +61,7 @@ def import_file(store: Store, path: Path, kind: str, *, replicas: int, source: s
     name = source or str(path)
     method = {"prompts": store.import_prompts, "samples": store.import_samples, "ab": store.import_pairs}[kind]
     try:
-        return method(records, replicas=replicas, source=name)
+        return method(records, replicas=replicas, source=name, project_id=project_id)
     except DataError as error:  # the store numbers records: name the file line instead
         if lines is None or error.line is None:
             raise

@@ -6,6 +6,10 @@ write lock up front with ``BEGIN IMMEDIATE``), PostgreSQL for teams (``postgresq
 safe to share one :class:`Store` between threads: every method opens its own session, and returns frozen
 dataclasses (:class:`User`, :class:`Item`, :class:`Answer`), never ORM objects.
 
+Every item belongs to a project (:class:`Project`: its instructions to labelers, rating scale and flags; the
+project named ``default``, with 1-7 and InstructGPT's three flags, holds the items imported without one).
+Queues, answers' validation, progress and exports can each be narrowed to one project.
+
 Items are of three kinds: ``demonstration`` (write a completion for a prompt), ``ranking`` (rate, flag and
 rank K >= 2 completions) and ``ab`` (judge two completions). Each item needs ``replicas`` labelers; a
 labeler asks :meth:`Store.next_item` for work, which assigns them an item, and answers it with
@@ -35,7 +39,7 @@ import random
 import secrets
 import statistics
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -65,14 +69,24 @@ from sqlalchemy.pool import StaticPool
 
 from rlhfkit.data.records import DataError, RankingRecord, parse_record
 from rlhfkit.feedback import agreement as agree
-from rlhfkit.feedback.common import EXPORT_KINDS, ROLES, StoreError, export_kind
+from rlhfkit.feedback.common import (
+    DEFAULT_PROJECT,
+    EXPORT_KINDS,
+    FLAGS,
+    RATING_RANGE,
+    ROLES,
+    StoreError,
+    check_flags,
+    check_instructions,
+    check_project_name,
+    check_rating_scale,
+    export_kind,
+)
 
 ITEM_KINDS = ("demonstration", "ranking", "ab")
-FLAGS = ("fails_instruction", "harmful", "made_up_facts")  # InstructGPT's labeling flags
 VERDICTS = ("a", "b", "tie")
 SUBMITTED, ACCEPTED, REJECTED = "submitted", "accepted", "rejected"  # an answer's review status
 REVIEW_VERDICTS = (ACCEPTED, REJECTED)
-RATING_RANGE = (1, 7)
 MAX_COMPLETION_CHARS = 100_000  # a written demonstration
 MAX_REASON_CHARS = 10_000  # a skip's reason
 MAX_TOKEN_NAME_CHARS = 64
@@ -118,10 +132,27 @@ class UserRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+class ProjectRow(Base):
+    """A labeling project: its items share instructions, a rating scale and flags, a queue and exports."""
+
+    __tablename__ = "projects"
+    __table_args__ = (UniqueConstraint("name", name="uq_projects_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    instructions: Mapped[str] = mapped_column(Text)
+    rating_min: Mapped[int] = mapped_column(Integer)
+    rating_max: Mapped[int] = mapped_column(Integer)
+    flags: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 class ItemRow(Base):
     __tablename__ = "items"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", name="fk_items_project_id_projects"),
+                                            index=True)
     kind: Mapped[str] = mapped_column(String(16), index=True)
     source_id: Mapped[str | None] = mapped_column(String(255))  # the "id" of the imported record
     prompt: Mapped[Any] = mapped_column(JSON)
@@ -216,6 +247,23 @@ class User:
 
 
 @dataclass(frozen=True)
+class Project:
+    """A labeling project: the instructions shown on every task, the rating scale and the flags of its outputs."""
+
+    id: int
+    name: str
+    instructions: str
+    rating_scale: tuple[int, int]  # (lowest, highest), both allowed
+    flags: tuple[str, ...]
+    created_at: datetime
+
+    @property
+    def ratings(self) -> range:
+        """Every rating of the scale, lowest first."""
+        return range(self.rating_scale[0], self.rating_scale[1] + 1)
+
+
+@dataclass(frozen=True)
 class Item:
     """One unit of work: a prompt to answer, K completions to rank, or an A/B pair to judge."""
 
@@ -226,6 +274,7 @@ class Item:
     replicas: int
     meta: dict
     gold: list[list[int]] | None  # the gold ranking (groups best first) when given
+    project_id: int
 
 
 @dataclass(frozen=True)
@@ -283,7 +332,13 @@ def _user(row: UserRow) -> User:
 
 
 def _item(row: ItemRow) -> Item:
-    return Item(row.id, row.kind, row.prompt, list(row.completions), row.replicas, dict(row.meta), row.gold)
+    return Item(row.id, row.kind, row.prompt, list(row.completions), row.replicas, dict(row.meta), row.gold,
+                row.project_id)
+
+
+def _project(row: ProjectRow) -> Project:
+    return Project(row.id, row.name, row.instructions, (row.rating_min, row.rating_max), tuple(row.flags),
+                   _utc(row.created_at))
 
 
 def _utc(moment: datetime) -> datetime:
@@ -441,8 +496,9 @@ def _ranking_groups(value: Any, completions: list[str], field: str) -> list[list
     return [sorted(group) for group in groups]
 
 
-def validate_answer(item: ItemRow | Item, payload: Any) -> dict:
-    """The normalised payload of an answer to ``item``, or :class:`StoreError` naming the bad field."""
+def validate_answer(item: ItemRow | Item, payload: Any, project: Project) -> dict:
+    """The normalised payload of an answer to ``item`` (of ``project``: a ranking's ratings are on its scale, its
+    flags among the project's), or :class:`StoreError` naming the bad field."""
     if not isinstance(payload, dict):
         raise StoreError(f"expected an object, got {_type_name(payload)}", field="payload")
     if item.kind == "demonstration":
@@ -463,7 +519,7 @@ def validate_answer(item: ItemRow | Item, payload: Any) -> dict:
     ratings = payload.get("ratings")
     if not isinstance(ratings, list) or len(ratings) != k:
         raise StoreError(f"expected a list of {k} ratings, got {_shown(ratings)}", field="ratings")
-    low, high = RATING_RANGE
+    low, high = project.rating_scale
     for position, rating in enumerate(ratings):
         if not _is_int(rating) or not low <= rating <= high:
             raise StoreError(f"expected an integer from {low} to {high}, got {_shown(rating)}",
@@ -472,8 +528,9 @@ def validate_answer(item: ItemRow | Item, payload: Any) -> dict:
     if not isinstance(flags, list) or len(flags) != k:
         raise StoreError(f"expected a list of {k} lists of flags, got {_shown(flags)}", field="flags")
     for position, chosen in enumerate(flags):
-        if not isinstance(chosen, list) or any(flag not in FLAGS for flag in chosen):
-            raise StoreError(f"expected a list of flags from {FLAGS}, got {_shown(chosen)}", field=f"flags[{position}]")
+        if not isinstance(chosen, list) or any(flag not in project.flags for flag in chosen):
+            raise StoreError(f"expected a list of flags from {project.flags}, got {_shown(chosen)}",
+                             field=f"flags[{position}]")
         if len(set(chosen)) != len(chosen):
             raise StoreError("repeats a flag", field=f"flags[{position}]")
     ranking = _ranking_groups(payload.get("ranking"), item.completions, "ranking")
@@ -550,17 +607,32 @@ def _create_engine(url: str) -> Engine:
 
 
 def upgrade_database(engine: Engine) -> None:
-    """Bring the database to the newest Alembic revision (one transaction; concurrent callers wait)."""
+    """Bring the database to the newest Alembic revision (one transaction; concurrent callers wait).
+
+    On SQLite the foreign keys are off while it runs, as SQLite asks for schema changes that rebuild a table
+    (with them on, dropping the old copy of ``items`` would delete every answer through ``ON DELETE CASCADE``);
+    they are checked before the transaction commits.
+    """
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.execution_options(rlhfkit_write=True).begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_POSTGRES_MIGRATION_LOCK})")
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    with engine.execution_options(rlhfkit_write=True).connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:  # outside any transaction: SQLite ignores the pragma inside one
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_POSTGRES_MIGRATION_LOCK})")
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("the migration left rows whose foreign keys point nowhere; nothing changed")
+        finally:
+            if sqlite:
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
 
 
 class Store:
@@ -642,10 +714,114 @@ class Store:
             session.commit()
             return _user(row)
 
+    # --------------------------------------------------------------------------------------- projects
+
+    def create_project(self, name: str, *, instructions: str = "", rating_scale: tuple[int, int] = RATING_RANGE,
+                       flags: Sequence[str] = FLAGS) -> Project:
+        """A new project (by default with today's 1-7 scale and InstructGPT's three flags); :class:`StoreError`
+        naming the field for a taken or malformed name, a bad scale (5-1, 0-0) or bad flag names."""
+        row = ProjectRow(name=check_project_name(name), instructions=check_instructions(instructions),
+                         flags=list(check_flags(flags)))
+        row.rating_min, row.rating_max = check_rating_scale(rating_scale)
+        with self._writer() as session:
+            if session.scalar(select(ProjectRow.id).where(ProjectRow.name == name)) is not None:
+                raise StoreError(f"a project named {name!r} exists already", field="name")
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError:
+                raise StoreError(f"a project named {name!r} exists already", field="name") from None
+            return _project(row)
+
+    def update_project(self, project_id: int, *, instructions: str | None = None,
+                       rating_scale: tuple[int, int] | None = None, flags: Sequence[str] | None = None) -> Project:
+        """Change a project's instructions, rating scale or flags (those given), in one transaction.
+
+        A new scale must still hold every rating of the project's answers and new flags every flag they use, so
+        no answer becomes invalid; :class:`StoreError` naming the field otherwise, or for an unknown project.
+        """
+        new_flags = None if flags is None else check_flags(flags)
+        new_scale = None if rating_scale is None else check_rating_scale(rating_scale)
+        new_instructions = None if instructions is None else check_instructions(instructions)
+        with self._writer() as session:
+            row = session.scalar(select(ProjectRow).where(ProjectRow.id == project_id).with_for_update())
+            if row is None:
+                raise StoreError(f"no project with id {project_id}", field="project")
+            if new_scale is not None or new_flags is not None:
+                self._check_answers_fit(session, row, new_scale, new_flags)
+            if new_instructions is not None:
+                row.instructions = new_instructions
+            if new_scale is not None:
+                row.rating_min, row.rating_max = new_scale
+            if new_flags is not None:
+                row.flags = list(new_flags)
+            session.commit()
+            return _project(row)
+
+    @staticmethod
+    def _check_answers_fit(session: Session, project: ProjectRow, scale: tuple[int, int] | None,
+                           flags: tuple[str, ...] | None) -> None:
+        """:class:`StoreError` when the project's ranking answers (latest versions) have a rating outside
+        ``scale`` or a flag not in ``flags`` (each when given)."""
+        payloads = session.scalars(select(AnswerRow.payload).join(ItemRow, ItemRow.id == AnswerRow.item_id)
+                                   .where(ItemRow.project_id == project.id, ItemRow.kind == "ranking",
+                                          AnswerRow.skipped.is_(False)))
+        ratings: set[int] = set()
+        used: set[str] = set()
+        for payload in payloads:
+            ratings.update(payload["ratings"])
+            used.update(flag for chosen in payload["flags"] for flag in chosen)
+        if scale is not None:
+            outside = sorted(rating for rating in ratings if not scale[0] <= rating <= scale[1])
+            if outside:
+                raise StoreError(f"answers in project {project.name!r} already give ratings {outside}, outside "
+                                 f"{scale[0]}-{scale[1]}", field="rating_scale")
+        if flags is not None:
+            dropped = sorted(used - set(flags))
+            if dropped:
+                raise StoreError(f"answers in project {project.name!r} already use the flags {dropped}; keep them",
+                                 field="flags")
+
+    def project(self, project_id: int) -> Project | None:
+        """The project with this id, or None."""
+        with self._reader() as session:
+            row = session.get(ProjectRow, project_id)
+            return _project(row) if row else None
+
+    def project_by_name(self, name: str) -> Project | None:
+        """The project with this name, or None."""
+        with self._reader() as session:
+            row = session.scalar(select(ProjectRow).where(ProjectRow.name == name))
+            return _project(row) if row else None
+
+    def projects(self) -> list[Project]:
+        """Every project, in creation order (the default project first)."""
+        with self._reader() as session:
+            return [_project(row) for row in session.scalars(select(ProjectRow).order_by(ProjectRow.id))]
+
+    def _check_project(self, project_id: int | None) -> None:
+        """:class:`StoreError` when ``project_id`` is given and names no project."""
+        if project_id is not None and self.project(project_id) is None:
+            raise StoreError(f"no project with id {project_id}", field="project")
+
+    @staticmethod
+    def _project_id(session: Session, project_id: int | None) -> int:
+        """``project_id`` when it names a project, the default project's id when None; else :class:`StoreError`."""
+        query = select(ProjectRow.id).where(ProjectRow.name == DEFAULT_PROJECT if project_id is None
+                                            else ProjectRow.id == project_id)
+        found = session.scalar(query)
+        if found is None:
+            raise StoreError(f"no project {DEFAULT_PROJECT!r}" if project_id is None
+                             else f"no project with id {project_id}", field="project")
+        return found
+
     # ----------------------------------------------------------------------------------------- import
 
-    def _import(self, rows: list[ItemRow]) -> int:
+    def _import(self, rows: list[ItemRow], project_id: int | None) -> int:
         with self._writer() as session:
+            project = self._project_id(session, project_id)
+            for row in rows:
+                row.project_id = project
             session.add_all(rows)
             session.commit()
         return len(rows)
@@ -655,11 +831,13 @@ class Store:
         if not _is_int(replicas) or replicas < 1:
             raise StoreError(f"must be a positive integer, got {_shown(replicas)}", field="replicas")
 
-    def import_prompts(self, records: Iterable[dict], *, replicas: int = 1, source: str = "<records>") -> int:
+    def import_prompts(self, records: Iterable[dict], *, replicas: int = 1, source: str = "<records>",
+                       project_id: int | None = None) -> int:
         """Add ``{"prompt", "id"?, "meta"?}`` records as demonstration items; all or nothing.
 
-        Returns the number of items created. A bad record raises :class:`DataError` naming ``source``, the
-        record's number (from 1) and the field, and nothing is written.
+        The items go into project ``project_id`` (the default project when None; :class:`StoreError` for an
+        unknown one). Returns the number of items created. A bad record raises :class:`DataError` naming
+        ``source``, the record's number (from 1) and the field, and nothing is written.
         """
         self._check_replicas(replicas)
 
@@ -668,9 +846,10 @@ class Store:
             return ItemRow(kind="demonstration", source_id=source_id, prompt=prompt, completions=[],
                            replicas=replicas, meta=meta, gold=None)
 
-        return self._import(_records(records, source, build))
+        return self._import(_records(records, source, build), project_id)
 
-    def import_samples(self, records: Iterable[dict], *, replicas: int = 1, source: str = "<records>") -> int:
+    def import_samples(self, records: Iterable[dict], *, replicas: int = 1, source: str = "<records>",
+                       project_id: int | None = None) -> int:
         """Add ``{"prompt", "completions": [>= 2], "id"?, "meta"?, "gold"?}`` records as ranking items.
 
         ``gold`` is an optional gold ranking (tie groups best first) to measure labelers against. All or
@@ -684,9 +863,10 @@ class Store:
             return ItemRow(kind="ranking", source_id=source_id, prompt=prompt, completions=completions,
                            replicas=replicas, meta=meta, gold=check.gold(completions))
 
-        return self._import(_records(records, source, build))
+        return self._import(_records(records, source, build), project_id)
 
-    def import_pairs(self, records: Iterable[dict], *, replicas: int = 1, source: str = "<records>") -> int:
+    def import_pairs(self, records: Iterable[dict], *, replicas: int = 1, source: str = "<records>",
+                     project_id: int | None = None) -> int:
         """Add ``{"prompt", "completions": [a, b], "id"?, "meta"?}`` records as A/B items.
 
         ``meta.models`` (the two models' names, in display order) is exported with the verdicts. All or
@@ -699,13 +879,14 @@ class Store:
             return ItemRow(kind="ab", source_id=source_id, prompt=prompt, completions=check.completions(exactly=2),
                            replicas=replicas, meta=meta, gold=None)
 
-        return self._import(_records(records, source, build))
+        return self._import(_records(records, source, build), project_id)
 
     # ------------------------------------------------------------------------------------------ queue
 
-    def next_item(self, user_id: int, kind: str | None = None, *,
+    def next_item(self, user_id: int, kind: str | None = None, *, project_id: int | None = None,
                   assignment_ttl: timedelta | None = None) -> Item | None:
-        """The user's open assignment (of ``kind`` when given); else a newly assigned item; else None.
+        """The user's open assignment (of ``kind`` and in project ``project_id`` when given); else a newly
+        assigned item (the same filters); else None. :class:`StoreError` for an unknown kind or project.
 
         A new assignment is the oldest item the user has neither answered nor skipped whose answers plus
         the open assignments of other labelers are fewer than its replicas. Skipped and rejected answers
@@ -715,8 +896,9 @@ class Store:
         """
         if kind is not None and kind not in ITEM_KINDS:
             raise StoreError(f"unknown kind {_shown(kind)}; expected one of {ITEM_KINDS}", field="kind")
+        self._check_project(project_id)
         expired_before = _now() - assignment_ttl if assignment_ttl is not None else None
-        open_query = self._open_assignment(user_id, kind, expired_before)
+        open_query = self._open_assignment(user_id, kind, project_id, expired_before)
         with self._reader() as session:  # the common case, without waiting for the write lock
             row = session.scalars(open_query).first()
             if row is not None:
@@ -731,7 +913,7 @@ class Store:
             if row is not None:
                 return _item(row)
             after = 0
-            while candidates := session.scalars(self._candidates(user_id, kind, after)).all():
+            while candidates := session.scalars(self._candidates(user_id, kind, project_id, after)).all():
                 for candidate in candidates:  # lock, then count again: another labeler may have taken it
                     locked = session.scalar(select(ItemRow).where(ItemRow.id == candidate).with_for_update())
                     if self._taken(session, candidate) < locked.replicas:
@@ -752,12 +934,22 @@ class Store:
         """Answers that count towards an item's replicas: neither skipped nor rejected."""
         return (AnswerRow.skipped.is_(False)) & (AnswerRow.status != REJECTED)
 
-    def _open_assignment(self, user_id: int, kind: str | None, expired_before: datetime | None):
-        """The item of the user's oldest open (unanswered, unexpired) assignment, of ``kind`` when given."""
-        query = (select(ItemRow).join(AssignmentRow, AssignmentRow.item_id == ItemRow.id)
-                 .where(AssignmentRow.user_id == user_id, ~self._assignment_answered().exists()))
+    @staticmethod
+    def _of_kind_and_project(query, kind: str | None, project_id: int | None):
+        """``query`` (over items) narrowed to items of ``kind`` and of project ``project_id``, each when given."""
         if kind is not None:
             query = query.where(ItemRow.kind == kind)
+        if project_id is not None:
+            query = query.where(ItemRow.project_id == project_id)
+        return query
+
+    def _open_assignment(self, user_id: int, kind: str | None, project_id: int | None,
+                         expired_before: datetime | None):
+        """The item of the user's oldest open (unanswered, unexpired) assignment, of ``kind`` and in project
+        ``project_id`` when given."""
+        query = (select(ItemRow).join(AssignmentRow, AssignmentRow.item_id == ItemRow.id)
+                 .where(AssignmentRow.user_id == user_id, ~self._assignment_answered().exists()))
+        query = self._of_kind_and_project(query, kind, project_id)
         if expired_before is not None:
             query = query.where(AssignmentRow.created_at >= expired_before)
         return query.order_by(AssignmentRow.id).limit(1)
@@ -771,8 +963,9 @@ class Store:
                                                  ~self._assignment_answered().exists()))
         return answers + open_assignments
 
-    def _candidates(self, user_id: int, kind: str | None, after: int, limit: int = 50):
-        """Ids (above ``after``) of the oldest items the user has no assignment for that seem to need answers."""
+    def _candidates(self, user_id: int, kind: str | None, project_id: int | None, after: int, limit: int = 50):
+        """Ids (above ``after``) of the oldest items (of ``kind``, in ``project_id``, when given) the user has no
+        assignment for that seem to need answers."""
         answers = (select(func.count()).select_from(AnswerRow)
                    .where(AnswerRow.item_id == ItemRow.id, self._counted_answer()).scalar_subquery())
         open_assignments = (select(func.count()).select_from(AssignmentRow)
@@ -781,9 +974,7 @@ class Store:
         mine = select(AssignmentRow.id).where(AssignmentRow.user_id == user_id, AssignmentRow.item_id == ItemRow.id)
         query = select(ItemRow.id).where(ItemRow.id > after, ~mine.exists(),
                                          answers + open_assignments < ItemRow.replicas)
-        if kind is not None:
-            query = query.where(ItemRow.kind == kind)
-        return query.order_by(ItemRow.id).limit(limit)
+        return self._of_kind_and_project(query, kind, project_id).order_by(ItemRow.id).limit(limit)
 
     def release_assignments(self, *, user_id: int | None = None, item_id: int | None = None,
                             older_than: timedelta | None = None) -> int:
@@ -829,18 +1020,19 @@ class Store:
     def submit(self, user_id: int, item_id: int, payload: dict) -> Answer:
         """Answer an assigned item in one transaction; the payload is validated for the item's kind.
 
-        Payloads: demonstration ``{"completion"}``; ranking ``{"ratings": [1..7] * K, "flags": [[flag, ...]]
-        * K, "ranking": tie groups best first}`` (in the item's indices, whatever order was shown); ab
-        ``{"verdict": "a" | "b" | "tie"}``. Raises :class:`NotAssigned` when the item is not assigned to
-        the user and :class:`StoreError` naming the bad field. The same answer sent again (a double submit,
-        even a racing one) returns the stored answer; a different one raises :class:`AnswerConflict`
-        (change an answer with :meth:`edit`).
+        Payloads: demonstration ``{"completion"}``; ranking ``{"ratings": [rating] * K, "flags": [[flag, ...]]
+        * K, "ranking": tie groups best first}`` (ratings on the item's project's scale, flags among its flags; in
+        the item's indices, whatever order was shown); ab ``{"verdict": "a" | "b" | "tie"}``. Raises
+        :class:`NotAssigned` when the item is not assigned to the user and :class:`StoreError` naming the bad
+        field. The same answer sent again (a double submit, even a racing one) returns the stored answer; a
+        different one raises :class:`AnswerConflict` (change an answer with :meth:`edit`).
         """
-        return self._answer(user_id, item_id, lambda item: validate_answer(item, payload), skipped=False)
+        return self._answer(user_id, item_id, lambda item, project: validate_answer(item, payload, project),
+                            skipped=False)
 
     def skip(self, user_id: int, item_id: int, reason: str) -> Answer:
         """Skip an assigned item with a reason (an answer with ``skipped=True``); the rules of :meth:`submit`."""
-        return self._answer(user_id, item_id, lambda _item: _skip_payload(reason), skipped=True)
+        return self._answer(user_id, item_id, lambda _item, _project: _skip_payload(reason), skipped=True)
 
     def _assigned_row(self, session: Session, user_id: int, item_id: int) -> ItemRow:
         item = session.scalar(select(ItemRow).join(AssignmentRow, AssignmentRow.item_id == ItemRow.id)
@@ -850,9 +1042,10 @@ class Store:
         return item
 
     def _answer(self, user_id: int, item_id: int, build, *, skipped: bool) -> Answer:
+        """Store the first answer to an assigned item: ``build(item, project)`` makes (and checks) its payload."""
         with self._writer() as session:
             item = self._assigned_row(session, user_id, item_id)
-            payload = build(item)
+            payload = build(item, _project(session.get(ProjectRow, item.project_id)))
             existing = self._existing_answer(session, user_id, item_id)
             if existing is not None:
                 return _same_or_conflict(existing, payload, skipped)
@@ -880,7 +1073,7 @@ class Store:
         """
         with self._writer() as session:
             item = self._assigned_row(session, user_id, item_id)
-            new = validate_answer(item, payload)
+            new = validate_answer(item, payload, _project(session.get(ProjectRow, item.project_id)))
             row = session.scalar(select(AnswerRow).where(AnswerRow.user_id == user_id, AnswerRow.item_id == item_id)
                                  .with_for_update())
             if row is None:
@@ -1100,13 +1293,15 @@ class Store:
                                       for column in (ItemRow.prompt, ItemRow.completions, AnswerRow.payload))))
         return query
 
-    def progress(self) -> list[dict]:
-        """Per item kind: ``{"kind", "items", "answers_needed", "answers", "skipped", "complete_items"}``.
+    def progress(self, project_id: int | None = None) -> list[dict]:
+        """Per item kind: ``{"kind", "items", "answers_needed", "answers", "skipped", "complete_items"}``, over the
+        items of project ``project_id`` when given (else all).
 
         ``answers_needed`` is the sum of the items' replicas, ``answers`` the counted answers (neither
         skipped nor rejected; at most the replicas per item count), ``complete_items`` the items with as
         many answers as replicas.
         """
+        self._check_project(project_id)
         answers = (select(AnswerRow.item_id, func.count().label("n")).where(self._counted_answer())
                    .group_by(AnswerRow.item_id).subquery())
         skipped = (select(AnswerRow.item_id, func.count().label("n")).where(AnswerRow.skipped.is_(True))
@@ -1114,6 +1309,7 @@ class Store:
         query = (select(ItemRow.kind, ItemRow.replicas, func.coalesce(answers.c.n, 0), func.coalesce(skipped.c.n, 0))
                  .outerjoin(answers, answers.c.item_id == ItemRow.id)
                  .outerjoin(skipped, skipped.c.item_id == ItemRow.id))
+        query = self._of_kind_and_project(query, None, project_id)
         totals = {kind: {"kind": kind, "items": 0, "answers_needed": 0, "answers": 0, "skipped": 0,
                          "complete_items": 0} for kind in ITEM_KINDS}
         with self._reader() as session:
@@ -1126,11 +1322,12 @@ class Store:
                 total["complete_items"] += answered >= replicas
         return list(totals.values())
 
-    def user_progress(self, user_id: int) -> dict[str, dict[str, int]]:
-        """The user's own work per item kind: ``{kind: {"answered", "skipped"}}``."""
+    def user_progress(self, user_id: int, project_id: int | None = None) -> dict[str, dict[str, int]]:
+        """The user's own work per item kind (in project ``project_id`` when given): ``{kind: {"answered",
+        "skipped"}}``."""
         query = (select(ItemRow.kind, AnswerRow.skipped, func.count())
-                 .join(AnswerRow, AnswerRow.item_id == ItemRow.id).where(AnswerRow.user_id == user_id)
-                 .group_by(ItemRow.kind, AnswerRow.skipped))
+                 .join(AnswerRow, AnswerRow.item_id == ItemRow.id).where(AnswerRow.user_id == user_id))
+        query = self._of_kind_and_project(query, None, project_id).group_by(ItemRow.kind, AnswerRow.skipped)
         counts = {kind: {"answered": 0, "skipped": 0} for kind in ITEM_KINDS}
         with self._reader() as session:
             for kind, skipped, count in session.execute(query):
@@ -1202,32 +1399,34 @@ class Store:
         per_labeler = [{"username": name, **values} for name, values in sorted(labelers.items())]
         return {"per_item": per_item, "per_labeler": per_labeler, "overall": agree.overall_agreement(by_item.values())}
 
-    def export(self, kind: str) -> Iterator[dict]:
-        """The answers as the records rlhfkit's trainers read; skipped answers are never exported.
+    def export(self, kind: str, project_id: int | None = None) -> Iterator[dict]:
+        """The answers (to the items of project ``project_id`` when given) as the records rlhfkit's trainers read;
+        skipped answers are never exported.
 
         ``kind``: ``"demonstrations"`` (``{"prompt", "completion"}``), ``"rankings"`` (``{"prompt",
         "completions", "ranking"}``, the ranking flat when it has no ties, in the item's indices),
         ``"pairs-from-rankings"`` (every untied pair of every ranking, ``{"prompt", "chosen", "rejected"}``) or
         ``"ab"`` (``{"prompt", "completions", "verdict"}``). Every record has ``"id"`` (the imported record's id,
         else the item's), ``"labeler"`` (the username) and ``"meta"``: the ``meta`` given at import with how
-        the answer came about (:func:`export_meta`): ``opened_at`` (the item assigned to the labeler),
-        ``answered_at`` (the first version), ``updated_at`` (the latest), ``version``, ``review_status``
-        (``"submitted"`` or ``"accepted"``), ``shown_order`` (the outputs' indices in the order the labeler saw
-        them) and, for rankings, ``ratings`` and ``flags`` (pairs: ``chosen_index`` and ``rejected_index``).
-        Rejected answers are left out; an edited answer is exported as its latest version. The old name
-        ``"pairs"`` of ``"pairs-from-rankings"`` works, with a :class:`DeprecationWarning`.
+        the answer came about (:func:`export_meta`): ``project`` (the project's name), ``opened_at`` (the item
+        assigned to the labeler), ``answered_at`` (the first version), ``updated_at`` (the latest), ``version``,
+        ``review_status`` (``"submitted"`` or ``"accepted"``), ``shown_order`` (the outputs' indices in the order
+        the labeler saw them) and, for rankings, ``ratings`` and ``flags`` (pairs: ``chosen_index`` and
+        ``rejected_index``). Rejected answers are left out; an edited answer is exported as its latest version.
+        The old name ``"pairs"`` of ``"pairs-from-rankings"`` works, with a :class:`DeprecationWarning`.
         """
         kind, deprecated = export_kind(kind) if isinstance(kind, str) else (kind, None)
         if deprecated:
             warnings.warn(deprecated, DeprecationWarning, stacklevel=2)
         if kind not in EXPORT_KINDS:
             raise StoreError(f"unknown export kind {_shown(kind)}; expected one of {EXPORT_KINDS}", field="kind")
+        self._check_project(project_id)
         item_kind = {"demonstrations": "demonstration", "rankings": "ranking", "pairs-from-rankings": "ranking",
                      "ab": "ab"}[kind]
-        for item, answer, username, opened_at, updated_at in self._exported((item_kind,)):
+        for item, answer, username, project, opened_at, updated_at in self._exported(item_kind, project_id):
             common = {"id": item.source_id if item.source_id is not None else str(item.id), "labeler": username}
             payload = answer.payload
-            how = {"opened_at": _timestamp(opened_at), "answered_at": _timestamp(answer.created_at),
+            how = {"project": project, "opened_at": _timestamp(opened_at), "answered_at": _timestamp(answer.created_at),
                    "updated_at": _timestamp(updated_at if answer.version > 1 and updated_at else answer.created_at),
                    "version": answer.version,
                    "review_status": answer.status}
@@ -1253,15 +1452,18 @@ class Store:
                            **common, "meta": export_meta(item.meta, {"ratings": payload["ratings"],
                                                                      "flags": payload["flags"], **how})}
 
-    def _exported(self, kinds: tuple[str, ...]) -> list[tuple]:
-        """(item, answer, username, opened at, latest version at) of :meth:`_answered`'s answers: when the
-        labeler was given the item (None if that assignment is gone) and when the latest version was written."""
+    def _exported(self, kind: str, project_id: int | None) -> list[tuple]:
+        """(item, answer, username, project name, opened at, latest version at) of :meth:`_answered`'s answers to
+        items of ``kind`` (in project ``project_id`` when given): when the labeler was given the item (None if
+        that assignment is gone) and when the latest version was written."""
         latest = (select(func.max(AnswerVersionRow.created_at)).where(AnswerVersionRow.answer_id == AnswerRow.id)
                   .correlate(AnswerRow).scalar_subquery())
-        query = (select(ItemRow, AnswerRow, UserRow.username, AssignmentRow.created_at, latest)
+        query = (select(ItemRow, AnswerRow, UserRow.username, ProjectRow.name, AssignmentRow.created_at, latest)
                  .join(AnswerRow, AnswerRow.item_id == ItemRow.id).join(UserRow, UserRow.id == AnswerRow.user_id)
+                 .join(ProjectRow, ProjectRow.id == ItemRow.project_id)
                  .outerjoin(AssignmentRow, (AssignmentRow.item_id == ItemRow.id)
                             & (AssignmentRow.user_id == AnswerRow.user_id))
-                 .where(ItemRow.kind.in_(kinds), self._counted_answer()).order_by(AnswerRow.id))
+                 .where(self._counted_answer()).order_by(AnswerRow.id))
+        query = self._of_kind_and_project(query, kind, project_id)
         with self._reader() as session:
             return [tuple(row) for row in session.execute(query)]
