@@ -9,8 +9,11 @@ from rlhfkit.algorithms.ranking import (
     PairIndex,
     calibration_table,
     expand_pairs,
+    head_orthogonality,
+    length_disentangle_loss,
     pair_weights,
     pairwise_accuracy,
+    pearson,
     ranking_loss,
 )
 from rlhfkit.data.records import PairSetRecord, RankingRecord
@@ -138,3 +141,38 @@ def test_accuracy_and_calibration():
     assert table["bins"][3]["count"] == 1 and table["bins"][3]["accuracy"] == 1.0  # sigmoid(2) = 0.881
     assert table["ece"] == pytest.approx(sum(b["count"] * abs(b["accuracy"] - b["confidence"])
                                              for b in table["bins"] if b["count"]) / 6)
+
+
+# ---- ODIN: the length-disentangled reward's extra losses -----------------------------------------------------
+def test_pearson_by_hand():
+    # x - mean = (-1, 0, 1); y - mean = (-4/3, -1/3, 5/3); cov sum = 3; norms sqrt(2) and sqrt(42)/3
+    assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 4.0])).item() == \
+        pytest.approx(9 / math.sqrt(84), abs=1e-6)
+    assert pearson(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(-1.0)
+    assert pearson(torch.tensor([5.0, 5.0, 5.0]), torch.tensor([1.0, 2.0, 3.0])).item() == 0.0  # constant: 0
+
+
+def test_length_disentangle_loss_by_hand():
+    lengths = torch.tensor([1.0, 2.0, 3.0])
+    # quality perfectly anti-correlated (|rho| = 1 is penalised like +1), length head perfectly correlated (-1)
+    assert length_disentangle_loss(torch.tensor([3.0, 2.0, 1.0]), lengths, lengths).item() == pytest.approx(0.0)
+    # the optimum: quality uncorrelated, length head correlated
+    assert length_disentangle_loss(torch.tensor([1.0, -2.0, 1.0]), 2 * lengths, lengths).item() == \
+        pytest.approx(-1.0)
+    # the worst: quality follows length, the length head goes against it
+    assert length_disentangle_loss(lengths, -lengths, lengths).item() == pytest.approx(2.0)
+
+
+def test_length_disentangle_loss_gradient_moves_quality_away_from_length():
+    lengths = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    quality = torch.tensor([0.0, 1.0, 1.0, 3.0], requires_grad=True)
+    length_disentangle_loss(quality, torch.zeros(4), lengths).backward()
+    step = quality.detach() - 0.1 * quality.grad
+    assert abs(pearson(step, lengths)) < abs(pearson(quality.detach(), lengths))
+
+
+def test_head_orthogonality_by_hand():
+    assert head_orthogonality(torch.tensor([[1.0, 2.0], [3.0, -4.0]])).item() == 5.0  # |3 - 8|
+    assert head_orthogonality(torch.tensor([[1.0, 0.0], [0.0, 7.0]])).item() == 0.0
+    with pytest.raises(ValueError, match=r"\[2, H\]"):
+        head_orthogonality(torch.ones(1, 4))

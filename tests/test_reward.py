@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
 from rlhfkit import cli
-from rlhfkit.algorithms.ranking import expand_pairs, ranking_loss
+from rlhfkit.algorithms.ranking import expand_pairs, pearson, ranking_loss
 from rlhfkit.config import RewardConfig, RewardSection, load_config
 from rlhfkit.data.readers import read_records, write_jsonl
 from rlhfkit.data.records import PreferenceRecord, RankingRecord
@@ -25,6 +25,7 @@ from rlhfkit.models.reward import (
     STD_KEY,
     build_reward_model,
     encode_for_reward,
+    head_weight,
     is_decoder_only,
     load_for_scoring,
     normalized_rewards,
@@ -259,6 +260,73 @@ def test_lora_trains_adapters_and_the_score_head(tmp_path, tokenizer_dir, rankin
     assert not torch.equal(merged.score.weight, model.score.weight)  # the head was trained
     q_proj = merged.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(q_proj, model.model.layers[0].self_attn.q_proj.weight)  # LoRA merged into it
+
+
+# ---- ODIN: a length head beside the reward head -------------------------------------------------------------
+def length_confounded_pairs(n, seed):
+    """Pairs whose labeler prefers a right answer and, as strongly, a longer one: utility = right + words / 8."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        texts = []
+        for _ in range(2):
+            right = rng.random() < 0.5
+            words = rng.randint(1, 16)
+            texts.append((right, words, ("Yes." if right else "No.") + " The fox ran." * (words // 3)))
+        (a_right, a_words, a), (b_right, b_words, b) = texts
+        if a != b and a_right + a_words / 8 != b_right + b_words / 8:
+            chosen, rejected = (a, b) if a_right + a_words / 8 > b_right + b_words / 8 else (b, a)
+            rows.append({"prompt": "Is a fox red?", "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def test_length_head_leaves_a_reward_uncorrelated_with_length_and_a_plain_final_model(tmp_path, tokenizer_dir):
+    files = tmp_path / "data"
+    files.mkdir()
+    write_jsonl(files / "train.jsonl", length_confounded_pairs(400, seed=0))
+    write_jsonl(files / "eval.jsonl", length_confounded_pairs(60, seed=1))
+    rng = random.Random(2)
+    probes = [("Yes." if rng.random() < 0.5 else "No.") + " The fox ran." * rng.randint(0, 5) for _ in range(64)]
+    lengths = torch.tensor([float(len(t.split())) for t in probes])
+    right = torch.tensor([float(t.startswith("Yes")) for t in probes])
+    found = {}
+    for name, reward in (("plain", {}), ("odin", {"length_head": True})):
+        run = tmp_path / name
+        trainer = build_reward_trainer(rm_config(run, tokenizer_dir, files, reward=reward, max_steps=60,
+                                                 eval_every=None, log_every=20, save_every=30))
+        trainer.train()
+        model, tok = load_for_scoring(str(run / "final"))
+        scores = torch.tensor(score_texts(model, tok, ["Is a fox red?"] * len(probes), probes, normalize=False))
+        found[name] = (pearson(scores, lengths).item(), pearson(scores, right).item())
+        in_memory = score_texts(trainer.model, trainer.tokenizer, ["Is a fox red?"] * 4, probes[:4], normalize=False)
+        assert scores[:4].tolist() == pytest.approx(in_memory, abs=1e-5)  # final/ is the trained quality head
+    plain, odin = found["plain"], found["odin"]
+    assert plain[0] > 0.5  # the plain reward model learnt the labeler's length bias
+    assert abs(odin[0]) < 0.5 * plain[0]  # the quality head much less so
+    assert odin[1] > 0.5  # and still prefers the right answer
+
+    final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "odin" / "final")
+    assert final.config.num_labels == 1 and not hasattr(final.config, "rlhfkit_length_head")
+    records = read_metrics(tmp_path / "odin")
+    logged = [r for r in records if "length_corr/quality" in r]
+    assert logged and {"length_corr/length", "orthogonality"} <= set(logged[-1])
+    assert logged[-1]["length_corr/length"] > 0.5  # the length head took the length
+    checkpoint = tmp_path / "odin" / "checkpoint-30"  # a checkpoint keeps both heads and still scores (quality)
+    model, _ = load_for_scoring(str(checkpoint))
+    assert model.config.num_labels == 2 and model.config.rlhfkit_length_head
+
+
+def test_length_head_with_lora_trains_the_two_output_head(tmp_path, tokenizer_dir, ranking_files):
+    base = tmp_path / "base"
+    build_reward_model(load_tokenizer(str(tokenizer_dir)), "tiny", seed=0).save_pretrained(base)
+    load_tokenizer(str(tokenizer_dir)).save_pretrained(base)
+    config = rm_config(tmp_path / "lora", tokenizer_dir, ranking_files, max_steps=3, eval_every=None, lr=1e-2,
+                       model={"name_or_path": str(base), "lora": {"r": 4}}, reward={"length_head": True})
+    trainer = build_reward_trainer(config)
+    assert head_weight(trainer.model).shape[0] == 2  # peft's trainable copy of the head
+    trainer.train()
+    final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora" / "final")
+    assert final.config.num_labels == 1 and final.score.weight.shape[0] == 1
 
 
 # ---- bad data reaches the user -----------------------------------------------------------------------------
@@ -555,8 +623,9 @@ def test_long_inputs_are_cut_to_the_window_without_the_tokenizer_warning(tokeniz
     handler.emit = logged.append
     logging.getLogger("transformers").addHandler(handler)  # transformers' own handler does not propagate
     try:
-        [(ids, truncated)] = encode_for_reward(tokenizer, " ".join(task.prompts(8, seed=1)), ["Yes, it does. " * 20],
-                                               decoder=True, max_length=24, max_prompt_length=12)
+        [(ids, truncated, _)] = encode_for_reward(tokenizer, " ".join(task.prompts(8, seed=1)),
+                                                  ["Yes, it does. " * 20], decoder=True, max_length=24,
+                                                  max_prompt_length=12)
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert truncated and len(ids) == 24

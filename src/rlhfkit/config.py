@@ -280,9 +280,16 @@ class RewardSection(Section):
     (Eisenstein et al. 2023). ``normalize``: shift the reward so the reference outputs (the completions of
     the training rankings, or the records of ``reference``) score mean 0; ``normalize_std``: also scale
     them to std 1. ``calibration_bins``: bins of the calibration table written to ``calibration.json``.
+    ``length_head``: ODIN (Chen et al. 2024; :mod:`rlhfkit.algorithms.ranking`): train a second, length head
+    beside the reward head, with ``length_corr_coef`` weighing the correlation loss (the reward head
+    uncorrelated with the completions' token counts, the length head correlated) and ``orthogonal_coef`` the
+    heads' orthogonality; ``final/`` keeps only the reward (quality) head, a plain one-output reward model.
     """
 
     margin: float = 0.0
+    length_head: bool = False
+    length_corr_coef: float = Field(1.0, ge=0)
+    orthogonal_coef: float = Field(1.0, ge=0)
     center_coef: float = Field(0.0, ge=0)
     pair_weighting: Literal["per_prompt", "per_pair"] = "per_prompt"
     normalize: bool = True

@@ -25,6 +25,16 @@ Options beyond eq. 1:
   K-way rankings we penalise each completion once rather than once per pair it takes part in.
 * ``pair_weighting``: ``"per_prompt"`` (default, InstructGPT) averages a prompt's pairs, then the prompts;
   ``"per_pair"`` averages all pairs of the batch (what a pairwise trainer fed the expanded pairs does).
+
+A length-disentangled reward (ODIN: Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking in
+RLHF"): the model has two linear heads on the same features, a quality head ``r_Q`` and a length head
+``r_L``; the ranking loss above is applied to their sum, and
+
+    L_ODIN = L_rank(r_Q + r_L) + lambda_L * ( |rho(r_Q, L)| - rho(r_L, L) ) + lambda_O * |W_Q . W_L|
+
+where ``rho`` is the Pearson correlation over the batch's completions and ``L`` their lengths
+(:func:`length_disentangle_loss`), and ``W_Q``, ``W_L`` the heads' weight vectors (:func:`head_orthogonality`).
+The length head soaks up the part of the preference that length explains; only ``r_Q`` is kept for RL.
 """
 
 from __future__ import annotations
@@ -155,3 +165,26 @@ def calibration_table(margins: torch.Tensor, n_bins: int = 10) -> dict:
         bins.append(row)
     n = margins.numel()
     return {"pairs": n, "ece": ece / n if n else None, "bins": bins}
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Pearson correlation of two ``[N]`` vectors (0 where either is constant)."""
+    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
+    return (x * y).sum() / (x.norm() * y.norm() + eps)
+
+
+def length_disentangle_loss(quality: torch.Tensor, length_reward: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """ODIN's length loss (Chen et al. 2024): ``|rho(r_Q, L)| - rho(r_L, L)`` over a batch's completions.
+
+    Minimising it drives the quality head's rewards to be uncorrelated with the completions' lengths and the
+    length head's to be correlated with them.
+    """
+    return pearson(quality, lengths).abs() - pearson(length_reward, lengths)
+
+
+def head_orthogonality(weight: torch.Tensor) -> torch.Tensor:
+    """ODIN's orthogonality loss ``|W_Q . W_L|`` for a two-output head's weight ``[2, H]`` (row 0: quality,
+    row 1: length), so that the two heads read different directions of the shared features."""
+    if weight.dim() != 2 or weight.shape[0] != 2:
+        raise ValueError(f"expected a [2, H] head weight, got shape {tuple(weight.shape)}")
+    return (weight[0].float() * weight[1].float()).sum().abs()

@@ -30,7 +30,10 @@ transformers gives the raw reward and rlhfkit's ``score`` and PPO give the norma
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import (
@@ -57,6 +60,11 @@ from rlhfkit.models.load import (
 MEAN_KEY = "rlhfkit_reward_mean"
 STD_KEY = "rlhfkit_reward_std"
 WINDOW_KEYS = ("rlhfkit_max_length", "rlhfkit_max_prompt_length")  # the input window it was trained with
+#: Set in the config of a reward model with ODIN's length head as its second output (checkpoints while training).
+LENGTH_HEAD_KEY = "rlhfkit_length_head"
+#: The saved names of a sequence classifier's score head (Llama ``score``, BERT ``classifier``, RoBERTa
+#: ``classifier.out_proj``), under peft's trainable copy too.
+_HEAD_PARAMETER = re.compile(r"(^|\.)(score|classifier)(\.out_proj)?(\.modules_to_save\.\w+)?\.(weight|bias)$")
 
 
 def is_decoder_only(config: PretrainedConfig) -> bool:
@@ -81,26 +89,30 @@ def padding_side(decoder: bool) -> str:
     return "left" if decoder else "right"
 
 
-def build_reward_model(tokenizer: PreTrainedTokenizerBase, preset: str = "tiny", *, seed: int = 0,
+def build_reward_model(tokenizer: PreTrainedTokenizerBase, preset: str = "tiny", *, seed: int = 0, outputs: int = 1,
                        **overrides: int) -> LlamaForSequenceClassification:
-    """A randomly initialised Llama reward model sized like :func:`~rlhfkit.models.build.build_causal_lm`."""
+    """A randomly initialised Llama reward model sized like :func:`~rlhfkit.models.build.build_causal_lm`, with
+    ``outputs`` score outputs."""
     from rlhfkit.models.build import build_causal_lm
 
     config = build_causal_lm(tokenizer, preset, seed=seed, **overrides).config
-    config.num_labels = 1
+    config.num_labels = outputs
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForSequenceClassification(config)
 
 
-def load_reward_model(config: ModelConfig, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_reward_model(config: ModelConfig, *, seed: int = 0,
+                      length_head: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The reward model described by ``config``, with its tokenizer.
 
     From ``name_or_path`` (an SFT checkpoint, a base LM or its ``.gguf`` file, an encoder or an earlier reward
     model) the backbone weights are loaded and a one-output score head is added where the checkpoint has none (or
     a head of another size); from ``preset`` a random Llama is built. With ``config.lora`` the backbone
-    gets LoRA adapters (peft task type SEQ_CLS) and the score head stays fully trainable.
+    gets LoRA adapters (peft task type SEQ_CLS) and the score head stays fully trainable. ``length_head``: the
+    score head has a second output, ODIN's length head (:data:`LENGTH_HEAD_KEY`, :func:`drop_length_head`).
     """
+    outputs = 2 if length_head else 1
     if config.name_or_path is not None:
         tokenizer = load_tokenizer(config.tokenizer or config.name_or_path,
                                    trust_remote_code=config.trust_remote_code)
@@ -111,7 +123,7 @@ def load_reward_model(config: ModelConfig, *, seed: int = 0) -> tuple[PreTrained
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the new score head's initialisation
-                options = {"num_labels": 1, "ignore_mismatched_sizes": True, "output_loading_info": True}
+                options = {"num_labels": outputs, "ignore_mismatched_sizes": True, "output_loading_info": True}
                 if is_gguf(config.name_or_path):  # a .gguf causal LM: its backbone, de-quantised
                     model, info = load_gguf_model(config.name_or_path, dtype=DTYPES[config.dtype],
                                                   model_class=AutoModelForSequenceClassification, **options)
@@ -130,7 +142,10 @@ def load_reward_model(config: ModelConfig, *, seed: int = 0) -> tuple[PreTrained
                           f"{sorted(str(k) for k in info['mismatched_keys'])}", stacklevel=2)
     else:
         tokenizer = load_tokenizer(config.tokenizer)
-        model = build_reward_model(tokenizer, config.preset, seed=seed, **config.architecture).to(DTYPES[config.dtype])
+        model = build_reward_model(tokenizer, config.preset, seed=seed, outputs=outputs,
+                                   **config.architecture).to(DTYPES[config.dtype])
+    if length_head:
+        setattr(model.config, LENGTH_HEAD_KEY, True)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.problem_type = "regression"
@@ -139,9 +154,18 @@ def load_reward_model(config: ModelConfig, *, seed: int = 0) -> tuple[PreTrained
     return model, tokenizer
 
 
+class RewardInput(NamedTuple):
+    """What the reward model reads of one (prompt, completion): its token ids, whether the window cut them, and
+    the completion's own length in tokens before any cut (ODIN's length)."""
+
+    ids: list[int]
+    truncated: bool
+    completion_tokens: int
+
+
 def encode_for_reward(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completions: Sequence[str], *,
-                      decoder: bool, max_length: int, max_prompt_length: int) -> list[tuple[list[int], bool]]:
-    """Token ids the reward model reads for each (prompt, completion), and whether they were truncated.
+                      decoder: bool, max_length: int, max_prompt_length: int) -> list[RewardInput]:
+    """The :class:`RewardInput` of each (prompt, completion): token ids and whether they were truncated.
 
     Decoders: rendered prompt + completion + EOS (no EOS when EOS is the pad token; see the module
     docstring). Encoders: ``[CLS] prompt [SEP] completion [SEP]`` (plain concatenation plus EOS when the
@@ -159,11 +183,12 @@ def encode_for_reward(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, comple
     room = max(max_length - (3 if pair_form else 0) - len(prompt_ids), 0)
     encoded = []
     for completion_ids in token_ids(tokenizer, completions):
+        tokens = len(completion_ids)
         completion_ids = completion_ids + suffix
         truncated = prompt_truncated or len(completion_ids) > room
         completion_ids = completion_ids[:room]
         ids = [cls, *prompt_ids, sep, *completion_ids, sep] if pair_form else prompt_ids + completion_ids
-        encoded.append((ids, truncated))
+        encoded.append(RewardInput(ids, truncated, tokens))
     return encoded
 
 
@@ -179,15 +204,55 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_token_id: int, side: str) -> tup
     return input_ids, attention_mask
 
 
-def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, decoder: bool) -> torch.Tensor:
-    """Raw rewards ``[N]`` of a padded batch: one forward of the (possibly wrapped) model.
+def reward_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, decoder: bool) -> torch.Tensor:
+    """Every score output ``[N, H]`` of a padded batch (H = 1, or 2 with ODIN's length head): one forward.
 
     ``model`` may be a plain HF model, a peft model or an accelerate/DDP wrapper (it is called, never
     unwrapped, so gradients synchronise). Decoders get mask-derived ``position_ids``.
     """
     kwargs = {"position_ids": position_ids_from_mask(attention_mask), "use_cache": False} if decoder else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-    return logits.squeeze(-1).float()
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits.float()
+
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, decoder: bool) -> torch.Tensor:
+    """Raw rewards ``[N]`` of a padded batch: output 0 of :func:`reward_outputs` (the only one of a plain reward
+    model; the quality head of one with a length head)."""
+    return reward_outputs(model, input_ids, attention_mask, decoder=decoder)[:, 0]
+
+
+def head_weight(model) -> torch.Tensor:
+    """The trainable weight ``[2, H]`` of a two-output score head (ODIN: row 0 quality, row 1 length)."""
+    found = [p for name, p in model.named_parameters()
+             if _HEAD_PARAMETER.search(name) and name.endswith("weight") and p.requires_grad and p.dim() == 2
+             and p.shape[0] == 2]
+    if len(found) != 1:
+        raise ValueError(f"expected one trainable two-output score head, found {len(found)}")
+    return found[0]
+
+
+def drop_length_head(directory: str | Path) -> None:
+    """Rewrite the saved two-output reward model in ``directory`` as a plain one-output one: the score head's
+    output 0 (ODIN's quality head) is kept and the length head dropped, so transformers, TRL, rlhfkit's
+    ``score`` and PPO read the quality reward as they read any reward model's."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    cut = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(file)
+        heads = {k: v[:1].clone() for k, v in tensors.items()
+                 if _HEAD_PARAMETER.search(k) and v.dim() >= 1 and v.shape[0] == 2}
+        if heads:
+            save_file({**tensors, **heads}, file, metadata={"format": "pt"})
+            cut += len(heads)
+    if not cut:
+        raise ValueError(f"{directory}: no two-output score head to cut")
+    config = AutoConfig.from_pretrained(directory)
+    config.num_labels = 1
+    if hasattr(config, LENGTH_HEAD_KEY):
+        delattr(config, LENGTH_HEAD_KEY)
+    config.save_pretrained(directory)
 
 
 def normalization(config: PretrainedConfig) -> tuple[float, float]:
@@ -254,7 +319,7 @@ def score_texts(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Pro
     max_length, max_prompt_length = reading_window(config, max_length, max_prompt_length)
     decoder = is_decoder_only(config)
     rows = [encode_for_reward(tokenizer, p, [c], decoder=decoder, max_length=max_length,
-                              max_prompt_length=max_prompt_length)[0][0]
+                              max_prompt_length=max_prompt_length)[0].ids
             for p, c in zip(prompts, completions, strict=True)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     device = next(model.parameters()).device
@@ -274,7 +339,8 @@ def load_for_scoring(name_or_path: str, *, dtype: str = "float32") -> tuple[PreT
     """A saved reward model (``runs/rm/final``) and its tokenizer, in eval mode."""
     tokenizer = load_tokenizer(name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=DTYPES[dtype])
-    if model.config.num_labels != 1:
+    outputs = 2 if getattr(model.config, LENGTH_HEAD_KEY, False) else 1  # a checkpoint with its length head
+    if model.config.num_labels != outputs:
         raise ValueError(f"{name_or_path}: not a reward model (num_labels={model.config.num_labels}, expected 1)")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

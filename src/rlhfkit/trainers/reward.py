@@ -19,6 +19,11 @@ Metrics (``metrics.jsonl``): ``loss``, ``accuracy``, ``margin`` on training batc
 ranking's non-tied pairs, each counted once); ``reward_margin`` (and ``eval/reward_margin``), the same value,
 stays for readers of rlhfkit's earlier name. ``accuracy`` is TRL's too, except that an exact tie counts as
 half right (TRL counts it wrong).
+
+With ``reward.length_head`` (ODIN, :func:`make_loss_fn`) the model trains a second output, a length head,
+logged as ``length_corr/quality``, ``length_corr/length`` and ``orthogonality``; ``eval/`` metrics,
+``calibration.json``, the normalisation and ``final/`` (rewritten as a one-output model by
+:func:`~rlhfkit.models.reward.drop_length_head`) are the quality head's alone, the reward RL sees.
 """
 
 from __future__ import annotations
@@ -37,19 +42,25 @@ from rlhfkit.algorithms.ranking import (
     PairIndex,
     calibration_table,
     expand_pairs,
+    head_orthogonality,
+    length_disentangle_loss,
     pair_margins,
     pairwise_accuracy,
+    pearson,
     ranking_loss,
 )
 from rlhfkit.config import RewardConfig, RewardSection
 from rlhfkit.data.readers import iter_jsonl, read_records
 from rlhfkit.data.records import DataError, Prompt, RankingRecord
 from rlhfkit.models.reward import (
+    drop_length_head,
     encode_for_reward,
+    head_weight,
     is_decoder_only,
     load_reward_model,
     pad_rows,
     padding_side,
+    reward_outputs,
     score_texts,
     sequence_rewards,
     set_normalization,
@@ -60,11 +71,13 @@ from rlhfkit.trainers.base import Trainer, TrainingError
 
 @dataclass(frozen=True)
 class RankingExample:
-    """One prompt's K tokenized completions (prompt included) and its ranking's (winner, loser) pairs."""
+    """One prompt's K tokenized completions (prompt included), its ranking's (winner, loser) pairs and the
+    completions' lengths in tokens."""
 
     sequences: tuple[tuple[int, ...], ...]
     pairs: tuple[tuple[int, int], ...]
     truncated: bool = False
+    lengths: tuple[int, ...] = ()
 
     @property
     def k(self) -> int:
@@ -76,7 +89,7 @@ class RankingCollator:
 
     Returns ``input_ids`` / ``attention_mask`` ``[N, T]`` (N = sum of the K's), the pair indices
     ``winner``, ``loser``, ``pair_prompt`` ``[P]`` (see :func:`~rlhfkit.algorithms.ranking.expand_pairs`)
-    and ``k`` ``[B]``, each prompt's number of completions.
+    ``k`` ``[B]``, each prompt's number of completions, and ``lengths`` ``[N]``, the completions' token counts.
     """
 
     def __init__(self, pad_token_id: int, side: str):
@@ -88,7 +101,8 @@ class RankingCollator:
         index = expand_pairs([e.pairs for e in examples], [e.k for e in examples])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "winner": index.winner,
                 "loser": index.loser, "pair_prompt": index.prompt,
-                "k": torch.tensor([e.k for e in examples], dtype=torch.long)}
+                "k": torch.tensor([e.k for e in examples], dtype=torch.long),
+                "lengths": torch.tensor([n for e in examples for n in e.lengths], dtype=torch.float32)}
 
 
 def encode_rankings(tokenizer, records: Sequence[RankingRecord], *, decoder: bool, max_length: int,
@@ -98,8 +112,8 @@ def encode_rankings(tokenizer, records: Sequence[RankingRecord], *, decoder: boo
     for record in records:
         encoded = encode_for_reward(tokenizer, record.prompt, record.completions, decoder=decoder,
                                     max_length=max_length, max_prompt_length=max_prompt_length)
-        examples.append(RankingExample(tuple(tuple(ids) for ids, _ in encoded), tuple(record.pairs()),
-                                       any(t for _, t in encoded)))
+        examples.append(RankingExample(tuple(tuple(e.ids) for e in encoded), tuple(record.pairs()),
+                                       any(e.truncated for e in encoded), tuple(e.completion_tokens for e in encoded)))
     truncated = sum(e.truncated for e in examples)
     if truncated and console is not None:
         console.print(f"[yellow]{source}: {truncated} of {len(examples)} rankings have completions truncated to "
@@ -113,16 +127,31 @@ def _pairs(batch: dict[str, torch.Tensor]) -> PairIndex:
 
 
 def make_loss_fn(reward: RewardSection, *, decoder: bool):
-    """The trainer's loss: one forward over the batch's completions, the ranking loss over its pairs."""
+    """The trainer's loss: one forward over the batch's completions, the ranking loss over its pairs.
+
+    With ``reward.length_head`` (ODIN) the ranking loss sees the sum of the quality and length heads, plus the
+    length-correlation and orthogonality losses; ``accuracy`` and ``margin`` are then the sum's, and
+    ``length_corr/quality`` and ``length_corr/length`` each head's Pearson correlation with the completions'
+    token counts over the batch.
+    """
 
     def loss_fn(model, batch: dict[str, torch.Tensor]):
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"], decoder=decoder)
+        outputs = reward_outputs(model, batch["input_ids"], batch["attention_mask"], decoder=decoder)
+        rewards = outputs.sum(-1) if reward.length_head else outputs[:, 0]
         pairs = _pairs(batch)
         loss = ranking_loss(rewards, pairs, margin=reward.margin, pair_weighting=reward.pair_weighting,
                             center_coef=reward.center_coef)
         margins = pair_margins(rewards.detach(), pairs.winner, pairs.loser)
         mean_margin = margins.mean()
         stats = {"accuracy": pairwise_accuracy(margins), "margin": mean_margin, "reward_margin": mean_margin}
+        if reward.length_head:
+            quality, length_reward, lengths = outputs[:, 0], outputs[:, 1], batch["lengths"]
+            orthogonality = head_orthogonality(head_weight(model))
+            loss = loss + reward.length_corr_coef * length_disentangle_loss(quality, length_reward, lengths) \
+                + reward.orthogonal_coef * orthogonality
+            stats.update({"length_corr/quality": pearson(quality.detach(), lengths),
+                          "length_corr/length": pearson(length_reward.detach(), lengths),
+                          "orthogonality": orthogonality.detach()})
         # what the loss averages over: prompts (each one batch element, InstructGPT) or pairs
         units = pairs.prompt.unique().numel() if reward.pair_weighting == "per_prompt" else len(pairs)
         return loss, torch.tensor(units), stats
@@ -250,7 +279,8 @@ class RewardTrainer:
         data = config.data
         self.train_records = self._read(data.train)  # bad data fails before the model is loaded
         self.eval_records = self._read(data.eval) if data.eval else []
-        model, tokenizer = load_reward_model(config.model, seed=config.train.seed)
+        model, tokenizer = load_reward_model(config.model, seed=config.train.seed,
+                                             length_head=config.reward.length_head)
         set_normalization(model.config, None, None)  # from an earlier reward model: recomputed after training
         self.decoder = is_decoder_only(model.config)
         self.tokenizer = tokenizer
@@ -285,6 +315,8 @@ class RewardTrainer:
         data, reward = self.config.data, self.config.reward
         set_window(self.model.config, data.max_length, data.max_prompt_length)
         if accelerator.is_main_process:
+            if reward.length_head:
+                drop_length_head(run_dir / "final")
             self._store(run_dir / "final", lambda saved: set_window(saved, data.max_length, data.max_prompt_length))
         if reward.normalize:
             prompts, completions = reference_texts(self.config, self.train_records)
