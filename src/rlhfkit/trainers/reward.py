@@ -44,6 +44,7 @@ from rlhfkit.algorithms.ranking import (
     expand_pairs,
     head_orthogonality,
     length_disentangle_loss,
+    length_preference_sign,
     pair_margins,
     pairwise_accuracy,
     pearson,
@@ -126,11 +127,12 @@ def _pairs(batch: dict[str, torch.Tensor]) -> PairIndex:
     return PairIndex(batch["winner"], batch["loser"], batch["pair_prompt"])
 
 
-def make_loss_fn(reward: RewardSection, *, decoder: bool):
+def make_loss_fn(reward: RewardSection, *, decoder: bool, length_sign: float = 1.0):
     """The trainer's loss: one forward over the batch's completions, the ranking loss over its pairs.
 
     With ``reward.length_head`` (ODIN) the ranking loss sees the sum of the quality and length heads, plus the
-    length-correlation and orthogonality losses; ``accuracy`` and ``margin`` are then the sum's, and
+    length-correlation loss (towards ``length_sign``, the training labels' length preference) and the
+    orthogonality loss; ``accuracy`` and ``margin`` are then the sum's, and
     ``length_corr/quality`` and ``length_corr/length`` each head's Pearson correlation with the completions'
     token counts over the batch.
     """
@@ -147,7 +149,8 @@ def make_loss_fn(reward: RewardSection, *, decoder: bool):
         if reward.length_head:
             quality, length_reward, lengths = outputs[:, 0], outputs[:, 1], batch["lengths"]
             orthogonality = head_orthogonality(head_weight(model))
-            loss = loss + reward.length_corr_coef * length_disentangle_loss(quality, length_reward, lengths) \
+            loss = loss + reward.length_corr_coef * length_disentangle_loss(quality, length_reward, lengths,
+                                                                                   length_sign) \
                 + reward.orthogonal_coef * orthogonality
             stats.update({"length_corr/quality": pearson(quality.detach(), lengths),
                           "length_corr/length": pearson(length_reward.detach(), lengths),
@@ -286,11 +289,18 @@ class RewardTrainer:
         self.tokenizer = tokenizer
         self.collator = RankingCollator(tokenizer.pad_token_id, padding_side(self.decoder))
         self.eval_batch_size = config.train.eval_batch_size or config.train.batch_size
+        train_examples = self._encode(self.train_records, data.train)
+        self.length_sign = length_preference_sign([e.lengths[winner] - e.lengths[loser] for e in train_examples
+                                                   for winner, loser in e.pairs])
+        if config.reward.length_head:
+            favoured = "longer" if self.length_sign > 0 else "shorter"
+            self.console.print(f"length head: the training labels favour {favoured} replies")
         self.trainer = Trainer(
             stage="rm", config=config, train=config.train, model=model, tokenizer=tokenizer,
-            train_examples=self._encode(self.train_records, data.train),
+            train_examples=train_examples,
             eval_examples=self._encode(self.eval_records, data.eval) if data.eval else (),
-            collator=self.collator, loss_fn=make_loss_fn(config.reward, decoder=self.decoder),
+            collator=self.collator, loss_fn=make_loss_fn(config.reward, decoder=self.decoder,
+                                                         length_sign=self.length_sign),
             eval_fn=make_eval_fn(self.collator, decoder=self.decoder, batch_size=self.eval_batch_size,
                                  reward=config.reward),
             log_ppl=False, example_length=lambda example: max(map(len, example.sequences)))
