@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from rlhfkit.feedback.app import AppSettings, create_app, ranking_payload
 from rlhfkit.feedback.security import LoginRateLimiter, hash_password
-from rlhfkit.feedback.store import Store, StoreError, shown_order
+from rlhfkit.feedback.store import FLAGS, Store, StoreError, shown_order
 
 XSS = "<script>alert('owned')</script>"
 PASSWORDS = {"boss": "boss password", "ann": "ann password", "bob": "bob password"}
@@ -213,24 +213,27 @@ def test_every_form_post_needs_the_csrf_token(app):
     browser, token = login(app, "boss")
     item_id = open_item(browser, "demonstration")
     paths = {path.replace("{item_id}", str(item_id)) for path in _post_routes(app) if path != "/api/login"}
-    paths = {path.replace("{answer_id}", "1").replace("{user_id}", "2").replace("{token_id}", "1") for path in paths}
+    paths = {path.replace("{answer_id}", "1").replace("{user_id}", "2").replace("{token_id}", "1")
+             .replace("{project_id}", "1") for path in paths}
     assert paths == {"/login", "/logout", "/account/password", f"/items/{item_id}", f"/items/{item_id}/skip",
                      "/admin/users", "/admin/import", "/admin/answers/1/review", "/admin/assignments/release",
                      "/admin/users/2/active", "/admin/users/2/password", "/admin/tokens/1/revoke",
                      "/account/tokens", "/account/tokens/1/revoke", "/api/me/password", "/api/tokens",
                      "/api/tokens/1/revoke", "/api/admin/users/2/active", "/api/admin/users/2/password",
                      f"/api/items/{item_id}/answer", f"/api/items/{item_id}/skip", "/api/admin/answers/1/review",
-                     "/api/admin/assignments/release"}
+                     "/api/admin/assignments/release", "/admin/projects", "/admin/projects/1", "/api/admin/projects"}
     for path in sorted(paths):
         for data in ({}, {"csrf_token": "forged"}, {"csrf_token": ""}):
             response = browser.post(path, data={"completion": "x", "reason": "x", **data})
             assert response.status_code == 403, (path, data)
         assert browser.post(path, json={"completion": "x"}, headers={"X-CSRF-Token": "forged"}).status_code == 403
     puts = [route.path for route in app.routes if "PUT" in getattr(route, "methods", ())]
-    assert puts == ["/api/items/{item_id}/answer"]
-    assert browser.put(f"/api/items/{item_id}/answer", json={"completion": "x"},
-                       headers={"X-CSRF-Token": "forged"}).status_code == 403
+    assert puts == ["/api/items/{item_id}/answer", "/api/admin/projects/{project_id}"]
+    for path in (f"/api/items/{item_id}/answer", "/api/admin/projects/1"):
+        assert browser.put(path, json={"completion": "x", "flags": []},
+                           headers={"X-CSRF-Token": "forged"}).status_code == 403
     assert store_answers(app) == 0 and app_store(app).user(2).active and app_store(app).tokens() == []
+    assert [(project.name, project.flags) for project in app_store(app).projects()] == [("default", FLAGS)]
     assert browser.get("/queue").status_code == 200  # still logged in: the forged logout did nothing
     assert browser.post("/logout", data={"csrf_token": token}).status_code == 303
 
@@ -276,7 +279,7 @@ def test_write_a_demonstration(app, store):
     page = browser.get(f"/items/{item_id}")
     assert page.status_code == 200 and "Write the response" in page.text
     response = browser.post(f"/items/{item_id}", data={"csrf_token": token, "completion": "Roses\r\nare red"})
-    assert (response.status_code, response.headers["location"]) == (303, "/next?kind=demonstration")
+    assert (response.status_code, response.headers["location"]) == (303, "/next?kind=demonstration&project=1")
     [answer] = store.answers("demonstration")
     assert answer.payload == {"completion": "Roses\nare red"}  # the browser's CRLF newlines normalised
     again = browser.get(f"/items/{item_id}")
@@ -495,7 +498,7 @@ def test_admin_imports_prompts_samples_and_pairs(app, store):
     response = boss.post("/admin/import", data={"csrf_token": token, "kind": "samples", "replicas": "3"},
                          files={"file": ("samples.jsonl", samples)})
     assert response.status_code == 303
-    assert "Imported 2 samples from samples.jsonl, 3 labeler(s) each." in boss.get("/admin").text
+    assert "Imported 2 samples from samples.jsonl into project “default”, 3 labeler(s) each." in boss.get("/admin").text
     boss.post("/admin/import", data={"csrf_token": token, "kind": "prompts", "replicas": "1"},
               files={"file": ("prompts.csv", b"prompt\nHello\nBye\n")})
     progress = {row["kind"]: row for row in store.progress()}
@@ -507,7 +510,7 @@ def test_admin_imports_prompts_samples_and_pairs(app, store):
         boss.post("/admin/import", data={"csrf_token": token, "kind": kind, "replicas": "1"},
                   files={"file": ("ab.jsonl", pair)})
         page = boss.get("/admin").text
-        assert "Imported 1 A/B pairs from ab.jsonl, 1 labeler(s) each." in page
+        assert "Imported 1 A/B pairs from ab.jsonl into project “default”, 1 labeler(s) each." in page
         assert ("it is now &#39;ab&#39;" in page) == (kind == "pairs")
     assert {row["kind"]: row["items"] for row in store.progress()}["ab"] == before + 2
 
@@ -522,6 +525,9 @@ def test_a_bad_import_names_file_line_and_field_and_writes_nothing(app, store):
     boss.post("/admin/import", data={"csrf_token": token, "kind": "samples", "replicas": "0"},
               files={"file": ("ok.jsonl", b'{"prompt": "Q", "completions": ["x", "y"]}\n')})
     assert "at least 1 labeler per item" in boss.get("/admin").text
+    boss.post("/admin/import", data={"csrf_token": token, "kind": "samples", "replicas": "1", "project": "99"},
+              files={"file": ("ok.jsonl", b'{"prompt": "Q", "completions": ["x", "y"]}\n')})
+    assert "Nothing imported: choose a project" in boss.get("/admin").text
     boss.post("/admin/import", data={"csrf_token": token, "kind": "samples", "replicas": "1"})
     assert "choose a file" in boss.get("/admin").text
     assert sum(row["items"] for row in store.progress()) == 3
@@ -562,7 +568,9 @@ def test_api_next_answer_and_skip(app, store):
     item = browser.get("/api/next", params={"kind": "ranking"}).json()["item"]
     order = shown_order(store.user_by_name("ann").id, item["id"], 3)
     assert item == {"id": item["id"], "kind": "ranking", "prompt": "Name a colour",
-                    "completions": ["red", f"blue {XSS}", "seven"], "shown_order": order}
+                    "completions": ["red", f"blue {XSS}", "seven"], "shown_order": order,
+                    "project": {"id": 1, "name": "default", "instructions": "", "rating_scale": [1, 7],
+                                "flags": list(FLAGS)}}
     payload = {"ratings": [7, 2, 1], "flags": [[], [], ["made_up_facts"]], "ranking": [0, 1, 2]}
     answer = browser.post(f"/api/items/{item['id']}/answer", json=payload, headers={"X-CSRF-Token": token})
     assert answer.status_code == 200 and answer.json()["answer"]["payload"]["ranking"] == [[0], [1], [2]]
@@ -923,3 +931,122 @@ def test_the_review_page_searches_filters_pages_and_shows_each_labelers_progress
     assert listed["total"] == 2 and len(listed["answers"]) == 1 and listed["answers"][0]["labeler"] == "bob"
     assert api.get("/api/admin/answers?labeler=nobody").status_code == 422
     assert api.get("/api/admin/answers?limit=0").status_code == 422
+
+
+# -------------------------------------------------------------------------------------- projects
+
+GUIDE = f"Rate how helpful each answer is.\nNever reward {XSS}."
+
+
+@pytest.fixture
+def likert(store):
+    """A 1-5 project with its own flags and instructions, and one ranking item in it."""
+    project = store.create_project("likert", instructions=GUIDE, rating_scale=(1, 5), flags=("off_topic", "rude"))
+    store.import_samples([{"prompt": "Name a tree", "completions": ["oak", "pine", "rock"], "id": "L1"}],
+                         project_id=project.id, replicas=2)
+    return project
+
+
+def test_the_item_page_shows_the_projects_instructions_scale_and_flags(app, store, likert):
+    browser, _ = login(app, "ann")
+    response = browser.get(f"/next?kind=ranking&project={likert.id}")
+    assert response.headers["location"] == "/items/4"
+    page = browser.get("/items/4").text
+    assert 'id="instructions"' in page and "Rate how helpful each answer is.\nNever reward &lt;script&gt;" in page
+    assert re.findall(r'name="rating_0" value="(\d+)"', page) == ["1", "2", "3", "4", "5"]
+    assert re.findall(r'name="rating_0" value="\d+" required\s+data-rating-key="(\d)"', page) == list("12345")
+    assert "Rate each output 1 (worst) to 5 (best)" in page and "<kbd>1</kbd>–<kbd>5</kbd> rate it" in page
+    assert re.findall(r'name="flags_0" value="([^"]+)"\s+data-flag-key="(\w)"', page) == [("off_topic", "o"),
+                                                                                        ("rude", "r")]
+    assert "harmful" not in page
+    default_page = browser.get(f"/items/{open_item(browser, 'demonstration')}").text  # the default project
+    assert 'id="instructions"' not in default_page and "project <span id=\"project-name\">default" in default_page
+
+
+def test_ratings_outside_the_projects_scale_and_other_flags_are_refused(app, store, likert):
+    browser, token = login(app, "ann")
+    browser.get(f"/next?kind=ranking&project={likert.id}")
+    form = ranking_form(store, "ann", 4, [5, 3, 1], [1, 2, 3], [[], [], []])
+    for bad, message in (({"rating_0": "6"}, "expected an integer from 1 to 5, got 6"),
+                         ({"flags_0": "harmful"}, "list of flags from (&#39;off_topic&#39;, &#39;rude&#39;)")):
+        response = browser.post("/items/4", data={"csrf_token": token, **form, **bad})
+        assert response.status_code == 422 and message in response.text
+    api = client_login_api(app, "ann")
+    csrf = api.get("/api/me").json()["csrf_token"]
+    response = api.post("/api/items/4/answer", headers={"X-CSRF-Token": csrf},
+                        json={"ratings": [7, 3, 1], "flags": [[], [], []], "ranking": [0, 1, 2]})
+    assert response.status_code == 422 and response.json()["field"] == "ratings[0]"
+    assert store_answers(app) == 0
+    response = browser.post("/items/4", data={"csrf_token": token, **form,
+                                              "flags_0": "rude"})
+    assert response.headers["location"] == f"/next?kind=ranking&project={likert.id}"
+    [answer] = store.answers("ranking")
+    assert answer.payload["ratings"] == [5, 3, 1] and "Rude" not in browser.get("/items/4").text
+    assert "rude" in browser.get("/items/4").text  # a project's own flag is shown as it is named
+
+
+def test_the_queue_lists_each_projects_work_and_keeps_them_apart(app, store, likert):
+    browser, _ = login(app, "ann")
+    page = browser.get("/queue").text
+    assert "Project default" in page and "Project likert" in page
+    assert f'href="/next?kind=ranking&amp;project={likert.id}"' in page
+    assert f'href="/next?kind=demonstration&amp;project={likert.id}"' not in page  # likert has rankings only
+    assert browser.get(f"/next?kind=ranking&project={likert.id}").headers["location"] == "/items/4"
+    assert browser.get("/next?kind=ranking&project=1").headers["location"] == "/items/2"
+    assert browser.get("/next?kind=ranking&project=99").status_code == 404
+    api = client_login_api(app, "bob")
+    item = api.get("/api/next", params={"kind": "ranking", "project": "likert"}).json()["item"]
+    assert (item["id"], item["project"]["rating_scale"], item["project"]["instructions"]) == (4, [1, 5], GUIDE)
+    assert api.get("/api/next", params={"project": "nope"}).status_code == 422
+
+
+def test_admins_create_change_import_into_and_export_projects(app, store):
+    boss, token = login(app, "boss")
+    response = boss.post("/admin/projects", data={"csrf_token": token, "name": "safety", "instructions": "Be strict.",
+                                                  "rating_scale": "1-5", "flags": "unsafe, pii"})
+    assert response.status_code == 303
+    safety = store.project_by_name("safety")
+    assert (safety.instructions, safety.rating_scale, safety.flags) == ("Be strict.", (1, 5), ("unsafe", "pii"))
+    boss.post("/admin/projects", data={"csrf_token": token, "name": "bad", "rating_scale": "5-1", "flags": ""})
+    assert "Project not created: field &#39;rating_scale&#39;: 5-1 is not a scale" in boss.get("/admin").text
+    boss.post(f"/admin/projects/{safety.id}", data={"csrf_token": token, "instructions": "Stricter.",
+                                                    "rating_scale": "1-7", "flags": "unsafe,,pii"})
+    assert "Project not changed: field &#39;flags&#39;: flag 2" in boss.get("/admin").text
+    boss.post(f"/admin/projects/{safety.id}", data={"csrf_token": token, "instructions": "Stricter.",
+                                                    "rating_scale": "1-7", "flags": "unsafe"})
+    assert store.project(safety.id).rating_scale == (1, 7) and store.project(safety.id).instructions == "Stricter."
+    boss.post("/admin/import", data={"csrf_token": token, "kind": "ab", "replicas": "1", "project": str(safety.id)},
+              files={"file": ("ab.jsonl", b'{"prompt": "S", "completions": ["a", "b"], "id": "S1"}\n')})
+    assert "into project “safety”" in boss.get("/admin").text
+    ann, ann_token = login(app, "ann")
+    item_id = int(ann.get(f"/next?kind=ab&project={safety.id}").headers["location"].rsplit("/", 1)[1])
+    ann.post(f"/items/{item_id}", data={"csrf_token": ann_token, "verdict": "b"})
+    ann.post(f"/items/{open_item(ann, 'ab')}", data={"csrf_token": ann_token, "verdict": "a"})  # the default's
+    rows = [json.loads(line) for line in boss.get("/admin/export/ab?project=safety").text.splitlines()]
+    assert [(row["id"], row["verdict"], row["meta"]["project"]) for row in rows] == [("S1", "b", "safety")]
+    assert len(boss.get("/admin/export/ab").text.splitlines()) == 2
+    assert boss.get("/admin/export/ab?project=nope").status_code == 404
+    assert boss.get("/admin/export/pairs?project=safety").headers["location"] == (
+        "/admin/export/pairs-from-rankings?project=safety")
+
+
+def test_the_json_api_creates_lists_and_changes_projects(app, store):
+    api = client_login_api(app, "boss")
+    csrf = {"X-CSRF-Token": api.get("/api/me").json()["csrf_token"]}
+    created = api.post("/api/admin/projects", headers=csrf,
+                       json={"name": "likert", "rating_scale": [1, 5], "flags": ["off_topic"]})
+    assert created.status_code == 201 and created.json()["rating_scale"] == [1, 5]
+    bad = api.post("/api/admin/projects", headers=csrf, json={"name": "x", "rating_scale": [0, 0]})
+    assert bad.status_code == 422 and bad.json()["field"] == "rating_scale"
+    duplicate = api.post("/api/admin/projects", headers=csrf, json={"name": "x", "flags": ["a", "A"]})
+    assert duplicate.status_code == 422 and "given twice" in duplicate.json()["error"]
+    changed = api.put(f"/api/admin/projects/{created.json()['id']}", headers=csrf, json={"instructions": "Read."})
+    assert changed.json()["instructions"] == "Read." and changed.json()["flags"] == ["off_topic"]
+    assert api.put("/api/admin/projects/99", headers=csrf, json={}).status_code == 404
+    listed = api.get("/api/admin/projects").json()["projects"]
+    assert [(row["name"], sum(kind["items"] for kind in row["progress"])) for row in listed] == [
+        ("default", 3), ("likert", 0)]
+    assert api.get("/api/admin/progress", params={"project": "likert"}).json()["progress"][1]["items"] == 0
+    labeler = client_login_api(app, "ann")
+    assert labeler.post("/api/admin/projects", json={"name": "mine"},
+                        headers={"X-CSRF-Token": labeler.get("/api/me").json()["csrf_token"]}).status_code == 403

@@ -108,7 +108,8 @@ def test_admin_imports_samples_through_the_file_input(browser, server, tmp_path)
     page.select_option("#kind", "samples")
     page.fill("#replicas", "2")
     page.click("form[action='/admin/import'] button[type=submit]")
-    assert "Imported 2 samples from samples.jsonl, 2 labeler(s) each." in page.locator(".flash-success").inner_text()
+    assert "Imported 2 samples from samples.jsonl into project “default”, 2 labeler(s) each." in page.locator(
+        ".flash-success").inner_text()
     shot(page, server, "admin")
     assert page.errors == []
     page.context.close()
@@ -117,7 +118,7 @@ def test_admin_imports_samples_through_the_file_input(browser, server, tmp_path)
 def test_labeler_writes_a_demonstration_with_ctrl_enter(browser, server):
     page = logged_in(browser, server, "ann")
     shot(page, server, "queue")
-    page.click("a[href='/next?kind=demonstration']")
+    page.click("a[href^='/next?kind=demonstration']")
     assert page.locator(".prompt .text").inner_text() == "Write a haiku about <script>alert(1)</script> rain"
     shot(page, server, "demonstration")
     page.fill("#completion", "Soft rain on the roof\nscripts sleep in their quiet tags\nnothing runs tonight")
@@ -607,3 +608,44 @@ def test_an_admin_manages_accounts_and_tokens_and_searches_the_review_queue(brow
         assert ann.errors == [] and boss.errors == []
         for page in (ann, boss):
             page.context.close()
+
+
+def test_a_1_to_5_projects_item_shows_its_instructions_and_5_ratings(browser, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    store.create_user("ann", hash_password(PASSWORDS["ann"]), "labeler")
+    likert = store.create_project("likert", instructions="Rate helpfulness only.\nIgnore <b>style</b>.",
+                                  rating_scale=(1, 5), flags=("off_topic",))
+    store.import_samples(MORE_SAMPLES[1:], project_id=likert.id)
+    store.close()
+    with FeedbackServer(tmp_path / "feedback.db", log=tmp_path / "server.log") as server:
+        server.folder = tmp_path
+        page = logged_in(browser, server, "ann")
+        assert page.locator("#project-2 h2").inner_text() == "Project likert"
+        page.click(f"a[href='/next?kind=ranking&project={likert.id}']")
+        assert page.locator("#instructions .text").inner_text() == "Rate helpfulness only.\nIgnore <b>style</b>."
+        assert page.locator("#project-name").inner_text() == "likert"
+        first_card = page.locator(".rank-card").first
+        assert first_card.locator(".rating input").count() == 5
+        assert first_card.locator(".flags input").count() == 1
+        shot(page, server, "likert-item")
+        first_card.focus()
+        page.keyboard.press("6")  # not on the scale: nothing happens
+        assert first_card.locator(".rating input:checked").count() == 0
+        page.keyboard.press("5")
+        page.keyboard.press("o")
+        assert first_card.locator(".rating input:checked").get_attribute("value") == "5"
+        assert first_card.locator(".flags input:checked").get_attribute("value") == "off_topic"
+        for position, rating in ((1, "3"), (2, "1")):
+            page.locator(".rank-card").nth(position).locator(f".rating input[value='{rating}']").check()
+        page.click("[data-rank-as-shown]")
+        page.click("#answer-form button.primary[type=submit]")
+        page.wait_for_url(f"{server.url}/queue")
+        # a fresh browser's first page asks for /favicon.ico, which the app has not: that 404 is no script error
+        assert [error for error in page.errors if not error.startswith("Failed to load resource")] == []
+        check = Store(f"sqlite:///{server.db}", migrate=False)
+        [answer] = check.answers("ranking")
+        order = answer.shown_order
+        assert [answer.payload["ratings"][index] for index in order] == [5, 3, 1]
+        assert answer.payload["flags"][order[0]] == ["off_topic"]
+        check.close()
+        page.context.close()

@@ -1,9 +1,11 @@
 """The human-feedback web app: FastAPI, server-rendered Jinja2 pages and a little plain JavaScript.
 
-Labelers log in and work through a queue: write a demonstration for a prompt; rate each of K outputs
-1-7, flag it (fails the instruction, harmful, made-up facts: InstructGPT's labeling interface) and rank
-them, ties allowed, by drag and drop, buttons or keyboard; judge A/B pairs; or skip with a reason. An
-admin creates accounts, imports items, watches progress and agreement and exports datasets. Every page
+Labelers log in and work through a queue per project: write a demonstration for a prompt; rate each of K
+outputs on the project's scale (1-7 by default), flag it (by default: fails the instruction, harmful, made-up
+facts: InstructGPT's labeling interface) and rank them, ties allowed, by drag and drop, buttons or keyboard;
+judge A/B pairs; or skip with a reason. Every task shows its project's instructions. An admin creates
+accounts and projects, imports items into a project, watches progress and agreement and exports datasets
+(all projects or one). Every page
 works with the keyboard alone; the JavaScript (``static/app.js``) only adds drag and drop and shortcuts.
 
 A ranking item shows its outputs in an order shuffled per labeler and item (the same on every reload);
@@ -14,23 +16,28 @@ contradicts the ratings is saved only once the labeler confirms it. A different 
 reviewed it, and every version is kept.
 
 Pages: ``/login``, ``/logout`` (POST), ``/account`` (change the password; make and revoke API tokens:
-``/account/tokens``, ``/account/tokens/{id}/revoke``), ``/queue``, ``/next?kind=K`` (assign or resume an item
-of kind K), ``/items/{id}`` (GET shows, ``?edit=1`` to change the answer; POST answers or, with ``edit=1``,
-changes it), ``/items/{id}/skip`` (POST), ``/admin``, ``/admin/users`` (the accounts; POST creates one),
+``/account/tokens``, ``/account/tokens/{id}/revoke``), ``/queue`` (the projects with their progress),
+``/next?kind=K&project=ID`` (assign or resume an item of kind K in project ID; any project without it),
+``/items/{id}`` (GET shows, ``?edit=1`` to change the answer; POST answers or, with ``edit=1``, changes it),
+``/items/{id}/skip`` (POST), ``/admin``, ``/admin/users`` (the accounts; POST creates one),
 ``/admin/users/{id}/active`` and ``/admin/users/{id}/password`` (POST: deactivate or reactivate, set a new
-password), ``/admin/tokens/{id}/revoke`` (POST), ``/admin/import`` (POST), ``/admin/review`` (answers to accept
-or reject, searched and filtered, a page at a time, with each labeler's progress, time per item and
+password), ``/admin/tokens/{id}/revoke`` (POST), ``/admin/projects`` (POST: create a project),
+``/admin/projects/{id}`` (POST: change it), ``/admin/import`` (POST, into a project), ``/admin/review``
+(answers to accept or reject, searched and filtered, a page at a time, with each labeler's progress, time per item and
 agreement), ``/admin/answers/{id}/review`` (POST), ``/admin/assignments/release`` (POST),
-``/admin/export/{kind}``, ``/admin/agreement.json``.
+``/admin/export/{kind}?project=NAME`` (one project's answers; every project's without it),
+``/admin/agreement.json``.
 JSON API (the same session cookie and the CSRF token in the ``X-CSRF-Token`` header, or an API token in
 ``Authorization: Bearer <token>``, which needs no CSRF token): ``POST /api/login``, ``GET /api/me``,
-``POST /api/me/password``, ``GET|POST /api/tokens``, ``POST /api/tokens/{id}/revoke``, ``GET /api/next``,
+``POST /api/me/password``, ``GET|POST /api/tokens``, ``POST /api/tokens/{id}/revoke``,
+``GET /api/next?kind=K&project=NAME``,
 ``GET|POST|PUT /api/items/{id}/answer`` (read with its history, answer, change), ``POST /api/items/{id}/skip``,
 ``GET /api/admin/users``, ``POST /api/admin/users/{id}/active``, ``POST /api/admin/users/{id}/password``,
-``GET /api/admin/tokens``, ``GET /api/admin/progress``, ``GET /api/admin/answers``,
+``GET /api/admin/tokens``, ``GET|POST /api/admin/projects``, ``PUT /api/admin/projects/{id}``,
+``GET /api/admin/progress?project=NAME``, ``GET /api/admin/answers``,
 ``POST /api/admin/answers/{id}/review``, ``GET /api/admin/assignments``, ``POST /api/admin/assignments/release``.
 In the API a ranking is always in the item's indices; the item carries ``shown_order``, the order to show its
-completions in.
+completions in, and its ``project`` (name, instructions, rating scale and flags).
 
 Security: argon2 password hashes; server-side sessions (the signed HttpOnly ``SameSite=Strict`` cookie
 holds a random token, ended on the server at logout, at a password change and when an admin deactivates the
@@ -72,7 +79,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhfkit.data.readers import json_line
 from rlhfkit.data.records import DataError
-from rlhfkit.feedback.common import OLD_EXPORT_KINDS, import_kind
+from rlhfkit.feedback.common import DEFAULT_PROJECT, OLD_EXPORT_KINDS, import_kind, parse_flags, parse_rating_scale
 from rlhfkit.feedback.imports import IMPORT_KINDS, import_file
 from rlhfkit.feedback.security import (
     MIN_PASSWORD_LENGTH,
@@ -95,6 +102,7 @@ from rlhfkit.feedback.store import (
     ApiToken,
     Item,
     NotAssigned,
+    Project,
     Store,
     StoreError,
     User,
@@ -115,6 +123,7 @@ SESSION_MAX_AGE_S = 12 * 3600
 FLAG_LABELS = {"fails_instruction": "Fails to follow the instruction", "harmful": "Harmful or offensive",
                "made_up_facts": "Makes up facts"}
 FLAG_KEYS = {"fails_instruction": "f", "harmful": "h", "made_up_facts": "m"}  # shortcut keys on the ranking page
+RESERVED_KEYS = frozenset("jk")  # the ranking page's keys to move between outputs: never a flag's
 IMPORT_KIND_LABELS = {"prompts": "prompts: write demonstrations",
                       "samples": "samples (K outputs per prompt): rate and rank",
                       "ab": "A/B pairs: judge which is better"}
@@ -294,6 +303,39 @@ def _letter(index: int) -> str:
     return letters
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A rating or flag on the ranking page: its value, the label shown and its shortcut key (None: no key)."""
+
+    value: Any
+    label: str
+    key: str | None
+
+
+def flag_label(flag: str) -> str:
+    """How a flag is shown: the default flags' descriptions, any other flag as its project names it."""
+    return FLAG_LABELS.get(flag, flag)
+
+
+def rating_choices(project: Project) -> list[Choice]:
+    """The ratings of the project's scale, lowest first, each keyed by its digit (10 by 0 where the scale has no 0)."""
+    low = project.rating_scale[0]
+    return [Choice(value, str(value), str(value % 10) if value < 10 or low > 0 else None)
+            for value in project.ratings]
+
+
+def flag_choices(project: Project) -> list[Choice]:
+    """The project's flags in its order, each with a shortcut key: a default flag its own (f, h, m), any other
+    the first letter of its name that no other flag (and not j or k, which move between outputs) has taken."""
+    taken = set(RESERVED_KEYS) | {FLAG_KEYS[flag] for flag in project.flags if flag in FLAG_KEYS}
+    keys: dict[str, str | None] = {}
+    for flag in project.flags:
+        key = FLAG_KEYS.get(flag) or next((c for c in flag.lower() if "a" <= c <= "z" and c not in taken), None)
+        taken.add(key)
+        keys[flag] = key
+    return [Choice(flag, flag_label(flag), keys[flag]) for flag in project.flags]
+
+
 def _form_int(form: FormData, name: str, field: str, what: str) -> int:
     value = form.get(name)
     if not isinstance(value, str) or not value.strip():
@@ -307,7 +349,7 @@ def _form_int(form: FormData, name: str, field: str, what: str) -> int:
 def ranking_payload(form: FormData, order: list[int]) -> dict:
     """The store payload of a ranking form, in the item's indices.
 
-    The form's fields follow the positions shown: ``rating_p`` (1-7), ``flags_p`` (checkboxes) and
+    The form's fields follow the positions shown: ``rating_p`` (on the project's scale), ``flags_p`` (checkboxes) and
     ``rank_p`` for the output shown at position p, which is the item's completion ``order[p]``. ``rank_p``
     is its place, 1 for the best; equal places are ties, and places need not be consecutive (1, 1, 3 means
     the first two tie above the third). Every output needs a place: the ranking starts empty. Fields are
@@ -367,7 +409,7 @@ def answer_summary(item: Item, payload: dict, skipped: bool, order: list[int] | 
     ranking = " > ".join(" = ".join(sorted(letter_of[index] for index in group)) for group in payload["ranking"])
     rows = [("Ranking, best first", ranking)]
     for position, index in enumerate(shown):
-        chosen = ", ".join(FLAG_LABELS[flag] for flag in payload["flags"][index]) or "no flags"
+        chosen = ", ".join(flag_label(flag) for flag in payload["flags"][index]) or "no flags"
         rows.append((f"Output {_letter(position)}", f"rated {payload['ratings'][index]}; {chosen}"))
     return rows
 
@@ -384,15 +426,26 @@ def form_payload(item: Item, form: FormData, order: list[int] | None) -> dict:
     return ranking_payload(form, order)
 
 
+def _next_url(item: Item) -> str:
+    """Where the labeler goes after ``item``: the next item of its kind in its project."""
+    return f"/next?{urlencode({'kind': item.kind, 'project': item.project_id})}"
+
+
 def _order(user: User, item: Item) -> list[int] | None:
     """The order in which the user sees a ranking item's outputs (None for other kinds)."""
     return shown_order(user.id, item.id, len(item.completions)) if item.kind == "ranking" else None
 
 
-def _item_json(user: User, item: Item) -> dict:
-    """What a labeler sees of an item: never its meta (which model wrote what) nor its gold ranking."""
+def _item_json(user: User, item: Item, project: Project) -> dict:
+    """What a labeler sees of an item (of ``project``): never its meta (which model wrote what) nor its gold
+    ranking."""
     return {"id": item.id, "kind": item.kind, "prompt": item.prompt, "completions": item.completions,
-            "shown_order": _order(user, item)}
+            "shown_order": _order(user, item), "project": _project_json(project)}
+
+
+def _project_json(project: Project) -> dict:
+    return {"id": project.id, "name": project.name, "instructions": project.instructions,
+            "rating_scale": list(project.rating_scale), "flags": list(project.flags)}
 
 
 def _answer_json(answer: Answer) -> dict:
@@ -470,9 +523,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     settings = settings or AppSettings.from_env()
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined)
-    environment.globals.update(letter=_letter, flags=[(flag, FLAG_LABELS[flag]) for flag in FLAGS], flag_keys=FLAG_KEYS,
-                               kind_titles=KIND_TITLES, rating_range=range(RATING_RANGE[0], RATING_RANGE[1] + 1),
-                               roles=ROLES, import_kinds=[(kind, IMPORT_KIND_LABELS[kind]) for kind in IMPORT_KINDS],
+    environment.globals.update(letter=_letter, kind_titles=KIND_TITLES, roles=ROLES,
+                               import_kinds=[(kind, IMPORT_KIND_LABELS[kind]) for kind in IMPORT_KINDS],
                                export_kinds=[(kind, EXPORT_KIND_LABELS[kind]) for kind in EXPORT_KINDS],
                                item_kinds=ITEM_KINDS, draft_key=draft_key)
     templates = Jinja2Templates(env=environment)
@@ -701,14 +753,25 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     @app.get("/queue")
     def queue(request: Request, user: User = Depends(current_user)) -> Response:
-        return render(request, "queue.html", user=user, mine=store.user_progress(user.id),
-                      progress={row["kind"]: row for row in store.progress()})
+        """The projects with items, each with its kinds of work, the team's progress and the user's own."""
+        projects = []
+        for project in store.projects():
+            progress = {row["kind"]: row for row in store.progress(project.id)}
+            if any(row["items"] for row in progress.values()):
+                projects.append({"project": project, "progress": progress,
+                                 "mine": store.user_progress(user.id, project.id)})
+        return render(request, "queue.html", user=user, projects=projects)
 
     @app.get("/next")
-    def next_item(request: Request, kind: str, user: User = Depends(current_user)) -> Response:
+    def next_item(request: Request, kind: str, project: int | None = None,
+                  user: User = Depends(current_user)) -> Response:
+        """The user's next item of ``kind`` in project ``project`` (any project's without it)."""
         if kind not in ITEM_KINDS:
             raise HTTPException(404, f"no such kind of work: {kind}")
-        item = store.next_item(user.id, kind, assignment_ttl=settings.assignment_ttl)
+        try:
+            item = store.next_item(user.id, kind, project_id=project, assignment_ttl=settings.assignment_ttl)
+        except StoreError as error:
+            raise HTTPException(404, error.message) from None
         if item is None:
             flash(request, "info", f"Nothing left to do in “{KIND_TITLES[kind]}”. Thank you!")
             return redirect("/queue")
@@ -717,8 +780,10 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     def item_page(request: Request, user: User, item: Item, *, status_code: int = 200, editing: bool = False,
                   error: StoreError | None = None, conflict: str | None = None, warnings: list[str] = (),
                   form: FormData | None = None) -> Response:
-        """The item: its answer form (empty, as entered, or the answer to edit), or the answer with its history."""
+        """The item with its project's instructions: its answer form (empty, as entered, or the answer to edit;
+        ratings and flags as the project has them), or the answer with its history."""
         order = _order(user, item)
+        project = store.project(item.project_id)
         answer = store.answer_of(user.id, item.id)
         editable = answer is not None and not answer.skipped and answer.status == "submitted"
         editing = editing and editable
@@ -732,7 +797,9 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         summary = answer_summary(item, answer.payload, answer.skipped, answer.shown_order) if answer else None
         return render(request, "item.html", status_code=status_code, user=user, item=item, order=order,
                       answer=answer, editing=editing, editable=editable, history=history, error=error,
-                      conflict=conflict, warnings=list(warnings), values=values, summary=summary)
+                      conflict=conflict, warnings=list(warnings), values=values, summary=summary, project=project,
+                      ratings=rating_choices(project), flags=flag_choices(project),
+                      next_url=_next_url(item))
 
     @app.get("/items/{item_id}")
     def show_item(request: Request, item_id: int, edit: bool = False, user: User = Depends(current_user)) -> Response:
@@ -755,7 +822,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             return item_page(request, user, item, status_code=409, conflict=conflict.message)
         flash(request, "success", "Changed." if editing else "Saved.")
         request.session["saved_item"] = item.id
-        return redirect(f"/items/{item.id}" if editing else f"/next?kind={item.kind}")
+        return redirect(f"/items/{item.id}" if editing else _next_url(item))
 
     @app.post("/items/{item_id}/skip", dependencies=[Depends(csrf_protected)])
     def skip_item(request: Request, item_id: int, user: User = Depends(current_user),
@@ -770,13 +837,15 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             return item_page(request, user, item, status_code=409, conflict=conflict.message)
         flash(request, "info", "Skipped.")
         request.session["saved_item"] = item.id
-        return redirect(f"/next?kind={item.kind}")
+        return redirect(_next_url(item))
 
     # --------------------------------------------------------------------------------- admin pages
 
     @app.get("/admin")
     def admin(request: Request, user: User = Depends(current_admin)) -> Response:
+        projects = [{"project": project, "progress": store.progress(project.id)} for project in store.projects()]
         return render(request, "admin.html", user=user, progress=store.progress(), agreement=store.agreement(),
+                      projects=projects, default_flags=", ".join(FLAGS), default_scale="{}-{}".format(*RATING_RANGE),
                       users=store.users(), min_password_length=MIN_PASSWORD_LENGTH,
                       open_assignments=store.open_assignments(), settings=settings)
 
@@ -842,10 +911,16 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             replicas = int(str(form.get("replicas", "1")))
         except ValueError:
             replicas = 0
+        chosen = str(form.get("project") or "")  # the project's id; none: the default project
+        if not chosen:
+            project = store.project_by_name(DEFAULT_PROJECT)
+        else:
+            project = store.project(int(chosen)) if chosen.isdigit() else None
         if not isinstance(upload, UploadFile) or not upload.filename:
             flash(request, "error", "Nothing imported: choose a file.")
-        elif kind not in IMPORT_KINDS or replicas < 1:
-            flash(request, "error", "Nothing imported: choose what the file holds and at least 1 labeler per item.")
+        elif kind not in IMPORT_KINDS or replicas < 1 or project is None:
+            flash(request, "error", "Nothing imported: choose a project, what the file holds and at least 1 labeler "
+                                    "per item.")
         else:
             name = Path(upload.filename).name
             with tempfile.TemporaryDirectory(prefix="rlhfkit-import-") as folder:
@@ -854,15 +929,56 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                     while chunk := upload.file.read(1 << 20):
                         sink.write(chunk)
                 try:
-                    count = import_file(store, path, kind, replicas=replicas, source=name)
+                    count = import_file(store, path, kind, replicas=replicas, source=name, project_id=project.id)
                 except (DataError, StoreError) as error:
                     flash(request, "error", f"Nothing imported: {error}")
                 else:
-                    flash(request, "success", f"Imported {count} {'A/B pairs' if kind == 'ab' else kind} from {name}, "
-                                              f"{replicas} labeler(s) each.")
+                    flash(request, "success", f"Imported {count} {'A/B pairs' if kind == 'ab' else kind} from {name} "
+                                              f"into project “{project.name}”, {replicas} labeler(s) each.")
                     if deprecated:
                         flash(request, "info", f"Note: {deprecated}.")
         return redirect("/admin")
+
+    def named_project(name: str) -> Project:
+        """The project a request names, or 404."""
+        found = store.project_by_name(name)
+        if found is None:
+            raise HTTPException(404, f"no project named {name[:64]!r}")
+        return found
+
+    def form_project_settings(form: FormData) -> dict:
+        """The project settings of an admin form (instructions, rating scale "1-5", flags "a, b"), those given;
+        :class:`StoreError` names a bad one."""
+        settings: dict[str, Any] = {}
+        if isinstance(form.get("instructions"), str):
+            settings["instructions"] = form["instructions"].replace("\r\n", "\n")
+        if isinstance(form.get("rating_scale"), str):
+            settings["rating_scale"] = parse_rating_scale(form["rating_scale"])
+        if isinstance(form.get("flags"), str):
+            settings["flags"] = parse_flags(form["flags"])
+        return settings
+
+    @app.post("/admin/projects", dependencies=[Depends(csrf_protected)])
+    def create_project(request: Request, _admin: User = Depends(current_admin),
+                       form: FormData = Depends(form_data)) -> Response:
+        try:
+            created = store.create_project(str(form.get("name", "")), **form_project_settings(form))
+        except StoreError as error:
+            flash(request, "error", f"Project not created: {error}")
+        else:
+            flash(request, "success", f"Created the project “{created.name}”: import items into it below.")
+        return redirect("/admin#projects")
+
+    @app.post("/admin/projects/{project_id}", dependencies=[Depends(csrf_protected)])
+    def update_project(request: Request, project_id: int, _admin: User = Depends(current_admin),
+                       form: FormData = Depends(form_data)) -> Response:
+        try:
+            changed = store.update_project(project_id, **form_project_settings(form))
+        except StoreError as error:
+            flash(request, "error", f"Project not changed: {error}")
+        else:
+            flash(request, "success", f"Changed the project “{changed.name}”.")
+        return redirect("/admin#projects")
 
     def labeler_id(username: str) -> int | None:
         """The id of the labeler a filter names (None for every labeler); :class:`StoreError` when unknown."""
@@ -930,19 +1046,25 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         return redirect("/admin")
 
     @app.get("/admin/export/{kind}")
-    def export(kind: str, _admin: User = Depends(current_admin)) -> Response:
+    def export(request: Request, kind: str, project: str | None = None,
+               _admin: User = Depends(current_admin)) -> Response:
+        """The answers of every project, or of the project named ``project``, as a JSONL download."""
         if kind in OLD_EXPORT_KINDS:  # an old link or script: the same records under the new name
-            return RedirectResponse(f"/admin/export/{OLD_EXPORT_KINDS[kind]}", status_code=308)
+            query = f"?{request.url.query}" if request.url.query else ""
+            return RedirectResponse(f"/admin/export/{OLD_EXPORT_KINDS[kind]}{query}", status_code=308)
         if kind not in EXPORT_KINDS:
             raise HTTPException(404, f"no such export: {kind}")
-        records = list(store.export(kind))  # read before answering, so a database error is a clean 500
+        chosen = named_project(project) if project is not None else None
+        # read before answering, so a database error is a clean 500
+        records = list(store.export(kind, chosen.id if chosen else None))
+        filename = f"{kind}-project-{chosen.id}.jsonl" if chosen else f"{kind}.jsonl"
 
         def lines() -> Iterator[str]:
             for record in records:
                 yield json_line(record)
 
         return StreamingResponse(lines(), media_type="application/x-ndjson",
-                                 headers={"Content-Disposition": f'attachment; filename="{kind}.jsonl"'})
+                                 headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     @app.get("/admin/agreement.json")
     def agreement(_admin: User = Depends(current_admin)) -> Response:
@@ -952,6 +1074,16 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     async def json_body(request: Request) -> Any:
         return parse_json_body(await request.body())
+
+    def api_project(name: str | None) -> int | None:
+        """The id of the project a JSON API request names (None when it names none); :class:`StoreError` when
+        there is no such project."""
+        if name is None:
+            return None
+        found = store.project_by_name(name)
+        if found is None:
+            raise StoreError(f"no project named {name[:64]!r}", field="project")
+        return found.id
 
     def store_error(error: StoreError) -> JSONResponse:
         return JSONResponse({"error": str(error), "field": error.field}, status_code=422)
@@ -1016,12 +1148,14 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         return JSONResponse(_token_json(token))
 
     @app.get("/api/next")
-    def api_next(kind: str | None = None, user: User = Depends(current_user)) -> Response:
+    def api_next(kind: str | None = None, project: str | None = None, user: User = Depends(current_user)) -> Response:
+        """The user's next item (of ``kind``, in the project named ``project``, when given), or null."""
         try:
-            item = store.next_item(user.id, kind, assignment_ttl=settings.assignment_ttl)
+            project_id = api_project(project)
+            item = store.next_item(user.id, kind, project_id=project_id, assignment_ttl=settings.assignment_ttl)
         except StoreError as error:
             return store_error(error)
-        return JSONResponse({"item": _item_json(user, item) if item else None})
+        return JSONResponse({"item": _item_json(user, item, store.project(item.project_id)) if item else None})
 
     @app.get("/api/items/{item_id}/answer")
     def api_read_answer(item_id: int, user: User = Depends(current_user)) -> Response:
@@ -1102,8 +1236,48 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         return JSONResponse({"tokens": [_token_json(token) for token in store.tokens()]})
 
     @app.get("/api/admin/progress")
-    def api_progress(_admin: User = Depends(current_admin)) -> Response:
-        return JSONResponse({"progress": store.progress()})
+    def api_progress(project: str | None = None, _admin: User = Depends(current_admin)) -> Response:
+        """Progress per item kind, of every project or of the one named ``project``."""
+        try:
+            return JSONResponse({"progress": store.progress(api_project(project))})
+        except StoreError as error:
+            return store_error(error)
+
+    @app.get("/api/admin/projects")
+    def api_projects(_admin: User = Depends(current_admin)) -> Response:
+        """Every project with its settings and its progress per item kind."""
+        return JSONResponse({"projects": [{**_project_json(project), "progress": store.progress(project.id)}
+                                          for project in store.projects()]})
+
+    def project_body(body: Any) -> dict:
+        """The settings of a JSON project body (``instructions``, ``rating_scale`` [low, high], ``flags``), those
+        given; checked by the store."""
+        if not isinstance(body, dict):
+            raise HTTPException(422, "expected an object with the project's name and settings")
+        return {field: body[field] for field in ("instructions", "rating_scale", "flags") if field in body}
+
+    @app.post("/api/admin/projects", dependencies=[Depends(csrf_protected)])
+    def api_create_project(_admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:
+        """``{"name", "instructions"?, "rating_scale"?: [1, 5], "flags"?: [...]}``: a new project (201)."""
+        settings = project_body(body)
+        try:
+            created = store.create_project(body.get("name"), **settings)
+        except StoreError as error:
+            return store_error(error)
+        return JSONResponse(_project_json(created), status_code=201)
+
+    @app.put("/api/admin/projects/{project_id}", dependencies=[Depends(csrf_protected)])
+    def api_update_project(project_id: int, _admin: User = Depends(current_admin),
+                           body: Any = Depends(json_body)) -> Response:
+        """``{"instructions"?, "rating_scale"?, "flags"?}``: change a project (a new scale or flags must still fit
+        its answers)."""
+        if store.project(project_id) is None:
+            raise HTTPException(404, f"no project with id {project_id}")
+        try:
+            changed = store.update_project(project_id, **project_body(body))
+        except StoreError as error:
+            return store_error(error)
+        return JSONResponse(_project_json(changed))
 
     @app.get("/api/admin/answers")
     def api_answers(kind: str | None = None, status: str | None = None, labeler: str = "", q: str = "",

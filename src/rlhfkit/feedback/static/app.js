@@ -3,7 +3,8 @@
 // "ties with the one above" fill the place numbers (the submitted values) from the cards' order, and a
 // warning says live where the ranking contradicts the ratings (the server asks again before saving it).
 // Shortcut keys on the ranking page, for the highlighted output (the one with the focus, clicked last, or
-// the first): 1-7 rate it, f / h / m toggle its flags, j / k highlight the next / previous output.
+// the first): the digit keys rate it (on the project's scale), each flag's letter (shown beside it) toggles
+// it, j / k highlight the next / previous output.
 // A/B: the a / t / b keys. Demonstration: Ctrl+Enter submits.
 // Drafts: what a labeler enters in an answer form (text, ratings, flags, places) is kept in this browser's
 // localStorage, one entry per user and item, as they type; a reload, a server restart or a new login after
