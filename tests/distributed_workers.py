@@ -9,6 +9,9 @@
 - ``rollout OUT SETUP OVERRIDE...``: such a trainer samples its share of the first rollout, process 0 with
   fewer new tokens than the others (its generation ends first); process ``r`` writes ``OUT/rank<r>.pt``: the
   rollout, and the values of the unsharded reward model the value network was initialised from.
+- ``online_dpo OUT CONFIG SAMPLES``: an online DPO run of the YAML ``CONFIG`` into ``OUT``; ``SAMPLES`` is
+  ``sampled`` (the policy samples) or ``fixed`` (:func:`fixed_samples` stand in for the policy's samples, so that
+  runs on any number of processes judge the same samples).
 """
 
 from __future__ import annotations
@@ -103,6 +106,32 @@ def rollout(out: Path, setup: str, *overrides: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def fixed_samples(model, tokenizer, prompts, k: int, sampling, **options):
+    """``k`` "samples" of each prompt that depend on the prompt alone (``generate_k``'s signature): with a number
+    of words ``n``, ``n % 4 == 0``: k copies of its first word (no preference); 1: its first 1, 2, 3, ... words; 2:
+    its first 1, 2, 1, 2, ... words (ties); 3: its first k, k - 1, ... 1 words."""
+    from rlhfkit.rollout.generate import Generation
+
+    groups = []
+    for prompt in prompts:
+        words = prompt.split()
+        cut = {0: [1] * k, 1: [j + 1 for j in range(k)], 2: [j % 2 + 1 for j in range(k)],
+               3: [k - j for j in range(k)]}[len(words) % 4]
+        texts = [" ".join(words[:n]) for n in cut]
+        groups.append([Generation(text, tokenizer(text, add_special_tokens=False).input_ids, True) for text in texts])
+    return groups
+
+
+def online_dpo(out: Path, config_path: str, samples: str) -> None:
+    from rlhfkit.config import OnlineDPOConfig, load_config
+    from rlhfkit.trainers import online_dpo as module
+
+    if samples == "fixed":
+        module.generate_k = fixed_samples
+    module.OnlineDPOTrainer(load_config(OnlineDPOConfig, config_path, [f"train.output_dir={out}"])).train()
+
+
 if __name__ == "__main__":
     kind, target, *rest = sys.argv[1:]
-    {"statistics": statistics, "update": update, "rollout": rollout}[kind](Path(target), *rest)
+    {"statistics": statistics, "update": update, "rollout": rollout,
+     "online_dpo": online_dpo}[kind](Path(target), *rest)

@@ -4,7 +4,8 @@ so do ``accelerate launch`` with the shipped ``configs/accelerate/`` files for D
 checkpoints resume exactly); the engines that are not supported are refused. PPO's distributed
 statistics, its update on a fixed rollout (equal to one process's, under DDP and FSDP2), its FSDP rollout
 (sampled with the gathered weights), and a whole PPO run under 2 processes (DDP, FSDP2) that resumes
-exactly."""
+exactly; online DPO on 2 processes (DDP, FSDP2) trains what one process trains on the same samples, refreshes its
+reference and resumes exactly, and samples its shares with the policy."""
 
 from __future__ import annotations
 
@@ -396,3 +397,67 @@ def test_ppo_on_two_processes_uses_the_global_rollout_and_resumes_exactly(ppo_se
                                                                                 "max_steps": 4})})
     with pytest.raises(TrainingError, match=r"written by 2 process\(es\) .* resume it with 2, not 1"):
         PPOTrainer(more).train()
+
+
+def online_dpo_config(ppo_setup, path: Path, *overrides: str) -> Path:
+    """``test_online_dpo.online_config``'s run (reward function ``shortness``) as a YAML file at ``path``."""
+    from test_online_dpo import online_config
+
+    config = online_config(ppo_setup, "unused", *overrides)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    return path
+
+
+def online_dpo_rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accelerate_config", [None, "fsdp-cpu.yaml"])
+def test_online_dpo_on_two_processes_trains_what_one_process_trains(ppo_setup, tmp_path, accelerate_config):
+    """On the same (fixed) samples, judged by a reward function, 2 processes (DDP, or FSDP2) log the losses, metrics
+    and rankings of one process and write its weights, with 3 micro-batches per step (of at most 4 examples: in one
+    at least, process 1 has none and runs a stand-in forward of weight 0) and the reference refreshed at step 2; a
+    run resumed from checkpoint-2 (which holds the refreshed reference) ends on the same weights."""
+    config = online_dpo_config(ppo_setup, tmp_path / "online.yaml", "train.max_steps=3", "train.grad_accum=3",
+                               "online.ref_update_every=2", "train.save_every=2")
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    torchrun_worker("online_dpo", one, config, "fixed", processes=1)
+    torchrun_worker("online_dpo", two, config, "fixed", accelerate_config=accelerate_config)
+    assert_same_training(one, two, steps=3)
+    metrics_one, metrics_two = online_dpo_rows(one), online_dpo_rows(two)
+    for row_one, row_two in zip(metrics_one, metrics_two, strict=True):
+        for name in ("online/pairs", "online/prompts_without_pair", "objective/scores", "response_length",
+                     "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert row_two[name] == pytest.approx(row_one[name], rel=1e-4, abs=1e-5), name
+    samples = online_dpo_rows(two, "samples.jsonl")
+    assert samples == online_dpo_rows(one, "samples.jsonl") and len(samples) == 3 * 4  # every process's share
+    assert all(row["online/pairs"] > 0 for row in metrics_one)
+    state = torch.load(two / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    policy_at_2 = load_file(two / "checkpoint-2" / "model.safetensors")
+    assert len(state["rng_per_process"]) == 2
+    for name, tensor in policy_at_2.items():  # the refreshed reference: the policy at step 2
+        torch.testing.assert_close(state["reference"][name], tensor, rtol=0, atol=0, msg=name)
+
+    shutil.copytree(two, resumed)
+    for leftover in ("checkpoint-3", "final"):  # as if the run had died during step 3
+        shutil.rmtree(resumed / leftover)
+    torchrun_worker("online_dpo", resumed, config, "fixed", accelerate_config=accelerate_config)
+    assert_same_training(two, resumed, steps=3)
+    assert online_dpo_rows(resumed, "samples.jsonl") == samples
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("accelerate_config", "engine"), [(None, "MULTI_CPU"), ("fsdp-cpu.yaml", "FSDP")])
+def test_online_dpo_samples_its_shares_on_two_processes(ppo_setup, tmp_path, accelerate_config, engine):
+    """The policy samples each process's share (under FSDP with the gathered weights, every process running as
+    many forwards as the longest generation); process 0 logs every share's samples and rankings."""
+    config = online_dpo_config(ppo_setup, tmp_path / "online.yaml", "online.samples_to_log=4", "train.max_steps=2")
+    torchrun_worker("online_dpo", tmp_path / "run", config, "sampled", accelerate_config=accelerate_config)
+    rows = online_dpo_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2] and all(row["loss"] == row["loss"] for row in rows)
+    samples = online_dpo_rows(tmp_path / "run", "samples.jsonl")
+    assert [row["step"] for row in samples] == [1] * 4 + [2] * 4
+    for row in samples:
+        assert len(row["scores"]) == 3 and row["scores"] == [-float(len(c.split())) for c in row["completions"]]
+    assert (tmp_path / "run" / "final" / "config.json").exists()

@@ -160,12 +160,22 @@ def test_bad_online_settings_are_refused(ppo_setup, overrides, message):
         online_config(ppo_setup, "bad", *overrides)
 
 
-def test_several_processes_are_refused_for_now(ppo_setup, monkeypatch):
+def test_several_processes_need_a_shareable_rollout_and_no_lora_under_fsdp(ppo_setup, monkeypatch):
+    """With 2 processes ``online.rollout_batch_size`` is a global count, split evenly; LoRA under FSDP is refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
     from rlhfkit.engine import loop
 
-    monkeypatch.setattr(loop.Engine, "__init__", lambda self, **kw: setattr(self, "world", 2))
-    with pytest.raises(TrainingError, match="one process for now"):
-        OnlineDPOTrainer(online_config(ppo_setup, "two"))
+    for engine, overrides, message in [
+            (DistributedType.MULTI_CPU, ["online.rollout_batch_size=3"],
+             r"online.rollout_batch_size \(3\) is a global count and must be a multiple of the number of processes"),
+            (DistributedType.FSDP, ["model.lora.r=4"], "online_dpo: LoRA under FSDP is not supported yet")]:
+        accelerator = SimpleNamespace(distributed_type=engine, num_processes=2, process_index=0)
+        monkeypatch.setattr(loop, "make_accelerator", lambda mixed_precision, accelerator=accelerator: accelerator)
+        with pytest.raises(TrainingError, match=message):
+            OnlineDPOTrainer(online_config(ppo_setup, "two", *overrides))
 
 
 def test_the_shipped_config_validates():

@@ -107,6 +107,13 @@ class Engine:
         scheduler = build_scheduler(optimizer, self.cfg, optimizer_steps or total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
 
+    def start_own_random_stream(self) -> None:
+        """For a trainer with :attr:`own_random_streams`, once its weights are built from the shared seed: process
+        ``r > 0`` is reseeded with ``train.seed + r`` (its own sampling stream); process 0 keeps the stream of a
+        one-process run."""
+        if self.rank > 0:
+            set_seed(self.cfg.seed, device_specific=True)
+
     # ---- the hooks a trainer fills in -----------------------------------------------------------
     def train_step(self) -> None:
         """One step of the loop (``self.step`` counts those done before it)."""

@@ -37,6 +37,16 @@ def gather_model_state(accelerator: Accelerator, model: torch.nn.Module) -> dict
     return weights
 
 
+def full_model_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict of ``model`` (as prepared) on every process, to copy it into an unsharded module (a
+    frozen reference): under FSDP gathered from every process's shard (a collective), otherwise the model's own."""
+    if not is_sharded(accelerator):
+        return accelerator.unwrap_model(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
 def submodule_state(weights: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
     """The entries of a :func:`gather_model_state` dict under submodule ``prefix``, without it (None stays None)."""
     if weights is None:

@@ -89,6 +89,14 @@ def iteration_prompts(n_prompts: int, batch_size: int, iteration: int, seed: int
     return picked
 
 
+def process_share(items: list, rank: int, world: int) -> list:
+    """Process ``rank``'s contiguous slice of an iteration's ``items`` (its prompts), of ``len(items) // world``
+    (a multiple of ``world``; all of them with one process): the shares are disjoint and, in process order, the
+    whole list, so gathering them in process order gives back the iteration's order."""
+    size = len(items) // world
+    return items[rank * size:(rank + 1) * size]
+
+
 @dataclass
 class Scored:
     """Sampled and scored sequences (steps 1 and 2), before the reference and value forwards: the fields of

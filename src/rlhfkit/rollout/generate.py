@@ -138,9 +138,10 @@ class Generation:
 @torch.no_grad()
 def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
              sampling: SamplingConfig = SamplingConfig(), *, seed: int | None = None,
-             use_decode: bool = True) -> list[Generation]:
+             use_decode: bool = True, **options) -> list[Generation]:
     """Sample one completion per prompt, in prompt order, in batches of ``sampling.batch_size`` (each a
-    :func:`sample`: rlhfkit's decoding loop where it applies and ``use_decode``, else HF ``generate``)."""
+    :func:`sample`: rlhfkit's decoding loop where it applies and ``use_decode``, else HF ``generate``;
+    ``options`` go to :func:`sample`, e.g. ``synced_gpus`` for a model sharded by FSDP)."""
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
@@ -149,7 +150,7 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt
     results: list[Generation] = []
     for start in range(0, len(prompts), sampling.batch_size):
         sampled = sample(model.generate, tokenizer, prompts[start:start + sampling.batch_size], sampling,
-                         device=device, policy_call=(lambda fn: fn(model)) if use_decode else None)
+                         device=device, policy_call=(lambda fn: fn(model)) if use_decode else None, **options)
         for row in sampled.responses.tolist():
             finished = tokenizer.eos_token_id in row
             ids = row[:row.index(tokenizer.eos_token_id)] if finished else row
@@ -160,8 +161,9 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt
 
 def generate_k(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], k: int,
                sampling: SamplingConfig = SamplingConfig(), *, seed: int | None = None,
-               use_decode: bool = True) -> list[list[Generation]]:
-    """``k`` sampled completions per prompt (for labelers to rank), grouped by prompt, in prompt order.
+               use_decode: bool = True, **options) -> list[list[Generation]]:
+    """``k`` sampled completions per prompt (for labelers to rank), grouped by prompt, in prompt order
+    (``options``: those of :func:`generate`).
 
     Each prompt is repeated ``k`` times in the batches, so its samples are independent draws (rlhfkit's
     decoding loop runs one prompt forward for a prompt's rows in a batch and repeats its cache).
@@ -169,5 +171,5 @@ def generate_k(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prom
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     flat = generate(model, tokenizer, [p for p in prompts for _ in range(k)], sampling, seed=seed,
-                    use_decode=use_decode)
+                    use_decode=use_decode, **options)
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]

@@ -23,8 +23,26 @@ Metrics: the DPO trainer's (``loss``, ``rewards/chosen``, ``rewards/rejected``, 
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected``), ``online/pairs`` and ``online/prompts_without_pair``,
 ``response_length`` (tokens), with reward sources ``objective/scores`` (the weighted sum's mean) and
 ``rewards/<source>``; ``samples.jsonl`` holds the first ``online.samples_to_log`` prompts' samples and ranking of
-each logged step. Checkpoints hold the reference when it is refreshed, so a resumed run continues exactly. One process
-only for now (several are refused).
+each logged step. Checkpoints hold the reference when it is refreshed, so a resumed run continues exactly.
+
+Data parallelism (N processes, DDP or FSDP2; ``online.rollout_batch_size`` stays a global count, a multiple of N).
+Process ``r`` samples and judges the ``r``-th contiguous share of each step's prompts
+(:func:`~rlhfkit.rollout.experience.process_share`, as PPO's rollout); process 0 keeps the random streams of a
+one-process run (sampling, and the labeler's noise), process ``r > 0`` draws from streams of its own (seed
+``train.seed + r``), so a checkpoint resumes with the same number of processes only. Under FSDP every process
+samples with the gathered weights and runs as many forwards as the longest generation (``synced_gpus``). Then every
+process's judged share is gathered on every process, in process order (:class:`JudgedSamples`): every process holds
+the step's rankings as one process would, so the pairs, the micro-batches, the logged metrics and rankings are
+those of one process, computed by the same code. Each micro-batch's examples are dealt out (every N-th to each
+process) and each process weights its share's mean loss by N x its share of the step's pairs, so that the update
+DDP averages is the one-process update on the union of the pairs. A process dealt no example of a micro-batch
+(fewer examples than processes) runs the micro-batch's first one with weight 0: every process runs as many
+forwards and backwards, which DDP's gradient reduction and FSDP's gathering of the weights need. Gathering the
+judged samples, rather than training each process on the pairs of its own prompts, keeps the work even when the
+judge leaves one process's prompts without pairs, and leaves a stand-in forward only to micro-batches of fewer
+examples than processes. The refreshed reference is a whole copy on every process (gathered from the shards under
+FSDP); LoRA is refused under FSDP. Tested with 2 gloo processes, DDP and FSDP2: on fixed samples the run equals one
+process's, and it resumes exactly.
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +61,15 @@ from rich.console import Console
 from rlhfkit.config import OnlineDPOConfig
 from rlhfkit.data.readers import read_records
 from rlhfkit.data.records import RankingRecord
+from rlhfkit.engine.accelerator import gather_objects, refuse_lora_under_fsdp, sum_over_processes
 from rlhfkit.engine.checkpoint import load_weights
 from rlhfkit.engine.errors import TrainingError
 from rlhfkit.engine.loop import Engine
-from rlhfkit.engine.sharding import state_loader
+from rlhfkit.engine.sharding import full_model_state, state_loader
 from rlhfkit.models.load import load_causal_lm, save_model
 from rlhfkit.models.reward import load_for_scoring
 from rlhfkit.rewards.functions import RewardSource, combined_rewards
-from rlhfkit.rollout.experience import iteration_prompts
+from rlhfkit.rollout.experience import iteration_prompts, process_share
 from rlhfkit.rollout.generate import SamplingConfig, generate_k
 from rlhfkit.rollout.scoring import fields_by_name, reward_sources
 from rlhfkit.tasks import get_task
@@ -58,6 +78,7 @@ from rlhfkit.trainers.base import SAMPLES_FILE, model_card
 from rlhfkit.trainers.dpo import (
     EncodeStats,
     PreferenceCollator,
+    PreferenceExample,
     PreferenceLoss,
     build_reference,
     ranking_examples,
@@ -113,11 +134,37 @@ def judge_rankings(prompts: Sequence, samples: Sequence[Sequence[str]], *, task:
     return records, scores, per_source
 
 
+@dataclass
+class JudgedSamples:
+    """One step's prompts (``positions`` in the prompt data, in the step's order), each prompt's sampled ``texts``,
+    the judge's ``records`` (None: no preference), with reward sources the weighted ``scores`` per prompt and each
+    source's flat scores (``per_source``), and every sample's ``lengths`` in tokens."""
+
+    positions: list[int]
+    prompts: list
+    texts: list[list[str]]
+    records: list[RankingRecord | None]
+    scores: list[list[float]] | None
+    per_source: dict[str, list[float]]
+    lengths: list[int]
+
+    @staticmethod
+    def concat(parts: Sequence[JudgedSamples]) -> JudgedSamples:
+        """``parts`` one after the other (every process's share, in process order: the whole step)."""
+        first = parts[0]
+        return JudgedSamples([x for p in parts for x in p.positions], [x for p in parts for x in p.prompts],
+                             [x for p in parts for x in p.texts], [x for p in parts for x in p.records],
+                             None if first.scores is None else [x for p in parts for x in p.scores],
+                             {name: [x for p in parts for x in p.per_source[name]] for name in first.per_source},
+                             [x for p in parts for x in p.lengths])
+
+
 class OnlineDPOTrainer(Engine):
     """Online DPO on the engine; see the module docstring. ``self.model`` is the prepared policy."""
 
     step_logs = (SAMPLES_FILE,)
     progress_metrics = {"loss": "loss", "online/pairs": "pairs"}
+    own_random_streams = True  # each process samples its own share
 
     def __init__(self, config: OnlineDPOConfig):
         if config.train.max_steps is None:
@@ -125,9 +172,11 @@ class OnlineDPOTrainer(Engine):
                                 "judging and one update)")
         self.online = config.online
         super().__init__(stage="online_dpo", config=config, train=config.train)
-        if self.world > 1:
-            raise TrainingError(f"online_dpo runs on one process for now ({self.world} were started)")
+        if self.online.rollout_batch_size % self.world:
+            raise TrainingError(f"online_dpo: online.rollout_batch_size ({self.online.rollout_batch_size}) is a global "
+                                f"count and must be a multiple of the number of processes ({self.world})")
         policy, self.tokenizer = load_causal_lm(config.model, seed=config.train.seed)
+        refuse_lora_under_fsdp("online_dpo", policy, self.sharded)
         records = read_records(config.data.train, "prompt", split=config.data.split, limit=config.data.limit)
         self.prompts = [r.prompt for r in records]
         self.prompt_fields = [r.fields for r in records]
@@ -146,79 +195,114 @@ class OnlineDPOTrainer(Engine):
         if self.reference is not None:
             self.reference.to(self.accelerator.device)
         self.loss_fn.autocast = self.accelerator.autocast
+        per_process = self.online.rollout_batch_size // self.world
         self.sampling = SamplingConfig(max_new_tokens=self.online.max_new_tokens, temperature=self.online.temperature,
                                        top_k=self.online.top_k, top_p=self.online.top_p,
-                                       batch_size=self.online.rollout_batch_size * self.online.num_generations)
+                                       batch_size=per_process * self.online.num_generations)
         self.model.train()
+        self.start_own_random_stream()
+        if self.world > 1:
+            self.accelerator.print(f"[online_dpo] data parallel over {self.world} processes "
+                                   f"({self.accelerator.distributed_type.value}, {self.online.rollout_batch_size} "
+                                   "prompts per step, global)")
 
     def _policy(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
     # ---- one step -------------------------------------------------------------------------------
+    def _sample_and_judge(self, positions: list[int]) -> JudgedSamples:
+        """This process's share of the step: its prompts (at ``positions``) sampled and judged. Under FSDP every
+        process runs as many forwards of the sharded policy as the one whose samples end last (``synced_gpus``).
+        The labeler's noise: process ``r`` draws from a stream of seed ``(train.seed + r, step)``."""
+        online = self.online
+        prompts = [self.prompts[i] for i in positions]
+        with torch.no_grad(), self.accelerator.autocast():
+            samples = generate_k(self._policy(), self.tokenizer, prompts, online.num_generations, self.sampling,
+                                 synced_gpus=self.sharded and self.world > 1)
+        texts = [[g.text for g in group] for group in samples]
+        records, scores, per_source = judge_rankings(
+            prompts, texts, task=self.task, sources=self.sources,
+            fields=fields_by_name([self.prompt_fields[i] for i in positions]),
+            completion_ids=[[g.token_ids + [self.tokenizer.eos_token_id] * g.finished for g in group]
+                            for group in samples],
+            rng=random.Random((self.cfg.seed + self.rank) * 1_000_003 + self.step))
+        return JudgedSamples(positions, prompts, texts, records, scores, per_source,
+                             [len(g.token_ids) for group in samples for g in group])
+
     def train_step(self) -> None:
         started = time.perf_counter()
         online = self.online
         positions = iteration_prompts(len(self.prompts), online.rollout_batch_size, self.step, self.cfg.seed)
-        prompts = [self.prompts[i] for i in positions]
-        with torch.no_grad(), self.accelerator.autocast():
-            samples = generate_k(self._policy(), self.tokenizer, prompts, online.num_generations, self.sampling)
-        texts = [[g.text for g in group] for group in samples]
-        fields = fields_by_name([self.prompt_fields[i] for i in positions])
-        records, scores, per_source = judge_rankings(
-            prompts, texts, task=self.task, sources=self.sources, fields=fields,
-            completion_ids=[[g.token_ids + [self.tokenizer.eos_token_id] * g.finished for g in group]
-                            for group in samples], rng=random.Random(self.cfg.seed * 1_000_003 + self.step))
-        judged = [r if r is None or online.pairs == "all" else best_against_worst(r) for r in records]
+        # every process's share, gathered in process order: the step's samples as one process has them
+        step = JudgedSamples.concat(gather_objects(self._sample_and_judge(process_share(positions, self.rank,
+                                                                                         self.world))))
+        judged = [r if r is None or online.pairs == "all" else best_against_worst(r) for r in step.records]
         rollout_s = time.perf_counter() - started
-        examples = ranking_examples([r for r in judged if r is not None], self.tokenizer, self.config.data,
-                                    EncodeStats())
-        pairs = sum(len(e.pairs) for e in examples)
-        update = self._update(examples, [p for p, r in zip(positions, judged, strict=True) if r is not None]) \
-            if examples else {}
+        stats = EncodeStats()
+        examples = [(position, example) for position, record in zip(step.positions, judged, strict=True)
+                    if record is not None
+                    for example in ranking_examples([record], self.tokenizer, self.config.data, stats)]
+        pairs = sum(len(e.pairs) for _, e in examples)
+        update = self._update(examples) if examples else {}
         if online.ref_update_every and (self.step + 1) % online.ref_update_every == 0:
-            self.reference.module.load_state_dict(self._policy().state_dict())
-        lengths = [len(g.token_ids) for group in samples for g in group]
+            self.reference.module.load_state_dict(full_model_state(self.accelerator, self.model))
         self._record = {**update, "online/pairs": pairs,
-                        "online/prompts_without_pair": len(prompts) - len(examples),
-                        "response_length": sum(lengths) / len(lengths), "lr": self.scheduler.get_last_lr()[0],
+                        "online/prompts_without_pair": len(step.prompts) - len(examples),
+                        "response_length": sum(step.lengths) / len(step.lengths),
+                        "lr": self.scheduler.get_last_lr()[0],
                         "time/rollout_s": rollout_s, "time/train_s": time.perf_counter() - started - rollout_s}
-        if scores is not None:
-            flat = [s for group in scores for s in group]
+        if step.scores is not None:
+            flat = [s for group in step.scores for s in group]
             self._record["objective/scores"] = sum(flat) / len(flat)
-            self._record.update({f"rewards/{name}": sum(v) / len(v) for name, v in per_source.items()})
+            self._record.update({f"rewards/{name}": sum(v) / len(v) for name, v in step.per_source.items()})
         # a ranking's indices are into its record's completions (a labeler leaves empty ones out)
         self._logged = [{"step": self.step + 1, "prompt": prompt,
                          "completions": group if record is None else list(record.completions),
                          "ranking": None if record is None else [list(g) for g in record.ranking],
-                         **({} if scores is None else {"scores": scores[i]})}
-                        for i, (prompt, group, record) in enumerate(zip(prompts, texts, records, strict=True))
+                         **({} if step.scores is None else {"scores": step.scores[i]})}
+                        for i, (prompt, group, record) in enumerate(zip(step.prompts, step.texts, step.records,
+                                                                        strict=True))
                         ][:online.samples_to_log]
 
-    def _update(self, examples, positions: list[int]) -> dict[str, float]:
-        """One optimizer step of the preference loss over ``examples`` in ``train.grad_accum`` micro-batches; the
-        step's loss and metrics are means over its pairs (each micro-batch's mean weighted by its pairs)."""
+    def _update(self, examples: list[tuple[int, PreferenceExample]]) -> dict[str, float]:
+        """One optimizer step of the preference loss over the step's ``examples`` (each with its prompt's position)
+        in ``train.grad_accum`` micro-batches; the step's loss and metrics are means over its pairs.
+
+        Every process holds the whole list: a micro-batch is the same on every process, each takes every N-th of
+        its examples, and weights its share's mean loss by N x its share of the step's pairs (the gradient DDP
+        averages is then the one-process gradient). A process left without examples in a micro-batch (fewer than
+        N) runs the micro-batch's first example with weight 0: every process runs as many forwards and backwards
+        (FSDP gathers the weights in each). The metrics are sums over every process's share (one reduction per
+        micro-batch, which also gives every process the micro-batch's loss for the non-finite guard)."""
         chunks = [c for c in (examples[i::self.cfg.grad_accum] for i in range(self.cfg.grad_accum)) if c]
-        total = sum(len(e.pairs) for e in examples)
+        total = sum(len(e.pairs) for _, e in examples)
         means: dict[str, float] = {}
         device = self.accelerator.device
 
-        def loss(chunk) -> tuple[torch.Tensor, float]:
-            batch = {k: v.to(device) for k, v in self.collator(chunk).items()}
+        def loss(chunk: list[tuple[int, PreferenceExample]]) -> tuple[torch.Tensor, float]:
+            share = [e for _, e in chunk[self.rank::self.world]]
+            batch = {k: v.to(device) for k, v in self.collator(share or [chunk[0][1]]).items()}
             value, units, metrics = self.loss_fn(self.model, batch)
-            weight = int(units) / total
-            for name, metric in {"loss": value, **metrics}.items():
-                means[name] = means.get(name, 0.0) + float(metric.detach()) * weight
+            units = int(units) if share else 0  # a stand-in forward weighs nothing
+            sums = sum_over_processes(torch.stack([m.detach().float() for m in (value, *metrics.values())]) * units)
+            for name, total_value in zip(("loss", *metrics), sums.tolist(), strict=True):
+                means[name] = means.get(name, 0.0) + total_value / total
             # optimizer_step divides each micro-batch's loss by the number of micro-batches
-            return value * weight * len(chunks), value.item()
+            return (value * (units * self.world * len(chunks) / total),
+                    sums[0].item() / sum(len(e.pairs) for _, e in chunk))
 
-        grad_norm = self.optimizer_step(chunks, loss, positions)
+        mine = [position for chunk in chunks for position, _ in chunk[self.rank::self.world]]
+        grad_norm = self.optimizer_step(chunks, loss, mine)
         return {**means, "grad_norm": grad_norm}
 
     # ---- the engine's hooks ---------------------------------------------------------------------
     def log_record(self, elapsed_s: float, steps: int) -> dict[str, float]:
-        with (self.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as handle:
-            for row in self._logged:
-                handle.write(json.dumps(row) + "\n")
+        """The last step's metrics; process 0 appends its first ``online.samples_to_log`` prompts' samples and
+        rankings (of every process's share) to ``samples.jsonl``."""
+        if self.accelerator.is_main_process:
+            with (self.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as handle:
+                for row in self._logged:
+                    handle.write(json.dumps(row) + "\n")
         return {**self._record, "s_per_step": elapsed_s / steps}
 
     def save_state(self, directory: Path, weights: dict[str, torch.Tensor] | None) -> dict[str, Any]:

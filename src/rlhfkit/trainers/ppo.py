@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from rich.console import Console
 
 from rlhfkit.algorithms.advantages import masked_mean, pooled_loss
@@ -63,6 +62,7 @@ from rlhfkit.rollout.experience import (
     Scored,
     informative_groups,
     iteration_prompts,
+    process_share,
     rollout_statistics,
 )
 from rlhfkit.rollout.scoring import reward_sources
@@ -128,8 +128,7 @@ class PPOTrainer(Engine):
             self.tokenizer, self.reference, rewards, ppo=self.ppo,
             max_prompt_length=config.data.max_prompt_length, reduce_sum=self.reduce_sum,
             synced_gpus=self.sharded and self.world > 1, device=self.accelerator.device)
-        if self.rank > 0:  # its own sampling stream; the weights above were built from the shared seed
-            set_seed(config.train.seed, device_specific=True)
+        self.start_own_random_stream()
         if self.world > 1:
             self.accelerator.print(f"[ppo] data parallel over {self.world} processes "
                                    f"({self.accelerator.distributed_type.value}, {self.ppo.rollout_batch_size} "
@@ -164,9 +163,8 @@ class PPOTrainer(Engine):
         return iteration_prompts(len(self.prompts), self.ppo.rollout_batch_size, iteration, self.cfg.seed)
 
     def _prompt_share(self, prompts: list) -> list:
-        """This process's contiguous slice of an iteration's prompts (all of them with one process)."""
-        size = len(prompts) // self.world
-        return prompts[self.rank * size:(self.rank + 1) * size]
+        """This process's contiguous slice of an iteration's prompts (:func:`process_share`)."""
+        return process_share(prompts, self.rank, self.world)
 
     def _ptx_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Pretraining micro-batches: consecutive blocks, ``minibatch_size / grad_accum`` per micro-batch of
