@@ -952,7 +952,7 @@ def test_the_item_page_shows_the_projects_instructions_scale_and_flags(app, stor
     response = browser.get(f"/next?kind=ranking&project={likert.id}")
     assert response.headers["location"] == "/items/4"
     page = browser.get("/items/4").text
-    assert 'id="instructions"' in page and "Rate how helpful each answer is.\nNever reward &lt;script&gt;" in page
+    assert 'id="instructions"' in page and "Rate how helpful each answer is.<br />\nNever reward &lt;script&gt;" in page
     assert re.findall(r'name="rating_0" value="(\d+)"', page) == ["1", "2", "3", "4", "5"]
     assert re.findall(r'name="rating_0" value="\d+" required\s+data-rating-key="(\d)"', page) == list("12345")
     assert "Rate each output 1 (worst) to 5 (best)" in page and "<kbd>1</kbd>–<kbd>5</kbd> rate it" in page
@@ -1050,3 +1050,98 @@ def test_the_json_api_creates_lists_and_changes_projects(app, store):
     labeler = client_login_api(app, "ann")
     assert labeler.post("/api/admin/projects", json={"name": "mine"},
                         headers={"X-CSRF-Token": labeler.get("/api/me").json()["csrf_token"]}).status_code == 403
+
+
+def script_elements(page: str) -> list[str]:
+    """The opening tags of every script element of a page."""
+    return re.findall(r"<script\b[^>]*>", page, flags=re.IGNORECASE)
+
+
+def test_instructions_are_rendered_as_markdown_and_their_html_stays_text(app, store):
+    guide = (f"Rate **helpfulness** only.\n\n- read the prompt\n- then the outputs\n\n{XSS} "
+             "[the guide](https://example.com/guide) [bad](javascript:alert(1))")
+    project = store.create_project("guided", instructions=guide)
+    store.import_prompts([{"prompt": "Write a limerick"}], project_id=project.id)
+    browser, _ = login(app, "ann")
+    item_id = int(browser.get(f"/next?kind=demonstration&project={project.id}").headers["location"].rsplit("/", 1)[1])
+    boss, _ = login(app, "boss")
+    for page in (browser.get(f"/items/{item_id}").text, browser.get("/queue").text, boss.get("/admin").text):
+        assert "<strong>helpfulness</strong>" in page
+        assert "<ul>\n<li>read the prompt</li>\n<li>then the outputs</li>\n</ul>" in page
+        assert script_elements(page) == ['<script src="/static/app.js" defer>']  # the app's own, no other
+        assert XSS not in page and "&lt;script&gt;alert('owned')&lt;/script&gt;" in page
+        assert '<a href="https://example.com/guide" rel="noopener noreferrer">the guide</a>' in page
+        assert 'href="javascript:' not in page
+    admin_page = boss.get("/admin").text
+    assert f'id="instructions-preview-{project.id}"' in admin_page
+
+
+def test_review_agreement_and_open_assignments_per_project(app, store, likert):
+    """Two labelers rank likert's item alike; ann also writes a demonstration in the default project and bob leaves
+    one open there: each page and API shows one project's part when asked."""
+    for name in ("ann", "bob"):
+        browser, token = login(app, name)
+        assert browser.get(f"/next?kind=ranking&project={likert.id}").headers["location"] == "/items/4"
+        form = ranking_form(store, name, 4, [5, 3, 1], [1, 2, 3], [[], [], []])
+        assert browser.post("/items/4", data={"csrf_token": token, **form}).status_code == 303
+    ann, token = login(app, "ann")
+    ann.post(f"/items/{open_item(ann, 'demonstration')}", data={"csrf_token": token, "completion": "a poem"})
+    bob, _ = login(app, "bob")
+    open_item(bob, "ab")  # open in the default project, unanswered
+    boss, boss_token = login(app, "boss")
+    page = boss.get("/admin/review?status=&project=likert").text
+    assert "2 answer(s)" in page and page.count('class="card review"') == 2 and "Name a tree" in page
+    assert '<option value="likert" selected>likert</option>' in page and "a poem" not in page
+    labelers = page[page.index('id="labelers"'):page.index("</section>", page.index('id="labelers"'))]
+    assert re.search(r"ann</a></td>\s*<td>1</td>", labelers) and "1.000" in labelers
+    assert "project=likert" in page[page.index('id="labelers"'):]  # its links keep the project
+    everything = boss.get("/admin/review?status=").text
+    assert "3 answer(s)" in everything and "project default" in everything and "project likert" in everything
+    assert boss.get("/admin/review?project=nope").status_code == 404
+    api = client_login_api(app, "boss")
+    assert api.get("/api/admin/answers", params={"project": "likert"}).json()["total"] == 2
+    assert api.get("/api/admin/answers", params={"project": "default"}).json()["total"] == 1
+    assert api.get("/api/admin/answers", params={"project": "nope"}).status_code == 422
+    stats = {row["username"]: row for row in api.get("/api/admin/users", params={"project": "default"}).json()["users"]}
+    assert (stats["ann"]["answers"], stats["bob"]["answers"], stats["bob"]["open_assignments"]) == (1, 0, 1)
+    # agreement
+    assert [row["labelers"] for row in boss.get("/admin/agreement.json?project=likert").json()["per_item"]] == [
+        ["ann", "bob"]]
+    assert boss.get("/admin/agreement.json?project=default").json()["per_item"] == []
+    assert boss.get("/admin/agreement.json?project=nope").status_code == 404
+    # open assignments and their release
+    admin_likert = boss.get("/admin?project=likert").text
+    assert "0 item(s) opened and not answered yet" in admin_likert
+    assert 'name="project" value="likert"' in admin_likert and "/admin/agreement.json?project=likert" in admin_likert
+    assert "1 item(s) opened and not answered yet" in boss.get("/admin?project=default").text
+    assert [row["project"] for row in api.get("/api/admin/assignments").json()["assignments"]] == ["default"]
+    assert api.get("/api/admin/assignments", params={"project": "likert"}).json()["assignments"] == []
+    released = boss.post("/admin/assignments/release", data={"csrf_token": boss_token, "older_than_minutes": "0",
+                                                             "project": "likert"})
+    assert released.headers["location"] == "/admin?project=likert#assignments"
+    assert "Released 0 open assignment(s) of project “likert”" in boss.get(released.headers["location"]).text
+    headers = {"X-CSRF-Token": api.get("/api/me").json()["csrf_token"]}
+    assert api.post("/api/admin/assignments/release", json={"project": "nope"}, headers=headers).status_code == 422
+    assert api.post("/api/admin/assignments/release", json={"project": "default"},
+                    headers=headers).json() == {"released": 1}
+
+
+def test_projects_are_renamed_to_free_names_only(app, store, likert):
+    boss, token = login(app, "boss")
+    page = boss.get("/admin").text
+    assert re.search(r'id="name-1"[^>]*readonly', page) and not re.search(rf'id="name-{likert.id}"[^>]*readonly', page)
+    boss.post(f"/admin/projects/{likert.id}", data={"csrf_token": token, "name": "five point"})
+    assert "Changed the project “five point”" in boss.get("/admin").text
+    assert store.project(likert.id).name == "five point" and store.project(likert.id).instructions == GUIDE
+    boss.post(f"/admin/projects/{likert.id}", data={"csrf_token": token, "name": "default"})
+    assert ("Project not changed: field &#39;name&#39;: a project named &#39;default&#39; exists already"
+            in boss.get("/admin").text)
+    boss.post("/admin/projects/1", data={"csrf_token": token, "name": "general"})
+    assert "the project &#39;default&#39; keeps its name" in boss.get("/admin").text
+    api = client_login_api(app, "boss")
+    csrf = {"X-CSRF-Token": api.get("/api/me").json()["csrf_token"]}
+    renamed = api.put(f"/api/admin/projects/{likert.id}", headers=csrf, json={"name": "likert-5"})
+    assert renamed.status_code == 200 and renamed.json()["name"] == "likert-5"
+    taken = api.put(f"/api/admin/projects/{likert.id}", headers=csrf, json={"name": "default"})
+    assert taken.status_code == 422 and taken.json()["field"] == "name" and "exists already" in taken.json()["error"]
+    assert api.get("/api/next", params={"project": "likert-5"}).json()["item"]["project"]["name"] == "likert-5"

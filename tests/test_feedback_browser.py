@@ -622,7 +622,8 @@ def test_a_1_to_5_projects_item_shows_its_instructions_and_5_ratings(browser, tm
         page = logged_in(browser, server, "ann")
         assert page.locator("#project-2 h2").inner_text() == "Project likert"
         page.click(f"a[href='/next?kind=ranking&project={likert.id}']")
-        assert page.locator("#instructions .text").inner_text() == "Rate helpfulness only.\nIgnore <b>style</b>."
+        assert page.locator("#instructions .markdown").inner_text() == "Rate helpfulness only.\nIgnore <b>style</b>."
+        assert page.locator("#instructions b").count() == 0  # the tag is shown as text, never made bold
         assert page.locator("#project-name").inner_text() == "likert"
         first_card = page.locator(".rank-card").first
         assert first_card.locator(".rating input").count() == 5
@@ -649,3 +650,42 @@ def test_a_1_to_5_projects_item_shows_its_instructions_and_5_ratings(browser, tm
         assert answer.payload["flags"][order[0]] == ["off_topic"]
         check.close()
         page.context.close()
+
+
+def test_an_admin_reviews_one_projects_answers_and_sees_its_labelers(browser, tmp_path):
+    """The review page narrowed to one project (its select): that project's answers and its labelers' work only,
+    kept while answers are accepted."""
+    store = Store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    store.create_user("boss", hash_password(PASSWORDS["boss"]), "admin")
+    ann = store.create_user("ann", hash_password(PASSWORDS["ann"]))
+    cy = store.create_user("cy", hash_password(PASSWORDS["ann"]))
+    poems = store.create_project("poems", instructions="Write **short** poems.")
+    store.import_prompts([{"prompt": "A poem about rain"}, {"prompt": "A poem about snow"}], project_id=poems.id)
+    store.import_prompts([{"prompt": "Describe Lisbon"}])
+    for user, project_id in ((ann, poems.id), (ann, poems.id), (cy, 1)):
+        item = store.next_item(user.id, project_id=project_id)
+        store.submit(user.id, item.id, {"completion": f"{user.username} on {item.prompt.split()[-1]}"})
+    store.close()
+    with FeedbackServer(tmp_path / "feedback.db", log=tmp_path / "server.log") as server:
+        server.folder = tmp_path
+        boss = log_in_as(browser, server, "boss", PASSWORDS["boss"])
+        boss.goto(f"{server.url}/admin/review")
+        assert boss.locator(".card.review").count() == 3
+        boss.select_option("#filter-project", "poems")
+        boss.click("form.filters button[type=submit]")
+        assert boss.locator("#review-project").inner_text() == "poems"
+        assert boss.locator("#found").inner_text().startswith("2 answer(s)")
+        assert "Lisbon" not in boss.locator("main").inner_text()
+        labelers = boss.locator("#labelers tbody tr")
+        assert labelers.count() == 1 and labelers.first.locator("td").nth(1).inner_text() == "2"  # ann's answers
+        shot(boss, server, "review-project")
+        boss.locator(".card.review").first.locator("button[value=accepted]").click()
+        assert "accepted" in boss.locator(".flash-success").inner_text()
+        assert boss.locator("#filter-project").input_value() == "poems"  # still this project's answers
+        assert boss.locator("#found").inner_text().startswith("1 answer(s)")
+        boss.goto(f"{server.url}/admin?project=poems")
+        assert boss.locator("#admin-project").input_value() == "poems"
+        boss.locator("details.edit-project summary", has_text="poems").click()
+        assert boss.locator("#instructions-preview-2 strong").inner_text() == "short"
+        assert boss.errors == []
+        boss.context.close()

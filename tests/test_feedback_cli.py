@@ -469,6 +469,8 @@ def test_projects_are_created_listed_updated_and_imported_into(run, db, tmp_path
     (("create", "x", "--instructions", "missing.md"), "'--instructions'"),
     (("update", "nope", "--flags", "a"), "Invalid value for NAME: no project 'nope'"),
     (("update", "default"), "give what to change"),
+    (("update", "default", "--name", "general"), "Invalid value for --name: the project 'default' keeps its name"),
+    (("update", "default", "--name", " x"), "Invalid value for --name: must be non-empty, without leading"),
 ])
 def test_project_commands_refuse_bad_input_naming_the_option(run, db, args, message):
     Store(database_url(str(db))).close()
@@ -502,3 +504,37 @@ def test_import_export_and_progress_of_one_project(run, db, tmp_path):
     assert "project likert" in only.stdout and "project default" not in only.stdout
     ranking_row = next(line for line in only.stdout.splitlines() if "ranking" in line)
     assert [cell.strip() for cell in ranking_row.split("│")[2:8]] == ["2", "1", "1", "2", "0", "50%"]
+
+
+def test_a_project_is_renamed_and_a_taken_name_is_refused(run, db):
+    for name in ("likert", "safety"):
+        assert run("feedback", "project", "create", name, "--db", db).exit_code == 0
+    renamed = run("feedback", "project", "update", "likert", "--name", "five point", "--db", db)
+    assert renamed.exit_code == 0, renamed.output
+    assert json.loads(renamed.stdout)["name"] == "five point"
+    taken = run("feedback", "project", "update", "five point", "--name", "safety", "--db", db)
+    assert taken.exit_code == 2
+    assert "Invalid value for --name: a project named 'safety' exists already" in _usage_error(taken)
+    listed = run("feedback", "project", "list", "--db", db).stdout
+    assert "five point" in listed and "likert" not in listed
+
+
+def test_agreement_and_release_of_one_project(run, db, labeled, tmp_path):
+    """The labeled fixture's answers are in the default project; a second project's item is left open."""
+    likert = labeled.create_project("likert", rating_scale=(1, 5))
+    labeled.import_samples([{"prompt": "p", "completions": ["a", "b"]}], project_id=likert.id)
+    labeled.next_item(labeled.user_by_name("ann").id, project_id=likert.id)  # opened, not answered
+    out = tmp_path / "likert.json"
+    empty = run("feedback", "agreement", "--project", "likert", "--out", out, "--db", db)
+    assert empty.exit_code == 0, empty.output
+    assert "Agreement per labeler in project likert" in empty.stdout and "0 items answered" in empty.stdout
+    assert json.loads(out.read_text()) == labeled.agreement(project_id=likert.id)
+    default = run("feedback", "agreement", "--project", "default", "--db", db)
+    assert "1 items answered by two or more labelers" in default.stdout
+    assert re.search(r"ann .*0\.667", default.stdout)
+    unknown = run("feedback", "agreement", "--project", "nope", "--db", db)
+    assert unknown.exit_code == 2 and "Invalid value for --project: no project 'nope'" in _usage_error(unknown)
+    assert json.loads(run("feedback", "release", "--project", "default", "--db", db).stdout) == {"released": 0}
+    assert len(labeled.open_assignments()) == 1
+    assert json.loads(run("feedback", "release", "--project", "likert", "--db", db).stdout) == {"released": 1}
+    assert labeled.open_assignments() == []

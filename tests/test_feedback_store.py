@@ -1022,6 +1022,69 @@ def test_progress_and_exports_per_project(store, users):
         list(store.export("rankings", 99))
 
 
+def test_a_project_is_renamed_to_a_free_name_and_the_default_keeps_its_name(store, users):
+    likert = store.create_project("likert", **LIKERT)
+    store.import_samples([{"prompt": "p", "completions": ["a", "b"]}], project_id=likert.id)
+    renamed = store.update_project(likert.id, name="five point", instructions="Renamed.")
+    assert (renamed.name, renamed.instructions, renamed.rating_scale) == ("five point", "Renamed.", (1, 5))
+    assert store.project_by_name("likert") is None and store.project_by_name("five point") == renamed
+    assert store.update_project(likert.id, name="five point") == renamed  # its own name: nothing changes
+    assert store.next_item(users[0].id, project_id=likert.id).project_id == likert.id  # its items stay in it
+    for name, message in (("default", "a project named 'default' exists already"),
+                          (" padded", "leading or trailing spaces"), ("x" * 65, "longer than 64")):
+        with pytest.raises(StoreError, match=message) as error:
+            store.update_project(likert.id, name=name, instructions="not saved")
+        assert error.value.field == "name"
+    with pytest.raises(StoreError, match="the project 'default' keeps its name") as error:
+        store.update_project(store.project_by_name("default").id, name="general")
+    assert error.value.field == "name"
+    assert [(p.name, p.instructions) for p in store.projects()] == [("default", ""), ("five point", "Renamed.")]
+
+
+def test_review_stats_agreement_and_open_assignments_per_project(store, users):
+    ann, bob, _ = users
+    likert = store.create_project("likert", **LIKERT)
+    store.import_samples([{"prompt": "p", "completions": ["a", "b", "c"]}], project_id=likert.id, replicas=2)
+    store.import_samples([{"prompt": "q", "completions": ["a", "b", "c"]}], replicas=2)
+    store.import_prompts([{"prompt": "r"}])
+    for user, ranking in ((ann, [[0], [1], [2]]), (bob, [[0], [2], [1]])):
+        item = store.next_item(user.id, "ranking", project_id=likert.id)
+        store.submit(user.id, item.id, {"ratings": [3, 3, 3], "flags": [[], [], []], "ranking": ranking})
+    default_item = store.next_item(ann.id, "ranking", project_id=1)
+    store.submit(ann.id, default_item.id, {"ratings": [3, 3, 3], "flags": [[], [], []], "ranking": [0, 1, 2]})
+    store.next_item(bob.id, "ranking", project_id=1)  # left open
+    store.next_item(ann.id, "demonstration")  # left open
+    # answers to review
+    assert store.count_answers(project_id=likert.id) == 2 and store.count_answers(project_id=1) == 1
+    assert [a.user_id for a in store.answers(project_id=likert.id, search="p")] == [ann.id, bob.id]
+    assert store.answers("demonstration", project_id=likert.id) == []
+    with pytest.raises(StoreError, match="no project with id 99"):
+        store.answers(project_id=99)
+    # each labeler's progress
+    stats = {row["username"]: row for row in store.labeler_stats(likert.id)}
+    assert (stats["ann"]["answers"], stats["ann"]["open_assignments"], stats["bob"]["open_assignments"]) == (1, 0, 0)
+    assert stats["cy"]["answers"] == 0 and stats["ann"]["median_seconds"] is not None
+    stats = {row["username"]: row for row in store.labeler_stats(1)}
+    assert (stats["ann"]["answers"], stats["ann"]["open_assignments"], stats["bob"]["open_assignments"]) == (1, 1, 1)
+    assert stats["bob"]["answers"] == 0 and stats["bob"]["median_seconds"] is None
+    # agreement
+    assert [row["item_id"] for row in store.agreement(project_id=likert.id)["per_item"]] == [1]
+    assert store.agreement(project_id=likert.id)["overall"]["pairwise_agreement"] == pytest.approx(2 / 3)
+    assert store.agreement(project_id=1)["per_item"] == []
+    assert [row["username"] for row in store.agreement(project_id=1)["per_labeler"]] == ["ann"]
+    # open assignments and their release
+    assert store.open_assignments(likert.id) == []
+    assert [(row["username"], row["project"]) for row in store.open_assignments(1)] == [("bob", "default"),
+                                                                                      ("ann", "default")]
+    assert store.release_assignments(project_id=likert.id) == 0 and len(store.open_assignments()) == 2
+    assert store.release_assignments(user_id=bob.id, project_id=1) == 1
+    assert [row["username"] for row in store.open_assignments()] == ["ann"]
+    for method in (store.labeler_stats, store.open_assignments, lambda project: store.agreement(project_id=project),
+                   lambda project: store.release_assignments(project_id=project)):
+        with pytest.raises(StoreError, match="no project with id 99"):
+            method(99)
+
+
 def test_upgrade_from_revision_0003_puts_every_item_in_the_default_project(url):
     import sqlalchemy as sa
     from alembic import command

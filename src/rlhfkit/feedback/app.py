@@ -3,9 +3,10 @@
 Labelers log in and work through a queue per project: write a demonstration for a prompt; rate each of K
 outputs on the project's scale (1-7 by default), flag it (by default: fails the instruction, harmful, made-up
 facts: InstructGPT's labeling interface) and rank them, ties allowed, by drag and drop, buttons or keyboard;
-judge A/B pairs; or skip with a reason. Every task shows its project's instructions. An admin creates
-accounts and projects, imports items into a project, watches progress and agreement and exports datasets
-(all projects or one). Every page
+judge A/B pairs; or skip with a reason. Every task shows its project's instructions, written in Markdown
+(:func:`render_markdown`: raw HTML in them is shown as text). An admin creates, changes and renames projects,
+creates accounts, imports items into a project, reviews answers, watches progress, agreement and open
+assignments and exports datasets (all projects or one). Every page
 works with the keyboard alone; the JavaScript (``static/app.js``) only adds drag and drop and shortcuts.
 
 A ranking item shows its outputs in an order shuffled per labeler and item (the same on every reload);
@@ -22,20 +23,23 @@ Pages: ``/login``, ``/logout`` (POST), ``/account`` (change the password; make a
 ``/items/{id}/skip`` (POST), ``/admin``, ``/admin/users`` (the accounts; POST creates one),
 ``/admin/users/{id}/active`` and ``/admin/users/{id}/password`` (POST: deactivate or reactivate, set a new
 password), ``/admin/tokens/{id}/revoke`` (POST), ``/admin/projects`` (POST: create a project),
-``/admin/projects/{id}`` (POST: change it), ``/admin/import`` (POST, into a project), ``/admin/review``
+``/admin/projects/{id}`` (POST: change or rename it), ``/admin/import`` (POST, into a project), ``/admin/review``
 (answers to accept or reject, searched and filtered, a page at a time, with each labeler's progress, time per item and
 agreement), ``/admin/answers/{id}/review`` (POST), ``/admin/assignments/release`` (POST),
 ``/admin/export/{kind}?project=NAME`` (one project's answers; every project's without it),
-``/admin/agreement.json``.
+``/admin/agreement.json``. ``/admin``, ``/admin/review``, ``/admin/agreement.json`` and the release form take a
+project (``?project=NAME``, a select on the pages): the reports, answers and assignments of that project alone.
 JSON API (the same session cookie and the CSRF token in the ``X-CSRF-Token`` header, or an API token in
 ``Authorization: Bearer <token>``, which needs no CSRF token): ``POST /api/login``, ``GET /api/me``,
 ``POST /api/me/password``, ``GET|POST /api/tokens``, ``POST /api/tokens/{id}/revoke``,
 ``GET /api/next?kind=K&project=NAME``,
 ``GET|POST|PUT /api/items/{id}/answer`` (read with its history, answer, change), ``POST /api/items/{id}/skip``,
 ``GET /api/admin/users``, ``POST /api/admin/users/{id}/active``, ``POST /api/admin/users/{id}/password``,
-``GET /api/admin/tokens``, ``GET|POST /api/admin/projects``, ``PUT /api/admin/projects/{id}``,
-``GET /api/admin/progress?project=NAME``, ``GET /api/admin/answers``,
-``POST /api/admin/answers/{id}/review``, ``GET /api/admin/assignments``, ``POST /api/admin/assignments/release``.
+``GET /api/admin/tokens``, ``GET|POST /api/admin/projects``, ``PUT /api/admin/projects/{id}`` (change or rename),
+``GET /api/admin/progress?project=NAME``, ``GET /api/admin/answers?project=NAME``,
+``POST /api/admin/answers/{id}/review``, ``GET /api/admin/assignments?project=NAME``,
+``POST /api/admin/assignments/release`` (``{"project": NAME}`` among its filters),
+``GET /api/admin/users?project=NAME``.
 In the API a ranking is always in the item's indices; the item carries ``shown_order``, the order to show its
 completions in, and its ``project`` (name, instructions, rating scale and flags).
 
@@ -71,6 +75,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markdown_it import MarkdownIt
+from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -336,6 +342,28 @@ def flag_choices(project: Project) -> list[Choice]:
     return [Choice(flag, flag_label(flag), keys[flag]) for flag in project.flags]
 
 
+def _markdown_renderer() -> MarkdownIt:
+    """CommonMark without raw HTML (``<script>`` is shown as text), a line break where the text has one (plain-text
+    instructions keep their lines), and links that open without handing over this page (``rel="noopener
+    noreferrer"``). Links with unsafe schemes (``javascript:``) stay text; the CSP blocks other sites' images."""
+    markdown = MarkdownIt("commonmark", {"html": False, "breaks": True})
+
+    def link_open(renderer, tokens, index, options, env) -> str:
+        tokens[index].attrSet("rel", "noopener noreferrer")
+        return renderer.renderToken(tokens, index, options, env)
+
+    markdown.add_render_rule("link_open", link_open)
+    return markdown
+
+
+_MARKDOWN = _markdown_renderer()
+
+
+def render_markdown(text: str) -> Markup:
+    """A project's instructions (Markdown) as safe HTML for the pages (the templates' ``markdown`` filter)."""
+    return Markup(_MARKDOWN.render(text))
+
+
 def _form_int(form: FormData, name: str, field: str, what: str) -> int:
     value = form.get(name)
     if not isinstance(value, str) or not value.strip():
@@ -523,6 +551,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     settings = settings or AppSettings.from_env()
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined)
+    environment.filters["markdown"] = render_markdown
     environment.globals.update(letter=_letter, kind_titles=KIND_TITLES, roles=ROLES,
                                import_kinds=[(kind, IMPORT_KIND_LABELS[kind]) for kind in IMPORT_KINDS],
                                export_kinds=[(kind, EXPORT_KIND_LABELS[kind]) for kind in EXPORT_KINDS],
@@ -841,13 +870,31 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     # --------------------------------------------------------------------------------- admin pages
 
+    def named_project(name: str) -> Project:
+        """The project a request names, or 404."""
+        found = store.project_by_name(name)
+        if found is None:
+            raise HTTPException(404, f"no project named {name[:64]!r}")
+        return found
+
+    def chosen_project(name: str | None) -> Project | None:
+        """The project a page's ``?project=NAME`` chooses: None (every project) without a name, else 404 when
+        there is no such project."""
+        return named_project(name) if name else None
+
     @app.get("/admin")
-    def admin(request: Request, user: User = Depends(current_admin)) -> Response:
-        projects = [{"project": project, "progress": store.progress(project.id)} for project in store.projects()]
-        return render(request, "admin.html", user=user, progress=store.progress(), agreement=store.agreement(),
-                      projects=projects, default_flags=", ".join(FLAGS), default_scale="{}-{}".format(*RATING_RANGE),
+    def admin(request: Request, project: str = "", user: User = Depends(current_admin)) -> Response:
+        """Progress, agreement and open assignments (of every project, or of the one named ``project``); the
+        projects, with their settings and exports; import and export."""
+        chosen = chosen_project(project)
+        project_id = chosen.id if chosen else None
+        projects = [{"project": found, "progress": store.progress(found.id)} for found in store.projects()]
+        return render(request, "admin.html", user=user, chosen=chosen, progress=store.progress(project_id),
+                      agreement=store.agreement(project_id=project_id), projects=projects,
+                      default_flags=", ".join(FLAGS), default_scale="{}-{}".format(*RATING_RANGE),
                       users=store.users(), min_password_length=MIN_PASSWORD_LENGTH,
-                      open_assignments=store.open_assignments(), settings=settings)
+                      open_assignments=store.open_assignments(project_id), settings=settings,
+                      project_query=urlencode({"project": chosen.name}) if chosen else "")
 
     @app.get("/admin/users")
     def users_page(request: Request, admin: User = Depends(current_admin)) -> Response:
@@ -939,17 +986,12 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                         flash(request, "info", f"Note: {deprecated}.")
         return redirect("/admin")
 
-    def named_project(name: str) -> Project:
-        """The project a request names, or 404."""
-        found = store.project_by_name(name)
-        if found is None:
-            raise HTTPException(404, f"no project named {name[:64]!r}")
-        return found
-
     def form_project_settings(form: FormData) -> dict:
-        """The project settings of an admin form (instructions, rating scale "1-5", flags "a, b"), those given;
-        :class:`StoreError` names a bad one."""
+        """The project settings of an admin form (name, instructions, rating scale "1-5", flags "a, b"), those
+        given; :class:`StoreError` names a bad one."""
         settings: dict[str, Any] = {}
+        if isinstance(form.get("name"), str):
+            settings["name"] = form["name"]
         if isinstance(form.get("instructions"), str):
             settings["instructions"] = form["instructions"].replace("\r\n", "\n")
         if isinstance(form.get("rating_scale"), str):
@@ -962,7 +1004,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     def create_project(request: Request, _admin: User = Depends(current_admin),
                        form: FormData = Depends(form_data)) -> Response:
         try:
-            created = store.create_project(str(form.get("name", "")), **form_project_settings(form))
+            created = store.create_project(**{"name": "", **form_project_settings(form)})
         except StoreError as error:
             flash(request, "error", f"Project not created: {error}")
         else:
@@ -991,13 +1033,17 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     @app.get("/admin/review")
     def review_page(request: Request, status: str = "submitted", kind: str = "", labeler: str = "", q: str = "",
-                    page: int = 1, admin: User = Depends(current_admin)) -> Response:
+                    project: str = "", page: int = 1, admin: User = Depends(current_admin)) -> Response:
         """Answers to accept or reject, oldest first, :data:`REVIEW_PAGE_SIZE` a page, filtered by status (empty:
-        every status), kind and labeler and searched for ``q`` (prompt, outputs, answer); above them, each
-        labeler's progress, median time per item and agreement on rankings."""
+        every status), kind, labeler and project (by name; empty: every project) and searched for ``q`` (prompt,
+        outputs, answer); above them, each labeler's progress, median time per item and agreement on rankings (in
+        that project when one is chosen)."""
         if page < 1:
             raise HTTPException(404, "pages start at 1")
-        filters = {"kind": kind or None, "status": status or None, "skipped": False, "search": q.strip() or None}
+        chosen = chosen_project(project)
+        project_id = chosen.id if chosen else None
+        filters = {"kind": kind or None, "status": status or None, "skipped": False, "search": q.strip() or None,
+                   "project_id": project_id}
         try:
             filters["user_id"] = labeler_id(labeler)
             total = store.count_answers(**filters)
@@ -1005,19 +1051,26 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         except StoreError as error:
             raise HTTPException(404, str(error)) from None
         names = {user.id: user.username for user in store.users()}
+        projects = store.projects()
+        project_names = {found.id: found.name for found in projects}
         rows = []
         for answer in answers:
             item = store.item(answer.item_id)
             rows.append({"answer": answer, "item": item, "labeler": names[answer.user_id],
+                         "project": project_names[item.project_id],
                          "order": answer.shown_order or list(range(len(item.completions))),
                          "summary": answer_summary(item, answer.payload, False, answer.shown_order)})
-        agreement = {row["username"]: row for row in store.agreement(("ranking",))["per_labeler"]}
-        query = {"status": status, "kind": kind, "labeler": labeler, "q": q}
+        agreement = {row["username"]: row for row in store.agreement(("ranking",), project_id)["per_labeler"]}
+        query = {"status": status, "kind": kind, "labeler": labeler, "q": q, "project": chosen.name if chosen else ""}
+
+        def link(**changes: Any) -> str:
+            """This page with the filters changed as given."""
+            return f"/admin/review?{urlencode({**query, **changes})}"
+
         return render(request, "review.html", user=admin, rows=rows, page=page, total=total,
                       pages=max(1, -(-total // REVIEW_PAGE_SIZE)), statuses=("submitted", *REVIEW_VERDICTS),
-                      labelers=store.labeler_stats(), agreement=agreement, names=sorted(names.values()),
-                      query=query, here=f"/admin/review?{urlencode({**query, 'page': page})}",
-                      page_link=lambda number: f"/admin/review?{urlencode({**query, 'page': number})}")
+                      labelers=store.labeler_stats(project_id), agreement=agreement, names=sorted(names.values()),
+                      projects=projects, chosen=chosen, query=query, here=link(page=page), link=link)
 
     @app.post("/admin/answers/{answer_id}/review", dependencies=[Depends(csrf_protected)])
     def review_answer(request: Request, answer_id: int, admin: User = Depends(current_admin),
@@ -1034,6 +1087,9 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     @app.post("/admin/assignments/release", dependencies=[Depends(csrf_protected)])
     def release_assignments(request: Request, _admin: User = Depends(current_admin),
                             form: FormData = Depends(form_data)) -> Response:
+        """Release the open assignments older than ``older_than_minutes`` (0: all), of the project named
+        ``project`` only when given; back to the admin page of that project."""
+        chosen = chosen_project(str(form.get("project") or ""))
         try:
             minutes = float(str(form.get("older_than_minutes", "0")) or "0")
         except ValueError:
@@ -1041,9 +1097,12 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         if minutes < 0:
             flash(request, "error", "Nothing released: give the age in minutes (0 releases every open assignment).")
         else:
-            released = store.release_assignments(older_than=timedelta(minutes=minutes) if minutes else None)
-            flash(request, "success", f"Released {released} open assignment(s); their items go to the next labelers.")
-        return redirect("/admin")
+            released = store.release_assignments(older_than=timedelta(minutes=minutes) if minutes else None,
+                                                 project_id=chosen.id if chosen else None)
+            where = f" of project “{chosen.name}”" if chosen else ""
+            flash(request, "success", f"Released {released} open assignment(s){where}; their items go to the next "
+                                      "labelers.")
+        return redirect(f"/admin?{urlencode({'project': chosen.name})}#assignments" if chosen else "/admin#assignments")
 
     @app.get("/admin/export/{kind}")
     def export(request: Request, kind: str, project: str | None = None,
@@ -1054,7 +1113,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             return RedirectResponse(f"/admin/export/{OLD_EXPORT_KINDS[kind]}{query}", status_code=308)
         if kind not in EXPORT_KINDS:
             raise HTTPException(404, f"no such export: {kind}")
-        chosen = named_project(project) if project is not None else None
+        chosen = chosen_project(project)
         # read before answering, so a database error is a clean 500
         records = list(store.export(kind, chosen.id if chosen else None))
         filename = f"{kind}-project-{chosen.id}.jsonl" if chosen else f"{kind}.jsonl"
@@ -1067,8 +1126,10 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                                  headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     @app.get("/admin/agreement.json")
-    def agreement(_admin: User = Depends(current_admin)) -> Response:
-        return JSONResponse(store.agreement())
+    def agreement(project: str = "", _admin: User = Depends(current_admin)) -> Response:
+        """The full agreement report (per item too), of every project or of the one named ``project``."""
+        chosen = chosen_project(project)
+        return JSONResponse(store.agreement(project_id=chosen.id if chosen else None))
 
     # ------------------------------------------------------------------------------------ JSON API
 
@@ -1199,9 +1260,13 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         return JSONResponse({"answer": _answer_json(answer)})
 
     @app.get("/api/admin/users")
-    def api_users(_admin: User = Depends(current_admin)) -> Response:
-        """Every account with its id and its work (:meth:`Store.labeler_stats`)."""
-        return JSONResponse({"users": store.labeler_stats()})
+    def api_users(project: str | None = None, _admin: User = Depends(current_admin)) -> Response:
+        """Every account with its id and its work (:meth:`Store.labeler_stats`), in the project named ``project``
+        when given."""
+        try:
+            return JSONResponse({"users": store.labeler_stats(api_project(project))})
+        except StoreError as error:
+            return store_error(error)
 
     @app.post("/api/admin/users/{user_id}/active", dependencies=[Depends(csrf_protected)])
     def api_set_active(user_id: int, admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:
@@ -1250,18 +1315,17 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
                                           for project in store.projects()]})
 
     def project_body(body: Any) -> dict:
-        """The settings of a JSON project body (``instructions``, ``rating_scale`` [low, high], ``flags``), those
-        given; checked by the store."""
+        """The settings of a JSON project body (``name``, ``instructions``, ``rating_scale`` [low, high], ``flags``),
+        those given; checked by the store."""
         if not isinstance(body, dict):
             raise HTTPException(422, "expected an object with the project's name and settings")
-        return {field: body[field] for field in ("instructions", "rating_scale", "flags") if field in body}
+        return {field: body[field] for field in ("name", "instructions", "rating_scale", "flags") if field in body}
 
     @app.post("/api/admin/projects", dependencies=[Depends(csrf_protected)])
     def api_create_project(_admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:
         """``{"name", "instructions"?, "rating_scale"?: [1, 5], "flags"?: [...]}``: a new project (201)."""
-        settings = project_body(body)
         try:
-            created = store.create_project(body.get("name"), **settings)
+            created = store.create_project(**{"name": None, **project_body(body)})
         except StoreError as error:
             return store_error(error)
         return JSONResponse(_project_json(created), status_code=201)
@@ -1269,8 +1333,8 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     @app.put("/api/admin/projects/{project_id}", dependencies=[Depends(csrf_protected)])
     def api_update_project(project_id: int, _admin: User = Depends(current_admin),
                            body: Any = Depends(json_body)) -> Response:
-        """``{"instructions"?, "rating_scale"?, "flags"?}``: change a project (a new scale or flags must still fit
-        its answers)."""
+        """``{"name"?, "instructions"?, "rating_scale"?, "flags"?}``: rename or change a project (a new name must be
+        free, a new scale or flags must still fit its answers)."""
         if store.project(project_id) is None:
             raise HTTPException(404, f"no project with id {project_id}")
         try:
@@ -1281,14 +1345,16 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
 
     @app.get("/api/admin/answers")
     def api_answers(kind: str | None = None, status: str | None = None, labeler: str = "", q: str = "",
-                    limit: int | None = None, offset: int = 0, _admin: User = Depends(current_admin)) -> Response:
-        """Answers to review (``status=submitted``), or any others, of one ``labeler`` and holding the text ``q``
-        when given; skips are left out. ``total`` counts them all; ``limit`` and ``offset`` page them."""
+                    project: str | None = None, limit: int | None = None, offset: int = 0,
+                    _admin: User = Depends(current_admin)) -> Response:
+        """Answers to review (``status=submitted``), or any others, of one ``labeler``, holding the text ``q`` and in
+        the project named ``project`` when given; skips are left out. ``total`` counts them all; ``limit`` and
+        ``offset`` page them."""
         if (limit is not None and limit < 1) or offset < 0:
             return store_error(StoreError("limit must be 1 or more and offset 0 or more", field="limit"))
         try:
             filters = {"kind": kind, "status": status, "skipped": False, "user_id": labeler_id(labeler),
-                       "search": q.strip() or None}
+                       "search": q.strip() or None, "project_id": api_project(project)}
             answers = store.answers(**filters, limit=limit, offset=offset)
             total = store.count_answers(**filters)
         except StoreError as error:
@@ -1311,18 +1377,26 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
         return JSONResponse({"answer": _answer_json(answer)})
 
     @app.get("/api/admin/assignments")
-    def api_assignments(_admin: User = Depends(current_admin)) -> Response:
-        """The open (unanswered) assignments, oldest first."""
-        return JSONResponse({"assignments": [{**row, "assigned_at": row["assigned_at"].isoformat()}
-                                             for row in store.open_assignments()],
+    def api_assignments(project: str | None = None, _admin: User = Depends(current_admin)) -> Response:
+        """The open (unanswered) assignments, oldest first (in the project named ``project`` when given)."""
+        try:
+            rows = store.open_assignments(api_project(project))
+        except StoreError as error:
+            return store_error(error)
+        return JSONResponse({"assignments": [{**row, "assigned_at": row["assigned_at"].isoformat()} for row in rows],
                              "assignment_ttl_minutes": settings.assignment_ttl_minutes})
 
     @app.post("/api/admin/assignments/release", dependencies=[Depends(csrf_protected)])
     def api_release(_admin: User = Depends(current_admin), body: Any = Depends(json_body)) -> Response:
-        """Release open assignments: ``{"username"?, "item_id"?, "older_than_minutes"?}`` (all when empty)."""
+        """Release open assignments: ``{"username"?, "item_id"?, "older_than_minutes"?, "project"?}`` (all when
+        empty)."""
         if not isinstance(body, dict):
-            raise HTTPException(422, "expected an object with username, item_id or older_than_minutes (each optional)")
+            raise HTTPException(422, "expected an object with username, item_id, older_than_minutes or project (each "
+                                     "optional)")
         username, item_id, minutes = body.get("username"), body.get("item_id"), body.get("older_than_minutes")
+        project = body.get("project")
+        if project is not None and not isinstance(project, str):
+            return store_error(StoreError("expected a project's name", field="project"))
         user = store.user_by_name(username) if isinstance(username, str) else None
         if username is not None and user is None:
             return store_error(StoreError(f"no user named {str(username)[:64]!r}", field="username"))
@@ -1330,8 +1404,12 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
             return store_error(StoreError("expected an item id (an integer)", field="item_id"))
         if minutes is not None and (not isinstance(minutes, int | float) or isinstance(minutes, bool) or minutes < 0):
             return store_error(StoreError("expected a number of minutes, 0 or more", field="older_than_minutes"))
-        released = store.release_assignments(user_id=user.id if user else None, item_id=item_id,
-                                             older_than=timedelta(minutes=minutes) if minutes else None)
+        try:
+            released = store.release_assignments(user_id=user.id if user else None, item_id=item_id,
+                                                 older_than=timedelta(minutes=minutes) if minutes else None,
+                                                 project_id=api_project(project))
+        except StoreError as error:
+            return store_error(error)
         return JSONResponse({"released": released})
 
     return app

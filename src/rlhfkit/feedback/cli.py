@@ -45,6 +45,8 @@ POSTGRES_DRIVERS = ("psycopg", "psycopg2")
 DbOption = Annotated[str, typer.Option("--db", help="SQLAlchemy URL (postgresql+psycopg://...) or SQLite file path.")]
 ProjectOption = Annotated[str | None, typer.Option(
     "--project", help=f"The project's name (rlhfkit feedback project list); default: the project {DEFAULT_PROJECT!r}.")]
+OnlyProjectOption = Annotated[str | None, typer.Option(
+    "--project", help="Only this project's items (its name; default: every project).")]
 InstructionsOption = Annotated[Path | None, typer.Option(
     exists=True, dir_okay=False, readable=True,
     help="A text or Markdown file of instructions, shown to labelers on every task of the project.")]
@@ -153,14 +155,15 @@ def project_settings(instructions: Path | None, rating_scale: str | None, flags:
 
 
 @contextmanager
-def project_errors() -> Iterator[None]:
-    """A :class:`StoreError` about a project's field as a usage error naming the option that gave it."""
+def project_errors(parameters: dict[str, str] = PROJECT_PARAMETERS) -> Iterator[None]:
+    """A :class:`StoreError` about a project's field as a usage error naming the option that gave it (``parameters``:
+    the store's field names -> the command's options)."""
     try:
         yield
     except StoreError as error:
-        if error.field not in PROJECT_PARAMETERS:
+        if error.field not in parameters:
             raise
-        raise typer.BadParameter(error.message, param_hint=PROJECT_PARAMETERS[error.field]) from None
+        raise typer.BadParameter(error.message, param_hint=parameters[error.field]) from None
 
 
 def named_project(store: Store, name: str | None) -> Project:
@@ -170,6 +173,12 @@ def named_project(store: Store, name: str | None) -> Project:
         raise typer.BadParameter(f"no project {name!r}; create it with rlhfkit feedback project create {name}",
                                  param_hint="--project")
     return found
+
+
+def only_project(store: Store, name: str | None) -> int | None:
+    """The id of the project an ``--project`` filter names (None without one: every project); a usage error when
+    there is no such project."""
+    return named_project(store, name).id if name is not None else None
 
 
 def register(app: typer.Typer) -> None:
@@ -244,8 +253,7 @@ def register(app: typer.Typer) -> None:
 
         kind = _kind(kind, export_kind, EXPORT_KINDS, OLD_EXPORT_KINDS)
         with open_store(db, create=False) as store:
-            project_id = named_project(store, project).id if project is not None else None
-            count = write_jsonl(out, store.export(kind, project_id))
+            count = write_jsonl(out, store.export(kind, only_project(store, project)))
         print(json.dumps({"kind": kind, **({"project": project} if project is not None else {}), "records": count,
                           "out": str(out)}))
 
@@ -400,18 +408,22 @@ def register(app: typer.Typer) -> None:
     @fail_cleanly
     def update_project(
         name: Annotated[str, typer.Argument(help="The project to change.")],
+        new_name: Annotated[str | None, typer.Option(
+            "--name", help="Rename the project (the new name must be free; 'default' keeps its name).")] = None,
         instructions: InstructionsOption = None,
         rating_scale: RatingScaleOption = None,
         flags: FlagsOption = None,
         db: DbOption = DEFAULT_DB,
     ) -> None:
-        """Change a project's instructions, rating scale or flags (those given); a new scale or flags must still
-        fit every answer given so far."""
+        """Rename a project or change its instructions, rating scale or flags (those given); a new scale or flags
+        must still fit every answer given so far."""
         settings = project_settings(instructions, rating_scale, flags)
+        if new_name is not None:
+            settings["name"] = new_name
         if not settings:
-            raise typer.BadParameter("give what to change: --instructions, --rating-scale or --flags",
+            raise typer.BadParameter("give what to change: --name, --instructions, --rating-scale or --flags",
                                      param_hint="NAME")
-        with open_store(db, create=False) as store, project_errors():
+        with open_store(db, create=False) as store, project_errors({**PROJECT_PARAMETERS, "name": "--name"}):
             found = store.project_by_name(name)
             if found is None:
                 raise typer.BadParameter(f"no project {name!r}", param_hint="NAME")
@@ -462,6 +474,7 @@ def register(app: typer.Typer) -> None:
         item: Annotated[int | None, typer.Option(help="Only this item's open assignment.")] = None,
         older_than_minutes: Annotated[float | None, typer.Option(
             min=0, help="Only assignments opened longer ago than this.")] = None,
+        project: OnlyProjectOption = None,
     ) -> None:
         """Release open (opened, unanswered) assignments, so their items go to the next labelers who ask."""
         from datetime import timedelta
@@ -469,7 +482,8 @@ def register(app: typer.Typer) -> None:
         with open_store(db, create=False) as store:
             released = store.release_assignments(
                 user_id=account(store, user, "--user").id if user is not None else None, item_id=item,
-                older_than=timedelta(minutes=older_than_minutes) if older_than_minutes else None)
+                older_than=timedelta(minutes=older_than_minutes) if older_than_minutes else None,
+                project_id=only_project(store, project))
         print(json.dumps({"released": released}))
 
     @feedback.command("agreement")
@@ -477,15 +491,17 @@ def register(app: typer.Typer) -> None:
     def agreement(
         db: DbOption = DEFAULT_DB,
         out: Annotated[Path | None, typer.Option(help="Also write the full report (per item too) as JSON.")] = None,
+        project: OnlyProjectOption = None,
     ) -> None:
-        """Agreement between labelers (pairwise agreement, Kendall tau-b) and with gold, on rankings and A/B."""
+        """Agreement between labelers (pairwise agreement, Kendall tau-b) and with gold, on rankings and A/B (of one
+        project's items with --project)."""
         with open_store(db, create=False) as store:
-            report = store.agreement()
+            report = store.agreement(project_id=only_project(store, project))
 
         def show(value: float | None) -> str:
             return "-" if value is None else f"{value:.3f}"
 
-        table = Table(title="Agreement per labeler")
+        table = Table(title="Agreement per labeler" + (f" in project {escape(project)}" if project is not None else ""))
         for column in ("labeler", "items", "pairwise agreement", "Kendall tau-b", "gold agreement"):
             table.add_column(column, justify="left" if column == "labeler" else "right")
         for row in report["per_labeler"]:

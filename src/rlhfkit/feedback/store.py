@@ -8,7 +8,8 @@ dataclasses (:class:`User`, :class:`Item`, :class:`Answer`), never ORM objects.
 
 Every item belongs to a project (:class:`Project`: its instructions to labelers, rating scale and flags; the
 project named ``default``, with 1-7 and InstructGPT's three flags, holds the items imported without one).
-Queues, answers' validation, progress and exports can each be narrowed to one project.
+Queues, answers' validation, progress, exports, the answers to review, labelers' statistics, agreement and open
+assignments can each be narrowed to one project.
 
 Items are of three kinds: ``demonstration`` (write a completion for a prompt), ``ranking`` (rate, flag and
 rank K >= 2 completions) and ``ab`` (judge two completions). Each item needs ``replicas`` labelers; a
@@ -558,6 +559,11 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def _name_taken(name: str) -> str:
+    """The error message for a project name in use."""
+    return f"a project named {name!r} exists already"
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -725,21 +731,24 @@ class Store:
         row.rating_min, row.rating_max = check_rating_scale(rating_scale)
         with self._writer() as session:
             if session.scalar(select(ProjectRow.id).where(ProjectRow.name == name)) is not None:
-                raise StoreError(f"a project named {name!r} exists already", field="name")
+                raise StoreError(_name_taken(name), field="name")
             session.add(row)
             try:
                 session.commit()
             except IntegrityError:
-                raise StoreError(f"a project named {name!r} exists already", field="name") from None
+                raise StoreError(_name_taken(name), field="name") from None
             return _project(row)
 
-    def update_project(self, project_id: int, *, instructions: str | None = None,
+    def update_project(self, project_id: int, *, name: str | None = None, instructions: str | None = None,
                        rating_scale: tuple[int, int] | None = None, flags: Sequence[str] | None = None) -> Project:
-        """Change a project's instructions, rating scale or flags (those given), in one transaction.
+        """Rename a project or change its instructions, rating scale or flags (those given), in one transaction.
 
-        A new scale must still hold every rating of the project's answers and new flags every flag they use, so
-        no answer becomes invalid; :class:`StoreError` naming the field otherwise, or for an unknown project.
+        A new name must be free; the default project keeps its name (items imported without a project go into the
+        project of that name). A new scale must still hold every rating of the project's answers and new flags
+        every flag they use, so no answer becomes invalid. :class:`StoreError` naming the field otherwise, or for
+        an unknown project.
         """
+        new_name = None if name is None else check_project_name(name)
         new_flags = None if flags is None else check_flags(flags)
         new_scale = None if rating_scale is None else check_rating_scale(rating_scale)
         new_instructions = None if instructions is None else check_instructions(instructions)
@@ -747,6 +756,9 @@ class Store:
             row = session.scalar(select(ProjectRow).where(ProjectRow.id == project_id).with_for_update())
             if row is None:
                 raise StoreError(f"no project with id {project_id}", field="project")
+            if new_name is not None and new_name != row.name:
+                self._check_rename(session, row, new_name)
+                row.name = new_name
             if new_scale is not None or new_flags is not None:
                 self._check_answers_fit(session, row, new_scale, new_flags)
             if new_instructions is not None:
@@ -755,8 +767,21 @@ class Store:
                 row.rating_min, row.rating_max = new_scale
             if new_flags is not None:
                 row.flags = list(new_flags)
-            session.commit()
+            try:
+                session.commit()
+            except IntegrityError:  # a concurrent create or rename took the name
+                raise StoreError(_name_taken(new_name), field="name") from None
             return _project(row)
+
+    @staticmethod
+    def _check_rename(session: Session, project: ProjectRow, name: str) -> None:
+        """:class:`StoreError` when ``project`` cannot be renamed ``name``: it is the default project, or another
+        project has that name."""
+        if project.name == DEFAULT_PROJECT:
+            raise StoreError(f"the project {DEFAULT_PROJECT!r} keeps its name: items imported without a project go "
+                             "into it", field="name")
+        if session.scalar(select(ProjectRow.id).where(ProjectRow.name == name)) is not None:
+            raise StoreError(_name_taken(name), field="name")
 
     @staticmethod
     def _check_answers_fit(session: Session, project: ProjectRow, scale: tuple[int, int] | None,
@@ -943,6 +968,14 @@ class Store:
             query = query.where(ItemRow.project_id == project_id)
         return query
 
+    @staticmethod
+    def _of_project(query, item_id, project_id: int | None):
+        """``query`` (over answers or assignments, whose item is ``item_id``) narrowed to the items of project
+        ``project_id`` when given (a subquery: no join needed, so it works in a DELETE too)."""
+        if project_id is None:
+            return query
+        return query.where(item_id.in_(select(ItemRow.id).where(ItemRow.project_id == project_id)))
+
     def _open_assignment(self, user_id: int, kind: str | None, project_id: int | None,
                          expired_before: datetime | None):
         """The item of the user's oldest open (unanswered, unexpired) assignment, of ``kind`` and in project
@@ -977,20 +1010,24 @@ class Store:
         return self._of_kind_and_project(query, kind, project_id).order_by(ItemRow.id).limit(limit)
 
     def release_assignments(self, *, user_id: int | None = None, item_id: int | None = None,
-                            older_than: timedelta | None = None) -> int:
+                            older_than: timedelta | None = None, project_id: int | None = None) -> int:
         """Release open (unanswered) assignments, so their items go to the next labeler who asks.
 
-        Only those of ``user_id``, of ``item_id`` and older than ``older_than`` when given (all open ones
-        when none is). Returns how many were released.
+        Only those of ``user_id``, of ``item_id``, older than ``older_than`` and of the items of project
+        ``project_id`` when given (all open ones when none is). Returns how many were released;
+        :class:`StoreError` for an unknown project.
         """
+        self._check_project(project_id)
         with self._writer() as session:
-            released = session.execute(self._release(user_id, item_id, older_than)).rowcount
+            released = session.execute(self._release(user_id, item_id, older_than, project_id)).rowcount
             session.commit()
         return released
 
-    def _release(self, user_id: int | None, item_id: int | None, older_than: timedelta | None):
+    def _release(self, user_id: int | None, item_id: int | None, older_than: timedelta | None,
+                 project_id: int | None = None):
         """The DELETE of the open assignments :meth:`release_assignments` releases."""
-        query = delete(AssignmentRow).where(~self._assignment_answered().exists())
+        query = self._of_project(delete(AssignmentRow).where(~self._assignment_answered().exists()),
+                                 AssignmentRow.item_id, project_id)
         if user_id is not None:
             query = query.where(AssignmentRow.user_id == user_id)
         if item_id is not None:
@@ -999,14 +1036,20 @@ class Store:
             query = query.where(AssignmentRow.created_at < _now() - older_than)
         return query
 
-    def open_assignments(self) -> list[dict]:
-        """Every open (unanswered) assignment, oldest first: ``{"item_id", "kind", "username", "assigned_at"}``."""
-        query = (select(AssignmentRow.item_id, ItemRow.kind, UserRow.username, AssignmentRow.created_at)
+    def open_assignments(self, project_id: int | None = None) -> list[dict]:
+        """Every open (unanswered) assignment (to the items of project ``project_id`` when given), oldest first:
+        ``{"item_id", "kind", "project", "username", "assigned_at"}`` (``project``: the project's name)."""
+        self._check_project(project_id)
+        query = (select(AssignmentRow.item_id, ItemRow.kind, ProjectRow.name, UserRow.username,
+                        AssignmentRow.created_at)
                  .join(ItemRow, ItemRow.id == AssignmentRow.item_id).join(UserRow, UserRow.id == AssignmentRow.user_id)
+                 .join(ProjectRow, ProjectRow.id == ItemRow.project_id)
                  .where(~self._assignment_answered().exists()).order_by(AssignmentRow.id))
+        query = self._of_kind_and_project(query, None, project_id)
         with self._reader() as session:
-            return [{"item_id": item_id, "kind": kind, "username": username, "assigned_at": _utc(created)}
-                    for item_id, kind, username, created in session.execute(query)]
+            return [{"item_id": item_id, "kind": kind, "project": project, "username": username,
+                     "assigned_at": _utc(created)}
+                    for item_id, kind, project, username, created in session.execute(query)]
 
     def assigned_item(self, user_id: int, item_id: int) -> Item:
         """The item, if it is assigned to the user (answered or not); else :class:`NotAssigned`."""
@@ -1245,28 +1288,28 @@ class Store:
             return _item(row) if row else None
 
     def answers(self, kind: str | None = None, *, status: str | None = None, skipped: bool | None = None,
-                user_id: int | None = None, search: str | None = None, limit: int | None = None,
-                offset: int = 0) -> list[Answer]:
+                user_id: int | None = None, search: str | None = None, project_id: int | None = None,
+                limit: int | None = None, offset: int = 0) -> list[Answer]:
         """Every answer (skipped ones included), oldest first; only answers to items of ``kind``, with review
-        ``status`` (``submitted``, ``accepted``, ``rejected``), skipped or not, by ``user_id`` and holding the
-        text ``search`` (:meth:`_answer_filter`) when given; a page of ``limit`` answers from ``offset`` on
-        when given."""
-        query = self._answer_filter(select(AnswerRow), kind, status, skipped, user_id, search)
+        ``status`` (``submitted``, ``accepted``, ``rejected``), skipped or not, by ``user_id``, holding the
+        text ``search`` (:meth:`_answer_filter`) and to the items of project ``project_id`` when given; a page of
+        ``limit`` answers from ``offset`` on when given."""
+        query = self._answer_filter(select(AnswerRow), kind, status, skipped, user_id, search, project_id)
         with self._reader() as session:
             return [_answer(row) for row in session.scalars(query.order_by(AnswerRow.id).offset(offset).limit(limit))]
 
     def count_answers(self, kind: str | None = None, *, status: str | None = None, skipped: bool | None = None,
-                      user_id: int | None = None, search: str | None = None) -> int:
+                      user_id: int | None = None, search: str | None = None, project_id: int | None = None) -> int:
         """How many answers :meth:`answers` gives with the same filters (without ``limit``)."""
         query = self._answer_filter(select(func.count()).select_from(AnswerRow), kind, status, skipped, user_id,
-                                    search)
+                                    search, project_id)
         with self._reader() as session:
             return session.scalar(query)
 
-    @staticmethod
-    def _answer_filter(query, kind: str | None, status: str | None, skipped: bool | None, user_id: int | None,
-                       search: str | None):
-        """``query`` (over answers) narrowed to the filters of :meth:`answers`.
+    def _answer_filter(self, query, kind: str | None, status: str | None, skipped: bool | None, user_id: int | None,
+                       search: str | None, project_id: int | None):
+        """``query`` (over answers) narrowed to the filters of :meth:`answers`; :class:`StoreError` for an unknown
+        kind, status or project.
 
         ``search`` matches the item's prompt and completions and the answer (a written demonstration, a skip's
         reason): a substring, case-insensitive for ASCII letters. It is looked for in the JSON the database
@@ -1277,6 +1320,8 @@ class Store:
         statuses = (SUBMITTED, *REVIEW_VERDICTS)
         if status is not None and status not in statuses:
             raise StoreError(f"unknown status {_shown(status)}; expected one of {statuses}", field="status")
+        self._check_project(project_id)
+        query = self._of_project(query, AnswerRow.item_id, project_id)
         if kind is not None or search:
             query = query.join(ItemRow, ItemRow.id == AnswerRow.item_id)
         if kind is not None:
@@ -1334,25 +1379,30 @@ class Store:
                 counts[kind]["skipped" if skipped else "answered"] = count
         return counts
 
-    def labeler_stats(self) -> list[dict]:
+    def labeler_stats(self, project_id: int | None = None) -> list[dict]:
         """Per account, in creation order: ``{"id", "username", "role", "active", "answers", "skipped", "submitted",
-        "accepted", "rejected", "open_assignments", "median_seconds"}``.
+        "accepted", "rejected", "open_assignments", "median_seconds"}``, over the items of project ``project_id``
+        when given (every account is listed; :class:`StoreError` for an unknown project).
 
         ``answers`` counts the answers that are not skips, by review status in ``submitted``, ``accepted`` and
         ``rejected``. ``median_seconds`` is the median time from the item's assignment (the labeler opened it)
         to the first version of the answer, over the answers that are not skips (None without any).
         """
+        self._check_project(project_id)
         stats = {user.id: {"id": user.id, "username": user.username, "role": user.role, "active": user.active,
                            "answers": 0, "skipped": 0, SUBMITTED: 0, ACCEPTED: 0, REJECTED: 0,
                            "open_assignments": 0, "median_seconds": None} for user in self.users()}
-        counts = (select(AnswerRow.user_id, AnswerRow.skipped, AnswerRow.status, func.count())
+        counts = (self._of_project(select(AnswerRow.user_id, AnswerRow.skipped, AnswerRow.status, func.count()),
+                                   AnswerRow.item_id, project_id)
                   .group_by(AnswerRow.user_id, AnswerRow.skipped, AnswerRow.status))
-        open_assignments = (select(AssignmentRow.user_id, func.count()).where(~self._assignment_answered().exists())
+        open_assignments = (self._of_project(select(AssignmentRow.user_id, func.count())
+                                             .where(~self._assignment_answered().exists()),
+                                             AssignmentRow.item_id, project_id)
                             .group_by(AssignmentRow.user_id))
-        times = (select(AnswerRow.user_id, AssignmentRow.created_at, AnswerRow.created_at)
-                 .join(AssignmentRow, (AssignmentRow.user_id == AnswerRow.user_id)
-                       & (AssignmentRow.item_id == AnswerRow.item_id))
-                 .where(AnswerRow.skipped.is_(False)))
+        times = self._of_project(select(AnswerRow.user_id, AssignmentRow.created_at, AnswerRow.created_at)
+                                 .join(AssignmentRow, (AssignmentRow.user_id == AnswerRow.user_id)
+                                       & (AssignmentRow.item_id == AnswerRow.item_id))
+                                 .where(AnswerRow.skipped.is_(False)), AnswerRow.item_id, project_id)
         seconds: dict[int, list[float]] = {}
         with self._reader() as session:
             for user_id, skipped, status, count in session.execute(counts):
@@ -1369,18 +1419,20 @@ class Store:
             stats[user_id]["median_seconds"] = statistics.median(values)
         return list(stats.values())
 
-    def _answered(self, kinds: tuple[str, ...]) -> list[tuple[ItemRow, AnswerRow, str]]:
+    def _answered(self, kinds: tuple[str, ...], project_id: int | None) -> list[tuple[ItemRow, AnswerRow, str]]:
         """(item, answer, username) of every counted answer (neither skipped nor rejected) to items of
-        ``kinds``, latest versions, oldest answer first."""
+        ``kinds`` (in project ``project_id`` when given), latest versions, oldest answer first."""
         query = (select(ItemRow, AnswerRow, UserRow.username)
                  .join(AnswerRow, AnswerRow.item_id == ItemRow.id).join(UserRow, UserRow.id == AnswerRow.user_id)
                  .where(ItemRow.kind.in_(kinds), self._counted_answer()).order_by(AnswerRow.id))
+        query = self._of_kind_and_project(query, None, project_id)
         with self._reader() as session:
             return [tuple(row) for row in session.execute(query)]
 
-    def agreement(self, kinds: tuple[str, ...] = ("ranking", "ab")) -> dict:
+    def agreement(self, kinds: tuple[str, ...] = ("ranking", "ab"), project_id: int | None = None) -> dict:
         """Inter-labeler agreement over the answers to items of ``kinds``, rankings and A/B verdicts by default
-        (see :mod:`rlhfkit.feedback.agreement`).
+        (see :mod:`rlhfkit.feedback.agreement`), and of project ``project_id`` when given (:class:`StoreError` for
+        an unknown one).
 
         Returns ``{"per_item": [{"item_id", "labelers", "pairwise_agreement", "kendall_tau"}] (items with
         at least two labelers), "per_labeler": [{"username", "items", "pairwise_agreement", "kendall_tau",
@@ -1390,7 +1442,8 @@ class Store:
         by_item: dict[int, tuple[dict[str, list[list[int]]], list[list[int]] | None]] = {}
         if not kinds or any(kind not in ("ranking", "ab") for kind in kinds):
             raise StoreError(f"agreement is measured on ranking and ab items, not {_shown(kinds)}", field="kinds")
-        for item, answer, username in self._answered(tuple(kinds)):
+        self._check_project(project_id)
+        for item, answer, username in self._answered(tuple(kinds), project_id):
             rankings, _ = by_item.setdefault(item.id, ({}, item.gold))
             rankings[username] = _answer_ranking(item, answer.payload)
         per_item = [{"item_id": item_id, "labelers": sorted(rankings), **agree.item_agreement(rankings)}
