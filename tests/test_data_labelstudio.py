@@ -71,6 +71,27 @@ def test_rankings_round_trip_through_a_shuffled_list(tmp_path):
     assert [m["role"] for m in second.prompt] == ["system", "user"]  # the chat prompt as given, not its display
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_temperature", "description": "Current temperature",
+                                                   "parameters": {"type": "object",
+                                                                  "properties": {"city": {"type": "string"}}}}}
+
+
+def test_a_tool_using_chat_shows_its_tools_calls_and_results_and_keeps_its_tools(tmp_path):
+    chat = [{"role": "user", "content": "How warm is it in Paris?"},
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                "name": "get_temperature", "arguments": '{"city": "Paris"}'}}]},  # arguments as a JSON string
+            {"role": "tool", "name": "get_temperature", "content": "22"}]
+    row = {"prompt": chat, "tools": [WEATHER_TOOL], "completions": ["It is 22 degrees.", "I do not know."]}
+    _, tasks = project(tmp_path, "rankings", [row])
+    shown = tasks[0]["data"]["prompt"]
+    assert shown.startswith("system: tools:\n" + json.dumps(WEATHER_TOOL))
+    assert shown.endswith("user: How warm is it in Paris?\n\nassistant: call get_temperature {\"city\": \"Paris\"}"
+                          "\n\ntool: get_temperature returned 22")
+    [record] = read(tmp_path, "rankings", [annotated(tasks[0], ranker(["0", "1"]))]).records
+    assert record.prompt.tools == [WEATHER_TOOL]  # the record read back still offers its tools
+    assert record.prompt[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
 def test_ties_come_from_buckets_and_pairs_skip_them(tmp_path):
     root, tasks = project(tmp_path, "rankings", SAMPLES[:1], ties=True)
     assert [bucket.get("name") for bucket in root.find("Ranker")] == ["rank_1", "rank_2", "rank_3", "rank_4"]

@@ -3,6 +3,7 @@ failures, CSRF, XSS escaping, login rate limiting and size limits."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -286,6 +287,20 @@ def test_write_a_demonstration(app, store):
     assert "You answered this item" in again.text
     assert browser.get("/next?kind=demonstration").headers["location"] == "/queue"  # nothing left
     assert "Nothing left to do" in browser.get("/queue").text
+
+
+def test_a_tool_using_chat_prompt_shows_its_calls_and_results(app, store):
+    chat = [{"role": "user", "content": "How warm is it in Paris?"},
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                "name": "get_temperature", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "name": "get_temperature", "content": "22"}]
+    store.import_prompts([{"prompt": chat, "id": "tools1"}])
+    browser, token = login(app, "ann")
+    first = open_item(browser, "demonstration")
+    browser.post(f"/items/{first}", data={"csrf_token": token, "completion": "A poem."})
+    page = html.unescape(browser.get(f"/items/{open_item(browser, 'demonstration')}").text)
+    assert 'call get_temperature {"city": "Paris"}' in page  # the call, not an empty assistant turn
+    assert re.search(r"tool\s+\(get_temperature\)", page) and "How warm is it in Paris?" in page
 
 
 def test_rate_flag_and_rank_with_ties(app, store):

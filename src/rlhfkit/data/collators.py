@@ -91,6 +91,16 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
     return text
 
 
+def plain_chat_text(messages: Sequence[Message], tools: Sequence[dict] | None = None) -> str:
+    """A conversation in rlhfkit's plain form (:data:`PLAIN_TEMPLATE`, no generation prompt), as a person reads it:
+    ``role: text`` turns, tool calls and results included (what a labeling tool shows of a chat prompt)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template([list(messages)], tools=list(tools) if tools else None,
+                                        chat_template=PLAIN_TEMPLATE)
+    return rendered[0]
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     """The text the model continues: the chat template with a generation prompt when the tokenizer
     has one (a plain string becomes one user message), else the plain prompt text (a list of messages

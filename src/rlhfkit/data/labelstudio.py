@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from rlhfkit.data.collators import plain_chat_text
 from rlhfkit.data.public import PublicData, SkipRow, Where, convert_rows
 from rlhfkit.data.readers import _rows
-from rlhfkit.data.records import DataError, Prompt, Record
+from rlhfkit.data.records import DataError, Prompt, Record, tools_of
 
 LABELSTUDIO_KINDS = ("rankings", "pairs", "demonstrations")
 #: the names of the labeling config's tags: what :func:`read_labelstudio` looks for in a result
@@ -74,19 +75,21 @@ def _place(n: int, k: int) -> str:
 
 
 def _display(prompt: Prompt) -> str:
-    """A prompt as the labeler reads it: the text, or a chat's turns as ``role: content`` paragraphs."""
+    """A prompt as the labeler reads it: the text, or a chat in rlhfkit's plain form (``role: text`` paragraphs,
+    with the tools it offers, tool calls and tool results: :func:`~rlhfkit.data.collators.plain_chat_text`)."""
     if isinstance(prompt, str):
         return prompt
-    return "\n\n".join(f"{message['role']}: {message['content']}" for message in prompt)
+    return plain_chat_text(prompt, tools_of(prompt))
 
 
-def _source_record(row: dict, where: Where, kind: str) -> dict:
-    """What a task keeps of its rlhfkit record under ``data.rlhfkit``: the prompt as given, ``id`` and ``meta``."""
+def _source_record(row: dict, where: Where, kind: str) -> tuple[dict, Prompt]:
+    """What a task keeps of its rlhfkit record under ``data.rlhfkit`` (the prompt as given, the ``tools`` it offers,
+    ``id`` and ``meta``), and its prompt as read (a string, or chat messages with their tools)."""
     if "prompt" not in row:
         raise where.error("prompt", "is missing")
-    where.parse({"prompt": row["prompt"]}, "prompt")  # a string or chat messages
+    prompt = where.parse({key: row[key] for key in ("prompt", "tools") if key in row}, "prompt").prompt
     kept = {"prompt": row["prompt"]}
-    for key in ("id", "meta"):
+    for key in ("tools", "id", "meta"):
         if row.get(key) is not None:
             kept[key] = row[key]
     if kind != "demonstrations":
@@ -97,7 +100,7 @@ def _source_record(row: dict, where: Where, kind: str) -> dict:
         if len(completions) < 2 or (kind == "pairs" and len(completions) != 2):
             raise where.error("completions", f"holds {len(completions)} completion(s); {kind} need {want}")
         kept["completions"] = completions
-    return kept
+    return kept, prompt
 
 
 def project_tasks(rows: list[tuple[int, Any]], kind: str, *, seed: int = 0, source: str | None = None,
@@ -109,8 +112,8 @@ def project_tasks(rows: list[tuple[int, Any]], kind: str, *, seed: int = 0, sour
         where = Where(source, line, unit)
         if not isinstance(row, dict):
             raise where.error(None, f"expected a JSON object, got {type(row).__name__}")
-        record = _source_record(row, where, kind)
-        data: dict[str, Any] = {"prompt": _display(record["prompt"]), "rlhfkit": record}
+        record, prompt = _source_record(row, where, kind)
+        data: dict[str, Any] = {"prompt": _display(prompt), "rlhfkit": record}
         order = list(range(len(record.get("completions", []))))
         random.Random(f"{seed}:{line}").shuffle(order)
         if kind == "rankings":
@@ -167,8 +170,9 @@ class _Reader:
         task_id = source.get("id", task.get("id"))
         if task_id is not None:
             common["id"] = str(task_id)
-        if source.get("meta"):
-            common["meta"] = source["meta"]
+        for key in ("tools", "meta"):
+            if source.get(key):
+                common[key] = source[key]
         records: list[Record] = []
         for number, annotation in kept:
             field = f"annotations[{number}].result"

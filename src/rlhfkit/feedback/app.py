@@ -552,6 +552,7 @@ def create_app(store: Store, *, secret_key: str | None = None, https_only: bool 
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined)
     environment.filters["markdown"] = render_markdown
+    environment.filters["json_text"] = lambda value: json.dumps(value, ensure_ascii=False)  # autoescaped after
     environment.globals.update(letter=_letter, kind_titles=KIND_TITLES, roles=ROLES,
                                import_kinds=[(kind, IMPORT_KIND_LABELS[kind]) for kind in IMPORT_KINDS],
                                export_kinds=[(kind, EXPORT_KIND_LABELS[kind]) for kind in EXPORT_KINDS],
