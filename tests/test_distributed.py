@@ -10,6 +10,7 @@ reference and resumes exactly, and samples its shares with the policy."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -135,6 +136,21 @@ def test_accelerate_configs_train_what_one_process_trains(accelerate_config, sta
     assert_same_training(one_process(stage), tmp_path / "two")
     assert AutoConfig.from_pretrained(tmp_path / "two" / "final").architectures == \
         AutoConfig.from_pretrained(one_process(stage) / "final").architectures  # not FSDP<class>
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accelerate_config", ["ddp-cpu.yaml", "fsdp-cpu.yaml"])
+def test_a_reward_model_with_a_length_head_trains_on_two_processes(accelerate_config, configs, tmp_path):
+    """ODIN's length head under DDP and FSDP2 (its orthogonality loss reads the sharded head's weight); each
+    process's correlation loss is over its own share of the batch, so the run is not one process's, but
+    ``final/`` is the one-output quality head as ever."""
+    from transformers import AutoConfig
+
+    run("rm", configs["rm"], tmp_path / "two", 2, "reward.length_head=true", accelerate_config=accelerate_config)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["loss"]) and "length_corr/length" in row for row in rows if "loss" in row)
+    final = AutoConfig.from_pretrained(tmp_path / "two" / "final")
+    assert final.num_labels == 1 and not hasattr(final, "rlhfkit_length_head")
 
 
 @pytest.mark.slow

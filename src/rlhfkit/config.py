@@ -284,6 +284,7 @@ class RewardSection(Section):
     beside the reward head, with ``length_corr_coef`` weighing the correlation loss (the reward head
     uncorrelated with the completions' token counts, the length head correlated) and ``orthogonal_coef`` the
     heads' orthogonality; ``final/`` keeps only the reward (quality) head, a plain one-output reward model.
+    The correlations are over a micro-batch's completions (each process's share of it under DDP or FSDP).
     """
 
     margin: float = 0.0
