@@ -341,7 +341,8 @@ def load_for_scoring(name_or_path: str, *, dtype: str = "float32") -> tuple[PreT
     model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=DTYPES[dtype])
     outputs = 2 if getattr(model.config, LENGTH_HEAD_KEY, False) else 1  # a checkpoint with its length head
     if model.config.num_labels != outputs:
-        raise ValueError(f"{name_or_path}: not a reward model (num_labels={model.config.num_labels}, expected 1)")
+        raise ValueError(f"{name_or_path}: not a reward model (num_labels={model.config.num_labels}, "
+                         f"expected {outputs})")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

@@ -290,17 +290,18 @@ class RewardTrainer:
         self.collator = RankingCollator(tokenizer.pad_token_id, padding_side(self.decoder))
         self.eval_batch_size = config.train.eval_batch_size or config.train.batch_size
         train_examples = self._encode(self.train_records, data.train)
-        self.length_sign = length_preference_sign([e.lengths[winner] - e.lengths[loser] for e in train_examples
-                                                   for winner, loser in e.pairs])
+        length_sign = 1.0
         if config.reward.length_head:
-            favoured = "longer" if self.length_sign > 0 else "shorter"
+            length_sign = length_preference_sign([e.lengths[winner] - e.lengths[loser] for e in train_examples
+                                                  for winner, loser in e.pairs])
+            favoured = "longer" if length_sign > 0 else "shorter"
             self.console.print(f"length head: the training labels favour {favoured} replies")
         self.trainer = Trainer(
             stage="rm", config=config, train=config.train, model=model, tokenizer=tokenizer,
             train_examples=train_examples,
             eval_examples=self._encode(self.eval_records, data.eval) if data.eval else (),
             collator=self.collator, loss_fn=make_loss_fn(config.reward, decoder=self.decoder,
-                                                         length_sign=self.length_sign),
+                                                         length_sign=length_sign),
             eval_fn=make_eval_fn(self.collator, decoder=self.decoder, batch_size=self.eval_batch_size,
                                  reward=config.reward),
             log_ppl=False, example_length=lambda example: max(map(len, example.sequences)))
